@@ -1,0 +1,245 @@
+"""Time the repository's training step against a straightforward official-style step.
+
+    python benchmarks/bench_train.py                       # CPU, ToyDiT/1, batch 2048, fp32
+    python benchmarks/bench_train.py --threads 1 --repeats 20
+    python benchmarks/bench_train.py --ddp                 # 2 gloo ranks x 1 thread vs 1 rank x 2 threads
+    python benchmarks/bench_train.py --device cuda         # CUDA-graph step: steps/s, 50k-step projection,
+                                                           # and a check against the CPU step
+Both steps start from the same weights and see the same inputs; repetitions alternate between them after
+a warm-up, and the medians are compared. FLOPs are counted analytically (see `model_flops`).
+"""
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from official_style import make_official_step, official_model_from  # noqa: E402, I001
+
+from diffusion import create_diffusion  # noqa: E402
+from models import build_model  # noqa: E402
+from train_step import make_train_step  # noqa: E402
+
+
+def model_flops(cfg, batch):
+    """Matmul FLOPs of one training step: 3x the forward (backward = d input + d weight).
+
+    Forward per sample: every Linear (2 * in * out per token; the conv patch embedding counted as a Linear
+    over the patch), the adaLN Linears and the timestep MLP (once per sample), and attention's two
+    T x T x d products per head. Elementwise work (norms, GELU, softmax, loss, AdamW, EMA) is not counted.
+    """
+    D, depth, H = cfg["hidden_size"], cfg["depth"], cfg["num_heads"]
+    T = (cfg["input_size"] // cfg["patch_size"]) ** 2
+    F = int(D * cfg["mlp_ratio"])
+    P = cfg["in_channels"] * cfg["patch_size"] ** 2
+    O = P * (2 if cfg["learn_sigma"] else 1)
+    per_token = depth * (D * 3 * D + D * D + 2 * D * F) + P * D + D * O
+    attention = depth * H * 2 * T * T * (D // H)
+    per_sample = T * per_token + depth * D * 6 * D + D * 2 * D + 256 * D + D * D + attention
+    return 3 * 2 * batch * per_sample
+
+
+def matmul_gflops(device, size=2048, repeats=5):
+    """fp32 GFLOP/s of one large square matmul (the machine's practical peak for this run)."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    times = []
+    for _ in range(repeats + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * size ** 3 / statistics.median(times[2:]) / 1e9
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def toy_inputs(cfg, batch, device, seed=0):
+    """x_start (the study's constant-zero data), t, noise, y."""
+    g = torch.Generator().manual_seed(seed)
+    size = (batch, cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+    return [torch.zeros(size).to(device), torch.randint(0, 1000, (batch,), generator=g).to(device),
+            torch.randn(size, generator=g).to(device), torch.zeros(batch, dtype=torch.long).to(device)]
+
+
+def trained_like(name, norm, seed=0):
+    """A model with weights moved off the adaLN-Zero initialisation (so no gradient is trivially zero)."""
+    torch.manual_seed(seed)
+    model = build_model(name, norm=norm)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def build_steps(model, device, make):
+    """A fresh copy of model on device with its EMA, AdamW (DiT recipe) and the step built by `make`."""
+    model = copy.deepcopy(model).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    return model, make(model, copy.deepcopy(model).requires_grad_(False), create_diffusion(""), opt,
+                       ema_decay=0.9999)
+
+
+def bench_cpu(args):
+    """Alternate the official-style step and the repository's step; print medians and the ratio."""
+    base_model = trained_like(args.model, "layernorm")
+    cfg = base_model.config
+    official, official_step = build_steps(official_model_from(base_model), "cpu", make_official_step)
+    repo, repo_step = build_steps(base_model, "cpu", make_train_step)
+    inputs = toy_inputs(cfg, args.batch, "cpu")
+    loss_official, loss_repo = official_step(*inputs), repo_step(*inputs)
+    loss_err = abs(loss_repo.item() - loss_official.item()) / abs(loss_official.item())
+    for _ in range(args.warmup):
+        official_step(*inputs)
+        repo_step(*inputs)
+    times = {"official": [], "repo": []}
+    for _ in range(args.repeats):
+        for name, step in (("official", official_step), ("repo", repo_step)):
+            t0 = time.perf_counter()
+            step(*inputs)
+            times[name].append(time.perf_counter() - t0)
+    peak = matmul_gflops("cpu")
+    flops = model_flops(cfg, args.batch)
+    official_s, repo_s = statistics.median(times["official"]), statistics.median(times["repo"])
+    print(f"{args.model} batch {args.batch} fp32, {torch.get_num_threads()} threads, {args.repeats} "
+          f"alternating repeats after {args.warmup} warm-up; repo path: {repo_step.path}")
+    print(f"first-step loss: official {loss_official.item():.7f}  repo {loss_repo.item():.7f}  "
+          f"(relative difference {loss_err:.1e})")
+    print(f"model FLOPs per step (matmuls, fwd+bwd): {flops / 1e9:.2f} GFLOP; "
+          f"large fp32 matmul here: {peak:.0f} GFLOP/s")
+    print("| step | median ms | GFLOP/s | steps/s | 50k steps |")
+    print("|---|---|---|---|---|")
+    for name, sec in (("official-style", official_s), ("repository", repo_s)):
+        print(f"| {name} | {sec * 1e3:.1f} | {flops / sec / 1e9:.0f} | {1 / sec:.1f} | "
+              f"{50_000 * sec / 3600:.2f} h |")
+    print(f"speed-up: {official_s / repo_s:.2f}x")
+
+
+def bench_cuda(args):
+    """CUDA-graph step: steps/s and a 50k-step projection; then loss and parameters vs the CPU step."""
+    base_model = trained_like(args.model, "layernorm")
+    cfg = base_model.config
+    model, step = build_steps(base_model, "cuda", make_train_step)
+    inputs = toy_inputs(cfg, args.batch, "cuda")
+    for _ in range(max(args.warmup, 5)):  # 3 eager warm-up steps, then capture
+        step(*inputs)
+    torch.cuda.synchronize()
+    num = max(args.repeats, 200)
+    t0 = time.perf_counter()
+    for _ in range(num):
+        step(*inputs)
+    torch.cuda.synchronize()
+    sec = (time.perf_counter() - t0) / num
+    flops = model_flops(cfg, args.batch)
+    print(f"{torch.cuda.get_device_name()}: {args.model} batch {args.batch} fp32, path {step.path}")
+    print(f"{1 / sec:.0f} steps/s, {sec * 1e3:.3f} ms/step, {flops / sec / 1e12:.1f} TFLOP/s; "
+          f"50k steps: {50_000 * sec:.0f} s (matmul peak here {matmul_gflops('cuda') / 1e3:.0f} TFLOP/s)")
+    # Correctness: the same 6 steps (warm-up, capture, replays) on CUDA and on CPU from the same weights.
+    cuda_model, cuda_step = build_steps(base_model, "cuda", make_train_step)
+    cpu_model, cpu_step = build_steps(base_model, "cpu", make_train_step)
+    worst_loss = 0.0
+    for seed in range(6):
+        batch = toy_inputs(cfg, args.batch, "cpu", seed=seed)
+        loss_cpu = cpu_step(*batch).item()
+        loss_gpu = cuda_step(*[x.cuda() for x in batch]).item()
+        worst_loss = max(worst_loss, abs(loss_gpu - loss_cpu) / abs(loss_cpu))
+    worst_param = max(((a.detach().cpu() - b.detach()).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+                      for a, b in zip(cuda_model.parameters(), cpu_model.parameters(), strict=True))
+    verdict = "OK" if worst_loss < 1e-4 and worst_param < 1e-4 else "MISMATCH"
+    print(f"CUDA vs CPU after 6 steps: loss rel. diff {worst_loss:.1e}, params rel. diff {worst_param:.1e}: "
+          f"{verdict}")
+
+
+def _ddp_rank(rank, world_size, init_file, args, out):
+    """One rank of the DDP timing: 1 thread, its share of the global batch."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size)
+    base_model = trained_like(args.model, "layernorm")
+    model = copy.deepcopy(base_model)
+    step = make_train_step(model, copy.deepcopy(model).requires_grad_(False), create_diffusion(""),
+                           torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0), ema_decay=0.9999,
+                           world_size=world_size)
+    share = args.batch // world_size
+    inputs = [x[rank * share:(rank + 1) * share] for x in toy_inputs(base_model.config, args.batch, "cpu")]
+    times = []
+    for i in range(args.warmup + args.repeats):
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        step(*inputs)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    if rank == 0:
+        torch.save(times, out)
+    torch.distributed.destroy_process_group()
+
+
+def bench_ddp(args):
+    """2 gloo ranks x 1 thread vs 1 process x 2 threads and x 1 thread, same global batch."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "times.pt")
+        mp.spawn(_ddp_rank, args=(2, os.path.join(tmp, "init"), args, out), nprocs=2, join=True)
+        results["2 ranks x 1 thread (gloo)"] = statistics.median(torch.load(out))
+    base_model = trained_like(args.model, "layernorm")
+    inputs = toy_inputs(base_model.config, args.batch, "cpu")
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        _, step = build_steps(base_model, "cpu", make_train_step)
+        times = []
+        for i in range(args.warmup + args.repeats):
+            t0 = time.perf_counter()
+            step(*inputs)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        results[f"1 process x {threads} thread{'s' if threads > 1 else ''}"] = statistics.median(times)
+    print(f"{args.model} global batch {args.batch}, repository step, {args.repeats} repeats (medians)")
+    print("| setup | median ms |")
+    print("|---|---|")
+    for name, sec in results.items():
+        print(f"| {name} | {sec * 1e3:.1f} |")
+    ddp, single = results["2 ranks x 1 thread (gloo)"], results["1 process x 2 threads"]
+    print(f"2-rank overhead over 1 process x 2 threads: {100 * (ddp / single - 1):+.0f}%")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default="ToyDiT/1")
+    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--ddp", action="store_true", help="time 2 gloo ranks against 1 process (CPU)")
+    args = parser.parse_args()
+    if args.batch < 2 or args.batch % 2:
+        parser.error("--batch must be an even number >= 2")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU; run without it to benchmark the CPU")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.ddp:
+        bench_ddp(args)
+    elif args.device == "cuda":
+        bench_cuda(args)
+    else:
+        bench_cpu(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The training step: the hand-written DiT gives the plain model's loss and gradients; EMA; all-reduce."""
+
+import copy
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import train_step
+from diffusion import create_diffusion
+from models import NORM_KINDS, build_model
+
+KERNELS = [pytest.param(train_step.TorchKernels(), id="torch")]
+if train_step.load_c_kernels() is not None:
+    KERNELS.insert(0, pytest.param(train_step.CKernels(train_step.load_c_kernels()), id="c"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny batches: a second intra-op thread only waits for a core on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def toy_batch(n, seed=0):
+    """x_start, t (including t = 0, the decoder-NLL branch), noise, y for a 2x2x2 toy."""
+    g = torch.Generator().manual_seed(seed)
+    x_start = torch.randn(n, 2, 2, 2, generator=g) * 0.5
+    t = torch.randint(0, 1000, (n,), generator=g)
+    t[:2] = 0
+    return x_start, t, torch.randn(n, 2, 2, 2, generator=g), torch.zeros(n, dtype=torch.long)
+
+
+def perturbed(model, scale=0.05, seed=1):
+    """Move every weight (the adaLN-Zero zeros and dyt alphas included) off its initial value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def loss_and_grads(model, model_fn, diffusion, batch):
+    """Mean hybrid loss and every parameter gradient with model_fn standing in for model."""
+    model.zero_grad(set_to_none=True)
+    x_start, t, noise, y = batch
+    loss = diffusion.training_losses(model_fn, x_start, t, model_kwargs={"y": y}, noise=noise)["loss"].mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(got, want, rtol=1e-4):
+    """Each gradient within rtol of the largest entry of the reference gradient of that tensor."""
+    assert got.keys() == want.keys()
+    for name in want:
+        scale = want[name].abs().max().clamp_min(1e-8)
+        err = (got[name] - want[name]).abs().max() / scale
+        assert err < rtol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("kern", KERNELS)
+@pytest.mark.parametrize("norm", NORM_KINDS)
+def test_fused_model_matches_plain_model(norm, kern):
+    diffusion = create_diffusion("")
+    model = build_model("ToyDiT/1", norm=norm)
+    batch = toy_batch(48)
+    # Fresh (adaLN-Zero: many gradients are exactly zero), then perturbed, then after a few real steps.
+    states = [copy.deepcopy(model.state_dict())]
+    perturbed(model)
+    states.append(copy.deepcopy(model.state_dict()))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0)
+    plain = train_step.make_plain_step(model, copy.deepcopy(model).requires_grad_(False), diffusion, opt,
+                                       ema_decay=0.99)
+    for seed in range(3):
+        plain(*toy_batch(48, seed=10 + seed))
+    states.append(copy.deepcopy(model.state_dict()))
+    for state in states:
+        model.load_state_dict(state)
+        want_loss, want = loss_and_grads(model, model, diffusion, batch)
+        got_loss, got = loss_and_grads(model, train_step.fused_model(model, kern=kern), diffusion, batch)
+        assert torch.isfinite(want_loss)
+        assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=0)
+        assert_grads_close(got, want)
+
+
+@pytest.mark.parametrize("kern", KERNELS)
+def test_kernels_stay_finite_and_exact_far_in_the_tails(kern):
+    # Norm-free models blow activations up; GELU's exp overflows and attention scores get huge there.
+    x = torch.linspace(-80, 80, 4 * 256).view(4, 256)
+    zero, grad = torch.zeros(256), torch.randn(4, 256)
+    want = torch.nn.functional.gelu(x, approximate="tanh")
+    torch.testing.assert_close(kern.gelu_fwd(x.clone(), zero), want, rtol=1e-5, atol=1e-6)
+    dx, db = kern.gelu_bwd(grad, x)
+    want = torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+    torch.testing.assert_close(dx, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(db, dx.sum(0), rtol=1e-5, atol=1e-5)
+    N, T, H, hd = 3, 4, 2, 8
+    qkv = torch.randn(N * T, 3 * H * hd) * 30  # scores in the thousands
+    out, probs = kern.attn_fwd(qkv.clone(), torch.zeros(3 * H * hd), N, T, H, hd)
+    q, k, v = qkv.view(N, T, 3, H, hd).permute(2, 0, 3, 1, 4)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N * T, H * hd)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(probs).all()
+
+
+def test_default_step_takes_the_fast_path_for_the_toy():
+    model = build_model("ToyDiT/1")
+    step = train_step.make_train_step(model, copy.deepcopy(model), create_diffusion(""),
+                                      torch.optim.AdamW(model.parameters()), ema_decay=0.9)
+    expected = "fused-cpu" if train_step.load_c_kernels() is not None else "torch-cpu"
+    assert step.path == expected
+
+
+def test_configs_outside_the_fast_path_fall_back_to_plain():
+    model = build_model("DiT-S/8", input_size=64, num_classes=10)  # 64 tokens: fast
+    assert train_step.DiTPlan(model).reason is None
+    model = build_model("DiT-S/2", input_size=32, num_classes=10)  # 256 tokens: plain
+    step = train_step.make_train_step(model, copy.deepcopy(model), create_diffusion(""),
+                                      torch.optim.AdamW(model.parameters()), ema_decay=0.9)
+    assert step.path == "plain"
+
+
+def test_step_updates_parameters_and_ema_like_the_plain_step():
+    diffusion = create_diffusion("")
+    results = []
+    for make in (train_step.make_train_step, train_step.make_plain_step):
+        torch.manual_seed(0)
+        model = perturbed(build_model("ToyDiT/1", norm="dyt"))
+        ema = copy.deepcopy(model).requires_grad_(False)
+        with torch.no_grad():  # an EMA that differs from the model, so the update is visible
+            for p in ema.parameters():
+                p.mul_(0.5)
+        ema_before = [p.clone() for p in ema.parameters()]
+        # SGD: the update is linear in the gradient, so both paths must land on the same parameters.
+        step = make(model, ema, diffusion, torch.optim.SGD(model.parameters(), lr=0.1), ema_decay=0.9)
+        loss = step(*toy_batch(64))
+        assert loss.ndim == 0 and not loss.requires_grad
+        for p_ema, p_old, p in zip(ema.parameters(), ema_before, model.parameters(), strict=True):
+            torch.testing.assert_close(p_ema, 0.9 * p_old + 0.1 * p, rtol=1e-6, atol=1e-7)
+        results.append((loss, [p.detach().clone() for p in model.parameters()]))
+    (loss_fast, params_fast), (loss_plain, params_plain) = results
+    assert torch.allclose(loss_fast, loss_plain, rtol=1e-5, atol=0)
+    for a, b in zip(params_fast, params_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _rank_main(rank, init_file, out_dir):
+    """One of two gloo ranks: a world_size=2 step on half of the batch, then save the parameters."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = perturbed(build_model("ToyDiT-XS/1"))
+    step = train_step.make_train_step(model, copy.deepcopy(model).requires_grad_(False), create_diffusion(""),
+                                      torch.optim.SGD(model.parameters(), lr=1.0), ema_decay=0.9,
+                                      world_size=2)
+    batch = [x[rank * 8:(rank + 1) * 8] for x in toy_batch(16)]
+    step(*batch)
+    torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_average_gradients_like_one_process():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank_main, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    torch.manual_seed(0)
+    model = perturbed(build_model("ToyDiT-XS/1"))
+    before = [p.detach().clone() for p in model.parameters()]
+    # SGD with lr 1: new = old - grad, so equal parameters mean equal averaged gradients.
+    step = train_step.make_train_step(model, copy.deepcopy(model).requires_grad_(False), create_diffusion(""),
+                                      torch.optim.SGD(model.parameters(), lr=1.0), ema_decay=0.9)
+    step(*toy_batch(16))
+    for a, b, c, old in zip(ranks[0], ranks[1], model.parameters(), before, strict=True):
+        assert torch.equal(a, b)  # every rank applies the same averaged gradient
+        torch.testing.assert_close(old - a, old - c.detach(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_step_matches_cpu_step():
+    diffusion = create_diffusion("")
+    torch.manual_seed(0)
+    cpu_model = perturbed(build_model("ToyDiT/1"))
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    steps = []
+    for model in (cpu_model, gpu_model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0)
+        steps.append(train_step.make_train_step(model, copy.deepcopy(model).requires_grad_(False), diffusion,
+                                                opt, ema_decay=0.99))
+    assert steps[1].path == "cuda-graph"
+    for seed in range(6):  # 3 warm-up steps, the capture, 2 replays
+        batch = toy_batch(256, seed=seed)
+        loss_cpu = steps[0](*batch)
+        loss_gpu = steps[1](*[x.cuda() for x in batch])
+        torch.testing.assert_close(loss_gpu.cpu(), loss_cpu, rtol=1e-4, atol=1e-6)
+    for a, b in zip(cpu_model.parameters(), gpu_model.parameters(), strict=True):
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-4, atol=1e-5)
