@@ -1,0 +1,253 @@
+"""Shared analysis for the notebooks, sample.py and reproduce.py: token embeddings and toy samples.
+
+Two questions are asked of a trained DiT here:
+- Residual stream: after each block, does any token carry a few channels that are orders of magnitude
+  larger than the rest ("massive activations", Sun et al. 2024)? The hypothesis, by analogy with the
+  droplet artifacts that StyleGAN2 traced to AdaIN's instance normalisation: behind a normalisation, one
+  huge value is a cheap way to scale down all the others, so a network may learn to plant it.
+- Toy samples: the toy data is exactly 0, so every sampled pixel value is its own error.
+"""
+
+import contextlib
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from checkpoint import load_model
+from diffusion import create_diffusion
+from models import TOY_MODELS
+from toy_sampler import sample_toy
+
+# Sun et al. 2024 call an activation massive when it is over 100 in magnitude and about 1000x the median.
+MASSIVE_MIN_VALUE = 100.0
+MASSIVE_MIN_RATIO = 1000.0
+
+
+#################################################################################
+#                          Residual-stream embeddings                           #
+#################################################################################
+
+
+@contextlib.contextmanager
+def block_output_hooks(model):
+    """Yield a list that collects each block's output (N, T, D) during forward passes; hooks removed after."""
+    outputs = []
+    handles = [block.register_forward_hook(lambda _m, _inp, out: outputs.append(out.detach().cpu()))
+               for block in model.blocks]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def capture_block_outputs(model, x, t, y):
+    """Run one forward pass and return the residual stream after every block: depth tensors (N, T, D)."""
+    with block_output_hooks(model) as outputs:
+        model(x, t, y)
+    assert len(outputs) == len(model.blocks), "each block must run exactly once per forward pass"
+    return outputs
+
+
+def noised_inputs(config, timestep, class_label, batch_size=1, *, generator=None, device="cpu"):
+    """Random data noised to `timestep` with q_sample: (x_t, t, y) for a model with this config.
+
+    The data is N(0, 1) latents for a latent DiT (not VAE-encoded images) and the true data, exactly 0,
+    for a toy model.
+    """
+    if not 0 <= class_label < config["num_classes"]:
+        raise ValueError(f"class {class_label} out of range: {config['model']} has classes "
+                         f"0..{config['num_classes'] - 1}")
+    diffusion = create_diffusion("")
+    shape = (batch_size, config["in_channels"], config["input_size"], config["input_size"])
+    if config["model"] in TOY_MODELS:
+        x_start = torch.zeros(shape)
+    else:
+        x_start = torch.randn(shape, generator=generator)
+    noise = torch.randn(shape, generator=generator)
+    t = torch.full((batch_size,), int(timestep), dtype=torch.long)
+    x_t = diffusion.q_sample(x_start, t, noise=noise)  # (N, C, H, W)
+    y = torch.full((batch_size,), int(class_label), dtype=torch.long)
+    return x_t.to(device), t.to(device), y.to(device)
+
+
+def outlier_stats(outputs, *, min_value=MASSIVE_MIN_VALUE, min_ratio=MASSIVE_MIN_RATIO):
+    """Per layer: top-3 |value| and median |value| over all samples, tokens and channels, and top1/median."""
+    rows = []
+    for layer, h in enumerate(outputs):
+        a = h.abs().flatten().double()
+        top = torch.topk(a, k=min(3, a.numel())).values.tolist() + [float("nan")] * 3
+        median = a.median().item()
+        ratio = top[0] / median if median > 0 else float("inf")
+        rows.append(dict(layer=layer, top1=top[0], top2=top[1], top3=top[2], median=median, ratio=ratio,
+                         massive=bool(top[0] > min_value and ratio >= min_ratio)))
+    return rows
+
+
+def format_outlier_table(rows, title=""):
+    """Markdown table of outlier_stats rows."""
+    lines = [f"**{title}**", ""] if title else []
+    lines += ["| layer | top-1 | top-2 | top-3 | median | top-1 / median | massive |",
+              "|---:|---:|---:|---:|---:|---:|:---:|"]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['top1']:.4g} | {r['top2']:.4g} | {r['top3']:.4g} "
+                     f"| {r['median']:.3g} | {r['ratio']:.4g} | {'yes' if r['massive'] else ''} |")
+    return "\n".join(lines)
+
+
+def pick_tokens(num_tokens_total, k, seed):
+    """k distinct token indices in increasing order, drawn with their own seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(k, num_tokens_total)
+    return sorted(torch.randperm(num_tokens_total, generator=g)[:k].tolist())
+
+
+def plot_token_embeddings(outputs, tokens, *, sample=0, stats=None, title=""):
+    """|value| against channel index, one small panel per (layer, token); rows share a y-axis per layer."""
+    depth, ncol = len(outputs), len(tokens)
+    fig, axes = plt.subplots(depth, ncol, figsize=(2.4 * ncol + 1.2, 0.95 * depth + 0.8), sharex=True,
+                             sharey="row", squeeze=False)
+    for layer, h in enumerate(outputs):
+        for col, token in enumerate(tokens):
+            ax = axes[layer, col]
+            ax.plot(h[sample, token].abs().numpy(), linewidth=0.6, color="tab:blue")
+            ax.tick_params(labelsize=6)
+            if layer == 0:
+                ax.set_title(f"token {token}", fontsize=8)
+        label = f"block {layer}"
+        if stats is not None:
+            label += f"\nmax {stats[layer]['top1']:.3g}\nx{stats[layer]['ratio']:.3g} med"
+        axes[layer, 0].set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
+    for ax in axes[-1]:
+        ax.set_xlabel("channel", fontsize=7)
+    fig.suptitle(title + "\n|value| of the residual stream after each block", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+#################################################################################
+#                                 Toy models                                    #
+#################################################################################
+
+
+def find_runs(results_dir, norm, model="ToyDiT/1"):
+    """Run folders results_dir/<index>-<model>-<norm> of train_toy.py, oldest first."""
+    pattern = f"*-{model.replace('/', '-')}-{norm}"
+    runs = [p for p in Path(results_dir).glob(pattern) if (p / "checkpoints").is_dir()]
+    return sorted(runs, key=lambda p: (int(p.name.split("-")[0]) if p.name.split("-")[0].isdigit() else -1,
+                                       p.name))
+
+
+def run_checkpoints(run_dir):
+    """{step: path} of a run folder's checkpoints/NNNNNNN.pt."""
+    paths = Path(run_dir, "checkpoints").glob("*.pt")
+    return dict(sorted((int(p.stem), p) for p in paths if p.stem.isdigit()))
+
+
+def latest_run(results_dir, norm, model="ToyDiT/1"):
+    """The newest run folder for (model, norm), or None."""
+    runs = find_runs(results_dir, norm, model)
+    return runs[-1] if runs else None
+
+
+def checkpoint_at(run_dir, step=None):
+    """Path of the run's checkpoint at `step` (default: its last); FileNotFoundError naming what exists."""
+    ckpts = run_checkpoints(run_dir)
+    if step is None and ckpts:
+        return ckpts[max(ckpts)]
+    if step not in ckpts:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint at step {step} (it has {sorted(ckpts)}); "
+                                "pass steps that the run saved")
+    return ckpts[step]
+
+
+def step_label(step):
+    """10000 -> '10k', 2500 -> '2.5k', 500 -> '500'."""
+    return f"{step / 1000:g}k" if step >= 1000 else str(step)
+
+
+@torch.no_grad()
+def sample_checkpoint(path, num_samples=100, *, seed=0, device="cpu", num_sampling_steps=1000,
+                      progress=False, norm=None):
+    """Load a toy checkpoint and return (num_samples, C, H, W) float64 numpy samples and the model config.
+
+    The full 1000-step schedule (the training one) is the default; the generator is seeded the same way for
+    every checkpoint, so all models start from the same noise. `norm`, if given, must be the checkpoint's.
+    """
+    model, config = load_model(path, norm=norm, device=device)
+    diffusion = create_diffusion(str(num_sampling_steps))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    samples = sample_toy(model, diffusion, num_samples, generator=generator, device=device, progress=progress)
+    return samples.double().cpu().numpy(), config
+
+
+def error_stats(samples):
+    """mean, median, max of |x| over all pixels and channels (the data is 0, so |x| is the error).
+
+    A diverged model can produce inf/nan: those are counted in `nonfinite` and left out of the statistics.
+    """
+    a = np.abs(np.asarray(samples, dtype=np.float64)).ravel()
+    finite = a[np.isfinite(a)]
+    if finite.size == 0:
+        return dict(mean=float("nan"), median=float("nan"), max=float("nan"), nonfinite=int(a.size))
+    return dict(mean=float(finite.mean()), median=float(np.median(finite)), max=float(finite.max()),
+                nonfinite=int(a.size - finite.size))
+
+
+def format_error_table(rows):
+    """Markdown table of dicts with keys model, step, num_samples, mean, median, max."""
+    lines = ["| model | step | samples | mean abs x | median abs x | max abs x | non-finite |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['step']} | {r['num_samples']} | {r['mean']:.3e} "
+                     f"| {r['median']:.3e} | {r['max']:.3e} | {r.get('nonfinite', 0)} |")
+    return "\n".join(lines)
+
+
+def pixel_pairs(samples):
+    """(N, 2, H, W) samples -> (N*H*W, 2) points: channel 0 against channel 1 of every pixel."""
+    s = np.asarray(samples)
+    assert s.ndim == 4 and s.shape[1] == 2, f"toy samples must be (N, 2, H, W), got {s.shape}"
+    return np.stack([s[:, 0].ravel(), s[:, 1].ravel()], axis=1)
+
+
+def plot_toy_scatter(samples_by_label, title=""):
+    """Side-by-side scatter of channel 0 against channel 1, every panel on the same symmetric-log axes.
+
+    Errors of the two models differ by orders of magnitude and have both signs: a linear axis shows one
+    model as a dot at 0, log|x| hides the sign. symlog is linear inside +-linthresh and logarithmic outside;
+    linthresh is a decade below the smallest panel median |x|, so nearly every point sits on the log part.
+    """
+    all_pairs = {label: pixel_pairs(s) for label, s in samples_by_label.items()}
+    pairs = {label: p[np.isfinite(p).all(axis=1)] for label, p in all_pairs.items()}  # inf/nan: not drawable
+    drawn = [np.abs(p) for p in pairs.values() if len(p)]
+    smallest_median = min((np.median(a) for a in drawn), default=1.0)
+    linthresh = 10.0 ** math.floor(math.log10(max(smallest_median, 1e-12))) / 10
+    lim = max((a.max() for a in drawn), default=1.0) * 1.5
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4.4), squeeze=False)
+    for ax, (label, p) in zip(axes[0], pairs.items(), strict=True):
+        ax.scatter(p[:, 0], p[:, 1], s=6, alpha=0.6)
+        for set_scale in (ax.set_xscale, ax.set_yscale):
+            set_scale("symlog", linthresh=linthresh)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.axhspan(-linthresh, linthresh, color="0.9", zorder=0)
+        ax.axvspan(-linthresh, linthresh, color="0.9", zorder=0)
+        a = np.abs(p)
+        info = f"median |x| {np.median(a):.2e}, max {a.max():.2e}" if len(p) else "no finite values"
+        skipped = len(all_pairs[label]) - len(p)
+        info += f" ({skipped} non-finite not drawn)" if skipped else ""
+        ax.set_title(f"{label}\n{info}", fontsize=9)
+        ax.set_xlabel("channel 0 value (symlog)")
+        ax.set_ylabel("channel 1 value (symlog)")
+        ax.grid(True, linewidth=0.3)
+        ax.tick_params(axis="x", labelrotation=35, labelsize=8)
+    num_points = len(next(iter(all_pairs.values())))
+    fig.suptitle(f"{title}\n{num_points} pixel values per panel (target: exactly 0); grey band: linear part "
+                 f"|x| < {linthresh:.0e}", fontsize=9)
+    fig.tight_layout()
+    return fig

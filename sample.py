@@ -1,0 +1,236 @@
+"""Sample a trained DiT.
+
+Toy checkpoints (ToyDiT, 2x2x2 constant-zero data): N seeded samples saved as .npz, error statistics
+printed (the data is exactly 0, so |x| is the error), optionally the 2-D pixel scatter.
+
+    python sample.py --ckpt results/000-ToyDiT-1-layernorm/checkpoints/0010000.pt --scatter toy.png
+
+Latent DiTs (the official DiT-XL/2 by name, downloaded on first use, or a path; or a latent checkpoint
+of this repository): classifier-free guidance, decoded with the Stable Diffusion VAE, saved as a grid.
+
+    python sample.py --ckpt DiT-XL-2-256x256.pt --class-labels 207 360 387 974 --num-sampling-steps 50
+"""
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from checkpoint import OFFICIAL_CHECKPOINTS, CheckpointError, load_model
+from diffusion import create_diffusion
+from models import TOY_MODELS
+from toy_sampler import sample_toy
+
+VAE_SCALE = 0.18215  # latents were scaled by this factor for training (Stable Diffusion's constant)
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+DEFAULT_CFG_SCALE = 4.0
+DEFAULT_STEPS = {"toy": 1000, "latent": 250}
+
+
+class SampleError(Exception):
+    """A request that cannot be sampled; the message says what to do."""
+
+
+def image_grid(images, ncol=None, pad=2, fill=255):
+    """(N, H, W, 3) uint8 images -> one (rows*(H+pad)+pad, ncol*(W+pad)+pad, 3) uint8 grid."""
+    n, h, w, c = images.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), fill, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, ncol)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top : top + h, left : left + w] = img
+    return grid
+
+
+def to_uint8(images):
+    """(N, 3, H, W) decoded images in [-1, 1] -> (N, H, W, 3) uint8."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def guided_model(model, cfg_scale, cfg_channels):
+    """The model callable for the sampler: model.forward_with_cfg (all noise channels) or the official 3."""
+    if cfg_channels == "all":
+        return lambda x, t, y: model.forward_with_cfg(x, t, y, cfg_scale)
+
+    def forward_cfg_first3(x, t, y):
+        # Official DiT sample.py guides only channels 0-2 of the 4 eps channels; kept to reproduce its images.
+        half = x[: len(x) // 2]
+        out = model(torch.cat([half, half]), t, y)  # (2N, C_out, H, W)
+        eps, rest = out[:, :3], out[:, 3:]
+        cond, uncond = eps.chunk(2)
+        half_eps = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
+
+    return forward_cfg_first3
+
+
+def load_vae(name_or_path, device):
+    """diffusers AutoencoderKL from a local folder or a Hugging Face name; SampleError if it cannot load."""
+    from diffusers.models import AutoencoderKL
+
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise SampleError(f"VAE folder {name_or_path} not found; pass a folder written by save_pretrained "
+                          "with --vae")
+    try:
+        return AutoencoderKL.from_pretrained(str(Path(name_or_path).expanduser()) if looks_local
+                                             else name_or_path, low_cpu_mem_usage=False).to(device).eval()
+    except Exception as e:  # diffusers raises OSError, ValueError, HTTP errors ... all mean "cannot load"
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise SampleError(f"cannot load the VAE {name_or_path!r} ({first}); "
+                          "pass a local folder with --vae") from e
+
+
+def check_labels(labels, num_classes):
+    """SampleError when a class label is outside [0, num_classes)."""
+    bad = [y for y in labels if not 0 <= y < num_classes]
+    if bad:
+        raise SampleError(f"class labels {bad} out of range; this model has classes 0..{num_classes - 1}")
+
+
+@torch.no_grad()
+def sample_toy_checkpoint(model, config, args):
+    """Toy path: samples -> .npz, printed error statistics, optional scatter png."""
+    if args.vae is not None or args.image_size is not None or args.cfg_scale is not None:
+        raise SampleError(f"{args.ckpt} is a toy {config['model']} checkpoint (2x2x2 data, no VAE, "
+                          "no guidance); drop --vae, --image-size and --cfg-scale")
+    if args.class_labels:
+        check_labels(args.class_labels, config["num_classes"])
+    num_samples = args.num_samples or 100
+    steps = args.num_sampling_steps or DEFAULT_STEPS["toy"]
+    diffusion = create_diffusion(str(steps))
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # 4-token batches: thread hand-offs cost more than they save
+    samples = sample_toy(model, diffusion, num_samples, generator=generator, device=args.device,
+                         progress=True)
+    samples = samples.double().cpu().numpy()  # (N, C, H, W)
+
+    import analysis  # matplotlib is only needed here
+
+    stats = analysis.error_stats(samples)
+    out = Path(args.out or f"results/samples/{Path(args.ckpt).stem}-{config['norm']}-seed{args.seed}.npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, samples=samples, seed=args.seed, ckpt=str(args.ckpt), num_sampling_steps=steps, **stats)
+    print(f"{config['model']} norm={config['norm']}: {num_samples} samples, {steps} steps, seed {args.seed}")
+    print(f"|x| mean {stats['mean']:.3e}  median {stats['median']:.3e}  max {stats['max']:.3e}"
+          + (f"  ({stats['nonfinite']} non-finite values left out)" if stats["nonfinite"] else ""))
+    print(f"saved {out}")
+    if args.scatter:
+        fig = analysis.plot_toy_scatter({f"norm={config['norm']}": samples}, title=str(args.ckpt))
+        Path(args.scatter).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.scatter, dpi=150)
+        print(f"saved {args.scatter}")
+
+
+@torch.no_grad()
+def sample_latent_checkpoint(model, config, args):
+    """Latent path: guided samples decoded by the VAE -> image grid png."""
+    if args.scatter:
+        raise SampleError("--scatter plots toy samples; drop it for a latent model")
+    if config["in_channels"] != 4:
+        raise SampleError(f"{args.ckpt} has {config['in_channels']} input channels; the SD VAE decodes 4")
+    expected_size = config["input_size"] * 8
+    if args.image_size is not None and args.image_size != expected_size:
+        raise SampleError(f"{args.ckpt} generates {expected_size}x{expected_size} images; "
+                          f"pass --image-size {expected_size} or another checkpoint")
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    if args.class_labels:
+        check_labels(args.class_labels, config["num_classes"])
+        n = args.num_samples or len(args.class_labels)
+        labels = [args.class_labels[i % len(args.class_labels)] for i in range(n)]
+    else:
+        n = args.num_samples or 8
+        labels = torch.randint(0, config["num_classes"], (n,), generator=g, device=args.device).tolist()
+    cfg_scale = DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
+    if cfg_scale != 1.0 and config["class_dropout_prob"] == 0:
+        raise SampleError(f"{args.ckpt} was trained without class dropout (no null class); use --cfg-scale 1")
+    vae = load_vae(args.vae or DEFAULT_VAE, args.device)  # before sampling: fail fast
+
+    steps = args.num_sampling_steps or DEFAULT_STEPS["latent"]
+    diffusion = create_diffusion(str(steps))
+    size = config["input_size"]
+    z = torch.randn(n, 4, size, size, generator=g, device=args.device)  # (N, 4, h, w)
+    y = torch.tensor(labels, device=args.device)
+    if cfg_scale != 1.0:
+        # Conditional and unconditional halves share the noise; the null label is the extra row num_classes.
+        z, y = torch.cat([z, z]), torch.cat([y, torch.full_like(y, config["num_classes"])])
+        fn = guided_model(model, cfg_scale, args.cfg_channels)
+    else:
+        fn = model
+    latents = diffusion.p_sample_loop(fn, z.shape, noise=z, clip_denoised=False, model_kwargs={"y": y},
+                                      device=args.device, progress=True, generator=g)
+    latents = latents[:n]  # (N, 4, h, w): the guided half
+    images = vae.decode(latents / VAE_SCALE).sample  # (N, 3, H, W) in about [-1, 1]
+    grid = image_grid(to_uint8(images))
+    out = Path(args.out or f"results/samples/{Path(args.ckpt).stem}-cfg{cfg_scale:g}-seed{args.seed}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(out)
+    print(f"{config['model']}: {n} images {images.shape[-1]}x{images.shape[-2]}, labels {labels}, "
+          f"cfg {cfg_scale:g} ({args.cfg_channels} channels), {steps} steps, seed {args.seed}")
+    print(f"saved {out}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True,
+                   help=f"checkpoint path or an official name (downloaded): {', '.join(OFFICIAL_CHECKPOINTS)}"
+                   )
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="default: 100 for toy models; the number of --class-labels (or 8) for latent models")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-sampling-steps", type=int, default=None,
+                   help="respaced steps; default 250 for latent models (as DiT), 1000 (the full training "
+                        "schedule) for toy models")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help=f"guidance scale (default {DEFAULT_CFG_SCALE}); 1 disables it; latent models only")
+    p.add_argument("--cfg-channels", choices=("all", "3"), default="all",
+                   help="guide all eps channels (models.DiT.forward_with_cfg) or only the first 3 as the "
+                        "official DiT sample.py does")
+    p.add_argument("--class-labels", type=int, nargs="+", default=None,
+                   help="labels, repeated to --num-samples; default: random labels drawn from --seed")
+    p.add_argument("--vae", default=None,
+                   help=f"AutoencoderKL: a Hugging Face name ({DEFAULT_VAE} or stabilityai/sd-vae-ft-mse) "
+                        "or a local folder (default: the -ema one)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="checked against the checkpoint (default: taken from it)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda falls back to cpu when no GPU is present")
+    p.add_argument("--out", default=None,
+                   help="output .npz (toy) or .png grid (latent); default under results/samples/")
+    p.add_argument("--scatter", default=None, help="toy only: also save the 2-D pixel scatter png here")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.num_samples is not None and args.num_samples < 1:
+        raise SystemExit("error: --num-samples must be at least 1")
+    if args.num_sampling_steps is not None and not 1 <= args.num_sampling_steps <= 1000:
+        raise SystemExit("error: --num-sampling-steps must be between 1 and 1000")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device; sampling on cpu", file=sys.stderr)
+        args.device = "cpu"
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    try:
+        model, config = load_model(args.ckpt, device=args.device)
+        if config["model"] in TOY_MODELS:
+            sample_toy_checkpoint(model, config, args)
+        else:
+            sample_latent_checkpoint(model, config, args)
+    except (CheckpointError, SampleError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"done in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""analysis.py: hooks, outlier statistics, toy helpers and plots, on tiny models and hand-built tensors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_sample import make_toy_runs, perturb_zero_init
+
+import analysis
+from checkpoint import CheckpointError
+from models import build_model
+
+
+def tiny_toy(norm="layernorm"):
+    return perturb_zero_init(build_model("ToyDiT-XS/1", norm=norm)).eval()
+
+
+def no_hooks_left(model):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_capture_gives_each_block_output_and_removes_hooks():
+    model = tiny_toy()
+    x, t, y = torch.randn(3, 2, 2, 2), torch.tensor([10, 500, 999]), torch.zeros(3, dtype=torch.long)
+    seen = []
+    handle = model.final_layer.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().clone()))
+    outputs = analysis.capture_block_outputs(model, x, t, y)
+    handle.remove()
+    assert len(outputs) == model.config["depth"] == 2
+    assert all(h.shape == (3, 4, 32) for h in outputs)  # (N, T, D): 2x2 pixels, patch 1 -> 4 tokens
+    torch.testing.assert_close(outputs[-1], seen[0])  # the last one is what the final layer reads
+    assert not torch.allclose(outputs[0], outputs[1])
+    assert no_hooks_left(model)
+
+
+def test_hooks_removed_when_forward_fails():
+    model = tiny_toy()
+    with pytest.raises(RuntimeError):
+        analysis.capture_block_outputs(model, torch.randn(2, 3, 2, 2), torch.zeros(2), torch.zeros(2).long())
+    assert no_hooks_left(model)
+
+
+def test_outlier_stats_finds_planted_outlier():
+    g = torch.Generator().manual_seed(0)
+    signs = torch.randint(0, 2, (2, 16, 64), generator=g) * 2 - 1
+    clean = 0.1 * signs.float()  # (N, T, D): every |value| is 0.1
+    planted = clean.clone()
+    planted[1, 5, 7], planted[0, 2, 3], planted[1, 9, 60] = -500.0, 300.0, 200.0
+    stats = analysis.outlier_stats([clean, planted])
+    assert stats[0]["top1"] == pytest.approx(0.1) and not stats[0]["massive"]
+    s = stats[1]
+    assert (s["top1"], s["top2"], s["top3"]) == pytest.approx((500.0, 300.0, 200.0))
+    assert s["median"] == pytest.approx(0.1) and s["ratio"] == pytest.approx(5000.0) and s["massive"]
+    # large ratio but under 100 in magnitude: not massive
+    small = clean.clone()
+    small[0, 0, 0] = 90.0
+    assert not analysis.outlier_stats([small])[0]["massive"]
+    table = analysis.format_outlier_table(stats, title="t")
+    assert "| 1 | 500 | 300 | 200 | 0.1 | 5000 | yes |" in table
+
+
+def test_error_stats_and_pixel_pairs():
+    s = np.zeros((3, 2, 2, 2))
+    s[0, 0, 1, 1], s[0, 1, 1, 1], s[2, 1, 0, 0], s[1, 0, 0, 0] = 4.0, -2.0, np.nan, -8.0
+    stats = analysis.error_stats(s)
+    assert stats["nonfinite"] == 1 and stats["max"] == 8.0 and stats["median"] == 0.0
+    assert stats["mean"] == pytest.approx(14.0 / 23)
+    pairs = analysis.pixel_pairs(s)
+    assert pairs.shape == (12, 2)
+    assert pairs[3].tolist() == [4.0, -2.0]  # sample 0, pixel (1, 1): channel 0 against channel 1
+
+
+def test_toy_scatter_shares_axes():
+    rng = np.random.default_rng(0)
+    fig = analysis.plot_toy_scatter({"a": 1e-4 * rng.standard_normal((100, 2, 2, 2)),
+                                     "b": 1e-2 * rng.standard_normal((100, 2, 2, 2))})
+    a, b = fig.axes[:2]
+    assert a.get_xlim() == b.get_xlim() == a.get_ylim() == b.get_ylim()
+    assert a.get_xscale() == "symlog" and b.get_yscale() == "symlog"
+    assert len(a.collections[0].get_offsets()) == 400
+
+
+def test_token_plot_has_a_panel_per_layer_and_token():
+    outputs = [torch.randn(1, 16, 8) for _ in range(3)]
+    tokens = analysis.pick_tokens(16, 4, seed=0)
+    assert len(set(tokens)) == 4 and tokens == analysis.pick_tokens(16, 4, seed=0)
+    fig = analysis.plot_token_embeddings(outputs, tokens, stats=analysis.outlier_stats(outputs))
+    assert len(fig.axes) == 12
+
+
+def test_runs_checkpoints_and_sampling(tmp_path):
+    runs = make_toy_runs(tmp_path)
+    (tmp_path / "001-ToyDiT-XS-1-layernorm" / "checkpoints").mkdir(parents=True)
+    assert analysis.latest_run(tmp_path, "layernorm", "ToyDiT-XS/1").name == "001-ToyDiT-XS-1-layernorm"
+    assert analysis.latest_run(tmp_path, "none", "ToyDiT-XS/1") == runs["none"]
+    assert analysis.latest_run(tmp_path, "none") is None  # no ToyDiT/1 run
+    assert list(analysis.run_checkpoints(runs["none"])) == [10, 20]
+    assert analysis.checkpoint_at(runs["none"]).name == "0000020.pt"
+    with pytest.raises(FileNotFoundError, match=r"\[10, 20\]"):
+        analysis.checkpoint_at(runs["none"], 30)
+    path = analysis.checkpoint_at(runs["layernorm"], 10)
+    a, config = analysis.sample_checkpoint(path, 5, seed=3, num_sampling_steps=5)
+    b, _ = analysis.sample_checkpoint(path, 5, seed=3, num_sampling_steps=5)
+    assert a.shape == (5, 2, 2, 2) and config["norm"] == "layernorm"
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(CheckpointError, match="norm=layernorm"):  # a checkpoint in the wrong slot
+        analysis.sample_checkpoint(path, 1, num_sampling_steps=1, norm="none")
+    assert [analysis.step_label(s) for s in (500, 2000, 2500, 10000)] == ["500", "2k", "2.5k", "10k"]
+
+
+def test_noised_inputs_toy_data_is_zero():
+    config = tiny_toy().config | {"model": "ToyDiT-XS/1"}
+    x_t, t, y = analysis.noised_inputs(config, 999, 0, 4, generator=torch.Generator().manual_seed(0))
+    assert x_t.shape == (4, 2, 2, 2) and t.tolist() == [999] * 4 and y.tolist() == [0] * 4
+    # at t = 999 the linear schedule leaves sqrt(alpha_bar) ~ 0.006 of the (zero) data: x_t is the noise
+    assert 0.5 < x_t.std().item() < 1.5 and math.isfinite(x_t.sum().item())
+    with pytest.raises(ValueError, match="out of range"):
+        analysis.noised_inputs(config, 10, 1)

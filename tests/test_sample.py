@@ -1,0 +1,149 @@
+"""sample.py on tiny randomly initialised checkpoints (toy, latent) and a tiny AutoencoderKL; no network."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from checkpoint import FORMAT, save_checkpoint
+from models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def perturb_zero_init(model, seed=0, std=0.02):
+    """adaLN-Zero makes a fresh DiT output exactly 0: give the zero-initialised layers small random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name or name.startswith("final_layer.linear"):
+                p.add_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def save_model(model, name, path, step=0):
+    """Save a model in this repository's checkpoint format."""
+    save_checkpoint({"format": FORMAT, "config": {"model": name, **model.config}, "model": model.state_dict(),
+                     "ema": model.state_dict(), "step": step, "train_args": {}}, path)
+    return Path(path)
+
+
+def make_toy_runs(results_dir, model_name="ToyDiT-XS/1", steps=(10, 20)):
+    """Run folders <results_dir>/000-<model>-<norm>/checkpoints/<step>.pt for both norms; {norm: run}."""
+    runs = {}
+    for i, norm in enumerate(("layernorm", "none")):
+        run = Path(results_dir) / f"000-{model_name.replace('/', '-')}-{norm}"
+        for k, step in enumerate(steps):
+            model = perturb_zero_init(build_model(model_name, norm=norm), seed=10 * i + k)
+            save_model(model, model_name, run / "checkpoints" / f"{step:07d}.pt", step)
+        runs[norm] = run
+    return runs
+
+
+def make_latent_checkpoint(path, num_classes=1000):
+    """A tiny latent DiT (4x4x4 latents, one 64-wide block) in our format."""
+    model = build_model("DiT-S/2", input_size=4, depth=1, hidden_size=64, num_heads=2,
+                        num_classes=num_classes)
+    return save_model(perturb_zero_init(model), "DiT-S/2", path)
+
+
+def make_vae(path):
+    """A tiny AutoencoderKL with the SD VAE's 8x upsampling and 4 latent channels, via save_pretrained."""
+    from diffusers.models import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4, 4, 4, 4),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=2, sample_size=32)
+    vae.save_pretrained(path)
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sample")
+    runs = make_toy_runs(d / "results")
+    return dict(toy=runs["layernorm"] / "checkpoints" / "0000020.pt",
+                latent=make_latent_checkpoint(d / "latent.pt"), vae=make_vae(d / "vae"), dir=d)
+
+
+def test_toy_samples_npz_and_stats(files, tmp_path, capsys):
+    out, scatter = tmp_path / "s.npz", tmp_path / "scatter.png"
+    sample.main(["--ckpt", str(files["toy"]), "--num-samples", "8", "--num-sampling-steps", "10",
+                 "--out", str(out), "--scatter", str(scatter)])
+    data = np.load(out)
+    assert data["samples"].shape == (8, 2, 2, 2)
+    a = np.abs(data["samples"])
+    assert np.isfinite(a).all() and a.max() > 0  # the perturbed model is not the zero function
+    printed = capsys.readouterr().out
+    assert f"max {a.max():.3e}" in printed and f"median {np.median(a):.3e}" in printed
+    assert f"mean {a.mean():.3e}" in printed
+    assert scatter.stat().st_size > 0
+
+
+def test_latent_cfg_grid_with_local_vae(files, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    sample.main(["--ckpt", str(files["latent"]), "--vae", str(files["vae"]), "--num-samples", "5",
+                 "--class-labels", "1", "2", "--num-sampling-steps", "3", "--out", str(out)])
+    # 5 images of 32x32 (4x4 latents, 8x upsampling) in a 3-column grid with 2-pixel padding.
+    assert Image.open(out).size == (3 * 34 + 2, 2 * 34 + 2)
+    assert "labels [1, 2, 1, 2, 1]" in capsys.readouterr().out
+
+
+def test_cfg_channels_variants_agree_on_guided_channels():
+    model = perturb_zero_init(build_model("DiT-S/2", input_size=4, depth=1, hidden_size=64, num_heads=2,
+                                          num_classes=10)).eval()
+    x = torch.randn(2, 4, 4, 4)
+    x = torch.cat([x, x])
+    t, y = torch.tensor([500] * 4), torch.tensor([1, 2, 10, 10])
+    with torch.no_grad():
+        all_channels = sample.guided_model(model, 4.0, "all")(x, t, y)
+        first3 = sample.guided_model(model, 4.0, "3")(x, t, y)
+        plain = model(x, t, y)
+    torch.testing.assert_close(first3[:, :3], all_channels[:, :3])
+    torch.testing.assert_close(first3[:, 3:], plain[:, 3:])  # channel 3 and the variances unguided
+    assert not torch.allclose(all_channels[:, 3], plain[:, 3])
+
+
+def test_image_grid_layout():
+    images = np.stack([np.full((2, 3, 3), i, dtype=np.uint8) for i in range(1, 6)])
+    grid = sample.image_grid(images, ncol=2, pad=1, fill=0)
+    assert grid.shape == (3 * 3 + 1, 2 * 4 + 1, 3)
+    assert grid[1, 1, 0] == 1 and grid[1, 5, 0] == 2 and grid[4, 1, 0] == 3 and grid[7, 1, 0] == 5
+    assert grid[7, 5, 0] == 0  # the empty sixth cell stays padding
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "not found"),
+    ("label", "out of range"),
+    ("toy_vae", "toy"),
+    ("toy_image_size", "toy"),
+    ("bad_vae", "pass a local folder with --vae"),
+    ("no_vae_folder", "not found"),
+])
+def test_bad_input_is_one_line(files, tmp_path, case, expected):
+    (tmp_path / "not_a_vae").mkdir()
+    argv = {
+        "missing": ["--ckpt", str(tmp_path / "nope.pt")],
+        "label": ["--ckpt", str(files["latent"]), "--class-labels", "1000", "--vae", str(files["vae"])],
+        "toy_vae": ["--ckpt", str(files["toy"]), "--vae", str(files["vae"])],
+        "toy_image_size": ["--ckpt", str(files["toy"]), "--image-size", "256"],
+        "bad_vae": ["--ckpt", str(files["latent"]), "--vae", str(tmp_path / "not_a_vae")],
+        "no_vae_folder": ["--ckpt", str(files["latent"]), "--vae", str(tmp_path / "missing_vae")],
+    }[case]
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv + ["--num-sampling-steps", "2", "--out", str(tmp_path / "x")])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and expected in message and "\n" not in message
+
+
+def test_bad_input_exit_code_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "nope.pt")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
