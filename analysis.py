@@ -172,13 +172,14 @@ def step_label(step):
 
 @torch.no_grad()
 def sample_checkpoint(path, num_samples=100, *, seed=0, device="cpu", num_sampling_steps=1000,
-                      progress=False, norm=None):
+                      progress=False, norm=None, use_ema=True):
     """Load a toy checkpoint and return (num_samples, C, H, W) float64 numpy samples and the model config.
 
     The full 1000-step schedule (the training one) is the default; the generator is seeded the same way for
     every checkpoint, so all models start from the same noise. `norm`, if given, must be the checkpoint's.
+    `use_ema=False` samples the raw training weights instead of their EMA.
     """
-    model, config = load_model(path, norm=norm, device=device)
+    model, config = load_model(path, norm=norm, device=device, use_ema=use_ema)
     diffusion = create_diffusion(str(num_sampling_steps))
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = sample_toy(model, diffusion, num_samples, generator=generator, device=device, progress=progress)
@@ -199,11 +200,12 @@ def error_stats(samples):
 
 
 def format_error_table(rows):
-    """Markdown table of dicts with keys model, step, num_samples, mean, median, max."""
-    lines = ["| model | step | samples | mean abs x | median abs x | max abs x | non-finite |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """Markdown table of dicts with keys model, step, num_samples, mean, median, max (and weights)."""
+    lines = ["| model | step | weights | samples | mean abs x | median abs x | max abs x | non-finite |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['step']} | {r['num_samples']} | {r['mean']:.3e} "
+        lines.append(f"| {r['model']} | {r['step']} | {r.get('weights', 'ema')} | {r['num_samples']} "
+                     f"| {r['mean']:.3e} "
                      f"| {r['median']:.3e} | {r['max']:.3e} | {r.get('nonfinite', 0)} |")
     return "\n".join(lines)
 

@@ -40,7 +40,7 @@ def test_reproduce_skip_train_runs_both_notebooks(tmp_path):
                  "toydit_token_embeddings_layernorm.png", "toydit_token_embeddings_none.png"):
         assert (out / name).stat().st_size > 0, name
     results = (out / "results.md").read_text()
-    assert results.count("| ToyDiT/1 norm=") == 4  # 2 norms x 2 steps in the error table
+    assert results.count("| ToyDiT/1 norm=") == 8  # 2 norms x 2 steps x (EMA, raw) in the error table
     layer0_rows = [line for line in results.splitlines() if line.startswith("| 0 |")]
     assert "**DiT-S/2" in results and len(layer0_rows) == 3  # outlier tables: pretrained + 2 toys
     assert "CPU:" in results and "notebook ToyDiT_visualization.ipynb" in results
