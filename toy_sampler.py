@@ -3,7 +3,7 @@
 `sample_toy` returns the same numbers as `diffusion.p_sample_loop` with the same generator, faster: the
 conditioning of a DiT depends only on (t, y), so every adaLN modulation of all timesteps is computed once
 before the loop; the schedule coefficients are gathered once; and each step runs the hand-written DiT
-forward of train_step.py on the 100-odd tokens instead of the module tree. Random numbers are drawn exactly
+forward of fused_dit.py on the 100-odd tokens instead of the module tree. Random numbers are drawn exactly
 as the plain loop draws them (x_T, then one draw of the sample's shape per step, the last one unused).
 """
 
@@ -11,13 +11,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train_step import DiTPlan, default_kernels, dit_forward, keep_freed_memory
+from fused_dit import DiTPlan, default_kernels, dit_forward, keep_freed_memory
 
 
 @torch.no_grad()
 def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cpu", progress=False,
                noise=None):
-    """Return (num_samples, C, H, W) final samples of p_sample_loop for class label 0."""
+    """Return (num_samples, C, H, W) final samples of p_sample_loop for class label 0.
+
+    On the CPU fast path this calls fused_dit.keep_freed_memory(), a process-wide glibc setting (freed
+    memory stays in the heap instead of going back to the OS after every step)."""
     cfg = model.config
     shape = (num_samples, cfg["in_channels"], cfg["input_size"], cfg["input_size"])
     y = torch.zeros(num_samples, dtype=torch.long, device=device)

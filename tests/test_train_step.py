@@ -1,20 +1,23 @@
-"""The training step: the hand-written DiT gives the plain model's loss and gradients; EMA; all-reduce."""
+"""The training step and fused_dit: the hand-written DiT gives the plain model's loss and gradients; EMA;
+all-reduce; loading the C kernels leaves the process's floating-point mode alone."""
 
 import copy
 import os
+import shutil
 import tempfile
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+import fused_dit
 import train_step
 from diffusion import create_diffusion
 from models import NORM_KINDS, build_model
 
-KERNELS = [pytest.param(train_step.TorchKernels(), id="torch")]
-if train_step.load_c_kernels() is not None:
-    KERNELS.insert(0, pytest.param(train_step.CKernels(train_step.load_c_kernels()), id="c"))
+KERNELS = [pytest.param(fused_dit.TorchKernels(), id="torch")]
+if fused_dit.load_c_kernels() is not None:
+    KERNELS.insert(0, pytest.param(fused_dit.CKernels(fused_dit.load_c_kernels()), id="c"))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -55,10 +58,14 @@ def loss_and_grads(model, model_fn, diffusion, batch):
 
 
 def assert_grads_close(got, want, rtol=1e-4):
-    """Each gradient within rtol of the largest entry of the reference gradient of that tensor."""
+    """Each gradient within rtol of the largest entry of that tensor's reference gradient (floored)."""
     assert got.keys() == want.keys()
+    # A dyt alpha gradient is one sum over every activation whose terms cancel; after AdamW has turned
+    # round-off into real steps, it can land near 1e-5 while its float error stays ~1e-10. The floor
+    # (1e-3 of the model's largest gradient entry) keeps that from failing one run in a few.
+    floor = 1e-3 * max(g.abs().max() for g in want.values())
     for name in want:
-        scale = want[name].abs().max().clamp_min(1e-8)
+        scale = want[name].abs().max().clamp_min(floor).clamp_min(1e-8)
         err = (got[name] - want[name]).abs().max() / scale
         assert err < rtol, f"{name}: relative error {err:.2e}"
 
@@ -82,7 +89,7 @@ def test_fused_model_matches_plain_model(norm, kern):
     for state in states:
         model.load_state_dict(state)
         want_loss, want = loss_and_grads(model, model, diffusion, batch)
-        got_loss, got = loss_and_grads(model, train_step.fused_model(model, kern=kern), diffusion, batch)
+        got_loss, got = loss_and_grads(model, fused_dit.fused_model(model, kern=kern), diffusion, batch)
         assert torch.isfinite(want_loss)
         assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=0)
         assert_grads_close(got, want)
@@ -92,15 +99,19 @@ def test_fused_model_matches_plain_model(norm, kern):
 def test_kernels_stay_finite_and_exact_far_in_the_tails(kern):
     # Norm-free models blow activations up; GELU's exp overflows and attention scores get huge there.
     x = torch.linspace(-80, 80, 4 * 256).view(4, 256)
-    zero, grad = torch.zeros(256), torch.randn(4, 256)
+    zero, grad = torch.zeros(256), torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
     want = torch.nn.functional.gelu(x, approximate="tanh")
     torch.testing.assert_close(kern.gelu_fwd(x.clone(), zero), want, rtol=1e-5, atol=1e-6)
     dx, db = kern.gelu_bwd(grad, x)
     want = torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
-    torch.testing.assert_close(dx, want, rtol=1e-5, atol=1e-6)
+    # Near x = -5 PyTorch's tanh rounds to -1 and its GELU slope to 0 while the true slope is still ~1e-6
+    # (the kernels' sigmoid form keeps it): an absolute difference of up to ~1e-6 times |grad|.
+    torch.testing.assert_close(dx, want, rtol=1e-5, atol=4e-6)
     torch.testing.assert_close(db, dx.sum(0), rtol=1e-5, atol=1e-5)
     N, T, H, hd = 3, 4, 2, 8
-    qkv = torch.randn(N * T, 3 * H * hd) * 30  # scores in the thousands
+    # Scores in the thousands. A fixed draw: with random ones, ~3% put two scores of a row within float32
+    # round-off of each other, where any two correct softmaxes disagree by more than the tolerance.
+    qkv = torch.randn(N * T, 3 * H * hd, generator=torch.Generator().manual_seed(0)) * 30
     out, probs = kern.attn_fwd(qkv.clone(), torch.zeros(3 * H * hd), N, T, H, hd)
     q, k, v = qkv.view(N, T, 3, H, hd).permute(2, 0, 3, 1, 4)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N * T, H * hd)
@@ -108,17 +119,35 @@ def test_kernels_stay_finite_and_exact_far_in_the_tails(kern):
     assert torch.isfinite(probs).all()
 
 
+def test_loading_the_c_kernels_keeps_denormals():
+    # A -ffast-math library linked by gcc 12 carries crtfastmath.o, whose constructor turns on
+    # flush-to-zero for the process that loads it: every float op of the user's program would change.
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler: the C kernels cannot be loaded")
+    lib = fused_dit.load_c_kernels()  # loads it into this process (or returns the one loaded here before)
+    assert lib is not None, "the C kernels did not build or load (see the warning)"
+    lib.set_num_threads(torch.get_num_threads())  # a real call into the loaded library
+    tiny = torch.tensor([1e-39])  # below float32's smallest normal number
+    # (pytest.approx would not do: its absolute tolerance, 1e-12, accepts 0.)
+    assert torch.equal(tiny * 1.0, tiny), "denormals are flushed to zero after loading the C kernels"
+    assert (tiny / 2).item() > 0
+
+
 def test_default_step_takes_the_fast_path_for_the_toy():
     model = build_model("ToyDiT/1")
-    step = train_step.make_train_step(model, copy.deepcopy(model), create_diffusion(""),
-                                      torch.optim.AdamW(model.parameters()), ema_decay=0.9)
-    expected = "fused-cpu" if train_step.load_c_kernels() is not None else "torch-cpu"
+    optimizer = torch.optim.AdamW(model.parameters())
+    settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    step = train_step.make_train_step(model, copy.deepcopy(model), create_diffusion(""), optimizer,
+                                      ema_decay=0.9)
+    expected = "fused-cpu" if fused_dit.load_c_kernels() is not None else "torch-cpu"
     assert step.path == expected
+    # The caller's optimizer is left as the caller made it (no switch to fused=True behind its back).
+    assert {k: v for k, v in optimizer.param_groups[0].items() if k != "params"} == settings
 
 
 def test_configs_outside_the_fast_path_fall_back_to_plain():
     model = build_model("DiT-S/8", input_size=64, num_classes=10)  # 64 tokens: fast
-    assert train_step.DiTPlan(model).reason is None
+    assert fused_dit.DiTPlan(model).reason is None
     model = build_model("DiT-S/2", input_size=32, num_classes=10)  # 256 tokens: plain
     step = train_step.make_train_step(model, copy.deepcopy(model), create_diffusion(""),
                                       torch.optim.AdamW(model.parameters()), ema_decay=0.9)

@@ -1,0 +1,516 @@
+"""A hand-written forward and backward of models.DiT for the CPU, for models with few tokens (the toy).
+
+Why it exists: the toy DiT has 4 tokens per sample, so a training step does little arithmetic per byte it
+moves. Its time goes into passes over memory, not into FLOPs: in eager PyTorch the tanh-GELU, the
+attention over 4 tokens and the adaLN modulation are each several passes over (N T, D) activations, and
+autograd adds as many again. Here each of them is one pass of a small C loop (`_C_SOURCE`, compiled once
+with the system C compiler, cached, loaded with ctypes), while the matmuls stay with MKL.
+
+What it provides:
+- `fused_model(model)`: a callable with the model's signature, model(x_t, t, y), that runs the whole DiT as
+  one autograd node (`DiTFunction`); the loss around it stays `diffusion.training_losses`.
+- `dit_forward` / `dit_backward`: the maths of that node, also used by toy_sampler.py for sampling.
+- `CKernels` (the C loops) and `TorchKernels` (the same operations as PyTorch ops: the fallback without a
+  C compiler, and a second reference for the tests); `default_kernels()` picks one.
+- `DiTPlan(model)`: the shapes and norm kind, or `reason` why a model cannot take this path.
+
+Importing this module changes nothing global; loading the C library changes nothing global either (see
+`_build` for the flush-to-zero trap it avoids).
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MAX_FAST_TOKENS = 64  # the C attention keeps one sample's scores on the stack; more tokens: plain path
+NORM_CODES = {"none": 0, "layernorm": 1, "rmsnorm": 2, "dyt": 3}
+
+# The C source (fused_dit.c): rows are tokens (M = N * T), columns features. Per-sample adaLN vectors live
+# in one (N, K) buffer, so they are passed as a pointer plus a row stride `ms`. Column sums (bias
+# gradients) are accumulated per thread in double and added in thread order, so results do not depend on
+# scheduling.
+_C_SOURCE = (Path(__file__).resolve().parent / "fused_dit.c").read_text()
+
+
+# ----------------------------------------------------------------------------- building the C kernels
+
+# -ffast-math lets gcc vectorise the loops (reassociated sums, expf without errno) and is needed only while
+# compiling. At link time it must not be given: gcc then links crtfastmath.o into the library, whose
+# constructor switches the loading thread to flush-to-zero / denormals-are-zero, silently changing every
+# later float computation of the user's process (gcc 12 does this even for -shared).
+COMPILE_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC"]
+LINK_FLAGS = ["-shared", "-fopenmp"]
+
+
+def _cache_dir():
+    """Where built kernels are kept (one file per source/compiler/flags/CPU combination)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "dit-norm-study"
+
+
+_LIB = None  # the loaded library, False once building failed in this process
+
+
+def load_c_kernels():
+    """The fused CPU kernels as a ctypes library, or None (with a warning) when they cannot be built."""
+    global _LIB
+    if _LIB is None:
+        try:
+            _LIB = _build()
+        except (OSError, subprocess.SubprocessError) as err:
+            warnings.warn(f"fused CPU kernels unavailable ({err}); using the slower PyTorch fallback",
+                          stacklevel=2)
+            _LIB = False
+    return _LIB or None
+
+
+def denormals_survive():
+    """True when float32 arithmetic on this thread keeps denormals (no flush-to-zero mode is on)."""
+    return (torch.tensor([1e-39]) * 1.0).item() != 0.0  # 1e-39 is below float32's smallest normal
+
+
+def _run(cmd):
+    """Run one compiler command; OSError with the end of its message when it fails."""
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if done.returncode:
+        raise OSError(f"{cmd[0]} failed: {done.stderr.strip()[-300:]}")
+
+
+def _build():
+    """Compile, then link, _C_SOURCE with the system C compiler unless a cached build exists; load it."""
+    cc = os.environ.get("CC", "cc")
+    cpu = platform.processor() + platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as info:
+            cpu += next((line for line in info if line.startswith("flags")), "")
+    # The recipe is in the key, so a library built by an older recipe (one that set flush-to-zero) is
+    # never reused.
+    recipe = [_C_SOURCE, cc, "compile", *COMPILE_FLAGS, "link", *LINK_FLAGS, cpu]
+    key = hashlib.sha256("\0".join(recipe).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"fused_dit_{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            src, obj, out = Path(tmp) / "fused_dit.c", Path(tmp) / "fused_dit.o", Path(tmp) / "fused_dit.so"
+            src.write_text(_C_SOURCE)
+            _run([cc, *COMPILE_FLAGS, "-c", str(src), "-o", str(obj)])
+            _run([cc, *LINK_FLAGS, str(obj), "-o", str(out), "-lm"])
+            # Same directory as the target, so the final rename is atomic when ranks build at once.
+            fd, staged = tempfile.mkstemp(dir=path.parent, suffix=".so")
+            os.close(fd)
+            Path(staged).write_bytes(out.read_bytes())
+            os.replace(staged, path)
+    # torch is loaded first, so the library's OpenMP calls bind to torch's libgomp and share its threads.
+    before = denormals_survive()
+    lib = ctypes.CDLL(str(path))
+    if before and not denormals_survive():  # e.g. a CC that links fast-math start-up code anyway
+        torch.set_flush_denormal(False)  # undo it on this thread, and do not use the library
+        raise OSError(f"{path} switches the process to flush-to-zero mode; delete it and check $CC")
+    P, L, I, Fl = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+    lib.set_num_threads.argtypes = [I]
+    lib.norm_mod_fwd.argtypes = [P, L, I, I, I, Fl, Fl, P, P, L, P, P, P]
+    lib.norm_mod_bwd.argtypes = [P, P, P, P, L, I, I, I, Fl, P, L, P, P, P, P, P]
+    lib.gelu_fwd.argtypes = [P, P, P, L, L]
+    lib.gate_fwd.argtypes = [P, P, P, P, L, P, L, I, I]
+    lib.gelu_bwd.argtypes = [P, P, P, P, L, L]
+    lib.attn_fwd.argtypes = [P, P, P, P, L, I, I, I, Fl]
+    lib.attn_bwd.argtypes = [P, P, P, P, P, L, I, I, I, Fl]
+    lib.gate_bwd.argtypes = [P, P, P, L, P, P, P, L, I, I]
+    return lib
+
+
+def _ptr(tensor):
+    """Address of a tensor's first element (None for a missing optional argument)."""
+    return None if tensor is None else tensor.data_ptr()
+
+
+class CKernels:
+    """The fused loops of _C_SOURCE on torch tensors (float32, CPU; (N, D) views may have a row stride)."""
+
+    name = "fused-cpu"
+
+    def __init__(self, lib):
+        self.lib = lib
+        self.threads = None
+
+    def _sync_threads(self):
+        """Give the C loops torch's current intra-op thread count."""
+        if self.threads != torch.get_num_threads():
+            self.threads = torch.get_num_threads()
+            self.lib.set_num_threads(self.threads)
+
+    def norm_mod_fwd(self, h, N, T, kind, eps, alpha, shift, scale):
+        """(normalised h or h itself for kind 0, norm(h) * (1 + scale) + shift, rstd per row or None)."""
+        self._sync_threads()
+        M, D = h.shape
+        nrm = None if kind == 0 else torch.empty_like(h)
+        out = torch.empty_like(h)
+        rstd = h.new_empty(M) if kind in (1, 2) else None
+        self.lib.norm_mod_fwd(_ptr(h), N, T, D, kind, eps, alpha, _ptr(shift), _ptr(scale),
+                              _row_stride(shift), _ptr(nrm), _ptr(out), _ptr(rstd))
+        return (h if kind == 0 else nrm), out, rstd
+
+    def norm_mod_bwd(self, dm, nrm, h, rstd, N, T, kind, alpha, scale, dshift, dscale, dres):
+        """Gradient of norm_mod_fwd; fills dshift/dscale, returns (dres + dh, dalpha or None)."""
+        self._sync_threads()
+        dx = torch.empty_like(dm)
+        dalpha = dm.new_empty(1) if kind == 3 else None
+        self.lib.norm_mod_bwd(_ptr(dm), _ptr(nrm), _ptr(h), _ptr(rstd), N, T, dm.shape[1], kind, alpha,
+                              _ptr(scale), _row_stride(scale), _ptr(dshift), _ptr(dscale), _ptr(dres),
+                              _ptr(dx), _ptr(dalpha))
+        return dx, dalpha
+
+    def gelu_fwd(self, x, bias):
+        """Adds bias to x in place and returns the tanh-approximated GELU of the result."""
+        self._sync_threads()
+        y = torch.empty_like(x)
+        self.lib.gelu_fwd(_ptr(x), _ptr(bias), _ptr(y), x.shape[0], x.shape[1])
+        return y
+
+    def gate_fwd(self, h, a, bias, gate, N, T):
+        """Adds bias to a in place and returns h + gate * a."""
+        self._sync_threads()
+        out = torch.empty_like(h)
+        self.lib.gate_fwd(_ptr(h), _ptr(a), _ptr(bias), _ptr(gate), _row_stride(gate), _ptr(out), N, T,
+                          h.shape[1])
+        return out
+
+    def gelu_bwd(self, g, x):
+        """(g * gelu'(x), its column sums)."""
+        self._sync_threads()
+        dx, db = torch.empty_like(x), x.new_empty(x.shape[1])
+        self.lib.gelu_bwd(_ptr(g), _ptr(x), _ptr(dx), _ptr(db), x.shape[0], x.shape[1])
+        return dx, db
+
+    def attn_fwd(self, qkv, bias, N, T, H, hd):
+        """Adds bias to qkv in place; softmax attention of each sample's T tokens: (out (M, D), probs)."""
+        self._sync_threads()
+        out, probs = qkv.new_empty(N * T, H * hd), qkv.new_empty(N, H, T, T)
+        self.lib.attn_fwd(_ptr(qkv), _ptr(bias), _ptr(out), _ptr(probs), N, T, H, hd, hd ** -0.5)
+        return out, probs
+
+    def attn_bwd(self, dout, qkv, probs, N, T, H, hd):
+        """(d qkv (M, 3D), its column sums)."""
+        self._sync_threads()
+        dqkv, db = torch.empty_like(qkv), qkv.new_empty(qkv.shape[1])
+        self.lib.attn_bwd(_ptr(dout), _ptr(qkv), _ptr(probs), _ptr(dqkv), _ptr(db), N, T, H, hd, hd ** -0.5)
+        return dqkv, db
+
+    def gate_bwd(self, dh, a, gate, dgate, N, T):
+        """For h + gate * a: fills dgate, returns (d a, its column sums)."""
+        self._sync_threads()
+        da, db = torch.empty_like(a), a.new_empty(a.shape[1])
+        self.lib.gate_bwd(_ptr(dh), _ptr(a), _ptr(gate), _row_stride(gate), _ptr(da), _ptr(dgate), _ptr(db),
+                          N, T, a.shape[1])
+        return da, db
+
+
+def _row_stride(view):
+    """Row stride of an (N, D) view with unit column stride; 0 broadcasts one row to every sample."""
+    assert view.stride(-1) == 1 and view.dtype == torch.float32
+    return 0 if view.shape[0] == 1 else view.stride(0)
+
+
+class TorchKernels:
+    """The same operations as CKernels in PyTorch ops: the fallback, and a second reference in the tests."""
+
+    name = "torch-cpu"
+
+    @staticmethod
+    def norm_mod_fwd(h, N, T, kind, eps, alpha, shift, scale):
+        D = h.shape[1]
+        rstd = None
+        if kind == 0:
+            nrm = h
+        elif kind == 1:
+            nrm, _, rstd = torch.native_layer_norm(h, (D,), None, None, eps)
+            rstd = rstd.view(-1)
+        elif kind == 2:
+            rstd = torch.rsqrt(h.square().mean(1) + eps)  # (M,)
+            nrm = h * rstd[:, None]
+        else:
+            nrm = torch.tanh(alpha * h)
+        out = torch.addcmul(shift.unsqueeze(1), nrm.view(N, T, D), 1 + scale.unsqueeze(1))  # (N, T, D)
+        return nrm, out.view(N * T, D), rstd
+
+    @staticmethod
+    def norm_mod_bwd(dm, nrm, h, rstd, N, T, kind, alpha, scale, dshift, dscale, dres):
+        D = dm.shape[1]
+        dm3 = dm.view(N, T, D)
+        dshift.copy_(dm3.sum(1))
+        dscale.copy_((dm3 * nrm.view(N, T, D)).sum(1))
+        dn = (dm3 * (1 + scale.unsqueeze(1))).view(N * T, D)
+        dalpha = None
+        if kind == 1:
+            dn = rstd[:, None] * (dn - dn.mean(1, keepdim=True) - nrm * (dn * nrm).mean(1, keepdim=True))
+        elif kind == 2:
+            dn = rstd[:, None] * (dn - nrm * (dn * nrm).mean(1, keepdim=True))
+        elif kind == 3:
+            q = 1 - nrm.square()
+            dalpha = (dn * h * q).sum().view(1)
+            dn = dn * alpha * q
+        return (dn if dres is None else dres + dn), dalpha
+
+    @staticmethod
+    def gelu_fwd(x, bias):
+        return F.gelu(x.add_(bias), approximate="tanh")
+
+    @staticmethod
+    def gate_fwd(h, a, bias, gate, N, T):
+        D = h.shape[1]
+        return torch.addcmul(h.view(N, T, D), gate.unsqueeze(1), a.add_(bias).view(N, T, D)).view(N * T, D)
+
+    @staticmethod
+    def gelu_bwd(g, x):
+        dx = torch.ops.aten.gelu_backward(g, x, approximate="tanh")
+        return dx, dx.sum(0)
+
+    @staticmethod
+    def attn_fwd(qkv, bias, N, T, H, hd):
+        q, k, v = qkv.add_(bias).view(N, T, 3, H, hd).unbind(2)  # each (N, T, H, d)
+        probs = (torch.einsum("nihe,njhe->nhij", q, k) * hd ** -0.5).softmax(-1)  # (N, H, T, T)
+        out = torch.einsum("nhij,njhe->nihe", probs, v)  # (N, T, H, d)
+        return out.reshape(N * T, H * hd), probs.contiguous()
+
+    @staticmethod
+    def attn_bwd(dout, qkv, probs, N, T, H, hd):
+        q, k, v = qkv.view(N, T, 3, H, hd).unbind(2)
+        do = dout.view(N, T, H, hd)
+        dp = torch.einsum("nihe,njhe->nhij", do, v)  # (N, H, T, T)
+        dv = torch.einsum("nhij,nihe->njhe", probs, do)
+        ds = probs * (dp - (probs * dp).sum(-1, keepdim=True)) * hd ** -0.5
+        dq = torch.einsum("nhij,njhe->nihe", ds, k)
+        dk = torch.einsum("nhij,nihe->njhe", ds, q)
+        dqkv = torch.stack([dq, dk, dv], 2).reshape(N * T, 3 * H * hd)  # (M, 3D)
+        return dqkv, dqkv.sum(0)
+
+    @staticmethod
+    def gate_bwd(dh, a, gate, dgate, N, T):
+        D = a.shape[1]
+        dgate.copy_((dh * a).view(N, T, D).sum(1))
+        da = (dh.view(N, T, D) * gate.unsqueeze(1)).view(N * T, D)
+        return da, da.sum(0)
+
+
+def default_kernels():
+    """CKernels when the C compiler works here, else TorchKernels."""
+    lib = load_c_kernels()
+    return CKernels(lib) if lib is not None else TorchKernels()
+
+
+# ----------------------------------------------------------------------------- the hand-written DiT
+
+def _norm_code(norm):
+    """(kind code, eps) of a norm module the fused path knows, else None."""
+    if isinstance(norm, nn.Identity):
+        return NORM_CODES["none"], 0.0
+    if isinstance(norm, nn.LayerNorm) and not norm.elementwise_affine and len(norm.normalized_shape) == 1:
+        return NORM_CODES["layernorm"], float(norm.eps)
+    if isinstance(norm, nn.RMSNorm) and norm.weight is None and len(norm.normalized_shape) == 1:
+        eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+        return NORM_CODES["rmsnorm"], float(eps)
+    names = [name for name, _ in norm.named_parameters()]
+    if type(norm).__name__ == "DynamicTanh" and names == ["alpha"] and norm.alpha.numel() == 1:
+        return NORM_CODES["dyt"], 0.0
+    return None
+
+
+class DiTPlan:
+    """Shapes and norm kind of a models.DiT for the hand-written path; `reason` says why it cannot run it."""
+
+    def __init__(self, model):
+        self.reason = None
+        try:
+            cfg = model.config
+            self.patch, self.in_channels = cfg["patch_size"], cfg["in_channels"]
+            self.grid = cfg["input_size"] // self.patch
+            self.tokens, self.hidden, self.heads = self.grid ** 2, cfg["hidden_size"], cfg["num_heads"]
+            self.head_dim, self.out_channels = self.hidden // self.heads, model.out_channels
+            blocks, final = list(model.blocks), model.final_layer
+            norms = [m for b in blocks for m in (b.norm1, b.norm2)] + [final.norm_final]
+        except (AttributeError, KeyError, TypeError) as err:
+            self.reason = f"not a models.DiT ({err})"
+            return
+        codes = {_norm_code(m) for m in norms}
+        params = list(model.parameters())
+        if len(codes) != 1 or None in codes:
+            self.reason = "unknown or mixed norm modules"
+        elif self.tokens > MAX_FAST_TOKENS:
+            self.reason = f"{self.tokens} tokens (the fused path handles up to {MAX_FAST_TOKENS})"
+        elif any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+            self.reason = "parameters not float32 on the CPU"
+        elif model.pos_embed.requires_grad:
+            self.reason = "trainable pos_embed"
+        else:
+            self.kind, self.eps = codes.pop()
+            self.depth = len(blocks)
+
+    @staticmethod
+    def weights(model):
+        """DiTFunction's weights in order: embedder, final linear, per-block linears, dyt alphas."""
+        out = [model.x_embedder.proj.weight, model.x_embedder.proj.bias,
+               model.final_layer.linear.weight, model.final_layer.linear.bias]
+        for b in model.blocks:
+            out += [b.attn.qkv.weight, b.attn.qkv.bias, b.attn.proj.weight, b.attn.proj.bias,
+                    b.mlp.fc1.weight, b.mlp.fc1.bias, b.mlp.fc2.weight, b.mlp.fc2.bias]
+        for m in [n for b in model.blocks for n in (b.norm1, b.norm2)] + [model.final_layer.norm_final]:
+            out += list(m.parameters())  # dyt alphas; the other kinds have none
+        return out
+
+    @staticmethod
+    def modulation(model):
+        """All adaLN weights and biases stacked: (K, D), (K,) with K = depth * 6D + 2D, blocks then final."""
+        lins = [b.adaLN_modulation[-1] for b in model.blocks] + [model.final_layer.adaLN_modulation[-1]]
+        return torch.cat([lin.weight for lin in lins]), torch.cat([lin.bias for lin in lins])
+
+
+def dit_forward(plan, kern, x, mods, pos_embed, weights, saved=None):
+    """DiT forward from the adaLN vectors mods (N or 1, K): x (N, C, H, W) -> (N, C_out, H, W).
+
+    Appends to `saved` (when given) what dit_backward needs."""
+    N, T, D, H, hd = x.shape[0], plan.tokens, plan.hidden, plan.heads, plan.head_dim
+    p, G = plan.patch, plan.grid
+    wx, bx, wl, bl = weights[:4]
+    alphas = [float(a) for a in weights[4 + 8 * plan.depth:]] or [0.0] * (2 * plan.depth + 1)
+    xp = x.reshape(N, plan.in_channels, G, p, G, p).permute(0, 2, 4, 1, 3, 5).reshape(N * T, -1)  # (M, C p p)
+    h = torch.addmm(bx, xp, wx.view(D, -1).t())  # (M, D)
+    h.view(N, T, D).add_(pos_embed)
+    if saved is not None:
+        saved.append(xp)
+    for i in range(plan.depth):
+        wqkv, bqkv, wproj, bproj, w1, b1, w2, b2 = weights[4 + 8 * i: 12 + 8 * i]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods[:, 6 * D * i: 6 * D * (i + 1)].split(D, dim=1)
+        n1, m1, r1 = kern.norm_mod_fwd(h, N, T, plan.kind, plan.eps, alphas[2 * i], shift1, scale1)
+        # Matmuls without bias: the kernel that reads each result adds the bias in the same pass
+        # (addmm would first copy the broadcast bias into the output, one more pass over it).
+        qkv = m1 @ wqkv.t()  # (M, 3D)
+        o, probs = kern.attn_fwd(qkv, bqkv, N, T, H, hd)  # (M, D), (N, H, T, T)
+        a = o @ wproj.t()  # (M, D)
+        h1 = kern.gate_fwd(h, a, bproj, gate1, N, T)  # h + gate1 * a
+        n2, m2, r2 = kern.norm_mod_fwd(h1, N, T, plan.kind, plan.eps, alphas[2 * i + 1], shift2, scale2)
+        f1 = m2 @ w1.t()  # (M, F)
+        g1 = kern.gelu_fwd(f1, b1)
+        f2 = g1 @ w2.t()  # (M, D)
+        if saved is not None:
+            saved.append((h, n1, m1, r1, qkv, probs, o, a, h1, n2, m2, r2, f1, g1, f2))
+        h = kern.gate_fwd(h1, f2, b2, gate2, N, T)
+    shift, scale = mods[:, 6 * D * plan.depth:].split(D, dim=1)
+    nf, mf, rf = kern.norm_mod_fwd(h, N, T, plan.kind, plan.eps, alphas[-1], shift, scale)
+    out = torch.addmm(bl, mf, wl.t())  # (M, p p C_out)
+    if saved is not None:
+        saved.append((h, nf, mf, rf))
+    out = out.view(N, G, G, p, p, plan.out_channels).permute(0, 5, 1, 3, 2, 4)  # (N, C_out, G, p, G, p)
+    return out.reshape(N, plan.out_channels, G * p, G * p)
+
+
+def dit_backward(plan, kern, grad_out, mods, weights, saved):
+    """Gradients of dit_forward: (d mods (N, K), [d weight for weights])."""
+    N, T, D, H, hd = grad_out.shape[0], plan.tokens, plan.hidden, plan.heads, plan.head_dim
+    p, G = plan.patch, plan.grid
+    M, kind = N * T, plan.kind
+    wx, bx, wl, bl = weights[:4]
+    alpha_params = weights[4 + 8 * plan.depth:]
+    alphas = [float(a) for a in alpha_params] or [0.0] * (2 * plan.depth + 1)
+    grads = [None] * len(weights)
+    dalphas = [None] * len(alpha_params)
+    dmods = mods.new_empty(N, mods.shape[1])  # every column is written below
+    xp, (hf, nf, mf, rf) = saved[0], saved.pop()
+
+    dout = grad_out.reshape(N, plan.out_channels, G, p, G, p).permute(0, 2, 4, 3, 5, 1).reshape(M, -1)
+    grads[2], grads[3] = dout.t() @ mf, dout.sum(0)
+    dmf = dout @ wl  # (M, D)
+    del mf
+    dshift, dscale = dmods[:, 6 * D * plan.depth:].split(D, dim=1)
+    scale = mods[:, 6 * D * plan.depth + D:]
+    dh, da_f = kern.norm_mod_bwd(dmf, nf, hf, rf, N, T, kind, alphas[-1], scale, dshift, dscale, None)
+    if alpha_params:
+        dalphas[-1] = da_f
+    for i in reversed(range(plan.depth)):
+        # Popping frees each block's activations as soon as they are used, so the allocator reuses that
+        # memory for the gradients instead of faulting in fresh pages (measured: 20k page faults per step).
+        h, n1, m1, r1, qkv, probs, o, a, h1, n2, m2, r2, f1, g1, f2 = saved.pop()
+        wqkv, bqkv, wproj, bproj, w1, b1, w2, b2 = weights[4 + 8 * i: 12 + 8 * i]
+        _, scale1, gate1, _, scale2, gate2 = mods[:, 6 * D * i: 6 * D * (i + 1)].split(D, dim=1)
+        dshift1, dscale1, dgate1, dshift2, dscale2, dgate2 = dmods[:, 6 * D * i: 6 * D * (i + 1)].split(D, 1)
+        j = 4 + 8 * i
+        # MLP branch: h = h1 + gate2 * fc2(gelu(fc1(modulate(norm2(h1)))))
+        df2, grads[j + 7] = kern.gate_bwd(dh, f2, gate2, dgate2, N, T)
+        grads[j + 6] = df2.t() @ g1
+        df1, grads[j + 5] = kern.gelu_bwd(df2 @ w2, f1)  # (M, F)
+        grads[j + 4] = df1.t() @ m2
+        dh1, da2 = kern.norm_mod_bwd(df1 @ w1, n2, h1, r2, N, T, kind, alphas[2 * i + 1], scale2, dshift2,
+                                     dscale2, dh)
+        # attention branch: h1 = h + gate1 * proj(attn(qkv(modulate(norm1(h)))))
+        da, grads[j + 3] = kern.gate_bwd(dh1, a, gate1, dgate1, N, T)
+        grads[j + 2] = da.t() @ o
+        dqkv, grads[j + 1] = kern.attn_bwd(da @ wproj, qkv, probs, N, T, H, hd)  # (M, 3D)
+        grads[j] = dqkv.t() @ m1
+        dh, da1 = kern.norm_mod_bwd(dqkv @ wqkv, n1, h, r1, N, T, kind, alphas[2 * i], scale1, dshift1,
+                                    dscale1, dh1)
+        if alpha_params:
+            dalphas[2 * i], dalphas[2 * i + 1] = da1, da2
+    grads[0], grads[1] = (dh.t() @ xp).view_as(wx), dh.sum(0)
+    grads[4 + 8 * plan.depth:] = dalphas
+    return dmods, grads
+
+
+class DiTFunction(torch.autograd.Function):
+    """models.DiT as one autograd node: inputs x_t, conditioning c (N, D), stacked adaLN weights, weights."""
+
+    @staticmethod
+    def forward(ctx, plan, kern, x_t, c, pos_embed, w_mod, b_mod, *weights):
+        silu_c = F.silu(c)  # (N, D)
+        mods = torch.addmm(b_mod, silu_c, w_mod.t())  # (N, K)
+        saved = []
+        out = dit_forward(plan, kern, x_t, mods, pos_embed, weights, saved)
+        ctx.plan, ctx.kern, ctx.saved = plan, kern, saved
+        ctx.save_for_backward(c, silu_c, mods, w_mod, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        c, silu_c, mods, w_mod, *weights = ctx.saved_tensors
+        dmods, grads = dit_backward(ctx.plan, ctx.kern, grad_out.contiguous(), mods, weights, ctx.saved)
+        ctx.saved = None
+        dc = torch.ops.aten.silu_backward(dmods @ w_mod, c)
+        return (None, None, None, dc, None, dmods.t() @ silu_c, dmods.sum(0), *grads)
+
+
+def fused_model(model, plan=None, kern=None):
+    """A callable model(x_t, t, y) computing model(x_t, t, y) through DiTFunction (same values, faster)."""
+    plan = plan or DiTPlan(model)
+    if plan.reason:
+        raise ValueError(f"the fused DiT path cannot run this model: {plan.reason}")
+    kern = kern or default_kernels()
+
+    def forward(x_t, t, y):
+        c = model.t_embedder(t) + model.y_embedder(y, model.training)  # (N, D)
+        w_mod, b_mod = DiTPlan.modulation(model)
+        return DiTFunction.apply(plan, kern, x_t.contiguous(), c, model.pos_embed, w_mod, b_mod,
+                                 *DiTPlan.weights(model))
+
+    return forward
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory instead of returning it to the OS after every step.
+
+    A toy step allocates ~100 MB of activations and frees them; with glibc's default trim/mmap thresholds
+    the next step faults the same pages in again (measured on ToyDiT/1, batch 2048, 1 thread: 7k-19k page
+    faults and 12-37 ms of system time per step, ~40 ms of a ~320 ms step). Process-wide (callers say so);
+    harmless elsewhere; a no-op outside glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 1 << 28)  # M_MMAP_THRESHOLD: larger blocks than any activation stay in the heap
+    except (OSError, AttributeError):
+        pass
