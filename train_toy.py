@@ -32,8 +32,12 @@ CHECKPOINT_FORMAT = "dit-norm-study/1"
 DEFAULTS = {
     "model": "ToyDiT/1", "norm": "layernorm", "global_batch_size": 2048, "lr": 1e-4, "ema_decay": 0.9999,
     "max_steps": 50_000, "ckpt_steps": "10000,50000", "ckpt_every": 0, "log_every": 100, "seed": 0,
-    "diffusion_steps": 1000,
+    "diffusion_steps": 1000, "data": "zeros",
 }
+# --data constant (the study's experiment beyond x = 0): image i of step s is c * ones with c ~ U[-1, 1]
+# drawn from (seed, step, global sample index), like its noise, so it too is the same on any number of ranks.
+DATA_KINDS = ("zeros", "constant")
+CONSTANT_RANGE = (-1.0, 1.0)
 # The CPU preset trades the study's batch (8x fewer samples per step) and learning rate (10x larger) for a
 # 10x shorter run. Its EMA decay keeps the study's EMA horizon relative to the run length: 5 time constants
 # at the last checkpoint (50k x 1e-4 = 5k x 1e-3) and 1 at the first (10k x 1e-4 = 1k x 1e-3). 5k steps,
@@ -78,6 +82,8 @@ def parse_args(argv=None):
     add("--log-every", type=int, help="steps between loss logs; the loss is also checked for NaN/Inf here")
     add("--seed", type=int)
     add("--diffusion-steps", type=int, help="diffusion timesteps T (linear schedule, learned sigma)")
+    add("--data", choices=DATA_KINDS, help="zeros: every image is 0; constant: each image is c * ones, "
+        "c ~ U[-1, 1] per sample")
     parser.add_argument("--preset", choices=sorted(PRESETS), help=PRESET_HELP)
     parser.add_argument("--results-dir", default="results", help="parent of run folders (default: results)")
     parser.add_argument("--resume", help="a checkpoint file, or a run folder (its latest checkpoint); the "
@@ -181,6 +187,17 @@ def rank_batches(seed, steps, global_batch, rank, world_size, num_timesteps, sha
         yield from zip(torch.stack(ts).to(device), torch.stack(noises).to(device), strict=True)
 
 
+def constant_images(seed, step, global_batch, rank, world_size, shape, device):
+    """This rank's slice (b, C, H, W) of the global batch of constant images c * ones of (seed, step)."""
+    # Its own stream (not the noise generator's), so adding it leaves the zeros runs' t and noise unchanged.
+    generator = torch.Generator().manual_seed(step_seed(seed, f"{step}:constant"))
+    low, high = CONSTANT_RANGE
+    c = low + (high - low) * torch.rand(global_batch, generator=generator)  # (B,)
+    local = global_batch // world_size
+    c = c[rank * local:(rank + 1) * local].to(device)  # (b,)
+    return c.view(-1, 1, 1, 1).expand(-1, *shape).contiguous()  # (b, C, H, W)
+
+
 def main(argv=None):
     parser, args = parse_args(argv)
 
@@ -276,7 +293,8 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
                       "start_step": start_step, "torch": torch.__version__}
         (run_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
 
-    # The data set is one constant image of zeros with class label 0 (one class, no class dropout).
+    # The data set is one constant image of zeros (or, with --data constant, a constant image per sample)
+    # with class label 0 (one class, no class dropout).
     local_batch = cfg["global_batch_size"] // world_size
     shape = (model.config["in_channels"], model.config["input_size"], model.config["input_size"])
     x_start = torch.zeros(local_batch, *shape, device=device)  # (b, C, H, W)
@@ -293,6 +311,9 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
     for step, (t, noise) in zip(steps, batches, strict=True):
         if step == args.debug_nan_at_step:
             noise = torch.full_like(noise, float("nan"))
+        if cfg["data"] == "constant":
+            x_start = constant_images(cfg["seed"], step, cfg["global_batch_size"], rank, world_size, shape,
+                                      device)
         losses[step - last_check - 1] = train_step(x_start, t, noise, y)
         every = cfg["ckpt_every"]
         save = step in ckpt_steps or (every > 0 and step % every == 0) or step == max_steps

@@ -187,3 +187,25 @@ def test_run_folders_never_reuse_an_index(tmp_path):
     (tmp_path / "notes").mkdir()
     assert train_toy.new_run_dir(tmp_path, "ToyDiT/1", "none").name == "005-ToyDiT-1-none"
     assert train_toy.new_run_dir(tmp_path, "ToyDiT-XS/1", "dyt").name == "006-ToyDiT-XS-1-dyt"
+
+
+def test_constant_images_are_one_value_per_sample_and_rank_invariant():
+    shape = (2, 2, 2)
+    full = train_toy.constant_images(5, 7, 64, 0, 1, shape, "cpu")  # (64, 2, 2, 2)
+    flat = full.reshape(64, -1)
+    assert full.shape == (64, *shape) and torch.equal(flat, flat[:, :1].expand_as(flat))
+    low, high = train_toy.CONSTANT_RANGE
+    assert low <= flat.min() < -0.5 and 0.5 < flat.max() <= high  # spread over the range
+    halves = [train_toy.constant_images(5, 7, 64, rank, 2, shape, "cpu") for rank in (0, 1)]
+    assert torch.equal(torch.cat(halves), full)  # the same global batch on 2 ranks
+    assert not torch.equal(full, train_toy.constant_images(5, 8, 64, 0, 1, shape, "cpu"))
+
+
+def test_constant_data_trains_and_is_saved(straight, tmp_path):
+    run(tmp_path, *SMALL, "--max-steps", "20", "--ckpt-steps", "10", "--data", "constant")
+    path = only_run(tmp_path) / "checkpoints" / "0000020.pt"
+    assert read_checkpoint(path)["train_args"]["data"] == "constant"
+    assert read_checkpoint(straight / "checkpoints" / "0000020.pt")["train_args"]["data"] == "zeros"
+    key = "blocks.0.attn.qkv.weight"  # other data, same (seed, step) noise: other parameters
+    assert not torch.equal(tensors_of(path)[f"model.{key}"],
+                           tensors_of(straight / "checkpoints" / "0000020.pt")[f"model.{key}"])

@@ -1,0 +1,119 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+import study
+from models import build_model
+
+
+def test_error_stats_on_a_hand_made_array():
+    values = np.concatenate([np.arange(1.0, 101.0), [np.nan, np.inf, -np.inf]])  # 1..100 and 3 non-finite
+    stats = study.error_stats(values)
+    assert stats["mean"] == pytest.approx(50.5)
+    assert stats["median"] == pytest.approx(50.5)
+    assert stats["p99"] == pytest.approx(99.01)  # numpy's linear interpolation: 1 + 0.99 * 99
+    assert stats["max"] == 100.0
+    assert stats["nonfinite"] == 3
+    assert np.isnan(study.error_stats([np.nan])["median"])
+
+
+def test_pixel_errors_and_ks_distance():
+    samples = np.array([[[[1.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]],  # a constant image: deviation 0
+                        [[[2.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]])  # (2, 2, 2, 2), mean 0.25
+    errors = study.pixel_errors(samples)
+    assert errors["abs_x"].shape == errors["dev_const"].shape == (2, 8)
+    assert np.all(errors["dev_const"][0] == 0) and errors["abs_x"][0].max() == 1.0
+    assert errors["dev_const"][1].max() == pytest.approx(1.75)
+    assert errors["dev_const"][1].min() == pytest.approx(0.25)
+    # Evenly spread points sit 1/(2n) from the uniform CDF; a point mass at 0 is 1/2 away.
+    n = 50
+    assert study.ks_uniform((np.arange(n) + 0.5) / n * 2 - 1) == pytest.approx(0.5 / n)
+    assert study.ks_uniform(np.zeros(10)) == pytest.approx(0.5)
+
+
+def test_seed_spread_and_checkpoint_steps():
+    assert study.seed_spread([3.0, 1.0, 2.0, np.nan]) == (2.0, 1.0, 3.0)
+    assert study.checkpoint_steps(2000, 5) == [400, 800, 1200, 1600, 2000]
+    assert study.checkpoint_steps(20, 2) == [10, 20]
+
+
+def test_the_fixed_noise_set_is_identical_for_every_call():
+    torch.manual_seed(0)
+    model = build_model("ToyDiT-XS/1", norm="layernorm").eval()
+    for p in model.final_layer.parameters():  # leave adaLN-Zero's zero output, so the model matters
+        torch.nn.init.normal_(p, std=0.1)
+    first = study.fixed_noise_samples(model, 16, 10, sample_seed=3)
+    torch.randn(1000)  # the global RNG must play no part
+    second = study.fixed_noise_samples(model, 16, 10, sample_seed=3)
+    assert first.shape == (16, 2, 2, 2) and first.dtype == np.float64
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, study.fixed_noise_samples(model, 16, 10, sample_seed=4))
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_study_end_to_end(tmp_path):
+    runs, res = tmp_path / "runs", tmp_path / "res"
+    argv = ["--preset", "tiny", "--results-dir", str(runs), "--res-dir", str(res)]
+    study.main(argv)
+    for name in ("study_errors.csv", "study_errors.md", "study_error_vs_step.png", "study_outlier_ratio.png",
+                 "study_prediction.md"):
+        assert (res / name).stat().st_size > 0, name
+    rows = read_csv(res / "study_errors.csv")
+    # 2 norms x 2 seeds x 2 checkpoints, times 3 measures: zeros abs_x and dev_const, constant dev_const.
+    assert len(rows) == 2 * 2 * 2 * 3
+    combos = {(r["data"], r["measure"]) for r in rows}
+    assert combos == {("zeros", "abs_x"), ("zeros", "dev_const"), ("constant", "dev_const")}
+    assert {(r["norm"], r["seed"], r["step"]) for r in rows} == {
+        (n, s, t) for n in ("layernorm", "none") for s in ("0", "1") for t in ("10", "20")}
+    assert all(r["ks_c"] != "nan" for r in rows if r["data"] == "constant")
+    assert all(float(r["max"]) >= float(r["p99"]) >= float(r["median"]) > 0 for r in rows)
+    table = (res / "study_errors.md").read_text()
+    assert "| constant | abs(x - mean x) | none | 2 |" in table and "## Outlier ratio" in table
+    outcome = (res / "study_prediction.md").read_text()
+    assert "pending" not in outcome and "- P3 not testable" in outcome and "- P1 " in outcome
+    # A second call reuses the finished runs (no new run folder) and reproduces the numbers exactly.
+    folders = sorted(p.name for p in runs.glob("*/*"))
+    study.main(argv)
+    assert sorted(p.name for p in runs.glob("*/*")) == folders
+    assert read_csv(res / "study_errors.csv") == rows
+
+
+def test_dyt_check_replays_the_study_run(tmp_path):
+    argv = ["--preset", "tiny", "--norms", "dyt", "--data", "zeros", "--seeds", "1", "--dyt-check",
+            "--results-dir", str(tmp_path / "runs"), "--res-dir", str(tmp_path / "res")]
+    _, args = study.parse_args(argv)
+    result = study.measure_run(args, "zeros", "dyt", 0)
+    replay = study.dyt_check_run(args, study.DYT_DEFAULT)  # train_toy.py's loop, replayed in process
+    assert replay["median"] == pytest.approx(result["dyt"]["median"], rel=1e-6)
+    assert replay["last_loss"] == pytest.approx(result["dyt"]["last_loss"], rel=1e-5)  # log rounds to 1e-6
+    no_zero = study.dyt_check_run(args, study.DYT_SETTINGS[-1])
+    assert not no_zero["adaln_zero"] and no_zero["median"] != replay["median"]
+
+
+def test_prediction_outcome_on_hand_made_rows():
+    medians = {("zeros", "layernorm"): 2.0, ("zeros", "none"): 1.0, ("zeros", "rmsnorm"): 2.0,
+               ("zeros", "dyt"): 1.0, ("constant", "layernorm"): 8.0, ("constant", "none"): 2.0,
+               ("constant", "rmsnorm"): 6.0, ("constant", "dyt"): 3.0}
+    rows = [dict(data=d, measure="dev_const", norm=n, seed=s, step=10, median=m * (1 + 0.01 * s),
+                 ks_c=0.05 if d == "constant" else np.nan) for (d, n), m in medians.items() for s in range(3)]
+    rows += [dict(r, step=5, median=100.0) for r in rows]  # an earlier checkpoint must be ignored
+    held = {name: ok for name, ok, _ in study.prediction_outcome(rows)}
+    assert held == {"P1": True, "P2": True, "P3": True, "P4": True}
+    rows = [dict(r, median=0.5) if (r["data"], r["norm"]) == ("constant", "dyt") else r for r in rows]
+    held = {name: ok for name, ok, _ in study.prediction_outcome(rows)}
+    assert held["P1"] is False and held["P3"] is True
+
+
+@pytest.mark.parametrize("flags", [["--norms", "batchnorm"], ["--data", "images"], ["--seeds", "0"],
+                                   ["--preset", "tiny", "--dyt-check"]])
+def test_bad_flags_exit_with_a_message(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        study.main([*flags, "--results-dir", str(tmp_path), "--res-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
