@@ -55,7 +55,13 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import train_toy  # noqa: E402
-from analysis import capture_block_outputs, noised_inputs, outlier_stats, run_checkpoints  # noqa: E402
+from analysis import (  # noqa: E402
+    capture_block_outputs,
+    error_stats,
+    noised_inputs,
+    outlier_stats,
+    run_checkpoints,
+)
 from checkpoint import load_model  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from models import NORM_KINDS, TOY_MODELS, build_model  # noqa: E402
@@ -132,17 +138,6 @@ def parse_args(argv=None):
 #################################################################################
 #                                 Statistics                                    #
 #################################################################################
-
-
-def error_stats(values):
-    """mean, median, 99th percentile and max of the finite values of an array; non-finite ones are counted."""
-    a = np.asarray(values, dtype=np.float64).ravel()
-    finite = a[np.isfinite(a)]
-    if finite.size == 0:
-        return dict(mean=np.nan, median=np.nan, p99=np.nan, max=np.nan, nonfinite=int(a.size))
-    return dict(mean=float(finite.mean()), median=float(np.median(finite)),
-                p99=float(np.percentile(finite, 99)), max=float(finite.max()),
-                nonfinite=int(a.size - finite.size))
 
 
 def pixel_errors(samples):
@@ -293,7 +288,7 @@ def dyt_row(setting, lr, last_loss, ema, samples):
     """One row of the DyT table."""
     alphas = [p.item() for name, p in ema.named_parameters() if name.endswith("alpha")]
     return dict(setting=setting["name"], lr=lr, adaln_zero=setting["adaln_zero"], last_loss=last_loss,
-                alpha_min=min(alphas), alpha_max=max(alphas), **error_stats(np.abs(samples)))
+                alpha_min=min(alphas), alpha_max=max(alphas), **error_stats(samples))
 
 
 def last_logged_loss(run):
