@@ -7,14 +7,7 @@ from diffusion import create_diffusion
 from models import build_model
 from toy_sampler import sample_toy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches: a second intra-op thread only waits for a core on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_like(name, norm="layernorm", seed=0):

@@ -20,13 +20,7 @@ if fused_dit.load_c_kernels() is not None:
     KERNELS.insert(0, pytest.param(fused_dit.CKernels(fused_dit.load_c_kernels()), id="c"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches: a second intra-op thread only waits for a core on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_batch(n, seed=0):
