@@ -21,12 +21,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from checkpoint import FORMAT, CheckpointError, load_model, read_checkpoint, save_checkpoint
 from diffusion import create_diffusion
 from models import NORM_KINDS, TOY_MODELS, build_model
 from train_step import make_train_step
-
-CHECKPOINT_FORMAT = "dit-norm-study/1"
 
 # The study: the DiT recipe (AdamW, constant lr 1e-4, no weight decay, EMA 0.9999) at global batch 2048.
 DEFAULTS = {
@@ -211,7 +209,7 @@ def main(argv=None):
             ckpt = read_checkpoint(ckpt_path)
         except CheckpointError as err:
             parser.error(str(err))
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             parser.error(f"--resume {ckpt_path} is not a checkpoint written by train_toy.py")
         for key in ("model", "norm"):
             wanted, found = getattr(args, key), ckpt["config"][key]
@@ -334,7 +332,7 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
         if save:
             if rank == 0:
                 path = run_dir / "checkpoints" / f"{step:07d}.pt"
-                save_checkpoint({"format": CHECKPOINT_FORMAT, "config": model_config,
+                save_checkpoint({"format": FORMAT, "config": model_config,
                                  "model": model.state_dict(), "ema": ema.state_dict(),
                                  "opt": optimizer.state_dict(), "step": step, "train_args": cfg,
                                  "rng": {"torch": torch.get_rng_state()}}, path)
