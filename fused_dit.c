@@ -1,6 +1,15 @@
-/* Fused elementwise kernels of the toy DiT step; built and loaded by fused_dit.py. */
+/* Fused kernels of the toy DiT step; built and loaded by fused_dit.py.
+
+   Three layers:
+   1. per-sample cores (static): one sample's tokens at a time, no threads;
+   2. whole-array kernels (norm_mod_fwd, ..., gate_bwd): the cores over every sample in parallel, for the
+      modular path that leaves the matmuls to PyTorch;
+   3. dit_fwd / dit_bwd: the whole network, tile by tile. A tile of samples goes through every layer while
+      its activations stay in the core's cache; its matmuls are BLAS sgemm calls (PyTorch's MKL, passed in
+      as a function pointer) made from inside the OpenMP region, where MKL runs them single-threaded. */
 #include <math.h>
 #include <stdlib.h>
+#include <stddef.h>
 #include <omp.h>
 typedef long i64;
 /* Kernel arguments never overlap (in-place updates use one pointer), which lets loops vectorise. */
@@ -27,40 +36,214 @@ static void finish(double *part, i64 cols, float *out) {
     }
     free(part);
 }
+static void colsum_add(cfp x, i64 rows, int cols, double *restrict acc) {
+    for (i64 r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) acc[c] += x[r * cols + c];
+}
 
-/* kind: 0 none, 1 layernorm, 2 rmsnorm, 3 dyt. out = norm(h) * (1 + scale) + shift */
-void norm_mod_fwd(cfp h, i64 N, int T, int D, int kind, float eps, float alpha,
-                  cfp shift, cfp scale, i64 ms, fp nrm, fp out, fp rstd) {
-    #pragma omp parallel for schedule(static) num_threads(nth)
-    for (i64 n = 0; n < N; n++) {
-        const float *sh = shift + n * ms, *sc = scale + n * ms;
-        for (int t = 0; t < T; t++) {
-            i64 row = n * T + t;
-            const float *x = h + row * D;
-            float *o = out + row * D, *y = kind ? nrm + row * D : 0;
-            if (kind == 1) {
-                float mean = 0.f, var = 0.f;
-                for (int c = 0; c < D; c++) mean += x[c];
-                mean /= D;
-                for (int c = 0; c < D; c++) { float u = x[c] - mean; var += u * u; }
-                float r = rstd[row] = 1.f / sqrtf(var / D + eps);
-                for (int c = 0; c < D; c++) y[c] = (x[c] - mean) * r;
-            } else if (kind == 2) {
-                float ss = 0.f;
-                for (int c = 0; c < D; c++) ss += x[c] * x[c];
-                float r = rstd[row] = 1.f / sqrtf(ss / D + eps);
-                for (int c = 0; c < D; c++) y[c] = x[c] * r;
-            } else if (kind == 3) {
-                for (int c = 0; c < D; c++) y[c] = tanhf(alpha * x[c]);
+/* ============================================================================ 1. per-sample cores */
+
+/* One sample's T rows. kind: 0 none, 1 layernorm, 2 rmsnorm, 3 dyt. y = norm(x) (not written for kind 0),
+   o = (kind ? y : x) * (1 + sc) + sh; rstd[t] for kinds 1 and 2. */
+static void norm_mod_sample(cfp x, int T, int D, int kind, float eps, float alpha, cfp sh, cfp sc,
+                            fp y, fp o, fp rstd) {
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + t * D;
+        float *yr = y + t * D, *orow = o + t * D;
+        if (kind == 1) {
+            float mean = 0.f, var = 0.f;
+            for (int c = 0; c < D; c++) mean += xr[c];
+            mean /= D;
+            for (int c = 0; c < D; c++) { float u = xr[c] - mean; var += u * u; }
+            float r = rstd[t] = 1.f / sqrtf(var / D + eps);
+            for (int c = 0; c < D; c++) yr[c] = (xr[c] - mean) * r;
+        } else if (kind == 2) {
+            float ss = 0.f;
+            for (int c = 0; c < D; c++) ss += xr[c] * xr[c];
+            float r = rstd[t] = 1.f / sqrtf(ss / D + eps);
+            for (int c = 0; c < D; c++) yr[c] = xr[c] * r;
+        } else if (kind == 3) {
+            for (int c = 0; c < D; c++) yr[c] = tanhf(alpha * xr[c]);
+        }
+        const float *v = kind ? yr : xr;
+        for (int c = 0; c < D; c++) orow[c] = v[c] * (1.f + sc[c]) + sh[c];
+    }
+}
+
+/* Gradient of norm_mod_sample for one sample. nrm: the normalised input (kind 0: the input itself); h: the
+   input (dyt only). Writes dsh/dsc (D each), dx = dres + d(input) (dres may be NULL); returns the dyt
+   alpha gradient of this sample (0 for the other kinds). */
+static double norm_mod_bwd_sample(cfp dm, cfp nrm, cfp h, cfp rstd, int T, int D, int kind, float alpha,
+                                  cfp sc, fp dsh, fp dsc, cfp dres, fp dx) {
+    float dn[D];
+    double da = 0.0;
+    for (int c = 0; c < D; c++) { dsh[c] = 0.f; dsc[c] = 0.f; }
+    for (int t = 0; t < T; t++) {
+        const float *g = dm + t * D, *y = nrm + t * D;
+        float *o = dx + t * D;
+        float s1 = 0.f, s2 = 0.f;
+        for (int c = 0; c < D; c++) {
+            dsh[c] += g[c]; dsc[c] += g[c] * y[c];
+            dn[c] = g[c] * (1.f + sc[c]);
+            s1 += dn[c]; s2 += dn[c] * y[c];
+        }
+        float r = rstd ? rstd[t] : 1.f, m1 = s1 / D, m2 = s2 / D;
+        if (kind == 3) {
+            const float *x = h + t * D;
+            for (int c = 0; c < D; c++) {
+                float q = 1.f - y[c] * y[c];
+                da += dn[c] * x[c] * q;
+                dn[c] *= alpha * q;
             }
-            const float *v = kind ? y : x;
-            for (int c = 0; c < D; c++) o[c] = v[c] * (1.f + sc[c]) + sh[c];
+        } else if (kind == 1) {
+            for (int c = 0; c < D; c++) dn[c] = r * (dn[c] - m1 - y[c] * m2);
+        } else if (kind == 2) {
+            for (int c = 0; c < D; c++) dn[c] = r * (dn[c] - y[c] * m2);
+        }
+        for (int c = 0; c < D; c++) o[c] = dres ? dres[t * D + c] + dn[c] : dn[c];
+    }
+    return da;
+}
+
+/* x += bias in place (skipped when bias is NULL: x already holds it); y = gelu(x); dy = gelu'(x) when dy is
+   not NULL (the same exp serves both) */
+static void gelu_rows(fp x, cfp bias, fp y, fp dy, i64 rows, i64 cols) {
+    for (i64 r = 0; r < rows; r++) {
+        float *xr = x + r * cols, *yr = y + r * cols;
+        #pragma omp simd
+        for (i64 c = 0; c < cols; c++) {
+            /* 0.5 v (1 + tanh z) = v sigmoid(2 z): one exp, which vectorises well */
+            float v = bias ? xr[c] + bias[c] : xr[c];
+            if (bias) xr[c] = v;
+            float s = 1.f / (1.f + expf(GELU_EXP_ARG(v)));
+            yr[c] = v * s;
+            if (dy) dy[r * cols + c] = s + 2.f * v * s * (1.f - s) * GELU_C * (1.f + 3.f * GELU_A * v * v);
         }
     }
 }
 
-/* Gradient of norm_mod_fwd. nrm: the normalised input (kind 0: the input itself); h: the input (dyt only).
-   Writes dshift/dscale (stride ms), dx = dres + d(input); dalpha gets the dyt alpha gradient. */
+/* dx = g * gelu'(x) */
+static void gelu_bwd_rows(cfp g, cfp x, fp dx, i64 rows, i64 cols) {
+    for (i64 r = 0; r < rows; r++) {
+        const float *gr = g + r * cols, *xr = x + r * cols;
+        float *o = dx + r * cols;
+        #pragma omp simd
+        for (i64 c = 0; c < cols; c++) {
+            float v = xr[c], s = 1.f / (1.f + expf(GELU_EXP_ARG(v)));
+            float d = s + 2.f * v * s * (1.f - s) * GELU_C * (1.f + 3.f * GELU_A * v * v);
+            o[c] = gr[c] * d;
+        }
+    }
+}
+
+/* a += bias (in place; skipped when bias is NULL); out = h + gate * a for one sample's T rows */
+static void gate_sample(cfp h, fp a, cfp bias, cfp gate, fp out, int T, int D) {
+    for (int t = 0; t < T; t++)
+        for (int c = 0; c < D; c++) {
+            float v = bias ? a[t * D + c] + bias[c] : a[t * D + c];
+            if (bias) a[t * D + c] = v;
+            out[t * D + c] = h[t * D + c] + gate[c] * v;
+        }
+}
+
+/* Gradient of gate_sample: da = dh * gate, dgate = sum over the tokens of dh * a */
+static void gate_bwd_sample(cfp dh, cfp a, cfp gate, fp da, fp dgate, int T, int D) {
+    for (int c = 0; c < D; c++) dgate[c] = 0.f;
+    for (int t = 0; t < T; t++)
+        for (int c = 0; c < D; c++) {
+            float g = dh[t * D + c];
+            dgate[c] += g * a[t * D + c];
+            da[t * D + c] = g * gate[c];
+        }
+}
+
+/* One sample's qkv (T, 3, H, d) += bias (in place; skipped when NULL) -> probs p (H, T, T) */
+static void attn_probs(fp base, cfp bias, fp p, int T, int H, int hd, float scale) {
+    int D = H * hd, S = H * T * T;
+    if (bias)
+        for (int t = 0; t < T; t++)
+            for (int c = 0; c < 3 * D; c++) base[t * 3 * D + c] += bias[c];
+    for (int h = 0; h < H; h++)
+        for (int i = 0; i < T; i++) {
+            const float *q = base + i * 3 * D + h * hd;
+            for (int j = 0; j < T; j++) {
+                const float *k = base + j * 3 * D + D + h * hd;
+                float s = 0.f;
+                for (int e = 0; e < hd; e++) s += q[e] * k[e];
+                p[(h * T + i) * T + j] = s * scale;
+            }
+        }
+    /* Row maxima first (no infinities: -ffast-math assumes there are none), then one vectorised exp over
+       the sample's H T T scores. */
+    for (int r = 0; r < H * T; r++) {
+        float mx = p[r * T];
+        for (int j = 1; j < T; j++) mx = p[r * T + j] > mx ? p[r * T + j] : mx;
+        for (int j = 0; j < T; j++) p[r * T + j] -= mx;
+    }
+    for (int e = 0; e < S; e++) p[e] = expf(p[e]);
+    for (int r = 0; r < H * T; r++) {
+        float sum = 0.f;
+        for (int j = 0; j < T; j++) sum += p[r * T + j];
+        for (int j = 0; j < T; j++) p[r * T + j] /= sum;
+    }
+}
+
+/* out (T, H, d) = probs applied to the sample's values */
+static void attn_apply(cfp base, cfp p, fp out, int T, int H, int hd) {
+    int D = H * hd;
+    for (int h = 0; h < H; h++)
+        for (int i = 0; i < T; i++) {
+            float *o = out + i * D + h * hd;
+            const float *w = p + (h * T + i) * T;
+            for (int e = 0; e < hd; e++) o[e] = 0.f;
+            for (int j = 0; j < T; j++) {
+                const float *v = base + j * 3 * D + 2 * D + h * hd;
+                for (int e = 0; e < hd; e++) o[e] += w[j] * v[e];
+            }
+        }
+}
+
+/* Gradient of attention for one sample: dbase (T, 3, H, d) */
+static void attn_bwd_sample(cfp dout, cfp base, cfp probs, fp dbase, int T, int H, int hd, float scale) {
+    int D = H * hd;
+    float dp[T];
+    for (int e = 0; e < T * 3 * D; e++) dbase[e] = 0.f;
+    for (int h = 0; h < H; h++) {
+        const float *p = probs + h * T * T;
+        for (int i = 0; i < T; i++) {
+            const float *go = dout + i * D + h * hd, *q = base + i * 3 * D + h * hd;
+            float *dq = dbase + i * 3 * D + h * hd;
+            float s = 0.f;
+            for (int j = 0; j < T; j++) {
+                const float *v = base + j * 3 * D + 2 * D + h * hd;
+                float *dv = dbase + j * 3 * D + 2 * D + h * hd;
+                float w = p[i * T + j], t = 0.f;
+                for (int e = 0; e < hd; e++) { t += go[e] * v[e]; dv[e] += w * go[e]; }
+                dp[j] = t; s += w * t;
+            }
+            for (int j = 0; j < T; j++) {
+                float ds = p[i * T + j] * (dp[j] - s) * scale;
+                const float *k = base + j * 3 * D + D + h * hd;
+                float *dk = dbase + j * 3 * D + D + h * hd;
+                for (int e = 0; e < hd; e++) { dq[e] += ds * k[e]; dk[e] += ds * q[e]; }
+            }
+        }
+    }
+}
+
+/* ============================================================ 2. whole-array kernels (modular path) */
+/* Rows are tokens (M = N T), columns features. Per-sample adaLN vectors are a pointer plus a row stride
+   (ms / gs; 0 broadcasts one row). Column sums are accumulated per thread in double and added in thread
+   order, so results do not depend on scheduling. */
+
+void norm_mod_fwd(cfp h, i64 N, int T, int D, int kind, float eps, float alpha,
+                  cfp shift, cfp scale, i64 ms, fp nrm, fp out, fp rstd) {
+    #pragma omp parallel for schedule(static) num_threads(nth)
+    for (i64 n = 0; n < N; n++)
+        norm_mod_sample(h + n * T * D, T, D, kind, eps, alpha, shift + n * ms, scale + n * ms,
+                        kind ? nrm + n * T * D : 0, out + n * T * D, kind == 1 || kind == 2 ? rstd + n * T : 0);
+}
+
 void norm_mod_bwd(cfp dm, cfp nrm, cfp h, cfp rstd, i64 N, int T, int D,
                   int kind, float alpha, cfp scale, i64 ms, fp dshift, fp dscale,
                   cfp dres, fp dx, fp dalpha) {
@@ -68,77 +251,22 @@ void norm_mod_bwd(cfp dm, cfp nrm, cfp h, cfp rstd, i64 N, int T, int D,
     #pragma omp parallel num_threads(nth)
     {
         double *acc = part + omp_get_thread_num();
-        float dn[D], dsh[D], dsc[D];
         #pragma omp for schedule(static)
         for (i64 n = 0; n < N; n++) {
-            const float *sc = scale + n * ms;
-            for (int c = 0; c < D; c++) { dsh[c] = 0.f; dsc[c] = 0.f; }
-            for (int t = 0; t < T; t++) {
-                i64 row = n * T + t;
-                const float *g = dm + row * D, *y = nrm + row * D;
-                float *o = dx + row * D;
-                float s1 = 0.f, s2 = 0.f;
-                for (int c = 0; c < D; c++) {
-                    dsh[c] += g[c]; dsc[c] += g[c] * y[c];
-                    dn[c] = g[c] * (1.f + sc[c]);
-                    s1 += dn[c]; s2 += dn[c] * y[c];
-                }
-                float r = rstd ? rstd[row] : 1.f, m1 = s1 / D, m2 = s2 / D;
-                if (kind == 3) {
-                    const float *x = h + row * D;
-                    double da = 0.0;
-                    for (int c = 0; c < D; c++) {
-                        float q = 1.f - y[c] * y[c];
-                        da += dn[c] * x[c] * q;
-                        dn[c] *= alpha * q;
-                    }
-                    *acc += da;
-                } else if (kind == 1) {
-                    for (int c = 0; c < D; c++) dn[c] = r * (dn[c] - m1 - y[c] * m2);
-                } else if (kind == 2) {
-                    for (int c = 0; c < D; c++) dn[c] = r * (dn[c] - y[c] * m2);
-                }
-                for (int c = 0; c < D; c++) o[c] = dres ? dres[row * D + c] + dn[c] : dn[c];
-            }
-            for (int c = 0; c < D; c++) { dshift[n * ms + c] = dsh[c]; dscale[n * ms + c] = dsc[c]; }
+            i64 off = n * T * D;
+            *acc += norm_mod_bwd_sample(dm + off, nrm + off, h ? h + off : 0, rstd ? rstd + n * T : 0, T, D,
+                                        kind, alpha, scale + n * ms, dshift + n * ms, dscale + n * ms,
+                                        dres ? dres + off : 0, dx + off);
         }
     }
     if (dalpha) finish(part, 1, dalpha); else free(part);
 }
 
-/* x += bias (in place, x is the bias-free matmul output, kept for the backward); y = gelu(x) */
 void gelu_fwd(fp x, cfp bias, fp y, i64 rows, i64 cols) {
     #pragma omp parallel for schedule(static) num_threads(nth)
-    for (i64 r = 0; r < rows; r++) {
-        float *xr = x + r * cols, *yr = y + r * cols;
-        #pragma omp simd
-        for (i64 c = 0; c < cols; c++) {
-            /* 0.5 v (1 + tanh z) = v sigmoid(2 z): one exp, which vectorises well */
-            float v = xr[c] + bias[c];
-            xr[c] = v;
-            yr[c] = v / (1.f + expf(GELU_EXP_ARG(v)));
-        }
-    }
+    for (i64 r = 0; r < rows; r++) gelu_rows(x + r * cols, bias, y + r * cols, 0, 1, cols);
 }
 
-/* a += bias (in place); out = h + gate * a, gate per sample (row stride gs) */
-void gate_fwd(cfp h, fp a, cfp bias, cfp gate, i64 gs, fp out,
-              i64 N, int T, int D) {
-    #pragma omp parallel for schedule(static) num_threads(nth)
-    for (i64 n = 0; n < N; n++) {
-        const float *gt = gate + n * gs;
-        for (int t = 0; t < T; t++) {
-            i64 row = (n * T + t) * D;
-            for (int c = 0; c < D; c++) {
-                float v = a[row + c] + bias[c];
-                a[row + c] = v;
-                out[row + c] = h[row + c] + gt[c] * v;
-            }
-        }
-    }
-}
-
-/* dx = g * gelu'(x); dbias = column sums of dx */
 void gelu_bwd(cfp g, cfp x, fp dx, fp dbias, i64 rows, i64 cols) {
     double *part = partials(cols);
     #pragma omp parallel num_threads(nth)
@@ -146,130 +274,381 @@ void gelu_bwd(cfp g, cfp x, fp dx, fp dbias, i64 rows, i64 cols) {
         double *acc = part + omp_get_thread_num() * cols;
         #pragma omp for schedule(static)
         for (i64 r = 0; r < rows; r++) {
-            const float *gr = g + r * cols, *xr = x + r * cols;
-            float *o = dx + r * cols;
-            #pragma omp simd
-            for (i64 c = 0; c < cols; c++) {
-                float v = xr[c], s = 1.f / (1.f + expf(GELU_EXP_ARG(v)));
-                float d = s + 2.f * v * s * (1.f - s) * GELU_C * (1.f + 3.f * GELU_A * v * v);
-                o[c] = gr[c] * d;
-            }
-            for (i64 c = 0; c < cols; c++) acc[c] += o[c];
+            gelu_bwd_rows(g + r * cols, x + r * cols, dx + r * cols, 1, cols);
+            colsum_add(dx + r * cols, 1, (int)cols, acc);
         }
     }
     finish(part, cols, dbias);
 }
 
-/* qkv (N, T, 3, H, d) += bias (in place) -> out (N, T, H, d), probs (N, H, T, T) */
+void gate_fwd(cfp h, fp a, cfp bias, cfp gate, i64 gs, fp out, i64 N, int T, int D) {
+    #pragma omp parallel for schedule(static) num_threads(nth)
+    for (i64 n = 0; n < N; n++)
+        gate_sample(h + n * T * D, a + n * T * D, bias, gate + n * gs, out + n * T * D, T, D);
+}
+
 void attn_fwd(fp qkv, cfp bias, fp out, fp probs, i64 N, int T, int H, int hd, float scale) {
     int D = H * hd, S = H * T * T;
     #pragma omp parallel for schedule(static) num_threads(nth)
     for (i64 n = 0; n < N; n++) {
-        float *base = qkv + n * T * 3 * D, *p = probs + n * S;
-        for (int t = 0; t < T; t++)
-            for (int c = 0; c < 3 * D; c++) base[t * 3 * D + c] += bias[c];
-        for (int h = 0; h < H; h++)
-            for (int i = 0; i < T; i++) {
-                const float *q = base + i * 3 * D + h * hd;
-                for (int j = 0; j < T; j++) {
-                    const float *k = base + j * 3 * D + D + h * hd;
-                    float s = 0.f;
-                    for (int e = 0; e < hd; e++) s += q[e] * k[e];
-                    p[(h * T + i) * T + j] = s * scale;
-                }
-            }
-        /* Row maxima first (no infinities: -ffast-math assumes there are none), then one vectorised exp
-           over the sample's H T T scores. */
-        for (int r = 0; r < H * T; r++) {
-            float mx = p[r * T];
-            for (int j = 1; j < T; j++) mx = p[r * T + j] > mx ? p[r * T + j] : mx;
-            for (int j = 0; j < T; j++) p[r * T + j] -= mx;
-        }
-        for (int e = 0; e < S; e++) p[e] = expf(p[e]);
-        for (int r = 0; r < H * T; r++) {
-            float sum = 0.f;
-            for (int j = 0; j < T; j++) sum += p[r * T + j];
-            for (int j = 0; j < T; j++) p[r * T + j] /= sum;
-        }
-        for (int h = 0; h < H; h++)
-            for (int i = 0; i < T; i++) {
-                float *o = out + (n * T + i) * D + h * hd;
-                const float *w = p + (h * T + i) * T;
-                for (int e = 0; e < hd; e++) o[e] = 0.f;
-                for (int j = 0; j < T; j++) {
-                    const float *v = base + j * 3 * D + 2 * D + h * hd;
-                    for (int e = 0; e < hd; e++) o[e] += w[j] * v[e];
-                }
-            }
+        float *base = qkv + n * T * 3 * D;
+        attn_probs(base, bias, probs + n * S, T, H, hd, scale);
+        attn_apply(base, probs + n * S, out + n * T * D, T, H, hd);
     }
 }
 
-/* Gradient of attn_fwd: dqkv (N, T, 3, H, d) and its column sums dbias (3 D) */
-void attn_bwd(cfp dout, cfp qkv, cfp probs, fp dqkv, fp dbias,
-              i64 N, int T, int H, int hd, float scale) {
+void attn_bwd(cfp dout, cfp qkv, cfp probs, fp dqkv, fp dbias, i64 N, int T, int H, int hd, float scale) {
     int D = H * hd;
     double *part = partials(3 * D);
     #pragma omp parallel num_threads(nth)
     {
         double *acc = part + omp_get_thread_num() * 3 * D;
-        float dp[T];
         #pragma omp for schedule(static)
         for (i64 n = 0; n < N; n++) {
-            const float *base = qkv + n * T * 3 * D;
-            float *dbase = dqkv + n * T * 3 * D;
-            for (int e = 0; e < T * 3 * D; e++) dbase[e] = 0.f;
-            for (int h = 0; h < H; h++) {
-                const float *p = probs + (n * H + h) * T * T;
-                for (int i = 0; i < T; i++) {
-                    const float *go = dout + (n * T + i) * D + h * hd, *q = base + i * 3 * D + h * hd;
-                    float *dq = dbase + i * 3 * D + h * hd;
-                    float s = 0.f;
-                    for (int j = 0; j < T; j++) {
-                        const float *v = base + j * 3 * D + 2 * D + h * hd;
-                        float *dv = dbase + j * 3 * D + 2 * D + h * hd;
-                        float w = p[i * T + j], t = 0.f;
-                        for (int e = 0; e < hd; e++) { t += go[e] * v[e]; dv[e] += w * go[e]; }
-                        dp[j] = t; s += w * t;
-                    }
-                    for (int j = 0; j < T; j++) {
-                        float ds = p[i * T + j] * (dp[j] - s) * scale;
-                        const float *k = base + j * 3 * D + D + h * hd;
-                        float *dk = dbase + j * 3 * D + D + h * hd;
-                        for (int e = 0; e < hd; e++) { dq[e] += ds * k[e]; dk[e] += ds * q[e]; }
-                    }
-                }
-            }
-            for (int t = 0; t < T; t++)
-                for (int c = 0; c < 3 * D; c++) acc[c] += dbase[t * 3 * D + c];
+            attn_bwd_sample(dout + n * T * D, qkv + n * T * 3 * D, probs + n * H * T * T, dqkv + n * T * 3 * D,
+                            T, H, hd, scale);
+            colsum_add(dqkv + n * T * 3 * D, T, 3 * D, acc);
         }
     }
     finish(part, 3 * D, dbias);
 }
 
-/* h_out = h + gate * a: da = dh * gate, dgate = sum over tokens of dh * a (stride gs),
-   dbias = column sums of da */
-void gate_bwd(cfp dh, cfp a, cfp gate, i64 gs, fp da, fp dgate,
-              fp dbias, i64 N, int T, int D) {
+void gate_bwd(cfp dh, cfp a, cfp gate, i64 gs, fp da, fp dgate, fp dbias, i64 N, int T, int D) {
     double *part = partials(D);
     #pragma omp parallel num_threads(nth)
     {
         double *acc = part + omp_get_thread_num() * D;
-        float s[D];
         #pragma omp for schedule(static)
         for (i64 n = 0; n < N; n++) {
-            const float *gt = gate + n * gs;
-            for (int c = 0; c < D; c++) s[c] = 0.f;
-            for (int t = 0; t < T; t++) {
-                i64 row = (n * T + t) * D;
-                for (int c = 0; c < D; c++) {
-                    float g = dh[row + c];
-                    s[c] += g * a[row + c];
-                    da[row + c] = g * gt[c];
-                    acc[c] += da[row + c];
-                }
-            }
-            for (int c = 0; c < D; c++) dgate[n * gs + c] = s[c];
+            i64 off = n * T * D;
+            gate_bwd_sample(dh + off, a + off, gate + n * gs, da + off, dgate + n * gs, T, D);
+            colsum_add(da + off, T, D, acc);
         }
     }
     finish(part, D, dbias);
+}
+
+/* ============================================================== 3. the whole network, tile by tile */
+
+/* BLAS sgemm (column-major, Fortran calling convention, 32-bit integers) */
+typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *, const float *,
+                        const float *, const int *, const float *, const int *, const float *, float *,
+                        const int *);
+
+/* Mirrored by fused_dit.NetArgs. Weights in DiTPlan.weights order: patch embedding (D, P) and bias, final
+   linear (O, D) and bias, then per block qkv, proj, fc1, fc2 (each torch's (out, in) weight and bias). The
+   patch: the patch size, grid: patches per side (T = grid^2). The
+   saved activations are NULL for inference; otherwise (depth + 1, M, D) block inputs, (depth, M, 3D) qkv
+   with bias, (depth, M, D) attention projection with bias, (depth, M, F) gelu(fc1) and gelu'(fc1),
+   (depth, M, D) fc2 with bias, (depth, N, H, T, T) attention probabilities. */
+typedef struct {
+    int N, T, D, H, F, P, O, depth, kind, tile, patch, grid;
+    float eps;
+    const float *const *w;
+    const float *alpha;         /* 2 depth + 1 dyt alphas (NULL for the other kinds) */
+    const float *pos;           /* (T, D) */
+    const float *mods;          /* (N or 1, K) adaLN vectors, K = 6 D depth + 2 D */
+    i64 ms;                     /* row stride of mods; 0: one row for every sample */
+    sgemm_t gemm;
+    float *hs, *qkv, *a, *g, *gd, *f2, *probs;
+} Net;
+
+/* Row-major wrappers. mm_nt: C (R, n) = A (R, k) W^T with W (n, k). mm_nn: C (R, k) = G (R, n) W with
+   W (n, k). mm_tn: dW (n, k) += G^T A with G (R, n), A (R, k). */
+static void mm_nt(const Net *net, int R, int k, int n, cfp A, cfp W, fp C) {
+    const float one = 1.f, zero = 0.f;
+    net->gemm("T", "N", &n, &R, &k, &one, W, &k, A, &k, &zero, C, &n);
+}
+static void mm_nn(const Net *net, int R, int n, int k, cfp G, cfp W, fp C) {
+    const float one = 1.f, zero = 0.f;
+    net->gemm("N", "N", &k, &R, &n, &one, W, &k, G, &n, &zero, C, &k);
+}
+static void mm_tn(const Net *net, int R, int k, int n, cfp A, cfp G, fp dW) {
+    const float one = 1.f;
+    net->gemm("N", "T", &k, &n, &R, &one, A, &k, G, &n, &one, dW, &k);
+}
+
+/* Per-thread scratch for one tile of up to `tile` samples (R = tile T rows) */
+typedef struct {
+    float *n1, *m1, *n2, *m2, *o, *h1, *ha, *hb, *g, *r1, *r2;       /* forward, and recomputed in bwd */
+    float *qkv, *a, *f1, *f2, *probs;                                 /* inference: nothing is saved */
+    float *dh, *dh1, *dm, *d1, *d2, *dqkv, *dg, *df;                  /* backward */
+    float *block;
+} Work;
+_Static_assert(offsetof(Work, block) == 24 * sizeof(float *), "work_new fills the 24 pointers in order");
+
+static Work work_new(const Net *net) {
+    i64 R = (i64)net->tile * net->T, D = net->D, F = net->F, pr = (i64)net->tile * net->H * net->T * net->T;
+    i64 sizes[] = {R * D, R * D, R * D, R * D, R * D, R * D, R * D, R * D, R * F, R, R,
+                   3 * R * D, R * D, R * F, R * D, pr,
+                   R * D, R * D, R * D, R * D, R * D, 3 * R * D, R * F, R * F};
+    int count = sizeof sizes / sizeof *sizes;
+    i64 total = 0;
+    for (int i = 0; i < count; i++) total += (sizes[i] + 15) / 16 * 16;  /* 64-byte aligned pieces */
+    Work w;
+    float **slot = &w.n1;
+    w.block = aligned_alloc(64, (size_t)total * sizeof(float));
+    for (i64 i = 0, off = 0; i < count; i++) {
+        slot[i] = w.block ? w.block + off : 0;
+        off += (sizes[i] + 15) / 16 * 16;
+    }
+    return w;
+}
+
+/* The adaLN vectors of sample n: shift1, scale1, gate1, shift2, scale2, gate2 of block i at 6 D i; the
+   final layer's shift, scale at 6 D depth. */
+static const float *mods_of(const Net *net, i64 n) { return net->mods + n * net->ms; }
+
+/* norm + modulation of S samples' rows with the adaLN vectors at column `col` (shift) and col + D (scale) */
+static void norm_mod_tile(const Net *net, i64 n0, int S, int col, float alpha, cfp h, fp y, fp o, fp rstd) {
+    int T = net->T, D = net->D;
+    for (int s = 0; s < S; s++) {
+        const float *m = mods_of(net, n0 + s) + col;
+        norm_mod_sample(h + s * T * D, T, D, net->kind, net->eps, alpha, m, m + D, y + s * T * D, o + s * T * D,
+                        rstd + s * T);
+    }
+}
+
+static float alpha_of(const Net *net, int i) { return net->alpha ? net->alpha[i] : 0.f; }
+
+/* Forward of samples n0 .. n0 + S - 1: xp (R, P) patches -> out (R, O) */
+static void tile_fwd(const Net *net, Work *w, i64 n0, int S, cfp xp, fp out) {
+    int T = net->T, D = net->D, H = net->H, F = net->F, hd = D / H, R = S * T, PT = H * T * T;
+    i64 M = (i64)net->N * T, r0 = n0 * T;
+    float scale = 1.f / sqrtf((float)hd);
+    const float *const *W = net->w;
+    int save = net->hs != 0;
+    float *h = save ? net->hs + r0 * D : w->ha;
+    mm_nt(net, R, net->P, D, xp, W[0], h);
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < D; c++) h[r * D + c] += W[1][c] + net->pos[(r % T) * D + c];
+    for (int i = 0; i < net->depth; i++) {
+        const float *const *Wi = W + 4 + 8 * i;
+        float *qkv = save ? net->qkv + (i * M + r0) * 3 * D : w->qkv;
+        float *pr = save ? net->probs + ((i64)i * net->N + n0) * PT : w->probs;
+        float *a = save ? net->a + (i * M + r0) * D : w->a;
+        float *g = save ? net->g + (i * M + r0) * F : w->g, *gd = save ? net->gd + (i * M + r0) * F : 0;
+        float *f2 = save ? net->f2 + (i * M + r0) * D : w->f2;
+        float *hn = save ? net->hs + ((i + 1) * M + r0) * D : (h == w->ha ? w->hb : w->ha);
+        norm_mod_tile(net, n0, S, 6 * D * i, alpha_of(net, 2 * i), h, w->n1, w->m1, w->r1);
+        mm_nt(net, R, D, 3 * D, w->m1, Wi[0], qkv);
+        for (int s = 0; s < S; s++) {
+            attn_probs(qkv + s * T * 3 * D, Wi[1], pr + s * PT, T, H, hd, scale);
+            attn_apply(qkv + s * T * 3 * D, pr + s * PT, w->o + s * T * D, T, H, hd);
+        }
+        mm_nt(net, R, D, D, w->o, Wi[2], a);
+        for (int s = 0; s < S; s++)
+            gate_sample(h + s * T * D, a + s * T * D, Wi[3], mods_of(net, n0 + s) + 6 * D * i + 2 * D,
+                        w->h1 + s * T * D, T, D);
+        norm_mod_tile(net, n0, S, 6 * D * i + 3 * D, alpha_of(net, 2 * i + 1), w->h1, w->n2, w->m2, w->r2);
+        mm_nt(net, R, D, F, w->m2, Wi[4], w->f1);
+        gelu_rows(w->f1, Wi[5], g, gd, R, F);
+        mm_nt(net, R, F, D, g, Wi[6], f2);
+        for (int s = 0; s < S; s++)
+            gate_sample(w->h1 + s * T * D, f2 + s * T * D, Wi[7], mods_of(net, n0 + s) + 6 * D * i + 5 * D,
+                        hn + s * T * D, T, D);
+        h = hn;
+    }
+    norm_mod_tile(net, n0, S, 6 * D * net->depth, alpha_of(net, 2 * net->depth), h, w->n1, w->m1, w->r1);
+    mm_nt(net, R, D, net->O, w->m1, W[2], out);
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < net->O; c++) out[r * net->O + c] += W[3][c];
+}
+
+static int tiles_of(const Net *net) { return (net->N + net->tile - 1) / net->tile; }
+
+/* Forward of every sample: xp (M, P) -> out (M, O); fills the saved activations when they are given.
+   Returns 0, or -1 when scratch memory could not be allocated. */
+int dit_fwd(const Net *net, cfp xp, fp out) {
+    int failed = 0;
+    #pragma omp parallel num_threads(nth) reduction(|: failed)
+    {
+        Work w = work_new(net);
+        if (!w.block) failed = 1;
+        #pragma omp for schedule(static)
+        for (int b = 0; b < tiles_of(net); b++) {
+            if (!w.block) continue;
+            i64 n0 = (i64)b * net->tile, r0 = n0 * net->T;
+            int S = net->N - n0 < net->tile ? (int)(net->N - n0) : net->tile;
+            tile_fwd(net, &w, n0, S, xp + r0 * net->P, out + r0 * net->O);
+        }
+        free(w.block);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Gradient accumulators of one thread: weight matrices in float (sgemm adds into them), biases and dyt
+   alphas in double. Same order as the weights. */
+typedef struct { float *all; double *bias, *alpha; i64 *off; } Acc;
+
+/* Backward of samples n0 .. n0 + S - 1 from dout (R, O); writes their rows of dmods (N, K) */
+static void tile_bwd(const Net *net, Work *w, Acc *acc, i64 n0, int S, cfp xp, cfp dout, fp dmods) {
+    int T = net->T, D = net->D, H = net->H, F = net->F, hd = D / H, R = S * T, PT = H * T * T;
+    int depth = net->depth, K = 6 * D * depth + 2 * D, O = net->O;
+    i64 M = (i64)net->N * T, r0 = n0 * T;
+    float scale = 1.f / sqrtf((float)hd);
+    const float *const *W = net->w;
+    int norm = net->kind != 0, rs = net->kind == 1 || net->kind == 2;
+#define GRAD(j) (acc->all + acc->off[j])
+#define BIAS(j) (acc->bias + acc->off[j])
+
+    /* final layer: out = modulate(norm(h)) Wl^T + bl */
+    const float *hf = net->hs + (depth * M + r0) * D;
+    norm_mod_tile(net, n0, S, 6 * D * depth, alpha_of(net, 2 * depth), hf, w->n1, w->m1, w->r1);
+    mm_tn(net, R, D, O, w->m1, dout, GRAD(2));
+    colsum_add(dout, R, O, BIAS(3));
+    mm_nn(net, R, O, D, dout, W[2], w->dm);
+    for (int s = 0; s < S; s++) {
+        const float *m = mods_of(net, n0 + s) + 6 * D * depth;
+        float *dmo = dmods + (n0 + s) * K + 6 * D * depth;
+        i64 off = s * T * D;
+        acc->alpha[2 * depth] += norm_mod_bwd_sample(
+            w->dm + off, (norm ? w->n1 : hf) + off, hf + off, rs ? w->r1 + s * T : 0, T, D, net->kind,
+            alpha_of(net, 2 * depth), m + D, dmo, dmo + D, 0, w->dh + off);
+    }
+    for (int i = depth - 1; i >= 0; i--) {
+        const float *const *Wi = W + 4 + 8 * i;
+        int j = 4 + 8 * i;
+        const float *h = net->hs + (i * M + r0) * D, *qkv = net->qkv + (i * M + r0) * 3 * D;
+        const float *pr = net->probs + ((i64)i * net->N + n0) * PT;
+        float *a = net->a + (i * M + r0) * D, *f2 = net->f2 + (i * M + r0) * D;
+        const float *g = net->g + (i * M + r0) * F, *gd = net->gd + (i * M + r0) * F;
+        float a1 = alpha_of(net, 2 * i), a2 = alpha_of(net, 2 * i + 1);
+        /* recompute what the forward did not keep: both norms, the attention output, h1 */
+        norm_mod_tile(net, n0, S, 6 * D * i, a1, h, w->n1, w->m1, w->r1);
+        for (int s = 0; s < S; s++) {
+            attn_apply(qkv + s * T * 3 * D, pr + s * PT, w->o + s * T * D, T, H, hd);
+            gate_sample(h + s * T * D, a + s * T * D, 0, mods_of(net, n0 + s) + 6 * D * i + 2 * D,
+                        w->h1 + s * T * D, T, D);
+        }
+        norm_mod_tile(net, n0, S, 6 * D * i + 3 * D, a2, w->h1, w->n2, w->m2, w->r2);
+        /* MLP branch: h = h1 + gate2 * fc2(gelu(fc1(modulate(norm2(h1))))) */
+        for (int s = 0; s < S; s++)
+            gate_bwd_sample(w->dh + s * T * D, f2 + s * T * D, mods_of(net, n0 + s) + 6 * D * i + 5 * D,
+                            w->d1 + s * T * D, dmods + (n0 + s) * K + 6 * D * i + 5 * D, T, D);
+        colsum_add(w->d1, R, D, BIAS(j + 7));
+        mm_tn(net, R, F, D, g, w->d1, GRAD(j + 6));
+        mm_nn(net, R, D, F, w->d1, Wi[6], w->dg);
+        for (i64 e = 0; e < (i64)R * F; e++) w->df[e] = w->dg[e] * gd[e];
+        colsum_add(w->df, R, F, BIAS(j + 5));
+        mm_tn(net, R, D, F, w->m2, w->df, GRAD(j + 4));
+        mm_nn(net, R, F, D, w->df, Wi[4], w->dm);
+        for (int s = 0; s < S; s++) {
+            const float *m = mods_of(net, n0 + s) + 6 * D * i + 3 * D;
+            float *dmo = dmods + (n0 + s) * K + 6 * D * i + 3 * D;
+            i64 off = s * T * D;
+            acc->alpha[2 * i + 1] += norm_mod_bwd_sample(
+                w->dm + off, (norm ? w->n2 : w->h1) + off, w->h1 + off, rs ? w->r2 + s * T : 0, T, D,
+                net->kind, a2, m + D, dmo, dmo + D, w->dh + off, w->dh1 + off);
+        }
+        /* attention branch: h1 = h + gate1 * proj(attn(qkv(modulate(norm1(h))))) */
+        for (int s = 0; s < S; s++)
+            gate_bwd_sample(w->dh1 + s * T * D, a + s * T * D, mods_of(net, n0 + s) + 6 * D * i + 2 * D,
+                            w->d1 + s * T * D, dmods + (n0 + s) * K + 6 * D * i + 2 * D, T, D);
+        colsum_add(w->d1, R, D, BIAS(j + 3));
+        mm_tn(net, R, D, D, w->o, w->d1, GRAD(j + 2));
+        mm_nn(net, R, D, D, w->d1, Wi[2], w->d2);
+        for (int s = 0; s < S; s++)
+            attn_bwd_sample(w->d2 + s * T * D, qkv + s * T * 3 * D, pr + s * PT, w->dqkv + s * T * 3 * D,
+                            T, H, hd, scale);
+        colsum_add(w->dqkv, R, 3 * D, BIAS(j + 1));
+        mm_tn(net, R, D, 3 * D, w->m1, w->dqkv, GRAD(j));
+        mm_nn(net, R, 3 * D, D, w->dqkv, Wi[0], w->dm);
+        for (int s = 0; s < S; s++) {
+            const float *m = mods_of(net, n0 + s) + 6 * D * i;
+            float *dmo = dmods + (n0 + s) * K + 6 * D * i;
+            i64 off = s * T * D;
+            acc->alpha[2 * i] += norm_mod_bwd_sample(
+                w->dm + off, (norm ? w->n1 : h) + off, h + off, rs ? w->r1 + s * T : 0, T, D, net->kind, a1,
+                m + D, dmo, dmo + D, w->dh1 + off, w->dh + off);
+        }
+    }
+    /* patch embedding */
+    mm_tn(net, R, net->P, D, xp, w->dh, GRAD(0));
+    colsum_add(w->dh, R, D, BIAS(1));
+#undef GRAD
+#undef BIAS
+}
+
+/* Gradients of dit_fwd (which must have run with the saved activations): dmods (N, K) and the gradient of
+   every weight (grads[j] for net->w[j], overwritten) and dyt alpha (dalpha, or NULL). The weight gradients
+   are summed per thread, then over threads in thread order. Returns 0, or -1 when out of memory. */
+int dit_bwd(const Net *net, cfp xp, cfp dout, fp dmods, float *const *grads, fp dalpha) {
+    int nw = 4 + 8 * net->depth, na = 2 * net->depth + 1, failed = 0;
+    i64 off[4 + 8 * net->depth + 1];
+    i64 D = net->D, F = net->F, P = net->P, O = net->O;
+    i64 sizes[4] = {D * P, D, O * D, O};
+    i64 blk[8] = {3 * D * D, 3 * D, D * D, D, F * D, F, D * F, D};
+    off[0] = 0;
+    for (int j = 0; j < nw; j++) off[j + 1] = off[j] + (j < 4 ? sizes[j] : blk[(j - 4) % 8]);
+    i64 total = off[nw];
+    float *all = calloc((size_t)nth * total, sizeof(float));
+    double *bias = calloc((size_t)nth * total, sizeof(double)), *alpha = calloc((size_t)nth * na, sizeof(double));
+    if (!all || !bias || !alpha) { free(all); free(bias); free(alpha); return -1; }
+    #pragma omp parallel num_threads(nth) reduction(|: failed)
+    {
+        int t = omp_get_thread_num();
+        Acc acc = {all + t * total, bias + t * total, alpha + t * na, off};
+        Work w = work_new(net);
+        if (!w.block) failed = 1;
+        #pragma omp for schedule(static)
+        for (int b = 0; b < tiles_of(net); b++) {
+            if (!w.block) continue;
+            i64 n0 = (i64)b * net->tile, r0 = n0 * net->T;
+            int S = net->N - n0 < net->tile ? (int)(net->N - n0) : net->tile;
+            tile_bwd(net, &w, &acc, n0, S, xp + r0 * P, dout + r0 * O, dmods);
+        }
+        free(w.block);
+    }
+    for (int j = 0; j < nw; j++) {
+        int is_bias = j == 1 || j == 3 || (j >= 4 && (j - 4) % 2 == 1);
+        for (i64 e = 0; e < off[j + 1] - off[j]; e++) {
+            double s = 0;
+            for (int t = 0; t < nth; t++) s += is_bias ? bias[t * total + off[j] + e] : all[t * total + off[j] + e];
+            grads[j][e] = (float)s;
+        }
+    }
+    if (dalpha)
+        for (int k = 0; k < na; k++) {
+            double s = 0;
+            for (int t = 0; t < nth; t++) s += alpha[t * na + k];
+            dalpha[k] = (float)s;
+        }
+    free(all); free(bias); free(alpha);
+    return failed ? -1 : 0;
+}
+
+/* ================================================================= ancestral sampling, one C call a step */
+
+/* One step of the diffusion's p_sample for a DiT predicting epsilon and a learned-range variance, without
+   clipping, on images x (N, C, H, W) in place: x <- mean + nonzero * exp(log_variance / 2) * z, with the
+   network run on net->mods. coef: 1/sqrt(ab), sqrt(1/ab - 1), the two posterior mean coefficients,
+   log beta, the clipped posterior log variance, nonzero. xp (M, P) and out (M, O) are scratch. The formulas
+   and their order are toy_sampler's torch fallback's. Returns dit_fwd's status. */
+int dit_sample_step(const Net *net, fp x, cfp z, cfp coef, fp xp, fp out) {
+    int T = net->T, P = net->P, O = net->O, p = net->patch, G = net->grid, C = P / (p * p), W = G * p;
+    i64 N = net->N;
+    for (i64 n = 0; n < N; n++)
+        for (int c = 0; c < C; c++)
+            for (int y = 0; y < W; y++)
+                for (int u = 0; u < W; u++)
+                    xp[(n * T + (y / p) * G + u / p) * P + c * p * p + (y % p) * p + u % p] =
+                        x[((n * C + c) * W + y) * W + u];
+    int rc = dit_fwd(net, xp, out);
+    float recip = coef[0], recipm1 = coef[1], c1 = coef[2], c2 = coef[3], lb = coef[4], lp = coef[5];
+    float nonzero = coef[6];
+    for (i64 n = 0; n < N; n++)
+        for (int c = 0; c < C; c++)
+            for (int y = 0; y < W; y++)
+                for (int u = 0; u < W; u++) {
+                    const float *o = out + (n * T + (y / p) * G + u / p) * O + ((y % p) * p + u % p) * 2 * C;
+                    i64 e = ((n * C + c) * W + y) * W + u;
+                    float eps = o[c], v = o[C + c], xv = x[e];
+                    float pred = recip * xv - recipm1 * eps;
+                    float mean = c1 * pred + c2 * xv;
+                    float frac = (v + 1.f) / 2.f;
+                    float logvar = frac * lb + (1.f - frac) * lp;
+                    x[e] = mean + nonzero * expf(0.5f * logvar) * z[e];
+                }
+    return rc;
 }

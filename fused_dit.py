@@ -125,7 +125,28 @@ def _build():
     lib.attn_fwd.argtypes = [P, P, P, P, L, I, I, I, Fl]
     lib.attn_bwd.argtypes = [P, P, P, P, P, L, I, I, I, Fl]
     lib.gate_bwd.argtypes = [P, P, P, L, P, P, P, L, I, I]
+    lib.dit_fwd.argtypes = [ctypes.POINTER(NetArgs), P, P]
+    lib.dit_bwd.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P]
+    lib.dit_sample_step.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P]
     return lib
+
+
+def blas_sgemm():
+    """Address of the BLAS `sgemm_` inside PyTorch's CPU library (MKL in the x86-64 wheels), or None.
+
+    The tiled path calls it on cache-sized tiles from its own OpenMP threads; MKL runs each call on the
+    calling thread there. Without it (another build of PyTorch) the modular C path is used."""
+    lib_dir = Path(torch.__file__).resolve().parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        try:
+            lib = ctypes.CDLL(str(lib_dir / name))
+        except OSError:
+            continue
+        try:
+            return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
+        except AttributeError:
+            return None
+    return None
 
 
 def _ptr(tensor):
@@ -301,10 +322,126 @@ class TorchKernels:
         return da, da.sum(0)
 
 
+class NetArgs(ctypes.Structure):
+    """The C struct `Net` of fused_dit.c (same fields, same order)."""
+
+    _ints = ("N", "T", "D", "H", "F", "P", "O", "depth", "kind", "tile", "patch", "grid")
+    _fields_ = ([(name, ctypes.c_int) for name in _ints]
+                + [("eps", ctypes.c_float), ("w", ctypes.c_void_p), ("alpha", ctypes.c_void_p),
+                   ("pos", ctypes.c_void_p), ("mods", ctypes.c_void_p), ("ms", ctypes.c_long),
+                   ("gemm", ctypes.c_void_p)]
+                + [(name, ctypes.c_void_p) for name in ("hs", "qkv", "a", "g", "gd", "f2", "probs")])
+
+
+def _pointer_array(tensors):
+    """A C array of the tensors' data pointers (kept alive by the caller)."""
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+class TiledKernels(CKernels):
+    """The whole DiT forward and backward in C, a tile of `tile` samples at a time (fused_dit.c, part 3).
+
+    A tile's activations stay in the core's cache from the first layer to the last; its matmuls are MKL
+    sgemm calls on the tile. Only what the backward cannot cheaply recompute is written out (block inputs,
+    qkv, the two branch outputs, GELU's output and slope, attention probabilities). Inherits the modular
+    kernels."""
+
+    name = "tiled-cpu"
+
+    def __init__(self, lib, sgemm, rows=256):
+        super().__init__(lib)
+        self.sgemm, self.rows = sgemm, rows  # rows (tokens) per tile: ~1 MB of scratch for ToyDiT/1
+
+    def _args(self, plan, N, weights, alphas, pos_embed, mods, bufs, keep):
+        """NetArgs for one call; `keep` collects the objects whose memory the C side reads."""
+        nw = 4 + 8 * plan.depth
+        assert all(w.is_contiguous() and w.dtype == torch.float32 for w in weights[:nw])
+        assert mods.stride(-1) == 1 and pos_embed.is_contiguous()
+        ptrs = _pointer_array(weights[:nw])
+        keep.append(ptrs)
+        # samples per tile; every thread gets one when N is small
+        tile = max(1, min(self.rows // plan.tokens, -(-N // self.threads)))
+        args = NetArgs(N, plan.tokens, plan.hidden, plan.heads, plan.mlp_hidden, plan.patch_dim,
+                       plan.out_dim, plan.depth, plan.kind, tile, plan.patch, plan.grid, plan.eps,
+                       ctypes.addressof(ptrs),
+                       _ptr(alphas), pos_embed.data_ptr(), mods.data_ptr(), _row_stride(mods), self.sgemm)
+        if bufs is not None:
+            for name in ("hs", "qkv", "a", "g", "gd", "f2", "probs"):
+                setattr(args, name, bufs[name].data_ptr())
+        return args
+
+    def dit_forward(self, plan, x, mods, pos_embed, weights, saved=None):
+        """dit_forward in one C call; `saved` gets what dit_backward reads."""
+        self._sync_threads()
+        N, T, D, depth = x.shape[0], plan.tokens, plan.hidden, plan.depth
+        M = N * T
+        xp = _patches(plan, x)
+        alphas = _alphas(plan, weights)
+        bufs = None
+        if saved is not None:
+            new = x.new_empty
+            bufs = {"hs": new(depth + 1, M, D), "qkv": new(depth, M, 3 * D), "a": new(depth, M, D),
+                    "g": new(depth, M, plan.mlp_hidden), "gd": new(depth, M, plan.mlp_hidden),
+                    "f2": new(depth, M, D),
+                    "probs": new(depth, N, plan.heads, T, T)}
+            saved.append((xp, bufs, alphas, pos_embed))
+        keep = []
+        out = x.new_empty(M, plan.out_dim)
+        args = self._args(plan, N, weights, alphas, pos_embed, mods, bufs, keep)
+        if self.lib.dit_fwd(ctypes.byref(args), _ptr(xp), _ptr(out)):
+            raise MemoryError("fused DiT forward: no memory for the per-thread scratch")
+        return _unpatch(plan, out, N)
+
+    def dit_backward(self, plan, grad_out, mods, weights, saved):
+        """dit_backward in one C call."""
+        self._sync_threads()
+        N = grad_out.shape[0]
+        xp, bufs, alphas, pos_embed = saved.pop()
+        nw = 4 + 8 * plan.depth
+        dout = _patches(plan, grad_out, out=True)
+        dmods = mods.new_empty(N, mods.shape[1])  # every column is written
+        grads = [torch.empty_like(w) for w in weights[:nw]]
+        dalpha = None if alphas is None else torch.empty_like(alphas)
+        ptrs = _pointer_array(grads)
+        args = self._args(plan, N, weights, alphas, pos_embed, mods, bufs, [])
+        if self.lib.dit_bwd(ctypes.byref(args), _ptr(xp), _ptr(dout), _ptr(dmods), ctypes.addressof(ptrs),
+                            _ptr(dalpha)):
+            raise MemoryError("fused DiT backward: no memory for the gradient accumulators")
+        if dalpha is not None:
+            grads += [g.view_as(a) for g, a in zip(dalpha, weights[nw:], strict=True)]
+        return dmods, grads
+
+
+    def sampler(self, plan, N, pos_embed, weights):
+        """step(x, z, mods, coef): one ancestral step of toy_sampler, x (N, C, H, W) in place, in one C call.
+
+        The arguments of the network are prepared once; each step only points them at its adaLN row."""
+        self._sync_threads()
+        alphas, keep = _alphas(plan, weights), []
+        weights = [w.detach() for w in weights]
+        args = self._args(plan, N, weights, alphas, pos_embed.detach(), pos_embed.new_empty(1, 1), None, keep)
+        xp = pos_embed.new_empty(N * plan.tokens, plan.patch_dim)
+        out = pos_embed.new_empty(N * plan.tokens, plan.out_dim)
+
+        def step(x, z, mods, coef):
+            assert x.is_contiguous() and z.is_contiguous() and coef.is_contiguous() and mods.shape[0] == 1
+            args.mods = mods.data_ptr()
+            pointers = [_ptr(t) for t in (x, z, coef, xp, out)]
+            if self.lib.dit_sample_step(ctypes.byref(args), *pointers):
+                raise MemoryError("fused DiT sampling: no memory for the per-thread scratch")
+
+        step.keep = (keep, weights, alphas, xp, out, args)
+        return step
+
+
 def default_kernels():
-    """CKernels when the C compiler works here, else TorchKernels."""
+    """TiledKernels when the C compiler works and PyTorch carries a BLAS sgemm, else CKernels when the C
+    compiler works, else TorchKernels."""
     lib = load_c_kernels()
-    return CKernels(lib) if lib is not None else TorchKernels()
+    if lib is None:
+        return TorchKernels()
+    sgemm = blas_sgemm()
+    return TiledKernels(lib, sgemm) if sgemm else CKernels(lib)
 
 
 # ----------------------------------------------------------------------------- the hand-written DiT
@@ -335,6 +472,9 @@ class DiTPlan:
             self.grid = cfg["input_size"] // self.patch
             self.tokens, self.hidden, self.heads = self.grid ** 2, cfg["hidden_size"], cfg["num_heads"]
             self.head_dim, self.out_channels = self.hidden // self.heads, model.out_channels
+            self.mlp_hidden = model.blocks[0].mlp.fc1.out_features
+            self.patch_dim = self.in_channels * self.patch ** 2
+            self.out_dim = self.out_channels * self.patch ** 2
             blocks, final = list(model.blocks), model.final_layer
             norms = [m for b in blocks for m in (b.norm1, b.norm2)] + [final.norm_final]
         except (AttributeError, KeyError, TypeError) as err:
@@ -373,15 +513,37 @@ class DiTPlan:
         return torch.cat([lin.weight for lin in lins]), torch.cat([lin.bias for lin in lins])
 
 
+def _patches(plan, x, out=False):
+    """(N, C, H, W) image -> (N T, C p p) patch rows (out=True: the (N, C_out, H, W) output layout)."""
+    N, p, G = x.shape[0], plan.patch, plan.grid
+    if out:  # the final linear's outputs are ordered (p, p, C_out)
+        return x.reshape(N, plan.out_channels, G, p, G, p).permute(0, 2, 4, 3, 5, 1).reshape(N * G * G, -1)
+    return x.reshape(N, plan.in_channels, G, p, G, p).permute(0, 2, 4, 1, 3, 5).reshape(N * G * G, -1)
+
+
+def _unpatch(plan, out, N):
+    """(N T, p p C_out) final-linear rows -> (N, C_out, H, W)."""
+    p, G = plan.patch, plan.grid
+    out = out.view(N, G, G, p, p, plan.out_channels).permute(0, 5, 1, 3, 2, 4)  # (N, C_out, G, p, G, p)
+    return out.reshape(N, plan.out_channels, G * p, G * p)
+
+
+def _alphas(plan, weights):
+    """The dyt alphas as one contiguous (2 depth + 1,) tensor, or None for the other norms."""
+    rest = weights[4 + 8 * plan.depth:]
+    return torch.cat([a.detach().reshape(1) for a in rest]) if rest else None
+
+
 def dit_forward(plan, kern, x, mods, pos_embed, weights, saved=None):
     """DiT forward from the adaLN vectors mods (N or 1, K): x (N, C, H, W) -> (N, C_out, H, W).
 
     Appends to `saved` (when given) what dit_backward needs."""
+    if hasattr(kern, "dit_forward"):
+        return kern.dit_forward(plan, x, mods, pos_embed, weights, saved)
     N, T, D, H, hd = x.shape[0], plan.tokens, plan.hidden, plan.heads, plan.head_dim
-    p, G = plan.patch, plan.grid
     wx, bx, wl, bl = weights[:4]
     alphas = [float(a) for a in weights[4 + 8 * plan.depth:]] or [0.0] * (2 * plan.depth + 1)
-    xp = x.reshape(N, plan.in_channels, G, p, G, p).permute(0, 2, 4, 1, 3, 5).reshape(N * T, -1)  # (M, C p p)
+    xp = _patches(plan, x)  # (M, C p p)
     h = torch.addmm(bx, xp, wx.view(D, -1).t())  # (M, D)
     h.view(N, T, D).add_(pos_embed)
     if saved is not None:
@@ -408,15 +570,15 @@ def dit_forward(plan, kern, x, mods, pos_embed, weights, saved=None):
     out = torch.addmm(bl, mf, wl.t())  # (M, p p C_out)
     if saved is not None:
         saved.append((h, nf, mf, rf))
-    out = out.view(N, G, G, p, p, plan.out_channels).permute(0, 5, 1, 3, 2, 4)  # (N, C_out, G, p, G, p)
-    return out.reshape(N, plan.out_channels, G * p, G * p)
+    return _unpatch(plan, out, N)
 
 
 def dit_backward(plan, kern, grad_out, mods, weights, saved):
     """Gradients of dit_forward: (d mods (N, K), [d weight for weights])."""
+    if hasattr(kern, "dit_backward"):
+        return kern.dit_backward(plan, grad_out, mods, weights, saved)
     N, T, D, H, hd = grad_out.shape[0], plan.tokens, plan.hidden, plan.heads, plan.head_dim
-    p, G = plan.patch, plan.grid
-    M, kind = N * T, plan.kind
+    kind = plan.kind
     wx, bx, wl, bl = weights[:4]
     alpha_params = weights[4 + 8 * plan.depth:]
     alphas = [float(a) for a in alpha_params] or [0.0] * (2 * plan.depth + 1)
@@ -425,7 +587,7 @@ def dit_backward(plan, kern, grad_out, mods, weights, saved):
     dmods = mods.new_empty(N, mods.shape[1])  # every column is written below
     xp, (hf, nf, mf, rf) = saved[0], saved.pop()
 
-    dout = grad_out.reshape(N, plan.out_channels, G, p, G, p).permute(0, 2, 4, 3, 5, 1).reshape(M, -1)
+    dout = _patches(plan, grad_out, out=True)  # (M, p p C_out)
     grads[2], grads[3] = dout.t() @ mf, dout.sum(0)
     dmf = dout @ wl  # (M, D)
     del mf

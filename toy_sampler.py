@@ -3,7 +3,8 @@
 `sample_toy` returns the same numbers as `diffusion.p_sample_loop` with the same generator, faster: the
 conditioning of a DiT depends only on (t, y), so every adaLN modulation of all timesteps is computed once
 before the loop; the schedule coefficients are gathered once; and each step runs the hand-written DiT
-forward of fused_dit.py on the 100-odd tokens instead of the module tree. Random numbers are drawn exactly
+forward of fused_dit.py on the 100-odd tokens instead of the module tree (with the tiled C kernels, the
+step's update too, in the same C call). Random numbers are drawn exactly
 as the plain loop draws them (x_T, then one draw of the sample's shape per step, the last one unused).
 """
 
@@ -49,6 +50,12 @@ def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cp
 
         steps = tqdm(steps)
     channels = shape[1]
+    if hasattr(kern, "sampler"):  # the network and the update in one C call per step
+        step = kern.sampler(plan, num_samples, model.pos_embed, weights)
+        x = x.clone(memory_format=torch.contiguous_format)  # updated in place; never the caller's noise
+        for i in steps:
+            step(x, _randn(shape, device, generator), mods[i:i + 1], coef[i])
+        return x
     for i in steps:
         out = dit_forward(plan, kern, x, mods[i:i + 1], model.pos_embed, weights)  # (N, 2C, H, W)
         eps, v = out[:, :channels], out[:, channels:]

@@ -146,7 +146,8 @@ def make_train_step(model, ema, diffusion, optimizer, *, ema_decay: float, world
     Does forward, hybrid loss (diffusion.training_losses semantics), backward, gradient all-reduce (mean over
     ranks via torch.distributed when world_size > 1), optimizer.step(), EMA update of `ema` (a deepcopy of
     model, requires_grad False). The returned function's `path` attribute names the implementation chosen:
-    "fused-cpu" / "torch-cpu" (hand-written DiT), "cuda-graph", or "plain".
+    "tiled-cpu" / "fused-cpu" / "torch-cpu" (hand-written DiT, see fused_dit.default_kernels), "cuda-graph",
+    or "plain".
 
     Effects beyond the step itself, each made here and nowhere at import (one line each, with the reason):
     - CPU fast path: glibc mallopt keeps freed memory in the heap, process-wide (fused_dit.keep_freed_memory):

@@ -47,7 +47,9 @@ def test_matches_p_sample_loop_with_the_same_generator(norm):
 def test_matches_with_given_noise_and_respacing():
     model, diffusion = trained_like("ToyDiT/1"), create_diffusion("100")
     noise = torch.randn(5, 2, 2, 2)
+    kept = noise.clone()
     got = sample_toy(model, diffusion, 5, noise=noise, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(noise, kept)  # the caller's noise is not the sampler's working buffer
     want = plain(model, diffusion, 5, noise=noise, generator=torch.Generator().manual_seed(1))
     assert_same_samples(got, want)
 

@@ -16,8 +16,12 @@ from diffusion import create_diffusion
 from models import NORM_KINDS, build_model
 
 KERNELS = [pytest.param(fused_dit.TorchKernels(), id="torch")]
-if fused_dit.load_c_kernels() is not None:
-    KERNELS.insert(0, pytest.param(fused_dit.CKernels(fused_dit.load_c_kernels()), id="c"))
+LIB, SGEMM = fused_dit.load_c_kernels(), fused_dit.blas_sgemm()
+if LIB is not None:
+    KERNELS.insert(0, pytest.param(fused_dit.CKernels(LIB), id="c"))
+if LIB is not None and SGEMM:
+    # 20 rows: tiles of 5 toy samples, so a batch of 48 has 10 tiles, the last one short
+    KERNELS.insert(0, pytest.param(fused_dit.TiledKernels(LIB, SGEMM, rows=20), id="tiled"))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,6 +117,28 @@ def test_kernels_stay_finite_and_exact_far_in_the_tails(kern):
     assert torch.isfinite(probs).all()
 
 
+@pytest.mark.skipif(LIB is None or not SGEMM, reason="needs the C kernels and PyTorch's BLAS sgemm")
+def test_tiled_path_with_two_threads_matches_one_thread():
+    # Two threads split the tiles and sum their weight gradients in thread order; a 2-sample batch leaves
+    # each thread one tile of one sample.
+    diffusion = create_diffusion("")
+    model = perturbed(build_model("ToyDiT/1", norm="layernorm"))
+    kern = fused_dit.TiledKernels(LIB, SGEMM, rows=24)
+    for n in (50, 2):
+        batch = toy_batch(n, seed=n)
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(loss_and_grads(model, fused_dit.fused_model(model, kern=kern), diffusion, batch))
+        torch.set_num_threads(1)
+        (loss1, grads1), (loss2, grads2) = results
+        assert torch.allclose(loss1, loss2, rtol=1e-6, atol=0)
+        assert_grads_close(grads2, grads1, rtol=1e-5)
+        want_loss, want = loss_and_grads(model, model, diffusion, batch)
+        assert torch.allclose(loss2, want_loss, rtol=1e-5, atol=0)
+        assert_grads_close(grads2, want)
+
+
 def test_loading_the_c_kernels_keeps_denormals():
     # A -ffast-math library linked by gcc 12 carries crtfastmath.o, whose constructor turns on
     # flush-to-zero for the process that loads it: every float op of the user's program would change.
@@ -133,7 +159,7 @@ def test_default_step_takes_the_fast_path_for_the_toy():
     settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
     step = train_step.make_train_step(model, copy.deepcopy(model), create_diffusion(""), optimizer,
                                       ema_decay=0.9)
-    expected = "fused-cpu" if fused_dit.load_c_kernels() is not None else "torch-cpu"
+    expected = "torch-cpu" if LIB is None else "tiled-cpu" if SGEMM else "fused-cpu"
     assert step.path == expected
     # The caller's optimizer is left as the caller made it (no switch to fused=True behind its back).
     assert {k: v for k, v in optimizer.param_groups[0].items() if k != "params"} == settings
