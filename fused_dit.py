@@ -131,24 +131,6 @@ def _build():
     return lib
 
 
-def blas_sgemm():
-    """Address of the BLAS `sgemm_` inside PyTorch's CPU library (MKL in the x86-64 wheels), or None.
-
-    The tiled path calls it on cache-sized tiles from its own OpenMP threads; MKL runs each call on the
-    calling thread there. Without it (another build of PyTorch) the modular C path is used."""
-    lib_dir = Path(torch.__file__).resolve().parent / "lib"
-    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
-        try:
-            lib = ctypes.CDLL(str(lib_dir / name))
-        except OSError:
-            continue
-        try:
-            return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
-        except AttributeError:
-            return None
-    return None
-
-
 def _ptr(tensor):
     """Address of a tensor's first element (None for a missing optional argument)."""
     return None if tensor is None else tensor.data_ptr()
@@ -327,10 +309,10 @@ class NetArgs(ctypes.Structure):
 
     _ints = ("N", "T", "D", "H", "F", "P", "O", "depth", "kind", "tile", "patch", "grid")
     _fields_ = ([(name, ctypes.c_int) for name in _ints]
-                + [("eps", ctypes.c_float), ("w", ctypes.c_void_p), ("alpha", ctypes.c_void_p),
-                   ("pos", ctypes.c_void_p), ("mods", ctypes.c_void_p), ("ms", ctypes.c_long),
-                   ("gemm", ctypes.c_void_p)]
-                + [(name, ctypes.c_void_p) for name in ("hs", "qkv", "a", "g", "gd", "f2", "probs")])
+                + [("eps", ctypes.c_float), ("w", ctypes.c_void_p), ("wt", ctypes.c_void_p),
+                   ("alpha", ctypes.c_void_p), ("pos", ctypes.c_void_p), ("mods", ctypes.c_void_p),
+                   ("ms", ctypes.c_long)]
+                + [(name, ctypes.c_void_p) for name in ("hs", "qkv", "a", "f2", "probs")])
 
 
 def _pointer_array(tensors):
@@ -339,34 +321,37 @@ def _pointer_array(tensors):
 
 
 class TiledKernels(CKernels):
-    """The whole DiT forward and backward in C, a tile of `tile` samples at a time (fused_dit.c, part 3).
+    """The whole DiT forward and backward in C, a tile of samples at a time (fused_dit.c, part 3).
 
-    A tile's activations stay in the core's cache from the first layer to the last; its matmuls are MKL
-    sgemm calls on the tile. Only what the backward cannot cheaply recompute is written out (block inputs,
-    qkv, the two branch outputs, GELU's output and slope, attention probabilities). Inherits the modular
-    kernels."""
+    A tile's activations stay in the core's cache from the first layer to the last, and its matmuls run
+    on them there (a register-blocked C micro-kernel). Only block inputs, qkv, the two branch outputs and
+    the attention probabilities are written out; the backward recomputes the rest of a tile in cache (see
+    `Net` in fused_dit.c). Inherits the modular kernels."""
 
     name = "tiled-cpu"
 
-    def __init__(self, lib, sgemm, rows=256):
+    def __init__(self, lib, rows=256):
         super().__init__(lib)
-        self.sgemm, self.rows = sgemm, rows  # rows (tokens) per tile: ~1 MB of scratch for ToyDiT/1
+        self.rows = rows  # rows (tokens) per tile: ~1 MB of scratch per thread for ToyDiT/1
 
     def _args(self, plan, N, weights, alphas, pos_embed, mods, bufs, keep):
         """NetArgs for one call; `keep` collects the objects whose memory the C side reads."""
         nw = 4 + 8 * plan.depth
-        assert all(w.is_contiguous() and w.dtype == torch.float32 for w in weights[:nw])
+        weights = [w.detach() for w in weights[:nw]]
+        assert all(w.is_contiguous() and w.dtype == torch.float32 for w in weights)
         assert mods.stride(-1) == 1 and pos_embed.is_contiguous()
-        ptrs = _pointer_array(weights[:nw])
-        keep.append(ptrs)
+        # every matrix transposed to (in, out), for the forward's x W^T (biases stay as they are)
+        transposed = [w.reshape(w.shape[0], -1).t().contiguous() if w.dim() > 1 else w for w in weights]
+        ptrs, tptrs = _pointer_array(weights), _pointer_array(transposed)
+        keep += [weights, transposed, ptrs, tptrs]
         # samples per tile; every thread gets one when N is small
         tile = max(1, min(self.rows // plan.tokens, -(-N // self.threads)))
         args = NetArgs(N, plan.tokens, plan.hidden, plan.heads, plan.mlp_hidden, plan.patch_dim,
                        plan.out_dim, plan.depth, plan.kind, tile, plan.patch, plan.grid, plan.eps,
-                       ctypes.addressof(ptrs),
-                       _ptr(alphas), pos_embed.data_ptr(), mods.data_ptr(), _row_stride(mods), self.sgemm)
+                       ctypes.addressof(ptrs), ctypes.addressof(tptrs), _ptr(alphas), pos_embed.data_ptr(),
+                       mods.data_ptr(), _row_stride(mods))
         if bufs is not None:
-            for name in ("hs", "qkv", "a", "g", "gd", "f2", "probs"):
+            for name in ("hs", "qkv", "a", "f2", "probs"):
                 setattr(args, name, bufs[name].data_ptr())
         return args
 
@@ -381,11 +366,10 @@ class TiledKernels(CKernels):
         if saved is not None:
             new = x.new_empty
             bufs = {"hs": new(depth + 1, M, D), "qkv": new(depth, M, 3 * D), "a": new(depth, M, D),
-                    "g": new(depth, M, plan.mlp_hidden), "gd": new(depth, M, plan.mlp_hidden),
                     "f2": new(depth, M, D),
                     "probs": new(depth, N, plan.heads, T, T)}
             saved.append((xp, bufs, alphas, pos_embed))
-        keep = []
+        keep = []  # alive until the C call returns
         out = x.new_empty(M, plan.out_dim)
         args = self._args(plan, N, weights, alphas, pos_embed, mods, bufs, keep)
         if self.lib.dit_fwd(ctypes.byref(args), _ptr(xp), _ptr(out)):
@@ -403,7 +387,8 @@ class TiledKernels(CKernels):
         grads = [torch.empty_like(w) for w in weights[:nw]]
         dalpha = None if alphas is None else torch.empty_like(alphas)
         ptrs = _pointer_array(grads)
-        args = self._args(plan, N, weights, alphas, pos_embed, mods, bufs, [])
+        keep = []
+        args = self._args(plan, N, weights, alphas, pos_embed, mods, bufs, keep)
         if self.lib.dit_bwd(ctypes.byref(args), _ptr(xp), _ptr(dout), _ptr(dmods), ctypes.addressof(ptrs),
                             _ptr(dalpha)):
             raise MemoryError("fused DiT backward: no memory for the gradient accumulators")
@@ -418,7 +403,6 @@ class TiledKernels(CKernels):
         The arguments of the network are prepared once; each step only points them at its adaLN row."""
         self._sync_threads()
         alphas, keep = _alphas(plan, weights), []
-        weights = [w.detach() for w in weights]
         args = self._args(plan, N, weights, alphas, pos_embed.detach(), pos_embed.new_empty(1, 1), None, keep)
         xp = pos_embed.new_empty(N * plan.tokens, plan.patch_dim)
         out = pos_embed.new_empty(N * plan.tokens, plan.out_dim)
@@ -430,18 +414,14 @@ class TiledKernels(CKernels):
             if self.lib.dit_sample_step(ctypes.byref(args), *pointers):
                 raise MemoryError("fused DiT sampling: no memory for the per-thread scratch")
 
-        step.keep = (keep, weights, alphas, xp, out, args)
+        step.keep = (keep, alphas, xp, out, args)
         return step
 
 
 def default_kernels():
-    """TiledKernels when the C compiler works and PyTorch carries a BLAS sgemm, else CKernels when the C
-    compiler works, else TorchKernels."""
+    """TiledKernels when the C compiler works here, else TorchKernels."""
     lib = load_c_kernels()
-    if lib is None:
-        return TorchKernels()
-    sgemm = blas_sgemm()
-    return TiledKernels(lib, sgemm) if sgemm else CKernels(lib)
+    return TiledKernels(lib) if lib is not None else TorchKernels()
 
 
 # ----------------------------------------------------------------------------- the hand-written DiT

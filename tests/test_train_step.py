@@ -16,12 +16,11 @@ from diffusion import create_diffusion
 from models import NORM_KINDS, build_model
 
 KERNELS = [pytest.param(fused_dit.TorchKernels(), id="torch")]
-LIB, SGEMM = fused_dit.load_c_kernels(), fused_dit.blas_sgemm()
+LIB = fused_dit.load_c_kernels()
 if LIB is not None:
     KERNELS.insert(0, pytest.param(fused_dit.CKernels(LIB), id="c"))
-if LIB is not None and SGEMM:
     # 20 rows: tiles of 5 toy samples, so a batch of 48 has 10 tiles, the last one short
-    KERNELS.insert(0, pytest.param(fused_dit.TiledKernels(LIB, SGEMM, rows=20), id="tiled"))
+    KERNELS.insert(0, pytest.param(fused_dit.TiledKernels(LIB, rows=20), id="tiled"))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,13 +116,13 @@ def test_kernels_stay_finite_and_exact_far_in_the_tails(kern):
     assert torch.isfinite(probs).all()
 
 
-@pytest.mark.skipif(LIB is None or not SGEMM, reason="needs the C kernels and PyTorch's BLAS sgemm")
+@pytest.mark.skipif(LIB is None, reason="needs the C kernels")
 def test_tiled_path_with_two_threads_matches_one_thread():
     # Two threads split the tiles and sum their weight gradients in thread order; a 2-sample batch leaves
     # each thread one tile of one sample.
     diffusion = create_diffusion("")
     model = perturbed(build_model("ToyDiT/1", norm="layernorm"))
-    kern = fused_dit.TiledKernels(LIB, SGEMM, rows=24)
+    kern = fused_dit.TiledKernels(LIB, rows=24)
     for n in (50, 2):
         batch = toy_batch(n, seed=n)
         results = []
@@ -159,7 +158,7 @@ def test_default_step_takes_the_fast_path_for_the_toy():
     settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
     step = train_step.make_train_step(model, copy.deepcopy(model), create_diffusion(""), optimizer,
                                       ema_decay=0.9)
-    expected = "torch-cpu" if LIB is None else "tiled-cpu" if SGEMM else "fused-cpu"
+    expected = "torch-cpu" if LIB is None else "tiled-cpu"
     assert step.path == expected
     # The caller's optimizer is left as the caller made it (no switch to fused=True behind its back).
     assert {k: v for k, v in optimizer.param_groups[0].items() if k != "params"} == settings
