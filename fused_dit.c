@@ -360,11 +360,12 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
                 for (int v = 0; v < NV; v++) c[i][v] += a * b[v];                                          \
             }                                                                                              \
         }                                                                                                  \
-        for (int i = 0; i < MR; i++)                                                                       \
-            for (int v = 0; v < NV; v++) {                                                                 \
-                v16 *o = (v16 *)(C + i * ldc + 16 * v);                                                    \
-                *o = acc ? *o + c[i][v] : c[i][v];                                                         \
-            }                                                                                              \
+        if (acc)                                                                                           \
+            for (int i = 0; i < MR; i++)                                                                   \
+                for (int v = 0; v < NV; v++) *(v16 *)(C + i * ldc + 16 * v) += c[i][v];                    \
+        else                                                                                               \
+            for (int i = 0; i < MR; i++)                                                                   \
+                for (int v = 0; v < NV; v++) *(v16 *)(C + i * ldc + 16 * v) = c[i][v];                     \
     }
 KERNEL(1, 4) KERNEL(2, 4) KERNEL(3, 4) KERNEL(4, 4) KERNEL(5, 4) KERNEL(6, 4)
 KERNEL(1, 1) KERNEL(2, 1) KERNEL(3, 1) KERNEL(4, 1) KERNEL(5, 1) KERNEL(6, 1)
@@ -408,6 +409,10 @@ typedef struct {
     const float *mods;          /* (N or 1, K) adaLN vectors, K = 6 D depth + 2 D */
     i64 ms;                     /* row stride of mods; 0: one row for every sample */
     float *hs, *qkv, *a, *f2, *probs;
+    /* backward only: silu(c) (N, D) and the stacked adaLN weight (K, D), whose gradient the backward folds
+       in tile by tile (the (N, K) gradient of the modulation is never written out); dsilu: (N, D) output */
+    const float *silu, *wmod;
+    float *dsilu;
 } Net;
 
 /* mm_nt: C (R, n) = A (R, k) W^T, given Wt = W^T (k, n). mm_nn: C (R, k) = G (R, n) W with W (n, k).
@@ -420,16 +425,16 @@ static void mm_tn(int R, int k, int n, cfp A, cfp G, fp dW) { gemm(n, k, R, G, 1
 typedef struct {
     float *n1, *m1, *n2, *m2, *o, *h1, *ha, *hb, *g, *r1, *r2;       /* forward, and recomputed in bwd */
     float *qkv, *a, *f1, *f2, *probs;                                 /* inference: nothing is saved */
-    float *dh, *dh1, *dm, *d1, *d2, *dqkv, *dg, *df, *gd;             /* backward */
+    float *dh, *dh1, *dm, *d1, *d2, *dqkv, *dg, *df, *gd, *dms;       /* backward */
     float *block;
 } Work;
-_Static_assert(offsetof(Work, block) == 25 * sizeof(float *), "work_new fills the 25 pointers in order");
+_Static_assert(offsetof(Work, block) == 26 * sizeof(float *), "work_new fills the 26 pointers in order");
 
 static Work work_new(const Net *net) {
     i64 R = (i64)net->tile * net->T, D = net->D, F = net->F, pr = (i64)net->tile * net->H * net->T * net->T;
     i64 sizes[] = {R * D, R * D, R * D, R * D, R * D, R * D, R * D, R * D, R * F, R, R,
                    3 * R * D, R * D, R * F, R * D, pr,
-                   R * D, R * D, R * D, R * D, R * D, 3 * R * D, R * F, R * F, R * F};
+                   R * D, R * D, R * D, R * D, R * D, 3 * R * D, R * F, R * F, R * F, (i64)net->tile * 6 * D};
     int count = sizeof sizes / sizeof *sizes;
     i64 total = 0;
     for (int i = 0; i < count; i++) total += (sizes[i] + 15) / 16 * 16;  /* 64-byte aligned pieces */
@@ -535,13 +540,25 @@ int dit_fwd(const Net *net, cfp xp, fp out) {
 
 /* Gradient accumulators of one thread: weight matrices in float (gemm adds into them), biases and dyt
    alphas in double. Same order as the weights. */
-typedef struct { float *all; double *bias, *alpha; i64 *off; } Acc;
+typedef struct { float *all; double *bias, *alpha; i64 *off; float *wmod; double *bmod; } Acc;
 
-/* Backward of samples n0 .. n0 + S - 1 from dout (R, O); writes their rows of dmods (N, K) */
+/* The adaLN gradient of one tile's block (or final layer) from its (S, ncols) slice of d mods in w->dms
+   (row stride 6 D), for the mods columns col .. col + ncols - 1: d wmod += dms^T silu, d bmod += column sums,
+   dsilu (=, first; else +=) dms wmod[col ..]. */
+static void fold_mod(const Net *net, Work *w, Acc *acc, i64 n0, int S, int col, int ncols, int first) {
+    int D = net->D;
+    const float *silu = net->silu + n0 * D;
+    gemm(ncols, D, S, w->dms, 1, 6 * D, silu, D, acc->wmod + (i64)col * D, D, 1);
+    for (int s = 0; s < S; s++)
+        for (int c = 0; c < ncols; c++) acc->bmod[col + c] += w->dms[s * 6 * D + c];
+    gemm(S, D, ncols, w->dms, 6 * D, 1, net->wmod + (i64)col * D, D, net->dsilu + n0 * D, D, !first);
+}
+
+/* Backward of samples n0 .. n0 + S - 1 from dout (R, O); writes their rows of dsilu */
 INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *acc, i64 n0, int S, cfp xp,
-                     cfp dout, fp dmods) {
+                     cfp dout) {
     int hd = D / H, R = S * T, PT = H * T * T;
-    int depth = net->depth, K = 6 * D * depth + 2 * D, O = net->O;
+    int depth = net->depth, O = net->O;
     i64 M = (i64)net->N * T, r0 = n0 * T;
     float scale = 1.f / sqrtf((float)hd);
     const float *const *W = net->w;
@@ -557,12 +574,13 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
     mm_nn(R, O, D, dout, W[2], w->dm);
     for (int s = 0; s < S; s++) {
         const float *m = mods_of(net, n0 + s) + 6 * D * depth;
-        float *dmo = dmods + (n0 + s) * K + 6 * D * depth;
+        float *dmo = w->dms + s * 6 * D;
         i64 off = s * T * D;
         acc->alpha[2 * depth] += norm_mod_bwd_sample(
             w->dm + off, (norm ? w->n1 : hf) + off, hf + off, rs ? w->r1 + s * T : 0, T, D, net->kind,
             alpha_of(net, 2 * depth), m + D, dmo, dmo + D, 0, w->dh + off);
     }
+    fold_mod(net, w, acc, n0, S, 6 * D * depth, 2 * D, 1);
     for (int i = depth - 1; i >= 0; i--) {
         const float *const *Wi = W + 4 + 8 * i, *const *WTi = net->wt + 4 + 8 * i;
         int j = 4 + 8 * i;
@@ -583,7 +601,7 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
         /* MLP branch: h = h1 + gate2 * fc2(gelu(fc1(modulate(norm2(h1))))) */
         for (int s = 0; s < S; s++)
             gate_bwd_sample(w->dh + s * T * D, f2 + s * T * D, mods_of(net, n0 + s) + 6 * D * i + 5 * D,
-                            w->d1 + s * T * D, dmods + (n0 + s) * K + 6 * D * i + 5 * D, T, D);
+                            w->d1 + s * T * D, w->dms + s * 6 * D + 5 * D, T, D);
         colsum_add(w->d1, R, D, BIAS(j + 7));
         mm_tn(R, F, D, w->g, w->d1, GRAD(j + 6));
         mm_nn(R, D, F, w->d1, Wi[6], w->dg);
@@ -593,7 +611,7 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
         mm_nn(R, F, D, w->df, Wi[4], w->dm);
         for (int s = 0; s < S; s++) {
             const float *m = mods_of(net, n0 + s) + 6 * D * i + 3 * D;
-            float *dmo = dmods + (n0 + s) * K + 6 * D * i + 3 * D;
+            float *dmo = w->dms + s * 6 * D + 3 * D;
             i64 off = s * T * D;
             acc->alpha[2 * i + 1] += norm_mod_bwd_sample(
                 w->dm + off, (norm ? w->n2 : w->h1) + off, w->h1 + off, rs ? w->r2 + s * T : 0, T, D,
@@ -602,7 +620,7 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
         /* attention branch: h1 = h + gate1 * proj(attn(qkv(modulate(norm1(h))))) */
         for (int s = 0; s < S; s++)
             gate_bwd_sample(w->dh1 + s * T * D, a + s * T * D, mods_of(net, n0 + s) + 6 * D * i + 2 * D,
-                            w->d1 + s * T * D, dmods + (n0 + s) * K + 6 * D * i + 2 * D, T, D);
+                            w->d1 + s * T * D, w->dms + s * 6 * D + 2 * D, T, D);
         colsum_add(w->d1, R, D, BIAS(j + 3));
         mm_tn(R, D, D, w->o, w->d1, GRAD(j + 2));
         mm_nn(R, D, D, w->d1, Wi[2], w->d2);
@@ -614,12 +632,13 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
         mm_nn(R, 3 * D, D, w->dqkv, Wi[0], w->dm);
         for (int s = 0; s < S; s++) {
             const float *m = mods_of(net, n0 + s) + 6 * D * i;
-            float *dmo = dmods + (n0 + s) * K + 6 * D * i;
+            float *dmo = w->dms + s * 6 * D;
             i64 off = s * T * D;
             acc->alpha[2 * i] += norm_mod_bwd_sample(
                 w->dm + off, (norm ? w->n1 : h) + off, h + off, rs ? w->r1 + s * T : 0, T, D, net->kind, a1,
                 m + D, dmo, dmo + D, w->dh1 + off, w->dh + off);
         }
+        fold_mod(net, w, acc, n0, S, 6 * D * i, 6 * D, 0);
     }
     /* patch embedding */
     mm_tn(R, net->P, D, xp, w->dh, GRAD(0));
@@ -629,32 +648,37 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
 }
 
 /* tile_bwd with the toy's shapes as constants, else with the model's (as tile_fwd_any) */
-static void tile_bwd_any(const Net *net, Work *w, Acc *acc, i64 n0, int S, cfp xp, cfp dout, fp dmods) {
+static void tile_bwd_any(const Net *net, Work *w, Acc *acc, i64 n0, int S, cfp xp, cfp dout) {
     if (net->T == 4 && net->D == 64 && net->H == 4 && net->F == 256)
-        tile_bwd(net, 4, 64, 4, 256, w, acc, n0, S, xp, dout, dmods);
+        tile_bwd(net, 4, 64, 4, 256, w, acc, n0, S, xp, dout);
     else
-        tile_bwd(net, net->T, net->D, net->H, net->F, w, acc, n0, S, xp, dout, dmods);
+        tile_bwd(net, net->T, net->D, net->H, net->F, w, acc, n0, S, xp, dout);
 }
 
-/* Gradients of dit_fwd (which must have run with the saved activations): dmods (N, K) and the gradient of
-   every weight (grads[j] for net->w[j], overwritten) and dyt alpha (dalpha, or NULL). The weight gradients
-   are summed per thread, then over threads in thread order. Returns 0, or -1 when out of memory. */
-int dit_bwd(const Net *net, cfp xp, cfp dout, fp dmods, float *const *grads, fp dalpha) {
+/* Gradients of dit_fwd (which must have run with the saved activations) from dout (M, O): net->dsilu
+   (N, D), dwmod (K, D), dbmod (K), the gradient of every weight (grads[j] for net->w[j]) and of the dyt alphas
+   (dalpha, or NULL), all overwritten. Per thread, then summed over threads in thread order. Returns 0, or
+   -1 when out of memory. */
+int dit_bwd(const Net *net, cfp xp, cfp dout, float *const *grads, fp dalpha, fp dwmod, fp dbmod) {
     int nw = 4 + 8 * net->depth, na = 2 * net->depth + 1, failed = 0;
     i64 off[4 + 8 * net->depth + 1];
-    i64 D = net->D, F = net->F, P = net->P, O = net->O;
+    i64 D = net->D, F = net->F, P = net->P, O = net->O, K = 6 * D * net->depth + 2 * D;
     i64 sizes[4] = {D * P, D, O * D, O};
     i64 blk[8] = {3 * D * D, 3 * D, D * D, D, F * D, F, D * F, D};
     off[0] = 0;
     for (int j = 0; j < nw; j++) off[j + 1] = off[j] + (j < 4 ? sizes[j] : blk[(j - 4) % 8]);
     i64 total = off[nw];
-    float *all = calloc((size_t)nth * total, sizeof(float));
+    float *all = calloc((size_t)nth * total, sizeof(float)), *wm = calloc((size_t)nth * K * D, sizeof(float));
     double *bias = calloc((size_t)nth * total, sizeof(double)), *alpha = calloc((size_t)nth * na, sizeof(double));
-    if (!all || !bias || !alpha) { free(all); free(bias); free(alpha); return -1; }
+    double *bm = calloc((size_t)nth * K, sizeof(double));
+    if (!all || !wm || !bias || !alpha || !bm) {
+        free(all); free(wm); free(bias); free(alpha); free(bm);
+        return -1;
+    }
     #pragma omp parallel num_threads(nth) reduction(|: failed)
     {
         int t = omp_get_thread_num();
-        Acc acc = {all + t * total, bias + t * total, alpha + t * na, off};
+        Acc acc = {all + t * total, bias + t * total, alpha + t * na, off, wm + t * K * D, bm + t * K};
         Work w = work_new(net);
         if (!w.block) failed = 1;
         #pragma omp for schedule(static)
@@ -662,7 +686,7 @@ int dit_bwd(const Net *net, cfp xp, cfp dout, fp dmods, float *const *grads, fp 
             if (!w.block) continue;
             i64 n0 = (i64)b * net->tile, r0 = n0 * net->T;
             int S = net->N - n0 < net->tile ? (int)(net->N - n0) : net->tile;
-            tile_bwd_any(net, &w, &acc, n0, S, xp + r0 * P, dout + r0 * O, dmods);
+            tile_bwd_any(net, &w, &acc, n0, S, xp + r0 * P, dout + r0 * O);
         }
         free(w.block);
     }
@@ -674,13 +698,23 @@ int dit_bwd(const Net *net, cfp xp, cfp dout, fp dmods, float *const *grads, fp 
             grads[j][e] = (float)s;
         }
     }
+    for (i64 e = 0; e < K * D; e++) {
+        float s = 0.f;
+        for (int t = 0; t < nth; t++) s += wm[t * K * D + e];
+        dwmod[e] = s;
+    }
+    for (i64 e = 0; e < K; e++) {
+        double s = 0;
+        for (int t = 0; t < nth; t++) s += bm[t * K + e];
+        dbmod[e] = (float)s;
+    }
     if (dalpha)
         for (int k = 0; k < na; k++) {
             double s = 0;
             for (int t = 0; t < nth; t++) s += alpha[t * na + k];
             dalpha[k] = (float)s;
         }
-    free(all); free(bias); free(alpha);
+    free(all); free(wm); free(bias); free(alpha); free(bm);
     return failed ? -1 : 0;
 }
 

@@ -126,7 +126,7 @@ def _build():
     lib.attn_bwd.argtypes = [P, P, P, P, P, L, I, I, I, Fl]
     lib.gate_bwd.argtypes = [P, P, P, L, P, P, P, L, I, I]
     lib.dit_fwd.argtypes = [ctypes.POINTER(NetArgs), P, P]
-    lib.dit_bwd.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P]
+    lib.dit_bwd.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P, P]
     lib.dit_sample_step.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P]
     return lib
 
@@ -312,7 +312,8 @@ class NetArgs(ctypes.Structure):
                 + [("eps", ctypes.c_float), ("w", ctypes.c_void_p), ("wt", ctypes.c_void_p),
                    ("alpha", ctypes.c_void_p), ("pos", ctypes.c_void_p), ("mods", ctypes.c_void_p),
                    ("ms", ctypes.c_long)]
-                + [(name, ctypes.c_void_p) for name in ("hs", "qkv", "a", "f2", "probs")])
+                + [(name, ctypes.c_void_p) for name in ("hs", "qkv", "a", "f2", "probs", "silu", "wmod",
+                                                        "dsilu")])
 
 
 def _pointer_array(tensors):
@@ -376,26 +377,29 @@ class TiledKernels(CKernels):
             raise MemoryError("fused DiT forward: no memory for the per-thread scratch")
         return _unpatch(plan, out, N)
 
-    def dit_backward(self, plan, grad_out, mods, weights, saved):
-        """dit_backward in one C call."""
+    def dit_backward(self, plan, grad_out, mods, silu_c, w_mod, weights, saved):
+        """Gradients of dit_forward and of the modulation mods = silu_c w_mod^T + b_mod that made its adaLN
+        vectors, in one C call: (d silu_c, d w_mod, d b_mod, [d weight for weights]). The (N, K) gradient
+        of mods is folded into these tile by tile and never written out."""
         self._sync_threads()
         N = grad_out.shape[0]
         xp, bufs, alphas, pos_embed = saved.pop()
         nw = 4 + 8 * plan.depth
         dout = _patches(plan, grad_out, out=True)
-        dmods = mods.new_empty(N, mods.shape[1])  # every column is written
         grads = [torch.empty_like(w) for w in weights[:nw]]
         dalpha = None if alphas is None else torch.empty_like(alphas)
+        dsilu, dw_mod, db_mod = torch.empty_like(silu_c), torch.empty_like(w_mod), w_mod.new_empty(len(w_mod))
         ptrs = _pointer_array(grads)
         keep = []
         args = self._args(plan, N, weights, alphas, pos_embed, mods, bufs, keep)
-        if self.lib.dit_bwd(ctypes.byref(args), _ptr(xp), _ptr(dout), _ptr(dmods), ctypes.addressof(ptrs),
-                            _ptr(dalpha)):
+        assert silu_c.is_contiguous() and w_mod.is_contiguous()
+        args.silu, args.wmod, args.dsilu = silu_c.data_ptr(), w_mod.data_ptr(), dsilu.data_ptr()
+        if self.lib.dit_bwd(ctypes.byref(args), _ptr(xp), _ptr(dout), ctypes.addressof(ptrs), _ptr(dalpha),
+                            _ptr(dw_mod), _ptr(db_mod)):
             raise MemoryError("fused DiT backward: no memory for the gradient accumulators")
         if dalpha is not None:
             grads += [g.view_as(a) for g, a in zip(dalpha, weights[nw:], strict=True)]
-        return dmods, grads
-
+        return dsilu, dw_mod, db_mod, grads
 
     def sampler(self, plan, N, pos_embed, weights):
         """step(x, z, mods, coef): one ancestral step of toy_sampler, x (N, C, H, W) in place, in one C call.
@@ -555,8 +559,6 @@ def dit_forward(plan, kern, x, mods, pos_embed, weights, saved=None):
 
 def dit_backward(plan, kern, grad_out, mods, weights, saved):
     """Gradients of dit_forward: (d mods (N, K), [d weight for weights])."""
-    if hasattr(kern, "dit_backward"):
-        return kern.dit_backward(plan, grad_out, mods, weights, saved)
     N, T, D, H, hd = grad_out.shape[0], plan.tokens, plan.hidden, plan.heads, plan.head_dim
     kind = plan.kind
     wx, bx, wl, bl = weights[:4]
@@ -621,10 +623,15 @@ class DiTFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         c, silu_c, mods, w_mod, *weights = ctx.saved_tensors
-        dmods, grads = dit_backward(ctx.plan, ctx.kern, grad_out.contiguous(), mods, weights, ctx.saved)
+        grad_out = grad_out.contiguous()
+        if isinstance(ctx.kern, TiledKernels):
+            dsilu, dw_mod, db_mod, grads = ctx.kern.dit_backward(ctx.plan, grad_out, mods, silu_c, w_mod,
+                                                                 weights, ctx.saved)
+        else:
+            dmods, grads = dit_backward(ctx.plan, ctx.kern, grad_out, mods, weights, ctx.saved)
+            dsilu, dw_mod, db_mod = dmods @ w_mod, dmods.t() @ silu_c, dmods.sum(0)
         ctx.saved = None
-        dc = torch.ops.aten.silu_backward(dmods @ w_mod, c)
-        return (None, None, None, dc, None, dmods.t() @ silu_c, dmods.sum(0), *grads)
+        return (None, None, None, torch.ops.aten.silu_backward(dsilu, c), None, dw_mod, db_mod, *grads)
 
 
 def fused_model(model, plan=None, kern=None):

@@ -66,7 +66,7 @@ from checkpoint import load_model  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from models import NORM_KINDS, TOY_MODELS, build_model  # noqa: E402
 from toy_sampler import sample_toy  # noqa: E402
-from train_step import make_train_step  # noqa: E402
+from train_step import make_optimizer, make_train_step  # noqa: E402
 
 DATA_KINDS = train_toy.DATA_KINDS
 ERROR_KEYS = ("mean", "median", "p99", "max")
@@ -270,7 +270,7 @@ def dyt_check_run(args, setting):
                 model.final_layer.adaLN_modulation[-1]]:
             nn.init.xavier_uniform_(layer.weight)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0)
+    optimizer = make_optimizer(model.parameters(), lr)
     diffusion = create_diffusion("")
     step = make_train_step(model, ema, diffusion, optimizer, ema_decay=args.ema_decay)
     shape = (model.config["in_channels"], model.config["input_size"], model.config["input_size"])

@@ -140,6 +140,13 @@ def _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_siz
     return step
 
 
+def make_optimizer(params, lr: float):
+    """AdamW of the DiT recipe (constant lr, no weight decay) with PyTorch's fused kernel: the same update
+    rule in one pass over every parameter, instead of a loop of foreach ops (ToyDiT/1 on the 2-core CPU:
+    0.6 ms instead of 2.6 ms per step)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0, fused=True)
+
+
 def make_train_step(model, ema, diffusion, optimizer, *, ema_decay: float, world_size: int = 1):
     """Return step(x_start, t, noise, y) -> local mean loss (0-dim detached tensor).
 
@@ -156,7 +163,8 @@ def make_train_step(model, ema, diffusion, optimizer, *, ema_decay: float, world
     - CUDA path: the caller's Adam/AdamW is switched to fused=True, capturable=True (graph capture needs
       capturable; fused is one kernel per step, not measured here), and TF32 is turned off process-wide
       for cuDNN and matmuls (TF32's ~1e-3 error is the size of the effects the study measures).
-    The CPU path leaves the optimizer as the caller made it: fused AdamW saved ~1.1 ms of a ~280 ms step.
+    The CPU path leaves the optimizer as the caller made it; make_optimizer gives the fused AdamW that
+    train_toy.py and study.py use.
     """
     device = next(model.parameters()).device
     if device.type == "cuda":

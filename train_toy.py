@@ -24,7 +24,7 @@ import torch.distributed as dist
 from checkpoint import FORMAT, CheckpointError, load_model, read_checkpoint, save_checkpoint
 from diffusion import create_diffusion
 from models import NORM_KINDS, TOY_MODELS, build_model
-from train_step import make_train_step
+from train_step import make_optimizer, make_train_step
 
 # The study: the DiT recipe (AdamW, constant lr 1e-4, no weight decay, EMA 0.9999) at global batch 2048.
 DEFAULTS = {
@@ -270,12 +270,14 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
     else:
         model = build_model(cfg["model"], norm=cfg["norm"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0)
+    optimizer = make_optimizer(model.parameters(), cfg["lr"])
     if ckpt:
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["opt"])
         for group in optimizer.param_groups:
             group["lr"] = cfg["lr"]  # an explicit --lr on resume wins over the saved one
+            # the fused kernel also for checkpoints saved before it was the default (the same update rule)
+            group["foreach"], group["fused"] = None, True
     diffusion = create_diffusion(timestep_respacing="", diffusion_steps=cfg["diffusion_steps"])
     train_step = make_train_step(model, ema, diffusion, optimizer, ema_decay=cfg["ema_decay"],
                                  world_size=world_size)

@@ -28,7 +28,7 @@ from official_style import make_official_step, official_model_from  # noqa: E402
 
 from diffusion import create_diffusion  # noqa: E402
 from models import build_model  # noqa: E402
-from train_step import make_train_step  # noqa: E402
+from train_step import make_optimizer, make_train_step  # noqa: E402
 
 
 def model_flops(cfg, batch):
@@ -87,9 +87,15 @@ def trained_like(name, norm, seed=0):
 
 
 def build_steps(model, device, make):
-    """A fresh copy of model on device with its EMA, AdamW (DiT recipe) and the step built by `make`."""
+    """A fresh copy of model on device with its EMA, AdamW (DiT recipe) and the step built by `make`.
+
+    The repository's step gets train_toy.py's optimizer (make_optimizer: fused AdamW); the official-style
+    step keeps AdamW's default implementation, as the official training script does."""
     model = copy.deepcopy(model).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    if make is make_official_step:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    else:
+        opt = make_optimizer(model.parameters(), 1e-4)
     return model, make(model, copy.deepcopy(model).requires_grad_(False), create_diffusion(""), opt,
                        ema_decay=0.9999)
 
@@ -172,7 +178,7 @@ def _ddp_rank(rank, world_size, init_file, args, out):
     base_model = trained_like(args.model, "layernorm")
     model = copy.deepcopy(base_model)
     step = make_train_step(model, copy.deepcopy(model).requires_grad_(False), create_diffusion(""),
-                           torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0), ema_decay=0.9999,
+                           make_optimizer(model.parameters(), 1e-4), ema_decay=0.9999,
                            world_size=world_size)
     share = args.batch // world_size
     inputs = [x[rank * share:(rank + 1) * share] for x in toy_inputs(base_model.config, args.batch, "cpu")]
