@@ -2,8 +2,9 @@
 
 `make_train_step` returns the fastest correct step for the model and device:
 - CPU, DiT with few tokens (the toy): the model runs as fused_dit.fused_model, a hand-written forward and
-  backward whose elementwise work is a few fused C loops (see fused_dit.py for why). The loss is still
-  `diffusion.training_losses`, so every diffusion configuration gives the loss of the plain path.
+  backward in C that keeps each tile of samples in cache through the whole network (see fused_dit.py).
+  The loss is still `diffusion.training_losses`, so every diffusion configuration gives the loss of the
+  plain path.
 - CUDA: the plain step captured in a CUDA graph (forward, backward, AdamW with capturable=True, EMA) and
   replayed with the caller's tensors copied into static buffers.
 - Anything else: the plain step (model forward + autograd), also the reference of the tests.

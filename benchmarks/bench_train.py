@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py                       # CPU, ToyDiT/1, batch 2048, fp32
     python benchmarks/bench_train.py --threads 1 --repeats 20
     python benchmarks/bench_train.py --ddp                 # 2 gloo ranks x 1 thread vs 1 rank x 2 threads
+    python benchmarks/bench_train.py --profile             # also: the repo step's time per op
     python benchmarks/bench_train.py --device cuda         # CUDA-graph step: steps/s, 50k-step projection,
                                                            # and a check against the CPU step
 Both steps start from the same weights and see the same inputs; repetitions alternate between them after
@@ -133,6 +134,27 @@ def bench_cpu(args):
         print(f"| {name} | {sec * 1e3:.1f} | {flops / sec / 1e9:.0f} | {1 / sec:.1f} | "
               f"{50_000 * sec / 3600:.2f} h |")
     print(f"speed-up: {official_s / repo_s:.2f}x")
+    if args.profile:
+        profile_repo_step(repo_step, inputs)
+
+
+def profile_repo_step(step, inputs, steps=5):
+    """Where the repository's step spends its time: torch.profiler's per-op table, per step.
+
+    DiTFunction / DiTFunctionBackward are the C forward and backward of the whole network; everything else
+    is PyTorch (timestep embedding, adaLN modulation, loss, AdamW, EMA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(*inputs)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows) / steps / 1e3
+    print(f"profile of {steps} repository steps: {total:.1f} ms of self time per step (profiler included)")
+    print("| op | ms per step | calls per step |")
+    print("|---|---:|---:|")
+    for e in rows[:12]:
+        print(f"| {e.key} | {e.self_cpu_time_total / steps / 1e3:.2f} | {e.count / steps:g} |")
 
 
 def bench_cuda(args):
@@ -232,6 +254,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--ddp", action="store_true", help="time 2 gloo ranks against 1 process (CPU)")
+    parser.add_argument("--profile", action="store_true", help="CPU: also time the repo step per op")
     args = parser.parse_args()
     if args.batch < 2 or args.batch % 2:
         parser.error("--batch must be an even number >= 2")

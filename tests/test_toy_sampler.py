@@ -10,10 +10,10 @@ from toy_sampler import sample_toy
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def trained_like(name, norm="layernorm", seed=0):
+def trained_like(name, norm="layernorm", seed=0, **overrides):
     """A toy model with every weight moved off its adaLN-Zero initialisation (its output is not zero)."""
     torch.manual_seed(seed)
-    model = build_model(name, norm=norm).eval()
+    model = build_model(name, norm=norm, **overrides).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -59,3 +59,14 @@ def test_diffusions_outside_the_fast_path_use_the_plain_loop():
     got = sample_toy(model, diffusion, 4, generator=torch.Generator().manual_seed(2))
     want = plain(model, diffusion, 4, generator=torch.Generator().manual_seed(2))
     assert torch.equal(got, want)
+
+
+def test_matches_for_patches_larger_than_one_pixel():
+    # The C sampling step cuts images into patches and puts them back itself; patch 4 of 4 channels.
+    model = trained_like("DiT-S/4", input_size=8, depth=2, num_classes=1)
+    diffusion = create_diffusion("20")
+    got = sample_toy(model, diffusion, 3, generator=torch.Generator().manual_seed(5))
+    y = torch.zeros(3, dtype=torch.long)
+    want = diffusion.p_sample_loop(model, (3, 4, 8, 8), model_kwargs={"y": y},
+                                   generator=torch.Generator().manual_seed(5))
+    assert_same_samples(got, want)

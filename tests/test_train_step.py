@@ -138,6 +138,30 @@ def test_tiled_path_with_two_threads_matches_one_thread():
         assert_grads_close(grads2, want)
 
 
+@pytest.mark.skipif(LIB is None, reason="needs the C kernels")
+@pytest.mark.parametrize("name, overrides", [
+    ("ToyDiT-XS/1", {}),  # hidden 32: the micro-kernel's 16-column path
+    ("ToyDiT/1", {"hidden_size": 40, "num_heads": 2}),  # 40 columns: the scalar remainder path
+    ("DiT-S/4", {"input_size": 8, "depth": 2, "num_classes": 3}),  # patch 4, 4 channels, hidden 384
+])
+def test_tiled_path_shapes_other_than_the_toys(name, overrides):
+    # The toy's own shapes run as compile-time constants; every other model takes the general code.
+    diffusion = create_diffusion("")
+    model = perturbed(build_model(name, **overrides))
+    kern = fused_dit.TiledKernels(LIB, rows=12)
+    _, t, _, y = toy_batch(7, seed=5)
+    cfg = model.config
+    g = torch.Generator().manual_seed(6)
+    shape = (7, cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+    batch = (torch.randn(shape, generator=g), t, torch.randn(shape, generator=g), y % cfg["num_classes"])
+    torch.manual_seed(0)  # the same label dropout (drawn from the global generator) in both runs
+    want_loss, want = loss_and_grads(model, model, diffusion, batch)
+    torch.manual_seed(0)
+    got_loss, got = loss_and_grads(model, fused_dit.fused_model(model, kern=kern), diffusion, batch)
+    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=0)
+    assert_grads_close(got, want)
+
+
 def test_loading_the_c_kernels_keeps_denormals():
     # A -ffast-math library linked by gcc 12 carries crtfastmath.o, whose constructor turns on
     # flush-to-zero for the process that loads it: every float op of the user's program would change.
