@@ -375,10 +375,11 @@ class TiledKernels(CKernels):
             bufs = {"hs": new(depth + 1, M, D), "qkv": new(depth, M, 3 * D), "a": new(depth, M, D),
                     "f2": new(depth, M, D),
                     "probs": new(depth, N, plan.heads, T, T)}
-            saved.append((xp, bufs, alphas, pos_embed))
-        keep = []  # alive until the C call returns
+        keep = [bufs, alphas]  # alive while the C side may read them
         out = x.new_empty(M, plan.out_dim)
         args = self._args(plan, N, weights, alphas, pos_embed, mods, bufs, keep)
+        if saved is not None:  # the backward reuses the arguments (and transposed weights) of this call
+            saved.append((xp, args, keep))
         if self.lib.dit_fwd(ctypes.byref(args), _ptr(xp), _ptr(out)):
             raise MemoryError("fused DiT forward: no memory for the per-thread scratch")
         return _unpatch(plan, out, N)
@@ -388,17 +389,15 @@ class TiledKernels(CKernels):
         vectors, in one C call: (d silu_c, d w_mod, d b_mod, [d weight for weights]). The (N, K) gradient
         of mods is folded into these tile by tile and never written out."""
         self._sync_threads()
-        N = grad_out.shape[0]
-        xp, bufs, alphas, pos_embed = saved.pop()
+        xp, args, keep = saved.pop()
+        alphas = keep[1]
         nw = 4 + 8 * plan.depth
         dout = _patches(plan, grad_out, out=True)
         grads = [torch.empty_like(w) for w in weights[:nw]]
         dalpha = None if alphas is None else torch.empty_like(alphas)
         dsilu, dw_mod, db_mod = torch.empty_like(silu_c), torch.empty_like(w_mod), w_mod.new_empty(len(w_mod))
         ptrs = _pointer_array(grads)
-        keep = []
-        args = self._args(plan, N, weights, alphas, pos_embed, mods, bufs, keep)
-        assert silu_c.is_contiguous() and w_mod.is_contiguous()
+        assert silu_c.is_contiguous() and w_mod.is_contiguous() and args.mods == mods.data_ptr()
         args.silu, args.wmod, args.dsilu = silu_c.data_ptr(), w_mod.data_ptr(), dsilu.data_ptr()
         if self.lib.dit_bwd(ctypes.byref(args), _ptr(xp), _ptr(dout), ctypes.addressof(ptrs), _ptr(dalpha),
                             _ptr(dw_mod), _ptr(db_mod)):
