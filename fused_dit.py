@@ -9,7 +9,7 @@ system C compiler, cached, loaded with ctypes), a tile of 64 samples at a time: 
 layer while its activations stay in the core's cache, and its matmuls run there too, in a register-blocked
 micro-kernel. The backward recomputes the cheap parts of a tile instead of reading them back from memory,
 and folds the adaLN weight gradient in tile by tile. Measured on the 2-core CI machine (ToyDiT/1, batch
-2048): 2.4x the official-style step (benchmarks/README.md).
+2048): 2.5x the official-style step (benchmarks/README.md).
 
 What it provides:
 - `fused_model(model)`: a callable with the model's signature, model(x_t, t, y), that runs the whole DiT as
