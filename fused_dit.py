@@ -339,7 +339,7 @@ class TiledKernels(CKernels):
 
     def __init__(self, lib, rows=256):
         super().__init__(lib)
-        self.rows = rows  # rows (tokens) per tile: ~1 MB of scratch per thread for ToyDiT/1
+        self.rows = rows  # rows (tokens) per tile: ~2.8 MB of scratch per thread for ToyDiT/1
 
     def _args(self, plan, N, weights, alphas, pos_embed, mods, bufs, keep):
         """NetArgs for one call; `keep` collects the objects whose memory the C side reads."""
