@@ -367,7 +367,7 @@ class TiledKernels(CKernels):
         self._sync_threads()
         N, T, D, depth = x.shape[0], plan.tokens, plan.hidden, plan.depth
         M = N * T
-        xp = _patches(plan, x)
+        xp = _patches(plan, x).contiguous()  # (a one-sample batch can make it a strided view)
         alphas = _alphas(plan, weights)
         bufs = None
         if saved is not None:
@@ -392,7 +392,7 @@ class TiledKernels(CKernels):
         xp, args, keep = saved.pop()
         alphas = keep[1]
         nw = 4 + 8 * plan.depth
-        dout = _patches(plan, grad_out, out=True)
+        dout = _patches(plan, grad_out, out=True).contiguous()
         grads = [torch.empty_like(w) for w in weights[:nw]]
         dalpha = None if alphas is None else torch.empty_like(alphas)
         dsilu, dw_mod, db_mod = torch.empty_like(silu_c), torch.empty_like(w_mod), w_mod.new_empty(len(w_mod))

@@ -119,11 +119,11 @@ def test_kernels_stay_finite_and_exact_far_in_the_tails(kern):
 @pytest.mark.skipif(LIB is None, reason="needs the C kernels")
 def test_tiled_path_with_two_threads_matches_one_thread():
     # Two threads split the tiles and sum their weight gradients in thread order; a 2-sample batch leaves
-    # each thread one tile of one sample.
+    # each thread one tile of one sample, a 1-sample batch one thread idle (and its patches a strided view).
     diffusion = create_diffusion("")
     model = perturbed(build_model("ToyDiT/1", norm="layernorm"))
     kern = fused_dit.TiledKernels(LIB, rows=24)
-    for n in (50, 2):
+    for n in (50, 2, 1):
         batch = toy_batch(n, seed=n)
         results = []
         for threads in (1, 2):
