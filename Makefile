@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: reproduce test study bench clean-venv
+.PHONY: reproduce test study bench gpu-check clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_sample.py
+
+# On a CUDA machine: the CUDA-graph step against the CPU step (test), then its speed and a 50k-step projection
+gpu-check: $(VENV)/.installed
+	$(PY) -m pytest -q tests/test_train_step.py -k cuda
+	$(PY) benchmarks/bench_train.py --device cuda
 
 clean-venv:
 	rm -rf $(VENV)
