@@ -736,6 +736,7 @@ int dit_sample_step(const Net *net, fp x, cfp z, cfp coef, fp xp, fp out) {
                     xp[(n * T + (y / p) * G + u / p) * P + c * p * p + (y % p) * p + u % p] =
                         x[((n * C + c) * W + y) * W + u];
     int rc = dit_fwd(net, xp, out);
+    if (rc) return rc;  /* x is left as it was */
     float recip = coef[0], recipm1 = coef[1], c1 = coef[2], c2 = coef[3], lb = coef[4], lp = coef[5];
     float nonzero = coef[6];
     for (i64 n = 0; n < N; n++)
@@ -751,5 +752,5 @@ int dit_sample_step(const Net *net, fp x, cfp z, cfp coef, fp xp, fp out) {
                     float logvar = frac * lb + (1.f - frac) * lp;
                     x[e] = mean + nonzero * expf(0.5f * logvar) * z[e];
                 }
-    return rc;
+    return 0;
 }
