@@ -518,6 +518,11 @@ static void tile_fwd_any(const Net *net, Work *w, i64 n0, int S, cfp xp, fp out)
 }
 
 static int tiles_of(const Net *net) { return (net->N + net->tile - 1) / net->tile; }
+/* samples in tile b (the last tile may be short) */
+static int tile_samples(const Net *net, int b) {
+    i64 left = net->N - (i64)b * net->tile;
+    return left < net->tile ? (int)left : net->tile;
+}
 
 /* Forward of every sample: xp (M, P) -> out (M, O); fills the saved activations when they are given.
    Returns 0, or -1 when scratch memory could not be allocated. */
@@ -531,8 +536,7 @@ int dit_fwd(const Net *net, cfp xp, fp out) {
         for (int b = 0; b < tiles_of(net); b++) {
             if (!w.block) continue;
             i64 n0 = (i64)b * net->tile, r0 = n0 * net->T;
-            int S = net->N - n0 < net->tile ? (int)(net->N - n0) : net->tile;
-            tile_fwd_any(net, &w, n0, S, xp + r0 * net->P, out + r0 * net->O);
+            tile_fwd_any(net, &w, n0, tile_samples(net, b), xp + r0 * net->P, out + r0 * net->O);
         }
         free(w.block);
     }
@@ -670,8 +674,7 @@ int dit_bwd(const Net *net, cfp xp, cfp dout, float *const *grads, fp dalpha, fp
     for (int j = 0; j < nw; j++) off[j + 1] = off[j] + (j < 4 ? sizes[j] : blk[(j - 4) % 8]);
     i64 total = off[nw];
     float *all = calloc((size_t)nth * total, sizeof(float)), *wm = calloc((size_t)nth * K * D, sizeof(float));
-    double *bias = calloc((size_t)nth * total, sizeof(double)), *alpha = calloc((size_t)nth * na, sizeof(double));
-    double *bm = calloc((size_t)nth * K, sizeof(double));
+    double *bias = calloc((size_t)nth * total, sizeof(double)), *alpha = partials(na), *bm = partials(K);
     if (!all || !wm || !bias || !alpha || !bm) {
         free(all); free(wm); free(bias); free(alpha); free(bm);
         return -1;
@@ -686,8 +689,7 @@ int dit_bwd(const Net *net, cfp xp, cfp dout, float *const *grads, fp dalpha, fp
         for (int b = 0; b < tiles_of(net); b++) {
             if (!w.block) continue;
             i64 n0 = (i64)b * net->tile, r0 = n0 * net->T;
-            int S = net->N - n0 < net->tile ? (int)(net->N - n0) : net->tile;
-            tile_bwd_any(net, &w, &acc, n0, S, xp + r0 * P, dout + r0 * O);
+            tile_bwd_any(net, &w, &acc, n0, tile_samples(net, b), xp + r0 * P, dout + r0 * O);
         }
         free(w.block);
     }
@@ -704,18 +706,9 @@ int dit_bwd(const Net *net, cfp xp, cfp dout, float *const *grads, fp dalpha, fp
         for (int t = 0; t < nth; t++) s += wm[t * K * D + e];
         dwmod[e] = s;
     }
-    for (i64 e = 0; e < K; e++) {
-        double s = 0;
-        for (int t = 0; t < nth; t++) s += bm[t * K + e];
-        dbmod[e] = (float)s;
-    }
-    if (dalpha)
-        for (int k = 0; k < na; k++) {
-            double s = 0;
-            for (int t = 0; t < nth; t++) s += alpha[t * na + k];
-            dalpha[k] = (float)s;
-        }
-    free(all); free(wm); free(bias); free(alpha); free(bm);
+    finish(bm, K, dbmod);
+    if (dalpha) finish(alpha, na, dalpha); else free(alpha);
+    free(all); free(wm); free(bias);
     return failed ? -1 : 0;
 }
 
