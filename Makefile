@@ -26,8 +26,7 @@ bench: $(VENV)/.installed
 
 # On a CUDA machine: the CUDA-graph step against the CPU step (test), then its speed and a 50k-step projection
 gpu-check: $(VENV)/.installed
-	$(PY) -m pytest -q tests/test_train_step.py -k cuda
-	$(PY) benchmarks/bench_train.py --device cuda
+	bash benchmarks/gpu_check.sh $(PY)
 
 clean-venv:
 	rm -rf $(VENV)

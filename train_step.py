@@ -5,8 +5,9 @@
   backward in C that keeps each tile of samples in cache through the whole network (see fused_dit.py).
   The loss is still `diffusion.training_losses`, so every diffusion configuration gives the loss of the
   plain path.
-- CUDA: the plain step captured in a CUDA graph (forward, backward, AdamW with capturable=True, EMA) and
-  replayed with the caller's tensors copied into static buffers.
+- CUDA: the whole step (forward, backward, AdamW with capturable=True, EMA) captured in CUDA graphs and
+  replayed with the caller's tensors copied into static buffers; by default the forward and loss are first
+  torch.compile'd into one graph, so that the CUDA graph replays a few fused kernels instead of hundreds.
 - Anything else: the plain step (model forward + autograd), also the reference of the tests.
 
 Importing this module changes nothing global; make_train_step's docstring lists what calling it changes.
@@ -43,8 +44,16 @@ def _use_fused_adam(optimizer, capturable=False):
             group["capturable"] = group.get("capturable", False) or capturable
 
 
-def _make_step(model_fn, model, ema, diffusion, optimizer, ema_decay, world_size):
-    """The step around a model callable: loss, backward, all-reduce, optimizer, EMA."""
+def _loss_fn(diffusion, model_fn):
+    """loss(x_start, t, noise, y) -> the batch mean of diffusion.training_losses with model_fn."""
+    def loss(x_start, t, noise, y):
+        losses = diffusion.training_losses(model_fn, x_start, t, model_kwargs={"y": y}, noise=noise)
+        return losses["loss"].mean()
+    return loss
+
+
+def _make_step(loss_fn, model, ema, optimizer, ema_decay, world_size):
+    """The step around a loss callable: loss, backward, all-reduce, optimizer, EMA."""
     params = [p for p in model.parameters() if p.requires_grad]
     model_params, ema_params = list(model.parameters()), list(ema.parameters())
     if len(model_params) != len(ema_params):
@@ -52,8 +61,7 @@ def _make_step(model_fn, model, ema, diffusion, optimizer, ema_decay, world_size
 
     def step(x_start, t, noise, y):
         optimizer.zero_grad(set_to_none=True)
-        losses = diffusion.training_losses(model_fn, x_start, t, model_kwargs={"y": y}, noise=noise)
-        loss = losses["loss"].mean()
+        loss = loss_fn(x_start, t, noise, y)
         loss.backward()
         if world_size > 1:
             for p in params:
@@ -67,12 +75,14 @@ def _make_step(model_fn, model, ema, diffusion, optimizer, ema_decay, world_size
     return step
 
 
-def _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_size):
-    """The plain step captured in CUDA graphs after 3 eager warm-up steps; replayed for every later step.
+def _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_size, compile_loss):
+    """The step captured in CUDA graphs after 3 eager warm-up steps; replayed for every later step.
 
-    The caller's x_start/t/noise/y are copied into static buffers before each replay. With world_size > 1
-    the gradient all-reduce runs between two graphs (forward+backward, then optimizer+EMA), so that no
-    collective is captured. A batch of another shape runs the eager step.
+    With compile_loss, the forward and hybrid loss (and through AOTAutograd their backward) are one
+    torch.compile graph, whose fused kernels the CUDA graph then replays: far fewer, larger kernels than the
+    plain model's. The caller's x_start/t/noise/y are copied into static buffers before each replay. With
+    world_size > 1 the gradient all-reduce runs between two graphs (forward+backward, then optimizer+EMA), so
+    that no collective is captured. A batch of another shape runs the eager step.
     """
     _use_fused_adam(optimizer, capturable=True)
     # cuDNN convolutions (the patch embedding) default to TF32 on Ampere+: ~1e-3 relative error, the size
@@ -83,14 +93,18 @@ def _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_siz
         state = optimizer.state.get(p, {})
         if torch.is_tensor(state.get("step")) and state["step"].device != p.device:
             state["step"] = state["step"].to(p.device)
-    eager = _make_step(model, model, ema, diffusion, optimizer, ema_decay, world_size)
+    loss_fn = _loss_fn(diffusion, model)
+    if compile_loss:
+        # one graph or an error (a graph break would hide a host sync); fixed shapes: one batch size
+        loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False)
+    eager = _make_step(loss_fn, model, ema, optimizer, ema_decay, world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     model_params, ema_params = list(model.parameters()), list(ema.parameters())
     captured = {}  # shape key -> (graphs, static inputs, static loss, flat gradient buffer)
     warmup = {"steps": 0}
 
     def forward_backward(x_start, t, noise, y):
-        loss = diffusion.training_losses(model, x_start, t, model_kwargs={"y": y}, noise=noise)["loss"].mean()
+        loss = loss_fn(x_start, t, noise, y)
         loss.backward()
         return loss.detach()
 
@@ -148,14 +162,15 @@ def make_optimizer(params, lr: float):
     return torch.optim.AdamW(params, lr=lr, weight_decay=0, fused=True)
 
 
-def make_train_step(model, ema, diffusion, optimizer, *, ema_decay: float, world_size: int = 1):
+def make_train_step(model, ema, diffusion, optimizer, *, ema_decay: float, world_size: int = 1,
+                    compile_cuda: bool = True):
     """Return step(x_start, t, noise, y) -> local mean loss (0-dim detached tensor).
 
     Does forward, hybrid loss (diffusion.training_losses semantics), backward, gradient all-reduce (mean over
     ranks via torch.distributed when world_size > 1), optimizer.step(), EMA update of `ema` (a deepcopy of
     model, requires_grad False). The returned function's `path` attribute names the implementation chosen:
-    "tiled-cpu" / "fused-cpu" / "torch-cpu" (hand-written DiT, see fused_dit.default_kernels), "cuda-graph",
-    or "plain".
+    "tiled-cpu" / "fused-cpu" / "torch-cpu" (hand-written DiT, see fused_dit.default_kernels),
+    "cuda-graph-compiled" (compile_cuda, the default), "cuda-graph" or "plain".
 
     Effects beyond the step itself, each made here and nowhere at import (one line each, with the reason):
     - CPU fast path: glibc mallopt keeps freed memory in the heap, process-wide (fused_dit.keep_freed_memory):
@@ -169,24 +184,24 @@ def make_train_step(model, ema, diffusion, optimizer, *, ema_decay: float, world
     """
     device = next(model.parameters()).device
     if device.type == "cuda":
-        step = _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_size)
-        step.path = "cuda-graph"
+        step = _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_size, compile_cuda)
+        step.path = "cuda-graph-compiled" if compile_cuda else "cuda-graph"
         return step
     plan = DiTPlan(model)
     if plan.reason is None:
         kern = default_kernels()
         keep_freed_memory()
         model_fn = fused_model(model, plan, kern)
-        step = _make_step(model_fn, model, ema, diffusion, optimizer, ema_decay, world_size)
+        step = _make_step(_loss_fn(diffusion, model_fn), model, ema, optimizer, ema_decay, world_size)
         step.path = kern.name
         return step
-    step = _make_step(model, model, ema, diffusion, optimizer, ema_decay, world_size)
+    step = _make_step(_loss_fn(diffusion, model), model, ema, optimizer, ema_decay, world_size)
     step.path = "plain"
     return step
 
 
 def make_plain_step(model, ema, diffusion, optimizer, *, ema_decay: float, world_size: int = 1):
     """make_train_step's contract with the model's own forward and autograd (the reference path)."""
-    step = _make_step(model, model, ema, diffusion, optimizer, ema_decay, world_size)
+    step = _make_step(_loss_fn(diffusion, model), model, ema, optimizer, ema_decay, world_size)
     step.path = "plain"
     return step

@@ -88,6 +88,9 @@ def parse_args(argv=None):
                         "run continues in the checkpoint's run folder, appending to log.txt")
     parser.add_argument("--device",
                         help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="CUDA only: capture the plain model's step in the CUDA graph instead of the "
+                        "torch.compile'd forward and loss (no compile time; more, smaller kernels)")
     # Tests only: poison one step's noise with NaN, as a diverging step would, to exercise the NaN stop.
     parser.add_argument("--debug-nan-at-step", type=int, help=argparse.SUPPRESS)
     return parser, parser.parse_args(argv)
@@ -280,7 +283,7 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
             group["foreach"], group["fused"] = None, True
     diffusion = create_diffusion(timestep_respacing="", diffusion_steps=cfg["diffusion_steps"])
     train_step = make_train_step(model, ema, diffusion, optimizer, ema_decay=cfg["ema_decay"],
-                                 world_size=world_size)
+                                 world_size=world_size, compile_cuda=not args.no_compile)
     model_config = {"model": cfg["model"], **model.config}
 
     log(f"run folder {run_dir}" + (f", resumed from {ckpt_path} at step {start_step}" if ckpt else ""))

@@ -4,14 +4,16 @@
     python benchmarks/bench_train.py --threads 1 --repeats 20
     python benchmarks/bench_train.py --ddp                 # 2 gloo ranks x 1 thread vs 1 rank x 2 threads
     python benchmarks/bench_train.py --profile             # also: the repo step's time per op
-    python benchmarks/bench_train.py --device cuda         # CUDA-graph step: steps/s, 50k-step projection,
-                                                           # and a check against the CPU step
+    python benchmarks/bench_train.py --device cuda         # CUDA: official-style eager vs both CUDA-graph
+                                                           # steps: steps/s, 50k-step projection, and a
+                                                           # check of each against the CPU step
 Both steps start from the same weights and see the same inputs; repetitions alternate between them after
 a warm-up, and the medians are compared. FLOPs are counted analytically (see `model_flops`).
 """
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import sys
@@ -157,39 +159,105 @@ def profile_repo_step(step, inputs, steps=5):
         print(f"| {e.key} | {e.self_cpu_time_total / steps / 1e3:.2f} | {e.count / steps:g} |")
 
 
+def _cuda_seconds(step, inputs, steps):
+    """Mean seconds per step over `steps` back-to-back steps (the GPU queue drained before and after)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(*inputs)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def profile_cuda_kernels(base_model, inputs, steps=5):
+    """Where the GPU time of a step goes: the plain step run eagerly (the kernels that the plain CUDA graph
+    replays), per kernel, summed over the step. Eager launches add gaps between kernels, not kernel time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from train_step import make_plain_step
+
+    _, step = build_steps(base_model, "cuda", make_plain_step)
+    for _ in range(3):
+        step(*inputs)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(*inputs)
+        torch.cuda.synchronize()
+
+    def device_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    rows = sorted((e for e in prof.key_averages() if device_us(e) > 0), key=device_us, reverse=True)
+    total = sum(device_us(e) for e in rows) / steps / 1e3
+    launches = sum(e.count for e in rows) / steps
+    print(f"GPU kernels of the plain step: {total:.3f} ms of kernel time and {launches:g} kernels per step")
+    print("| kernel | ms per step | calls per step |")
+    print("|---|---:|---:|")
+    for e in rows[:15]:
+        print(f"| {e.key[:90]} | {device_us(e) / steps / 1e3:.3f} | {e.count / steps:g} |")
+
+
 def bench_cuda(args):
-    """CUDA-graph step: steps/s and a 50k-step projection; then loss and parameters vs the CPU step."""
+    """The official-style eager step and both CUDA-graph steps (plain model; torch.compile'd forward and
+    loss): setup time, steps/s and the 50k-step projection; then each graph step against the CPU step."""
     base_model = trained_like(args.model, "layernorm")
     cfg = base_model.config
-    model, step = build_steps(base_model, "cuda", make_train_step)
     inputs = toy_inputs(cfg, args.batch, "cuda")
-    for _ in range(max(args.warmup, 5)):  # 3 eager warm-up steps, then capture
-        step(*inputs)
-    torch.cuda.synchronize()
-    num = max(args.repeats, 200)
-    t0 = time.perf_counter()
-    for _ in range(num):
-        step(*inputs)
-    torch.cuda.synchronize()
-    sec = (time.perf_counter() - t0) / num
+    steps, setup = {}, {}
+    official = official_model_from(base_model)
+    _, steps["official-style (eager)"] = build_steps(official, "cuda", make_official_step)
+    for compile_cuda in (False, True):
+        t0 = time.perf_counter()
+        make = functools.partial(make_train_step, compile_cuda=compile_cuda)
+        _, step = build_steps(base_model, "cuda", make)
+        try:
+            for _ in range(5):  # 3 eager warm-up steps (compilation in the first), the capture, a replay
+                step(*inputs)
+            torch.cuda.synchronize()
+        except Exception as error:  # report it and time the others
+            print(f"{step.path}: FAILED: {type(error).__name__}: {str(error).splitlines()[0]}")
+            continue
+        steps[step.path], setup[step.path] = step, time.perf_counter() - t0
+    for step in steps.values():  # warm-up, then alternate
+        _cuda_seconds(step, inputs, 20)
+    num = max(args.repeats, 300)
+    times = {name: [] for name in steps}
+    for _ in range(3):
+        for name, step in steps.items():
+            times[name].append(_cuda_seconds(step, inputs, num if "graph" in name else num // 10))
     flops = model_flops(cfg, args.batch)
-    print(f"{torch.cuda.get_device_name()}: {args.model} batch {args.batch} fp32, path {step.path}")
-    print(f"{1 / sec:.0f} steps/s, {sec * 1e3:.3f} ms/step, {flops / sec / 1e12:.1f} TFLOP/s; "
-          f"50k steps: {50_000 * sec:.0f} s (matmul peak here {matmul_gflops('cuda') / 1e3:.0f} TFLOP/s)")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: {args.model} batch {args.batch} fp32 "
+          f"(TF32 off); median of 3 alternated runs of {num} steps (official-style: {num // 10})")
+    print(f"large fp32 matmul here: {matmul_gflops('cuda') / 1e3:.1f} TFLOP/s; model FLOPs per step "
+          f"{flops / 1e9:.2f} GFLOP")
+    print("| step | setup s (warm-up, compile, capture) | ms/step | steps/s | TFLOP/s | 50k steps |")
+    print("|---|---|---|---|---|---|")
+    for name, runs in times.items():
+        sec = statistics.median(runs)
+        print(f"| {name} | {setup.get(name, 0):.1f} | {sec * 1e3:.3f} | {1 / sec:.0f} | "
+              f"{flops / sec / 1e12:.2f} | {50_000 * sec:.0f} s |")
     # Correctness: the same 6 steps (warm-up, capture, replays) on CUDA and on CPU from the same weights.
-    cuda_model, cuda_step = build_steps(base_model, "cuda", make_train_step)
-    cpu_model, cpu_step = build_steps(base_model, "cpu", make_train_step)
-    worst_loss = 0.0
-    for seed in range(6):
-        batch = toy_inputs(cfg, args.batch, "cpu", seed=seed)
-        loss_cpu = cpu_step(*batch).item()
-        loss_gpu = cuda_step(*[x.cuda() for x in batch]).item()
-        worst_loss = max(worst_loss, abs(loss_gpu - loss_cpu) / abs(loss_cpu))
-    worst_param = max(((a.detach().cpu() - b.detach()).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-                      for a, b in zip(cuda_model.parameters(), cpu_model.parameters(), strict=True))
-    verdict = "OK" if worst_loss < 1e-4 and worst_param < 1e-4 else "MISMATCH"
-    print(f"CUDA vs CPU after 6 steps: loss rel. diff {worst_loss:.1e}, params rel. diff {worst_param:.1e}: "
-          f"{verdict}")
+    for compile_cuda in (False, True):
+        cuda_model, cuda_step = build_steps(base_model, "cuda",
+                                            functools.partial(make_train_step, compile_cuda=compile_cuda))
+        if cuda_step.path not in steps:
+            continue
+        cpu_model, cpu_step = build_steps(base_model, "cpu", make_train_step)
+        worst_loss = 0.0
+        for seed in range(6):
+            batch = toy_inputs(cfg, args.batch, "cpu", seed=seed)
+            loss_cpu = cpu_step(*batch).item()
+            loss_gpu = cuda_step(*[x.cuda() for x in batch]).item()
+            worst_loss = max(worst_loss, abs(loss_gpu - loss_cpu) / abs(loss_cpu))
+        pairs = zip(cuda_model.parameters(), cpu_model.parameters(), strict=True)
+        worst_param = max(((a.detach().cpu() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+                          for a, b in pairs)
+        verdict = "OK" if worst_loss < 1e-4 and worst_param < 1e-4 else "MISMATCH"
+        print(f"{cuda_step.path} vs CPU ({cpu_step.path}) after 6 steps: loss rel. diff {worst_loss:.1e}, "
+              f"params rel. diff {worst_param:.1e}: {verdict}")
+    if args.profile:
+        profile_cuda_kernels(base_model, inputs)
 
 
 def _ddp_rank(rank, world_size, init_file, args, out):
@@ -254,7 +322,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--ddp", action="store_true", help="time 2 gloo ranks against 1 process (CPU)")
-    parser.add_argument("--profile", action="store_true", help="CPU: also time the repo step per op")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time the repo step per op (CPU) or the plain step per kernel (CUDA)")
     args = parser.parse_args()
     if args.batch < 2 or args.batch % 2:
         parser.error("--batch must be an even number >= 2")

@@ -255,10 +255,11 @@ class GaussianDiffusion:
         out = self._p_from_output(mean_out, var_out, x_t, c, clip_denoised=False)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"]))
         kl = kl / math.log(2.0)
-        if t.device.type == "cpu":
+        if t.device.type == "cpu" and not torch.compiler.is_compiling():
             # Only the t = 0 samples (about 1 in 1000) need the decoder NLL, whose log-CDFs cost more than
             # the rest of the loss together; the same values as the torch.where below. (Not on CUDA:
-            # selecting rows syncs with the host, which CUDA-graph capture forbids.)
+            # selecting rows syncs with the host, which CUDA-graph capture forbids; not under
+            # torch.compile, whose graph cannot depend on the number of t = 0 rows.)
             rows = (t == 0).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 return kl

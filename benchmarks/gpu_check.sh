@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, in one command (about 5 minutes on an H100):
+#   bash benchmarks/gpu_check.sh [PYTHON]     (default python3; `make gpu-check` passes the venv's)
+# 1. the CUDA-graph steps (plain and torch.compile'd) against the CPU step: tests/test_train_step.py -k cuda
+# 2. benchmarks/bench_train.py --device cuda --profile: official-style eager vs both graph steps, 50k-step
+#    projection, and the plain step's GPU time per kernel
+# 3. a real run: train_toy.py through torchrun, one model, 50k steps at batch 2048, timed end to end
+# It goes on after a failed part, names each failure, and exits non-zero if any part failed.
+set -u
+PY=${1:-python3}
+cd "$(dirname "$0")/.."
+LOGS=${GPU_CHECK_LOGS:-$(mktemp -d)}
+mkdir -p "$LOGS"
+failed=()
+part() {  # part NAME COMMAND...: run it, keep its whole output in $LOGS/NAME.log, print it but for the
+          # training log's step lines other than every 10,000th
+    local name=$1 rc; shift
+    echo "== $name: $*"
+    "$@" >"$LOGS/$name.log" 2>&1
+    rc=$?
+    awk '!/ step [0-9]+ \| loss/ || / step [0-9]*0000 \|/' "$LOGS/$name.log"
+    if ((rc)); then failed+=("$name (exit $rc)"); fi
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+"$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())"
+part tests "$PY" -m pytest -q -p no:cacheprovider tests/test_train_step.py -k "cuda or one_graph"
+part bench "$PY" benchmarks/bench_train.py --device cuda --profile
+runs=$(mktemp -d)
+start=$(date +%s%N)
+train=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_toy.py --results-dir "$runs")
+part train timeout 300 "${train[@]}"
+end=$(date +%s%N)
+echo "train_toy.py, 50k steps at batch 2048 (checkpoints 10k, 50k): $(((end - start) / 1000000)) ms wall," \
+    "process start to exit; logs in $LOGS"
+if [[ " ${failed[*]} " == *" train "* ]]; then  # the same run without torch.compile, to tell the two apart
+    part train-no-compile timeout 300 "${train[@]}" --no-compile
+fi
+if ((${#failed[@]})); then
+    echo "FAILED: ${failed[*]}"
+    exit 1
+fi
+echo "all GPU checks passed"
