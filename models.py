@@ -64,6 +64,29 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (N, T, D)
 
 
+# Sequences up to this length run the explicit attention on CUDA (see `attention`).
+SHORT_SEQUENCE_ON_CUDA = 16
+
+
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v for q, k, v of shape (N, H, T, d).
+
+    PyTorch's fused kernel, except for short sequences on CUDA: there its memory-efficient kernel (the one
+    for fp32) took 2.4 of the 4.7 ms of GPU time in a toy step (4 tokens, batch 2048, H100), and the explicit
+    matmuls and softmax cut the step from 4.8 to 3.0 ms, or from 3.6 to 1.8 ms with torch.compile, which
+    fuses them (benchmarks/README.md). On the CPU the fused kernel was the faster one at 4 tokens (~25%,
+    forward and backward)."""
+    if q.is_cuda and q.shape[-2] <= SHORT_SEQUENCE_ON_CUDA:
+        return explicit_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def explicit_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v as two batched matmuls and a softmax; (N, H, T, d) -> (N, H, T, d)."""
+    weights = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (N, H, T, T)
+    return weights.softmax(-1) @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with timm's parameter names (qkv, proj)."""
 
@@ -78,9 +101,7 @@ class Attention(nn.Module):
         N, T, D = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, H, T, d)
-        # The fused kernel computes softmax(q k^T / sqrt(d)) v; measured on CPU it was also faster than the
-        # explicit matmuls at the toy's 4 tokens (about 25%, forward and backward), so there is one path.
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, d)
+        x = attention(q, k, v)  # (N, H, T, d)
         x = x.transpose(1, 2).reshape(N, T, D)  # (N, T, D)
         return self.proj(x)
 

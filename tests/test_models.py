@@ -15,6 +15,7 @@ from models import (
     DiTBlock,
     TimestepEmbedder,
     build_model,
+    explicit_attention,
     get_2d_sincos_pos_embed,
     make_norm,
 )
@@ -138,6 +139,20 @@ def test_attention_matches_explicit_softmax():
         weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(16), dim=-1)
         expected = attn.proj((weights @ v).transpose(1, 2).reshape(3, tokens, 64))
         assert (attn(x) - expected).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("tokens", [4, 16])
+def test_explicit_attention_matches_fused_kernel_with_gradients(tokens):
+    """The CUDA path's attention for short sequences (models.attention) against the fused kernel."""
+    g = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(5, 4, tokens, 16, generator=g, requires_grad=True) for _ in range(3)]
+    grad_out = torch.randn(5, 4, tokens, 16, generator=g)
+    results = []
+    for fn in (explicit_attention, torch.nn.functional.scaled_dot_product_attention):
+        out = fn(*qkv)
+        results.append([out, *torch.autograd.grad(out, qkv, grad_out)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_norm_kinds_behave_as_named():
