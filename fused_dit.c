@@ -427,15 +427,17 @@ typedef struct {
     float *n1, *m1, *n2, *m2, *o, *h1, *ha, *hb, *g, *r1, *r2;       /* forward, and recomputed in bwd */
     float *qkv, *a, *f1, *f2, *probs;                                 /* inference: nothing is saved */
     float *dh, *dh1, *dm, *d1, *d2, *dqkv, *dg, *df, *gd, *dms;       /* backward */
+    float *out, *dout;                                                /* dit_train: the tile's output, d loss */
     float *block;
 } Work;
-_Static_assert(offsetof(Work, block) == 26 * sizeof(float *), "work_new fills the 26 pointers in order");
+_Static_assert(offsetof(Work, block) == 28 * sizeof(float *), "work_new fills the 28 pointers in order");
 
 static Work work_new(const Net *net) {
     i64 R = (i64)net->tile * net->T, D = net->D, F = net->F, pr = (i64)net->tile * net->H * net->T * net->T;
     i64 sizes[] = {R * D, R * D, R * D, R * D, R * D, R * D, R * D, R * D, R * F, R, R,
                    3 * R * D, R * D, R * F, R * D, pr,
-                   R * D, R * D, R * D, R * D, R * D, 3 * R * D, R * F, R * F, R * F, (i64)net->tile * 6 * D};
+                   R * D, R * D, R * D, R * D, R * D, 3 * R * D, R * F, R * F, R * F, (i64)net->tile * 6 * D,
+                   R * net->O, R * net->O};
     int count = sizeof sizes / sizeof *sizes;
     i64 total = 0;
     for (int i = 0; i < count; i++) total += (sizes[i] + 15) / 16 * 16;  /* 64-byte aligned pieces */
@@ -447,6 +449,18 @@ static Work work_new(const Net *net) {
         off += (sizes[i] + 15) / 16 * 16;
     }
     return w;
+}
+
+/* Where the forward saves a tile's activations for the backward, and the backward reads them: layer i's
+   rows of the tile start at row i M + r0 of hs (depth + 1 layers), qkv, a, f2 (depth layers), and its
+   attention probabilities at sample i M / T + r0 / T of probs. dit_fwd/dit_bwd: the whole batch's arrays of
+   Net (M = N T, r0 = n0 T); dit_train: a per-thread arena for one tile (M = tile T, r0 = 0). hs == NULL:
+   nothing is saved (inference). */
+typedef struct { float *hs, *qkv, *a, *f2, *probs; i64 M, r0; } Keep;
+
+static Keep keep_global(const Net *net, i64 n0) {
+    Keep k = {net->hs, net->qkv, net->a, net->f2, net->probs, (i64)net->N * net->T, n0 * net->T};
+    return k;
 }
 
 /* The adaLN vectors of sample n: shift1, scale1, gate1, shift2, scale2, gate2 of block i at 6 D i; the
@@ -466,23 +480,24 @@ INLINE void norm_mod_tile(const Net *net, int T, int D, i64 n0, int S, int col, 
 static float alpha_of(const Net *net, int i) { return net->alpha ? net->alpha[i] : 0.f; }
 
 /* Forward of samples n0 .. n0 + S - 1: xp (R, P) patches -> out (R, O) */
-INLINE void tile_fwd(const Net *net, int T, int D, int H, int F, Work *w, i64 n0, int S, cfp xp, fp out) {
+INLINE void tile_fwd(const Net *net, int T, int D, int H, int F, Work *w, const Keep *k, i64 n0, int S,
+                     cfp xp, fp out) {
     int hd = D / H, R = S * T, PT = H * T * T;
-    i64 M = (i64)net->N * T, r0 = n0 * T;
+    i64 M = k->M, r0 = k->r0;
     float scale = 1.f / sqrtf((float)hd);
     const float *const *W = net->w;
-    int save = net->hs != 0;
-    float *h = save ? net->hs + r0 * D : w->ha;
+    int save = k->hs != 0;
+    float *h = save ? k->hs + r0 * D : w->ha;
     mm_nt(R, net->P, D, xp, net->wt[0], h);
     for (int r = 0; r < R; r++)
         for (int c = 0; c < D; c++) h[r * D + c] += W[1][c] + net->pos[(r % T) * D + c];
     for (int i = 0; i < net->depth; i++) {
         const float *const *Wi = W + 4 + 8 * i, *const *WTi = net->wt + 4 + 8 * i;
-        float *qkv = save ? net->qkv + (i * M + r0) * 3 * D : w->qkv;
-        float *pr = save ? net->probs + ((i64)i * net->N + n0) * PT : w->probs;
-        float *a = save ? net->a + (i * M + r0) * D : w->a;
-        float *f2 = save ? net->f2 + (i * M + r0) * D : w->f2;
-        float *hn = save ? net->hs + ((i + 1) * M + r0) * D : (h == w->ha ? w->hb : w->ha);
+        float *qkv = save ? k->qkv + (i * M + r0) * 3 * D : w->qkv;
+        float *pr = save ? k->probs + (i * M + r0) / T * PT : w->probs;
+        float *a = save ? k->a + (i * M + r0) * D : w->a;
+        float *f2 = save ? k->f2 + (i * M + r0) * D : w->f2;
+        float *hn = save ? k->hs + ((i + 1) * M + r0) * D : (h == w->ha ? w->hb : w->ha);
         norm_mod_tile(net, T, D, n0, S, 6 * D * i, alpha_of(net, 2 * i), h, w->n1, w->m1, w->r1);
         mm_nt(R, D, 3 * D, w->m1, WTi[0], qkv);
         for (int s = 0; s < S; s++) {
@@ -510,11 +525,11 @@ INLINE void tile_fwd(const Net *net, int T, int D, int H, int F, Work *w, i64 n0
 
 /* tile_fwd with the toy's shapes as constants (ToyDiT/1: 4 tokens, hidden 64, 4 heads, MLP 256), else
    with the model's */
-static void tile_fwd_any(const Net *net, Work *w, i64 n0, int S, cfp xp, fp out) {
+static void tile_fwd_any(const Net *net, Work *w, const Keep *k, i64 n0, int S, cfp xp, fp out) {
     if (net->T == 4 && net->D == 64 && net->H == 4 && net->F == 256)
-        tile_fwd(net, 4, 64, 4, 256, w, n0, S, xp, out);
+        tile_fwd(net, 4, 64, 4, 256, w, k, n0, S, xp, out);
     else
-        tile_fwd(net, net->T, net->D, net->H, net->F, w, n0, S, xp, out);
+        tile_fwd(net, net->T, net->D, net->H, net->F, w, k, n0, S, xp, out);
 }
 
 static int tiles_of(const Net *net) { return (net->N + net->tile - 1) / net->tile; }
@@ -536,7 +551,8 @@ int dit_fwd(const Net *net, cfp xp, fp out) {
         for (int b = 0; b < tiles_of(net); b++) {
             if (!w.block) continue;
             i64 n0 = (i64)b * net->tile, r0 = n0 * net->T;
-            tile_fwd_any(net, &w, n0, tile_samples(net, b), xp + r0 * net->P, out + r0 * net->O);
+            Keep k = keep_global(net, n0);
+            tile_fwd_any(net, &w, &k, n0, tile_samples(net, b), xp + r0 * net->P, out + r0 * net->O);
         }
         free(w.block);
     }
@@ -560,11 +576,11 @@ static void fold_mod(const Net *net, Work *w, Acc *acc, i64 n0, int S, int col, 
 }
 
 /* Backward of samples n0 .. n0 + S - 1 from dout (R, O); writes their rows of dsilu */
-INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *acc, i64 n0, int S, cfp xp,
-                     cfp dout) {
+INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *acc, const Keep *k, i64 n0,
+                     int S, cfp xp, cfp dout) {
     int hd = D / H, R = S * T, PT = H * T * T;
     int depth = net->depth, O = net->O;
-    i64 M = (i64)net->N * T, r0 = n0 * T;
+    i64 M = k->M, r0 = k->r0;
     float scale = 1.f / sqrtf((float)hd);
     const float *const *W = net->w;
     int norm = net->kind != 0, rs = net->kind == 1 || net->kind == 2;
@@ -572,7 +588,7 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
 #define BIAS(j) (acc->bias + acc->off[j])
 
     /* final layer: out = modulate(norm(h)) Wl^T + bl */
-    const float *hf = net->hs + (depth * M + r0) * D;
+    const float *hf = k->hs + (depth * M + r0) * D;
     norm_mod_tile(net, T, D, n0, S, 6 * D * depth, alpha_of(net, 2 * depth), hf, w->n1, w->m1, w->r1);
     mm_tn(R, D, O, w->m1, dout, GRAD(2));
     colsum_add(dout, R, O, BIAS(3));
@@ -589,9 +605,9 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
     for (int i = depth - 1; i >= 0; i--) {
         const float *const *Wi = W + 4 + 8 * i, *const *WTi = net->wt + 4 + 8 * i;
         int j = 4 + 8 * i;
-        const float *h = net->hs + (i * M + r0) * D, *qkv = net->qkv + (i * M + r0) * 3 * D;
-        const float *pr = net->probs + ((i64)i * net->N + n0) * PT;
-        float *a = net->a + (i * M + r0) * D, *f2 = net->f2 + (i * M + r0) * D;
+        const float *h = k->hs + (i * M + r0) * D, *qkv = k->qkv + (i * M + r0) * 3 * D;
+        const float *pr = k->probs + (i * M + r0) / T * PT;
+        float *a = k->a + (i * M + r0) * D, *f2 = k->f2 + (i * M + r0) * D;
         float a1 = alpha_of(net, 2 * i), a2 = alpha_of(net, 2 * i + 1);
         /* recompute what the forward did not keep: both norms, qkv, the attention output, h1, fc1, gelu */
         norm_mod_tile(net, T, D, n0, S, 6 * D * i, a1, h, w->n1, w->m1, w->r1);
@@ -653,11 +669,67 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
 }
 
 /* tile_bwd with the toy's shapes as constants, else with the model's (as tile_fwd_any) */
-static void tile_bwd_any(const Net *net, Work *w, Acc *acc, i64 n0, int S, cfp xp, cfp dout) {
+static void tile_bwd_any(const Net *net, Work *w, Acc *acc, const Keep *k, i64 n0, int S, cfp xp, cfp dout) {
     if (net->T == 4 && net->D == 64 && net->H == 4 && net->F == 256)
-        tile_bwd(net, 4, 64, 4, 256, w, acc, n0, S, xp, dout);
+        tile_bwd(net, 4, 64, 4, 256, w, acc, k, n0, S, xp, dout);
     else
-        tile_bwd(net, net->T, net->D, net->H, net->F, w, acc, n0, S, xp, dout);
+        tile_bwd(net, net->T, net->D, net->H, net->F, w, acc, k, n0, S, xp, dout);
+}
+
+/* Every thread's gradient accumulators (weights, biases, dyt alphas, adaLN weight and bias), with the
+   offsets of the weights in them; summed over threads in thread order by accs_finish. */
+typedef struct { i64 off[4 + 8 * 64 + 1], total, K; float *all, *wm; double *bias, *alpha, *bm; } Accs;
+
+static int accs_new(const Net *net, Accs *a) {
+    int nw = 4 + 8 * net->depth, na = 2 * net->depth + 1;
+    i64 D = net->D, F = net->F, P = net->P, O = net->O;
+    i64 sizes[4] = {D * P, D, O * D, O};
+    i64 blk[8] = {3 * D * D, 3 * D, D * D, D, F * D, F, D * F, D};
+    if (net->depth > 64) return -1;
+    a->K = 6 * D * net->depth + 2 * D;
+    a->off[0] = 0;
+    for (int j = 0; j < nw; j++) a->off[j + 1] = a->off[j] + (j < 4 ? sizes[j] : blk[(j - 4) % 8]);
+    a->total = a->off[nw];
+    a->all = calloc((size_t)nth * a->total, sizeof(float));
+    a->wm = calloc((size_t)nth * a->K * D, sizeof(float));
+    a->bias = calloc((size_t)nth * a->total, sizeof(double));
+    a->alpha = partials(na);
+    a->bm = partials(a->K);
+    if (!a->all || !a->wm || !a->bias || !a->alpha || !a->bm) {
+        free(a->all); free(a->wm); free(a->bias); free(a->alpha); free(a->bm);
+        return -1;
+    }
+    return 0;
+}
+
+/* thread t's view of the accumulators */
+static Acc acc_of(const Net *net, Accs *a, int t) {
+    Acc acc = {a->all + t * a->total, a->bias + t * a->total, a->alpha + t * (2 * net->depth + 1), a->off,
+               a->wm + t * a->K * net->D, a->bm + t * a->K};
+    return acc;
+}
+
+/* the sums over threads into the caller's gradients (see dit_bwd); frees the accumulators */
+static void accs_finish(const Net *net, Accs *a, float *const *grads, fp dalpha, fp dwmod, fp dbmod) {
+    int nw = 4 + 8 * net->depth, na = 2 * net->depth + 1;
+    i64 total = a->total, KD = a->K * net->D;
+    for (int j = 0; j < nw; j++) {
+        int is_bias = j == 1 || j == 3 || (j >= 4 && (j - 4) % 2 == 1);
+        for (i64 e = 0; e < a->off[j + 1] - a->off[j]; e++) {
+            double s = 0;
+            for (int t = 0; t < nth; t++)
+                s += is_bias ? a->bias[t * total + a->off[j] + e] : a->all[t * total + a->off[j] + e];
+            grads[j][e] = (float)s;
+        }
+    }
+    for (i64 e = 0; e < KD; e++) {
+        float s = 0.f;
+        for (int t = 0; t < nth; t++) s += a->wm[t * KD + e];
+        dwmod[e] = s;
+    }
+    finish(a->bm, a->K, dbmod);
+    if (dalpha) finish(a->alpha, na, dalpha); else free(a->alpha);
+    free(a->all); free(a->wm); free(a->bias);
 }
 
 /* Gradients of dit_fwd (which must have run with the saved activations) from dout (M, O): net->dsilu
@@ -665,50 +737,119 @@ static void tile_bwd_any(const Net *net, Work *w, Acc *acc, i64 n0, int S, cfp x
    (dalpha, or NULL), all overwritten. Per thread, then summed over threads in thread order. Returns 0, or
    -1 when out of memory. */
 int dit_bwd(const Net *net, cfp xp, cfp dout, float *const *grads, fp dalpha, fp dwmod, fp dbmod) {
-    int nw = 4 + 8 * net->depth, na = 2 * net->depth + 1, failed = 0;
-    i64 off[4 + 8 * net->depth + 1];
-    i64 D = net->D, F = net->F, P = net->P, O = net->O, K = 6 * D * net->depth + 2 * D;
-    i64 sizes[4] = {D * P, D, O * D, O};
-    i64 blk[8] = {3 * D * D, 3 * D, D * D, D, F * D, F, D * F, D};
-    off[0] = 0;
-    for (int j = 0; j < nw; j++) off[j + 1] = off[j] + (j < 4 ? sizes[j] : blk[(j - 4) % 8]);
-    i64 total = off[nw];
-    float *all = calloc((size_t)nth * total, sizeof(float)), *wm = calloc((size_t)nth * K * D, sizeof(float));
-    double *bias = calloc((size_t)nth * total, sizeof(double)), *alpha = partials(na), *bm = partials(K);
-    if (!all || !wm || !bias || !alpha || !bm) {
-        free(all); free(wm); free(bias); free(alpha); free(bm);
-        return -1;
-    }
+    int failed = 0;
+    Accs accs;
+    if (accs_new(net, &accs)) return -1;
     #pragma omp parallel num_threads(nth) reduction(|: failed)
     {
-        int t = omp_get_thread_num();
-        Acc acc = {all + t * total, bias + t * total, alpha + t * na, off, wm + t * K * D, bm + t * K};
+        Acc acc = acc_of(net, &accs, omp_get_thread_num());
         Work w = work_new(net);
         if (!w.block) failed = 1;
         #pragma omp for schedule(static)
         for (int b = 0; b < tiles_of(net); b++) {
             if (!w.block) continue;
             i64 n0 = (i64)b * net->tile, r0 = n0 * net->T;
-            tile_bwd_any(net, &w, &acc, n0, tile_samples(net, b), xp + r0 * P, dout + r0 * O);
+            Keep k = keep_global(net, n0);
+            tile_bwd_any(net, &w, &acc, &k, n0, tile_samples(net, b), xp + r0 * net->P, dout + r0 * net->O);
         }
         free(w.block);
     }
-    for (int j = 0; j < nw; j++) {
-        int is_bias = j == 1 || j == 3 || (j >= 4 && (j - 4) % 2 == 1);
-        for (i64 e = 0; e < off[j + 1] - off[j]; e++) {
-            double s = 0;
-            for (int t = 0; t < nth; t++) s += is_bias ? bias[t * total + off[j] + e] : all[t * total + off[j] + e];
-            grads[j][e] = (float)s;
+    accs_finish(net, &accs, grads, dalpha, dwmod, dbmod);
+    return failed ? -1 : 0;
+}
+
+/* ================================================================= training: forward, loss, backward a tile at a time */
+
+/* The per-sample loss coefficients of dit_train, LC floats a sample (Loss.COLUMNS in fused_dit.py). */
+enum { LC_RECIP, LC_RECIPM1, LC_C1, LC_C2, LC_MINLOG, LC_MAXLOG, LC_VBW, LC_GIVEN, LC };
+
+/* diffusion.training_losses' hybrid loss (eps prediction, learned-range variance) of the S samples of a tile
+   from their output rows `out` (patch layout): loss[n] = mse + vb, and dout = d (sum of the batch's losses
+   / N) / d out. mse = mean over the C H W pixels of (noise - eps)^2. vb = vbw * mean of KL(q(x_{t-1} | x_t,
+   x_0) || p(x_{t-1} | x_t)) / ln 2, where p's mean uses eps detached (so vb trains the variance channels
+   only), as in Improved DDPM. A sample with lc[LC_GIVEN] = g > 0 (t = 0, whose vb is the decoder NLL) takes
+   its loss and its vb gradient (row g - 1 of given_loss and given_dvb, image layout (C, H, W), d (vb / N) / d v)
+   from the caller, who computed them in PyTorch; only its mse is done here. The formulas and their order are
+   diffusion.gaussian_diffusion's. */
+static void tile_loss(const Net *net, i64 n0, int S, cfp out, cfp x0, cfp xt, cfp noise, cfp lc,
+                      cfp given_loss, cfp given_dvb, fp loss, fp dout) {
+    int T = net->T, O = net->O, p = net->patch, G = net->grid, C = net->P / (p * p), W = G * p;
+    int E = C * W * W;
+    float inv_e = 1.f / (float)E, inv_n = 1.f / (float)net->N, inv_ln2 = 1.f / logf(2.f);
+    for (int s = 0; s < S; s++) {
+        i64 n = n0 + s;
+        const float *c = lc + n * LC;
+        int g = (int)c[LC_GIVEN];
+        float mse = 0.f, kl = 0.f;
+        for (int ch = 0; ch < C; ch++)
+            for (int y = 0; y < W; y++)
+                for (int u = 0; u < W; u++) {
+                    i64 row = (i64)s * T + (y / p) * G + u / p, col = ((y % p) * p + u % p) * 2 * C;
+                    const float *o = out + row * O + col;
+                    float *d = dout + row * O + col;
+                    i64 e = ((n * C + ch) * W + y) * W + u;
+                    int ie = (ch * W + y) * W + u;
+                    float eps = o[ch], v = o[C + ch], diff = noise[e] - eps;
+                    mse += diff * diff;
+                    d[ch] = -2.f * diff * inv_e * inv_n;
+                    if (g) {
+                        d[C + ch] = given_dvb[(g - 1) * (i64)E + ie];
+                        continue;
+                    }
+                    float pred = c[LC_RECIP] * xt[e] - c[LC_RECIPM1] * eps;
+                    float mean = c[LC_C1] * pred + c[LC_C2] * xt[e];
+                    float frac = (v + 1.f) / 2.f;
+                    float logvar = frac * c[LC_MAXLOG] + (1.f - frac) * c[LC_MINLOG];
+                    float true_mean = c[LC_C1] * x0[e] + c[LC_C2] * xt[e];
+                    float dm = true_mean - mean, e1 = expf(c[LC_MINLOG] - logvar), e2 = expf(-logvar);
+                    kl += 0.5f * (-1.f + (logvar - c[LC_MINLOG]) + e1 + dm * dm * e2);
+                    float dlogvar = 0.5f * (1.f - e1 - dm * dm * e2);
+                    d[C + ch] = c[LC_VBW] * inv_ln2 * inv_e * inv_n * dlogvar * 0.5f * (c[LC_MAXLOG] - c[LC_MINLOG]);
+                }
+        loss[n] = mse * inv_e + (g ? given_loss[g - 1] : c[LC_VBW] * (kl * inv_e) * inv_ln2);
+    }
+}
+
+/* One training step's forward, loss and backward, a tile at a time: each tile's forward saves its
+   activations in a per-thread arena, its loss gives d loss / d out, and its backward runs at once, while
+   the arena is still in cache. xp (M, P) patches of x_t; x0, xt, noise (N, C, H, W); lc (N, LC) (see
+   tile_loss); loss (N) out; gradients as dit_bwd's, of sum(loss) / N. Returns 0, or -1 when out of memory. */
+int dit_train(const Net *net, cfp xp, cfp x0, cfp xt, cfp noise, cfp lc, cfp given_loss, cfp given_dvb,
+              fp loss, float *const *grads, fp dalpha, fp dwmod, fp dbmod) {
+    int failed = 0;
+    i64 R = (i64)net->tile * net->T, D = net->D, depth = net->depth;
+    i64 arena_size = (depth + 1) * R * D + depth * R * 3 * D + 2 * depth * R * D
+                     + depth * net->tile * net->H * net->T * net->T;
+    Accs accs;
+    if (accs_new(net, &accs)) return -1;
+    #pragma omp parallel num_threads(nth) reduction(|: failed)
+    {
+        Acc acc = acc_of(net, &accs, omp_get_thread_num());
+        Work w = work_new(net);
+        float *arena = aligned_alloc(64, (size_t)((arena_size + 15) / 16 * 16) * sizeof(float));
+        if (!w.block || !arena) failed = 1;
+        Keep k = {0};
+        if (arena) {
+            k.hs = arena;
+            k.qkv = k.hs + (depth + 1) * R * D;
+            k.a = k.qkv + depth * R * 3 * D;
+            k.f2 = k.a + depth * R * D;
+            k.probs = k.f2 + depth * R * D;
+            k.M = R;
         }
+        #pragma omp for schedule(static)
+        for (int b = 0; b < tiles_of(net); b++) {
+            if (!w.block || !arena) continue;
+            i64 n0 = (i64)b * net->tile, r0 = n0 * net->T;
+            int S = tile_samples(net, b);
+            tile_fwd_any(net, &w, &k, n0, S, xp + r0 * net->P, w.out);
+            tile_loss(net, n0, S, w.out, x0, xt, noise, lc, given_loss, given_dvb, loss, w.dout);
+            tile_bwd_any(net, &w, &acc, &k, n0, S, xp + r0 * net->P, w.dout);
+        }
+        free(w.block);
+        free(arena);
     }
-    for (i64 e = 0; e < K * D; e++) {
-        float s = 0.f;
-        for (int t = 0; t < nth; t++) s += wm[t * K * D + e];
-        dwmod[e] = s;
-    }
-    finish(bm, K, dbmod);
-    if (dalpha) finish(alpha, na, dalpha); else free(alpha);
-    free(all); free(wm); free(bias);
+    accs_finish(net, &accs, grads, dalpha, dwmod, dbmod);
     return failed ? -1 : 0;
 }
 

@@ -134,6 +134,7 @@ def _build():
     lib.dit_fwd.argtypes = [ctypes.POINTER(NetArgs), P, P]
     lib.dit_bwd.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P, P]
     lib.dit_sample_step.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P]
+    lib.dit_train.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P, P, P, P, P, P, P, P]
     return lib
 
 
@@ -406,6 +407,36 @@ class TiledKernels(CKernels):
             grads += [g.view_as(a) for g, a in zip(dalpha, weights[nw:], strict=True)]
         return dsilu, dw_mod, db_mod, grads
 
+    def dit_train(self, plan, x_t, x_start, noise, lc, given_loss, given_dvb, mods, silu_c, w_mod, pos_embed,
+                  weights):
+        """Forward, hybrid loss and backward in one C call, a tile at a time (dit_train in fused_dit.c).
+
+        lc: (N, len(LOSS_COLUMNS)) per-sample loss coefficients; given_loss (G,), given_dvb (G, C, H, W): the
+        VB term and its gradient of the samples whose lc "given" column is 1 .. G. Returns the (N,) losses
+        and, for sum(losses) / N, (d silu_c, d w_mod, d b_mod, [d weight for weights])."""
+        self._sync_threads()
+        N = x_t.shape[0]
+        xp = _patches(plan, x_t).contiguous()
+        alphas = _alphas(plan, weights)
+        keep = [alphas]
+        args = self._args(plan, N, weights, alphas, pos_embed, mods, None, keep)
+        nw = 4 + 8 * plan.depth
+        grads = [torch.empty_like(w) for w in weights[:nw]]
+        dalpha = None if alphas is None else torch.empty_like(alphas)
+        dsilu, dw_mod, db_mod = torch.empty_like(silu_c), torch.empty_like(w_mod), w_mod.new_empty(len(w_mod))
+        assert silu_c.is_contiguous() and w_mod.is_contiguous() and lc.is_contiguous()
+        args.silu, args.wmod, args.dsilu = silu_c.data_ptr(), w_mod.data_ptr(), dsilu.data_ptr()
+        images = [x.contiguous() for x in (x_start, x_t, noise)]
+        given = [given_loss.contiguous(), given_dvb.contiguous()]
+        losses, ptrs = x_t.new_empty(N), _pointer_array(grads)
+        if self.lib.dit_train(ctypes.byref(args), _ptr(xp), *[_ptr(x) for x in images], _ptr(lc),
+                              *[_ptr(g) for g in given], _ptr(losses), ctypes.addressof(ptrs), _ptr(dalpha),
+                              _ptr(dw_mod), _ptr(db_mod)):
+            raise MemoryError("fused DiT training step: no memory for the per-thread scratch")
+        if dalpha is not None:
+            grads += [g.view_as(a) for g, a in zip(dalpha, weights[nw:], strict=True)]
+        return losses, dsilu, dw_mod, db_mod, grads
+
     def sampler(self, plan, N, pos_embed, weights):
         """step(x, z, mods, coef): one ancestral step of toy_sampler, x (N, C, H, W) in place, in one C call.
 
@@ -653,6 +684,86 @@ def fused_model(model, plan=None, kern=None):
                                  *DiTPlan.weights(model))
 
     return forward
+
+
+# The columns of dit_train's per-sample loss coefficients (LC_* in fused_dit.c, same order).
+LOSS_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
+                "posterior_mean_coef2", "posterior_log_variance_clipped", "log_betas", "vb_weight", "given")
+
+
+def hybrid_loss_supported(diffusion):
+    """Whether fused_hybrid_loss computes this diffusion's training loss: Improved DDPM's hybrid loss (eps
+    prediction, learned-range variance, "mse" or "rescaled_mse"), DiT's; None if so, else the reason."""
+    kind = (diffusion.model_mean_type, diffusion.model_var_type, diffusion.loss_type)
+    if kind[:2] != ("epsilon", "learned_range") or kind[2] not in ("mse", "rescaled_mse"):
+        return f"the fused loss is the hybrid loss (epsilon, learned_range, mse); this diffusion has {kind}"
+    return None
+
+
+class HybridLossFunction(torch.autograd.Function):
+    """diffusion.training_losses(model, ...)["loss"].mean() as one autograd node whose forward also computes
+    every gradient (TiledKernels.dit_train); its backward only hands them on, times the incoming gradient.
+
+    Samples at t = 0, whose VB term is the decoder NLL (rare: ~1 in 1000), get that term and its gradient
+    from the diffusion's own PyTorch code on their rows, with the network output of a separate forward of
+    those rows; the C code does every other sample's loss."""
+
+    @staticmethod
+    def forward(ctx, plan, kern, diffusion, x_start, t, noise, c, pos_embed, w_mod, b_mod, *weights):
+        silu_c = F.silu(c)  # (N, D)
+        mods = torch.addmm(b_mod, silu_c, w_mod.t())  # (N, K)
+        coefs = diffusion._coefs(t, x_start)
+        x_t = coefs.sqrt_alphas_cumprod * x_start + coefs.sqrt_one_minus_alphas_cumprod * noise  # as the loss
+        N = x_start.shape[0]
+        vb_weight = diffusion.num_timesteps / 1000.0 if diffusion.loss_type == "rescaled_mse" else 1.0
+        lc = torch.zeros(N, len(LOSS_COLUMNS), dtype=x_start.dtype)
+        for i, name in enumerate(LOSS_COLUMNS[:6]):
+            lc[:, i] = getattr(coefs, name).reshape(N)
+        lc[:, 6] = vb_weight
+        rows = (t == 0).nonzero(as_tuple=True)[0]
+        given_loss, given_dvb = x_start.new_zeros(1), x_start.new_zeros(1)
+        if len(rows):
+            lc[rows, 7] = torch.arange(1, len(rows) + 1, dtype=lc.dtype)
+            with torch.enable_grad():
+                out = dit_forward(plan, kern, x_t[rows], mods[rows], pos_embed, weights)
+                C = x_start.shape[1]
+                var_out = out[:, C:].detach().requires_grad_(True)
+                row_coefs = type(coefs)._make(column[rows] for column in coefs)
+                vb = vb_weight * diffusion._vb_terms_bpd(out[:, :C], var_out, x_start[rows], x_t[rows],
+                                                         row_coefs, t[rows])
+                (given_dvb,) = torch.autograd.grad(vb.sum() / N, var_out)
+            given_loss = vb.detach()
+        losses, dsilu, dw_mod, db_mod, grads = kern.dit_train(
+            plan, x_t, x_start, noise, lc, given_loss, given_dvb, mods, silu_c, w_mod, pos_embed, weights)
+        ctx.save_for_backward(c, dsilu, dw_mod, db_mod, *grads)
+        return losses.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        c, dsilu, dw_mod, db_mod, *grads = ctx.saved_tensors
+        dc = torch.ops.aten.silu_backward(dsilu * grad_loss, c)
+        return (None, None, None, None, None, None, dc, None, dw_mod * grad_loss, db_mod * grad_loss,
+                *[g * grad_loss for g in grads])
+
+
+def fused_hybrid_loss(model, diffusion, plan=None, kern=None):
+    """loss(x_start, t, noise, y) -> diffusion.training_losses(model, ...)["loss"].mean(), with forward, loss
+    and backward in one C call a tile at a time (HybridLossFunction); the same values as the plain path."""
+    plan = plan or DiTPlan(model)
+    kern = kern or default_kernels()
+    reason = plan.reason or hybrid_loss_supported(diffusion) or (
+        None if isinstance(kern, TiledKernels) else "the fused loss needs the tiled C kernels")
+    if reason:
+        raise ValueError(f"fused_hybrid_loss cannot run here: {reason}")
+
+    def loss(x_start, t, noise, y):
+        model_t = diffusion._model_timesteps(t)
+        c = model.t_embedder(model_t) + model.y_embedder(y, model.training)  # (N, D)
+        w_mod, b_mod = DiTPlan.modulation(model)
+        return HybridLossFunction.apply(plan, kern, diffusion, x_start.contiguous(), t, noise.contiguous(), c,
+                                        model.pos_embed, w_mod, b_mod, *DiTPlan.weights(model))
+
+    return loss
 
 
 def keep_freed_memory():

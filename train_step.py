@@ -1,10 +1,11 @@
 """The whole optimisation step of the toy study: forward, hybrid loss, backward, all-reduce, AdamW, EMA.
 
 `make_train_step` returns the fastest correct step for the model and device:
-- CPU, DiT with few tokens (the toy): the model runs as fused_dit.fused_model, a hand-written forward and
-  backward in C that keeps each tile of samples in cache through the whole network (see fused_dit.py).
-  The loss is still `diffusion.training_losses`, so every diffusion configuration gives the loss of the
-  plain path.
+- CPU, DiT with few tokens (the toy): a hand-written forward and backward in C that keeps each tile of
+  samples in cache through the whole network (see fused_dit.py). With DiT's hybrid loss the loss and its
+  gradient are computed in C too, per tile between its forward and its backward
+  (fused_dit.fused_hybrid_loss); with any other loss the model runs as fused_dit.fused_model under
+  `diffusion.training_losses`.
 - CUDA: the whole step (forward, backward, AdamW with capturable=True, EMA) captured in CUDA graphs and
   replayed with the caller's tensors copied into static buffers; by default the forward and loss are first
   torch.compile'd into one graph, so that the CUDA graph replays a few fused kernels instead of hundreds.
@@ -16,7 +17,15 @@ Importing this module changes nothing global; make_train_step's docstring lists 
 import torch
 import torch.distributed as dist
 
-from fused_dit import DiTPlan, default_kernels, fused_model, keep_freed_memory
+from fused_dit import (
+    DiTPlan,
+    TiledKernels,
+    default_kernels,
+    fused_hybrid_loss,
+    fused_model,
+    hybrid_loss_supported,
+    keep_freed_memory,
+)
 
 
 @torch.no_grad()
@@ -191,8 +200,11 @@ def make_train_step(model, ema, diffusion, optimizer, *, ema_decay: float, world
     if plan.reason is None:
         kern = default_kernels()
         keep_freed_memory()
-        model_fn = fused_model(model, plan, kern)
-        step = _make_step(_loss_fn(diffusion, model_fn), model, ema, optimizer, ema_decay, world_size)
+        if isinstance(kern, TiledKernels) and hybrid_loss_supported(diffusion) is None:
+            loss_fn = fused_hybrid_loss(model, diffusion, plan, kern)
+        else:
+            loss_fn = _loss_fn(diffusion, fused_model(model, plan, kern))
+        step = _make_step(loss_fn, model, ema, optimizer, ema_decay, world_size)
         step.path = kern.name
         return step
     step = _make_step(_loss_fn(diffusion, model), model, ema, optimizer, ema_decay, world_size)

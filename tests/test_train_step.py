@@ -162,6 +162,81 @@ def test_tiled_path_shapes_other_than_the_toys(name, overrides):
     assert_grads_close(got, want)
 
 
+def fused_loss_and_grads(model, diffusion, batch, kern):
+    """loss_and_grads through fused_dit.fused_hybrid_loss (forward, loss and backward in one C call)."""
+    model.zero_grad(set_to_none=True)
+    loss = fused_dit.fused_hybrid_loss(model, diffusion, kern=kern)(*batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.skipif(LIB is None, reason="needs the C kernels")
+@pytest.mark.parametrize("diffusion_args", [{}, {"timestep_respacing": "250", "rescale_learned_sigmas": True,
+                                                 "diffusion_steps": 500}], ids=["dit", "respaced-rescaled"])
+@pytest.mark.parametrize("norm", NORM_KINDS)
+def test_fused_hybrid_loss_matches_training_losses(norm, diffusion_args):
+    diffusion = create_diffusion(**{"timestep_respacing": "", **diffusion_args})
+    model = perturbed(build_model("ToyDiT/1", norm=norm))
+    x_start, t, noise, y = toy_batch(48, seed=3)
+    t = t % diffusion.num_timesteps
+    t[:3] = 0  # the decoder-NLL rows, which take the PyTorch path, with pixels at and beyond the edges
+    x_start[0, 0, 0] = torch.tensor([-1.0, 1.0])
+    x_start[1] = 0.9995
+    batch = (x_start, t, noise, y)
+    kern = fused_dit.TiledKernels(LIB, rows=20)  # tiles of 5 samples, the last one short
+    want_loss, want = loss_and_grads(model, model, diffusion, batch)
+    got_loss, got = fused_loss_and_grads(model, diffusion, batch, kern)
+    assert torch.isfinite(want_loss)
+    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=0)
+    assert_grads_close(got, want)
+    # no t = 0 row at all, and a batch of only t = 0 rows
+    for rows in (t != 0, t == 0):
+        sub = tuple(x[rows] for x in batch)
+        want_loss, want = loss_and_grads(model, model, diffusion, sub)
+        got_loss, got = fused_loss_and_grads(model, diffusion, sub, kern)
+        assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=0)
+        assert_grads_close(got, want)
+
+
+@pytest.mark.skipif(LIB is None, reason="needs the C kernels")
+def test_fused_hybrid_loss_with_two_threads_matches_one_thread():
+    diffusion = create_diffusion("")
+    model = perturbed(build_model("ToyDiT/1", norm="dyt"))
+    kern = fused_dit.TiledKernels(LIB, rows=24)
+    for n in (50, 2, 1):
+        batch = toy_batch(n, seed=n)
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(fused_loss_and_grads(model, diffusion, batch, kern))
+        torch.set_num_threads(1)
+        (loss1, grads1), (loss2, grads2) = results
+        assert torch.allclose(loss1, loss2, rtol=1e-6, atol=0)
+        assert_grads_close(grads2, grads1, rtol=1e-5)
+        want_loss, want = loss_and_grads(model, model, diffusion, batch)
+        assert torch.allclose(loss2, want_loss, rtol=1e-5, atol=0)
+        assert_grads_close(grads2, want)
+
+
+def test_other_losses_keep_training_losses():
+    kl = create_diffusion("", use_kl=True)
+    assert "hybrid loss" in fused_dit.hybrid_loss_supported(kl)
+    assert fused_dit.hybrid_loss_supported(create_diffusion("")) is None
+    model = perturbed(build_model("ToyDiT-XS/1"))
+    if LIB is not None:
+        with pytest.raises(ValueError, match="hybrid loss"):
+            fused_dit.fused_hybrid_loss(model, kl, kern=fused_dit.TiledKernels(LIB))
+    # make_train_step falls back to the fused model under training_losses: the plain step's update
+    batch = toy_batch(16)
+    models = [copy.deepcopy(model) for _ in range(2)]
+    for m, make in zip(models, (train_step.make_train_step, train_step.make_plain_step), strict=True):
+        step = make(m, copy.deepcopy(m).requires_grad_(False), kl, torch.optim.SGD(m.parameters(), lr=0.01),
+                    ema_decay=0.9)
+        step(*batch)
+    for a, b, old in zip(*[m.parameters() for m in models], model.parameters(), strict=True):
+        torch.testing.assert_close(a - old, b - old, rtol=1e-3, atol=1e-6)  # the updates (vb x T: large)
+
+
 def test_loading_the_c_kernels_keeps_denormals():
     # A -ffast-math library linked by gcc 12 carries crtfastmath.o, whose constructor turns on
     # flush-to-zero for the process that loads it: every float op of the user's program would change.
