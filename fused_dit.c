@@ -398,8 +398,9 @@ static void gemm(int M, int N, int K, const float *A, i64 asi, i64 asp, const fl
    patch: the patch size, grid: patches per side (T = grid^2). The
    saved activations are NULL for inference; otherwise (depth + 1, M, D) block inputs, (depth, M, 3D) qkv
    with bias, (depth, M, D) attention projection with bias, (depth, M, D) fc2 with bias, (depth, N, H, T, T)
-   attention probabilities. The backward recomputes the rest of a tile in cache (the norms, h1, and fc1
-   with its GELU: writing fc1 out and reading it back measured no faster than recomputing it). */
+   attention probabilities. dit_bwd recomputes the rest of a tile in cache (the norms, h1, and fc1 with its
+   GELU: writing fc1 out for the whole batch and reading it back measured no faster than recomputing it);
+   dit_train keeps a tile's every activation in a per-thread arena instead (see Keep). */
 typedef struct {
     int N, T, D, H, F, P, O, depth, kind, tile, patch, grid;
     float eps;
@@ -454,13 +455,33 @@ static Work work_new(const Net *net) {
 /* Where the forward saves a tile's activations for the backward, and the backward reads them: layer i's
    rows of the tile start at row i M + r0 of hs (depth + 1 layers), qkv, a, f2 (depth layers), and its
    attention probabilities at sample i M / T + r0 / T of probs. dit_fwd/dit_bwd: the whole batch's arrays of
-   Net (M = N T, r0 = n0 T); dit_train: a per-thread arena for one tile (M = tile T, r0 = 0). hs == NULL:
-   nothing is saved (inference). */
-typedef struct { float *hs, *qkv, *a, *f2, *probs; i64 M, r0; } Keep;
+   Net (M = N T, r0 = n0 T); dit_train: a per-thread arena for one tile (M = tile T, r0 = 0), which also
+   keeps the GELU outputs g and slopes gd (depth, M, F) and the norms, attention outputs and mid-block
+   residuals (mid, see Mid), so that its backward recomputes nothing. hs == NULL: nothing is saved
+   (inference); g, gd, mid == NULL: the backward recomputes those. */
+typedef struct { float *hs, *qkv, *a, *f2, *probs, *g, *gd, *mid; i64 M, r0; } Keep;
 
 static Keep keep_global(const Net *net, i64 n0) {
-    Keep k = {net->hs, net->qkv, net->a, net->f2, net->probs, (i64)net->N * net->T, n0 * net->T};
+    Keep k = {net->hs, net->qkv, net->a, net->f2, net->probs, 0, 0, 0, (i64)net->N * net->T, n0 * net->T};
     return k;
+}
+
+/* A block's norms (normalised n, modulated m, 1 / rms r), attention output o and mid-block residual h1 (the
+   final layer: n1, m1, r1). In the tile's Work scratch (recomputed by the backward), or, when Keep has mid
+   (dit_train), kept for the backward in layer i's slice of it. */
+typedef struct { float *n1, *m1, *r1, *o, *h1, *n2, *m2, *r2; } Mid;
+#define MID_SIZE(R, D) (6 * (R) * (D) + 2 * (R))
+
+static Mid mid_of(const Keep *k, Work *w, int i, i64 D) {
+    if (!k->mid) {
+        Mid m = {w->n1, w->m1, w->r1, w->o, w->h1, w->n2, w->m2, w->r2};
+        return m;
+    }
+    i64 R = k->M;
+    float *b = k->mid + i * MID_SIZE(R, D);
+    Mid m = {b, b + R * D, b + 6 * R * D, b + 2 * R * D, b + 3 * R * D, b + 4 * R * D, b + 5 * R * D,
+             b + 6 * R * D + R};
+    return m;
 }
 
 /* The adaLN vectors of sample n: shift1, scale1, gate1, shift2, scale2, gate2 of block i at 6 D i; the
@@ -498,27 +519,30 @@ INLINE void tile_fwd(const Net *net, int T, int D, int H, int F, Work *w, const 
         float *a = save ? k->a + (i * M + r0) * D : w->a;
         float *f2 = save ? k->f2 + (i * M + r0) * D : w->f2;
         float *hn = save ? k->hs + ((i + 1) * M + r0) * D : (h == w->ha ? w->hb : w->ha);
-        norm_mod_tile(net, T, D, n0, S, 6 * D * i, alpha_of(net, 2 * i), h, w->n1, w->m1, w->r1);
-        mm_nt(R, D, 3 * D, w->m1, WTi[0], qkv);
+        Mid md = mid_of(k, w, i, D);
+        norm_mod_tile(net, T, D, n0, S, 6 * D * i, alpha_of(net, 2 * i), h, md.n1, md.m1, md.r1);
+        mm_nt(R, D, 3 * D, md.m1, WTi[0], qkv);
         for (int s = 0; s < S; s++) {
             attn_probs(qkv + s * T * 3 * D, Wi[1], pr + s * PT, T, H, hd, scale);
-            attn_apply(qkv + s * T * 3 * D, pr + s * PT, w->o + s * T * D, T, H, hd);
+            attn_apply(qkv + s * T * 3 * D, pr + s * PT, md.o + s * T * D, T, H, hd);
         }
-        mm_nt(R, D, D, w->o, WTi[2], a);
+        mm_nt(R, D, D, md.o, WTi[2], a);
         for (int s = 0; s < S; s++)
             gate_sample(h + s * T * D, a + s * T * D, Wi[3], mods_of(net, n0 + s) + 6 * D * i + 2 * D,
-                        w->h1 + s * T * D, T, D);
-        norm_mod_tile(net, T, D, n0, S, 6 * D * i + 3 * D, alpha_of(net, 2 * i + 1), w->h1, w->n2, w->m2, w->r2);
-        mm_nt(R, D, F, w->m2, WTi[4], w->f1);
-        gelu_rows(w->f1, Wi[5], w->g, 0, R, F);
-        mm_nt(R, F, D, w->g, WTi[6], f2);
+                        md.h1 + s * T * D, T, D);
+        norm_mod_tile(net, T, D, n0, S, 6 * D * i + 3 * D, alpha_of(net, 2 * i + 1), md.h1, md.n2, md.m2, md.r2);
+        mm_nt(R, D, F, md.m2, WTi[4], w->f1);
+        float *g = k->g ? k->g + (i * M + r0) * F : w->g;
+        gelu_rows(w->f1, Wi[5], g, k->gd ? k->gd + (i * M + r0) * F : 0, R, F);
+        mm_nt(R, F, D, g, WTi[6], f2);
         for (int s = 0; s < S; s++)
-            gate_sample(w->h1 + s * T * D, f2 + s * T * D, Wi[7], mods_of(net, n0 + s) + 6 * D * i + 5 * D,
+            gate_sample(md.h1 + s * T * D, f2 + s * T * D, Wi[7], mods_of(net, n0 + s) + 6 * D * i + 5 * D,
                         hn + s * T * D, T, D);
         h = hn;
     }
-    norm_mod_tile(net, T, D, n0, S, 6 * D * net->depth, alpha_of(net, 2 * net->depth), h, w->n1, w->m1, w->r1);
-    mm_nt(R, D, net->O, w->m1, net->wt[2], out);
+    Mid mf = mid_of(k, w, net->depth, D);
+    norm_mod_tile(net, T, D, n0, S, 6 * D * net->depth, alpha_of(net, 2 * net->depth), h, mf.n1, mf.m1, mf.r1);
+    mm_nt(R, D, net->O, mf.m1, net->wt[2], out);
     for (int r = 0; r < R; r++)
         for (int c = 0; c < net->O; c++) out[r * net->O + c] += W[3][c];
 }
@@ -589,8 +613,10 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
 
     /* final layer: out = modulate(norm(h)) Wl^T + bl */
     const float *hf = k->hs + (depth * M + r0) * D;
-    norm_mod_tile(net, T, D, n0, S, 6 * D * depth, alpha_of(net, 2 * depth), hf, w->n1, w->m1, w->r1);
-    mm_tn(R, D, O, w->m1, dout, GRAD(2));
+    Mid md = mid_of(k, w, depth, D);
+    if (!k->mid)
+        norm_mod_tile(net, T, D, n0, S, 6 * D * depth, alpha_of(net, 2 * depth), hf, md.n1, md.m1, md.r1);
+    mm_tn(R, D, O, md.m1, dout, GRAD(2));
     colsum_add(dout, R, O, BIAS(3));
     mm_nn(R, O, D, dout, W[2], w->dm);
     for (int s = 0; s < S; s++) {
@@ -598,7 +624,7 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
         float *dmo = w->dms + s * 6 * D;
         i64 off = s * T * D;
         acc->alpha[2 * depth] += norm_mod_bwd_sample(
-            w->dm + off, (norm ? w->n1 : hf) + off, hf + off, rs ? w->r1 + s * T : 0, T, D, net->kind,
+            w->dm + off, (norm ? md.n1 : hf) + off, hf + off, rs ? md.r1 + s * T : 0, T, D, net->kind,
             alpha_of(net, 2 * depth), m + D, dmo, dmo + D, 0, w->dh + off);
     }
     fold_mod(net, w, acc, n0, S, 6 * D * depth, 2 * D, 1);
@@ -609,33 +635,42 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
         const float *pr = k->probs + (i * M + r0) / T * PT;
         float *a = k->a + (i * M + r0) * D, *f2 = k->f2 + (i * M + r0) * D;
         float a1 = alpha_of(net, 2 * i), a2 = alpha_of(net, 2 * i + 1);
-        /* recompute what the forward did not keep: both norms, qkv, the attention output, h1, fc1, gelu */
-        norm_mod_tile(net, T, D, n0, S, 6 * D * i, a1, h, w->n1, w->m1, w->r1);
-        for (int s = 0; s < S; s++) {
-            attn_apply(qkv + s * T * 3 * D, pr + s * PT, w->o + s * T * D, T, H, hd);
-            gate_sample(h + s * T * D, a + s * T * D, 0, mods_of(net, n0 + s) + 6 * D * i + 2 * D,
-                        w->h1 + s * T * D, T, D);
+        /* recompute what the forward did not keep (dit_bwd): both norms, the attention output, h1 */
+        md = mid_of(k, w, i, D);
+        if (!k->mid) {
+            norm_mod_tile(net, T, D, n0, S, 6 * D * i, a1, h, md.n1, md.m1, md.r1);
+            for (int s = 0; s < S; s++) {
+                attn_apply(qkv + s * T * 3 * D, pr + s * PT, md.o + s * T * D, T, H, hd);
+                gate_sample(h + s * T * D, a + s * T * D, 0, mods_of(net, n0 + s) + 6 * D * i + 2 * D,
+                            md.h1 + s * T * D, T, D);
+            }
+            norm_mod_tile(net, T, D, n0, S, 6 * D * i + 3 * D, a2, md.h1, md.n2, md.m2, md.r2);
         }
-        norm_mod_tile(net, T, D, n0, S, 6 * D * i + 3 * D, a2, w->h1, w->n2, w->m2, w->r2);
-        mm_nt(R, D, F, w->m2, WTi[4], w->f1);
-        gelu_rows(w->f1, Wi[5], w->g, w->gd, R, F);
+        float *g = w->g, *gd = w->gd;
+        if (k->g) {  /* kept by the forward */
+            g = k->g + (i * M + r0) * F;
+            gd = k->gd + (i * M + r0) * F;
+        } else {
+            mm_nt(R, D, F, md.m2, WTi[4], w->f1);
+            gelu_rows(w->f1, Wi[5], g, gd, R, F);
+        }
         /* MLP branch: h = h1 + gate2 * fc2(gelu(fc1(modulate(norm2(h1))))) */
         for (int s = 0; s < S; s++)
             gate_bwd_sample(w->dh + s * T * D, f2 + s * T * D, mods_of(net, n0 + s) + 6 * D * i + 5 * D,
                             w->d1 + s * T * D, w->dms + s * 6 * D + 5 * D, T, D);
         colsum_add(w->d1, R, D, BIAS(j + 7));
-        mm_tn(R, F, D, w->g, w->d1, GRAD(j + 6));
+        mm_tn(R, F, D, g, w->d1, GRAD(j + 6));
         mm_nn(R, D, F, w->d1, Wi[6], w->dg);
-        for (i64 e = 0; e < (i64)R * F; e++) w->df[e] = w->dg[e] * w->gd[e];
+        for (i64 e = 0; e < (i64)R * F; e++) w->df[e] = w->dg[e] * gd[e];
         colsum_add(w->df, R, F, BIAS(j + 5));
-        mm_tn(R, D, F, w->m2, w->df, GRAD(j + 4));
+        mm_tn(R, D, F, md.m2, w->df, GRAD(j + 4));
         mm_nn(R, F, D, w->df, Wi[4], w->dm);
         for (int s = 0; s < S; s++) {
             const float *m = mods_of(net, n0 + s) + 6 * D * i + 3 * D;
             float *dmo = w->dms + s * 6 * D + 3 * D;
             i64 off = s * T * D;
             acc->alpha[2 * i + 1] += norm_mod_bwd_sample(
-                w->dm + off, (norm ? w->n2 : w->h1) + off, w->h1 + off, rs ? w->r2 + s * T : 0, T, D,
+                w->dm + off, (norm ? md.n2 : md.h1) + off, md.h1 + off, rs ? md.r2 + s * T : 0, T, D,
                 net->kind, a2, m + D, dmo, dmo + D, w->dh + off, w->dh1 + off);
         }
         /* attention branch: h1 = h + gate1 * proj(attn(qkv(modulate(norm1(h))))) */
@@ -643,20 +678,20 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
             gate_bwd_sample(w->dh1 + s * T * D, a + s * T * D, mods_of(net, n0 + s) + 6 * D * i + 2 * D,
                             w->d1 + s * T * D, w->dms + s * 6 * D + 2 * D, T, D);
         colsum_add(w->d1, R, D, BIAS(j + 3));
-        mm_tn(R, D, D, w->o, w->d1, GRAD(j + 2));
+        mm_tn(R, D, D, md.o, w->d1, GRAD(j + 2));
         mm_nn(R, D, D, w->d1, Wi[2], w->d2);
         for (int s = 0; s < S; s++)
             attn_bwd_sample(w->d2 + s * T * D, qkv + s * T * 3 * D, pr + s * PT, w->dqkv + s * T * 3 * D,
                             T, H, hd, scale);
         colsum_add(w->dqkv, R, 3 * D, BIAS(j + 1));
-        mm_tn(R, D, 3 * D, w->m1, w->dqkv, GRAD(j));
+        mm_tn(R, D, 3 * D, md.m1, w->dqkv, GRAD(j));
         mm_nn(R, 3 * D, D, w->dqkv, Wi[0], w->dm);
         for (int s = 0; s < S; s++) {
             const float *m = mods_of(net, n0 + s) + 6 * D * i;
             float *dmo = w->dms + s * 6 * D;
             i64 off = s * T * D;
             acc->alpha[2 * i] += norm_mod_bwd_sample(
-                w->dm + off, (norm ? w->n1 : h) + off, h + off, rs ? w->r1 + s * T : 0, T, D, net->kind, a1,
+                w->dm + off, (norm ? md.n1 : h) + off, h + off, rs ? md.r1 + s * T : 0, T, D, net->kind, a1,
                 m + D, dmo, dmo + D, w->dh1 + off, w->dh + off);
         }
         fold_mod(net, w, acc, n0, S, 6 * D * i, 6 * D, 0);
@@ -819,7 +854,8 @@ int dit_train(const Net *net, cfp xp, cfp x0, cfp xt, cfp noise, cfp lc, cfp giv
     int failed = 0;
     i64 R = (i64)net->tile * net->T, D = net->D, depth = net->depth;
     i64 arena_size = (depth + 1) * R * D + depth * R * 3 * D + 2 * depth * R * D
-                     + depth * net->tile * net->H * net->T * net->T;
+                     + depth * net->tile * net->H * net->T * net->T + 2 * depth * R * net->F
+                     + (depth + 1) * MID_SIZE(R, D);
     Accs accs;
     if (accs_new(net, &accs)) return -1;
     #pragma omp parallel num_threads(nth) reduction(|: failed)
@@ -835,6 +871,9 @@ int dit_train(const Net *net, cfp xp, cfp x0, cfp xt, cfp noise, cfp lc, cfp giv
             k.a = k.qkv + depth * R * 3 * D;
             k.f2 = k.a + depth * R * D;
             k.probs = k.f2 + depth * R * D;
+            k.g = k.probs + depth * net->tile * net->H * net->T * net->T;
+            k.gd = k.g + depth * R * net->F;
+            k.mid = k.gd + depth * R * net->F;
             k.M = R;
         }
         #pragma omp for schedule(static)

@@ -7,11 +7,15 @@ several passes over (N T, D) activations in memory, and autograd adds as many ag
 How: `TiledKernels` (the default) runs the whole network in C (`fused_dit.c`, compiled once with the
 system C compiler, cached, loaded with ctypes), a tile of 64 samples at a time: the tile goes through every
 layer while its activations stay in the core's cache, and its matmuls run there too, in a register-blocked
-micro-kernel. The backward recomputes the cheap parts of a tile instead of reading them back from memory,
-and folds the adaLN weight gradient in tile by tile. Measured on the 2-core CI machine (ToyDiT/1, batch
-2048): 2.5x the official-style step (benchmarks/README.md).
+micro-kernel. For training with DiT's hybrid loss (`fused_hybrid_loss`) each tile's forward, loss and
+backward run back to back, the tile's activations kept in a per-thread arena in cache meanwhile, and the
+adaLN weight gradient is folded in tile by tile. Measured on the 2-core CI machine (ToyDiT/1, batch 2048):
+~3x the official-style step (benchmarks/README.md).
 
 What it provides:
+- `fused_hybrid_loss(model, diffusion)`: loss(x_start, t, noise, y) = diffusion.training_losses(model, ...)
+  ["loss"].mean() as one autograd node (`HybridLossFunction`) whose forward computes every gradient in one C
+  call (`TiledKernels.dit_train`); what the CPU training step uses.
 - `fused_model(model)`: a callable with the model's signature, model(x_t, t, y), that runs the whole DiT as
   one autograd node (`DiTFunction`); the loss around it stays `diffusion.training_losses`.
 - `TiledKernels`: the whole-network C path, and `sampler()`, one C call per ancestral step (toy_sampler.py).
@@ -332,15 +336,19 @@ class TiledKernels(CKernels):
     """The whole DiT forward and backward in C, a tile of samples at a time (fused_dit.c, part 3).
 
     A tile's activations stay in the core's cache from the first layer to the last, and its matmuls run
-    on them there (a register-blocked C micro-kernel). Only block inputs, qkv, the two branch outputs and
-    the attention probabilities are written out; the backward recomputes the rest of a tile in cache (see
-    `Net` in fused_dit.c). Inherits the modular kernels."""
+    on them there (a register-blocked C micro-kernel). `dit_forward`/`dit_backward` (fused_model): only
+    block inputs, qkv, the two branch outputs and the attention probabilities are written out, and the
+    backward recomputes the rest of a tile in cache (see `Net` in fused_dit.c). `dit_train`: every
+    activation of a tile stays in a per-thread arena between its forward and its backward, nothing is
+    recomputed. Inherits the modular kernels."""
 
     name = "tiled-cpu"
 
     def __init__(self, lib, rows=256):
         super().__init__(lib)
-        self.rows = rows  # rows (tokens) per tile: ~2.8 MB of scratch per thread for ToyDiT/1
+        # rows (tokens) per tile: for ToyDiT/1 ~2.8 MB of scratch per thread, and ~5.8 MB more of
+        # dit_train's arena (which lives in L3 here: measured no slower than 128 rows, faster than 64)
+        self.rows = rows
 
     def _args(self, plan, N, weights, alphas, pos_embed, mods, bufs, keep):
         """NetArgs for one call; `keep` collects the objects whose memory the C side reads."""
@@ -741,9 +749,11 @@ class HybridLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         c, dsilu, dw_mod, db_mod, *grads = ctx.saved_tensors
-        dc = torch.ops.aten.silu_backward(dsilu * grad_loss, c)
-        return (None, None, None, None, None, None, dc, None, dw_mod * grad_loss, db_mod * grad_loss,
-                *[g * grad_loss for g in grads])
+        if grad_loss.item() != 1.0:  # (a CPU scalar: no sync) loss.backward() passes 1
+            dsilu, dw_mod, db_mod = dsilu * grad_loss, dw_mod * grad_loss, db_mod * grad_loss
+            grads = [g * grad_loss for g in grads]
+        dc = torch.ops.aten.silu_backward(dsilu, c)
+        return (None, None, None, None, None, None, dc, None, dw_mod, db_mod, *grads)
 
 
 def fused_hybrid_loss(model, diffusion, plan=None, kern=None):
@@ -757,8 +767,7 @@ def fused_hybrid_loss(model, diffusion, plan=None, kern=None):
         raise ValueError(f"fused_hybrid_loss cannot run here: {reason}")
 
     def loss(x_start, t, noise, y):
-        model_t = diffusion._model_timesteps(t)
-        c = model.t_embedder(model_t) + model.y_embedder(y, model.training)  # (N, D)
+        c = model.t_embedder(diffusion._model_timesteps(t)) + model.y_embedder(y, model.training)  # (N, D)
         w_mod, b_mod = DiTPlan.modulation(model)
         return HybridLossFunction.apply(plan, kern, diffusion, x_start.contiguous(), t, noise.contiguous(), c,
                                         model.pos_embed, w_mod, b_mod, *DiTPlan.weights(model))

@@ -218,6 +218,20 @@ def test_fused_hybrid_loss_with_two_threads_matches_one_thread():
         assert_grads_close(grads2, want)
 
 
+@pytest.mark.skipif(LIB is None, reason="needs the C kernels")
+def test_fused_hybrid_loss_scales_its_gradients_by_the_incoming_one():
+    # The forward computes the gradients of the mean loss; a caller may weight the loss.
+    diffusion = create_diffusion("")
+    model = perturbed(build_model("ToyDiT-XS/1"))
+    kern = fused_dit.TiledKernels(LIB)
+    batch = toy_batch(10)
+    loss, grads = fused_loss_and_grads(model, diffusion, batch, kern)
+    model.zero_grad(set_to_none=True)
+    (-2.5 * fused_dit.fused_hybrid_loss(model, diffusion, kern=kern)(*batch)).backward()
+    scaled = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert_grads_close(scaled, {n: -2.5 * g for n, g in grads.items()}, rtol=1e-5)
+
+
 def test_other_losses_keep_training_losses():
     kl = create_diffusion("", use_kl=True)
     assert "hybrid loss" in fused_dit.hybrid_loss_supported(kl)
