@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MAX_FAST_TOKENS = 64  # the C attention keeps one sample's scores on the stack; more tokens: plain path
+MAX_DEPTH = 64  # the gradient offsets of fused_dit.c's Accs
 NORM_CODES = {"none": 0, "layernorm": 1, "rmsnorm": 2, "dyt": 3}
 
 # The C source (fused_dit.c): rows are tokens (M = N * T), columns features. Per-sample adaLN vectors live
@@ -518,6 +519,8 @@ class DiTPlan:
             self.reason = "parameters not float32 on the CPU"
         elif model.pos_embed.requires_grad:
             self.reason = "trainable pos_embed"
+        elif len(blocks) > MAX_DEPTH:
+            self.reason = f"{len(blocks)} blocks (the fused path handles up to {MAX_DEPTH})"
         else:
             self.kind, self.eps = codes.pop()
             self.depth = len(blocks)
