@@ -117,18 +117,25 @@ def test_kernels_stay_finite_and_exact_far_in_the_tails(kern):
 
 
 @pytest.mark.skipif(LIB is None, reason="needs the C kernels")
-def test_tiled_path_with_two_threads_matches_one_thread():
+@pytest.mark.parametrize("path", ["fused_model", "fused_hybrid_loss"])
+def test_tiled_path_with_two_threads_matches_one_thread(path):
     # Two threads split the tiles and sum their weight gradients in thread order; a 2-sample batch leaves
     # each thread one tile of one sample, a 1-sample batch one thread idle (and its patches a strided view).
     diffusion = create_diffusion("")
-    model = perturbed(build_model("ToyDiT/1", norm="layernorm"))
+    model = perturbed(build_model("ToyDiT/1", norm="layernorm" if path == "fused_model" else "dyt"))
     kern = fused_dit.TiledKernels(LIB, rows=24)
+
+    def run(batch):
+        if path == "fused_model":
+            return loss_and_grads(model, fused_dit.fused_model(model, kern=kern), diffusion, batch)
+        return fused_loss_and_grads(model, diffusion, batch, kern)
+
     for n in (50, 2, 1):
         batch = toy_batch(n, seed=n)
         results = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            results.append(loss_and_grads(model, fused_dit.fused_model(model, kern=kern), diffusion, batch))
+            results.append(run(batch))
         torch.set_num_threads(1)
         (loss1, grads1), (loss2, grads2) = results
         assert torch.allclose(loss1, loss2, rtol=1e-6, atol=0)
@@ -196,26 +203,6 @@ def test_fused_hybrid_loss_matches_training_losses(norm, diffusion_args):
         got_loss, got = fused_loss_and_grads(model, diffusion, sub, kern)
         assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=0)
         assert_grads_close(got, want)
-
-
-@pytest.mark.skipif(LIB is None, reason="needs the C kernels")
-def test_fused_hybrid_loss_with_two_threads_matches_one_thread():
-    diffusion = create_diffusion("")
-    model = perturbed(build_model("ToyDiT/1", norm="dyt"))
-    kern = fused_dit.TiledKernels(LIB, rows=24)
-    for n in (50, 2, 1):
-        batch = toy_batch(n, seed=n)
-        results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(fused_loss_and_grads(model, diffusion, batch, kern))
-        torch.set_num_threads(1)
-        (loss1, grads1), (loss2, grads2) = results
-        assert torch.allclose(loss1, loss2, rtol=1e-6, atol=0)
-        assert_grads_close(grads2, grads1, rtol=1e-5)
-        want_loss, want = loss_and_grads(model, model, diffusion, batch)
-        assert torch.allclose(loss2, want_loss, rtol=1e-5, atol=0)
-        assert_grads_close(grads2, want)
 
 
 @pytest.mark.skipif(LIB is None, reason="needs the C kernels")
