@@ -795,7 +795,7 @@ int dit_bwd(const Net *net, cfp xp, cfp dout, float *const *grads, fp dalpha, fp
 
 /* ================================================================= training: forward, loss, backward a tile at a time */
 
-/* The per-sample loss coefficients of dit_train, LC floats a sample (Loss.COLUMNS in fused_dit.py). */
+/* The per-sample loss coefficients of dit_train, LC floats a sample (LOSS_COLUMNS in fused_dit.py). */
 enum { LC_RECIP, LC_RECIPM1, LC_C1, LC_C2, LC_MINLOG, LC_MAXLOG, LC_VBW, LC_GIVEN, LC };
 
 /* diffusion.training_losses' hybrid loss (eps prediction, learned-range variance) of the S samples of a tile
