@@ -201,6 +201,27 @@ def error_stats(samples):
                 nonfinite=int(a.size - finite.size))
 
 
+def pixel_errors(samples):
+    """(N, C, H, W) samples -> {"abs_x": |x|, "dev_const": |x - mean of its sample|}, each (N, C*H*W).
+
+    abs_x is the error on constant-zero data. On constant data (train_toy.py --data constant) a sample has
+    no true constant to compare with; dev_const, its distance from the nearest constant image, is the
+    error there."""
+    x = np.asarray(samples, dtype=np.float64).reshape(len(samples), -1)  # (N, P)
+    return {"abs_x": np.abs(x), "dev_const": np.abs(x - x.mean(axis=1, keepdims=True))}
+
+
+def ks_uniform(values, low, high):
+    """Kolmogorov-Smirnov distance between the finite values' empirical CDF and U[low, high]."""
+    v = np.asarray(values, dtype=np.float64)
+    v = np.sort(v[np.isfinite(v)])
+    if v.size == 0:
+        return float("nan")
+    cdf = np.clip((v - low) / (high - low), 0.0, 1.0)
+    i = np.arange(1, v.size + 1)
+    return float(max(np.max(i / v.size - cdf), np.max(cdf - (i - 1) / v.size)))
+
+
 def format_error_table(rows):
     """Markdown table of dicts with keys model, step, num_samples, mean, median, max (and weights)."""
     lines = ["| model | step | weights | samples | mean abs x | median abs x | max abs x | non-finite |",

@@ -1,7 +1,10 @@
 """Sample a trained DiT.
 
-Toy checkpoints (ToyDiT, 2x2x2 constant-zero data): N seeded samples saved as .npz, error statistics
-printed (the data is exactly 0, so |x| is the error), optionally the 2-D pixel scatter.
+Toy checkpoints (ToyDiT, 2x2x2 images): N seeded samples saved as .npz, error statistics printed,
+optionally the 2-D pixel scatter. The error is |x| for a model trained on constant-zero data (the default
+of train_toy.py), and |x - mean(x)|, each pixel's distance from its own sample's mean (the nearest constant
+image), for one trained with --data constant, whose sample means should follow U[-1, 1] (their
+Kolmogorov-Smirnov distance to it is printed too).
 
     python sample.py --ckpt results/000-ToyDiT-1-layernorm/checkpoints/0010000.pt --scatter toy.png
 
@@ -21,10 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from checkpoint import OFFICIAL_CHECKPOINTS, CheckpointError, load_model
+from checkpoint import OFFICIAL_CHECKPOINTS, CheckpointError, load_model, read_checkpoint
 from diffusion import create_diffusion
 from models import TOY_MODELS
 from toy_sampler import sample_toy
+from train_toy import CONSTANT_RANGE
 
 VAE_SCALE = 0.18215  # latents were scaled by this factor for training (Stable Diffusion's constant)
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -116,13 +120,24 @@ def sample_toy_checkpoint(model, config, args):
 
     import analysis  # matplotlib is only needed here
 
-    stats = analysis.error_stats(samples)
+    # the data the model was trained on (train_toy.py --data); checkpoints without it are zeros runs
+    data = (read_checkpoint(args.ckpt).get("train_args") or {}).get("data", "zeros")
+    errors = analysis.pixel_errors(samples)
+    if data == "constant":
+        label, stats = "|x - mean(x)|", analysis.error_stats(errors["dev_const"])
+        stats["ks_c"] = analysis.ks_uniform(samples.reshape(len(samples), -1).mean(1), *CONSTANT_RANGE)
+    else:
+        label, stats = "|x|", analysis.error_stats(errors["abs_x"])
     out = Path(args.out or f"results/samples/{Path(args.ckpt).stem}-{config['norm']}-seed{args.seed}.npz")
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, samples=samples, seed=args.seed, ckpt=str(args.ckpt), num_sampling_steps=steps, **stats)
-    print(f"{config['model']} norm={config['norm']}: {num_samples} samples, {steps} steps, seed {args.seed}")
-    print(f"|x| mean {stats['mean']:.3e}  median {stats['median']:.3e}  max {stats['max']:.3e}"
+    np.savez(out, samples=samples, seed=args.seed, ckpt=str(args.ckpt), num_sampling_steps=steps, data=data,
+             error=label, **stats)
+    print(f"{config['model']} norm={config['norm']} ({data} data): {num_samples} samples, {steps} steps, "
+          f"seed {args.seed}")
+    print(f"{label} mean {stats['mean']:.3e}  median {stats['median']:.3e}  max {stats['max']:.3e}"
           + (f"  ({stats['nonfinite']} non-finite values left out)" if stats["nonfinite"] else ""))
+    if data == "constant":
+        print(f"sample means vs U{list(CONSTANT_RANGE)}: Kolmogorov-Smirnov distance {stats['ks_c']:.3f}")
     print(f"saved {out}")
     if args.scatter:
         fig = analysis.plot_toy_scatter({f"norm={config['norm']}": samples}, title=str(args.ckpt))

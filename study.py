@@ -58,8 +58,10 @@ import train_toy  # noqa: E402
 from analysis import (  # noqa: E402
     capture_block_outputs,
     error_stats,
+    ks_uniform,
     noised_inputs,
     outlier_stats,
+    pixel_errors,
     run_checkpoints,
 )
 from checkpoint import load_model  # noqa: E402
@@ -140,23 +142,6 @@ def parse_args(argv=None):
 #################################################################################
 
 
-def pixel_errors(samples):
-    """(N, C, H, W) samples -> {"abs_x": |x|, "dev_const": |x - mean of its sample|}, each (N, C*H*W)."""
-    x = np.asarray(samples, dtype=np.float64).reshape(len(samples), -1)  # (N, P)
-    return {"abs_x": np.abs(x), "dev_const": np.abs(x - x.mean(axis=1, keepdims=True))}
-
-
-def ks_uniform(values, low=train_toy.CONSTANT_RANGE[0], high=train_toy.CONSTANT_RANGE[1]):
-    """Kolmogorov-Smirnov distance between the finite values' empirical CDF and U[low, high]."""
-    v = np.asarray(values, dtype=np.float64)
-    v = np.sort(v[np.isfinite(v)])
-    if v.size == 0:
-        return float("nan")
-    cdf = np.clip((v - low) / (high - low), 0.0, 1.0)
-    i = np.arange(1, v.size + 1)
-    return float(max(np.max(i / v.size - cdf), np.max(cdf - (i - 1) / v.size)))
-
-
 def seed_spread(values):
     """(median, min, max) over seeds of the finite values; nan if there are none."""
     v = np.asarray(values, dtype=np.float64)
@@ -228,7 +213,7 @@ def checkpoint_rows(samples, data, norm, seed, step):
         if data == "constant" and measure == "abs_x":
             continue  # |x| is no error when the data is not 0
         rows.append(dict(data=data, measure=measure, norm=norm, seed=seed, step=step, **error_stats(errors),
-                         ks_c=ks_uniform(means) if data == "constant" else np.nan))
+                         ks_c=ks_uniform(means, *train_toy.CONSTANT_RANGE) if data == "constant" else np.nan))
     return rows
 
 

@@ -26,10 +26,10 @@ def perturb_zero_init(model, seed=0, std=0.02):
     return model
 
 
-def save_model(model, name, path, step=0):
+def save_model(model, name, path, step=0, train_args=None):
     """Save a model in this repository's checkpoint format."""
     save_checkpoint({"format": FORMAT, "config": {"model": name, **model.config}, "model": model.state_dict(),
-                     "ema": model.state_dict(), "step": step, "train_args": {}}, path)
+                     "ema": model.state_dict(), "step": step, "train_args": train_args or {}}, path)
     return Path(path)
 
 
@@ -83,7 +83,24 @@ def test_toy_samples_npz_and_stats(files, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"max {a.max():.3e}" in printed and f"median {np.median(a):.3e}" in printed
     assert f"mean {a.mean():.3e}" in printed
+    assert "(zeros data)" in printed and f"|x| mean {a.mean():.3e}" in printed
     assert scatter.stat().st_size > 0
+
+
+def test_constant_data_checkpoint_reports_the_distance_to_a_constant_image(tmp_path, capsys):
+    # |x| is no error for a model trained on c * ones: its samples should be constant images, c ~ U[-1, 1].
+    model = perturb_zero_init(build_model("ToyDiT-XS/1"), seed=3)
+    ckpt = save_model(model, "ToyDiT-XS/1", tmp_path / "c.pt", train_args={"data": "constant"})
+    out = tmp_path / "c.npz"
+    sample.main(["--ckpt", str(ckpt), "--num-samples", "6", "--num-sampling-steps", "5", "--out", str(out)])
+    data = np.load(out)
+    x = data["samples"].reshape(6, -1)
+    dev = np.abs(x - x.mean(1, keepdims=True))
+    printed = capsys.readouterr().out
+    assert "(constant data)" in printed and "|x| mean" not in printed
+    assert f"|x - mean(x)| mean {dev.mean():.3e}  median {np.median(dev):.3e}  max {dev.max():.3e}" in printed
+    assert str(data["data"]) == "constant" and 0 < float(data["ks_c"]) <= 1
+    assert f"Kolmogorov-Smirnov distance {float(data['ks_c']):.3f}" in printed
 
 
 def test_latent_cfg_grid_with_local_vae(files, tmp_path, capsys):

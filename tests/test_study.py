@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import analysis
 import study
 from models import build_model
 
@@ -22,15 +23,15 @@ def test_error_stats_on_a_hand_made_array():
 def test_pixel_errors_and_ks_distance():
     samples = np.array([[[[1.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]],  # a constant image: deviation 0
                         [[[2.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]])  # (2, 2, 2, 2), mean 0.25
-    errors = study.pixel_errors(samples)
+    errors = analysis.pixel_errors(samples)
     assert errors["abs_x"].shape == errors["dev_const"].shape == (2, 8)
     assert np.all(errors["dev_const"][0] == 0) and errors["abs_x"][0].max() == 1.0
     assert errors["dev_const"][1].max() == pytest.approx(1.75)
     assert errors["dev_const"][1].min() == pytest.approx(0.25)
     # Evenly spread points sit 1/(2n) from the uniform CDF; a point mass at 0 is 1/2 away.
     n = 50
-    assert study.ks_uniform((np.arange(n) + 0.5) / n * 2 - 1) == pytest.approx(0.5 / n)
-    assert study.ks_uniform(np.zeros(10)) == pytest.approx(0.5)
+    assert analysis.ks_uniform((np.arange(n) + 0.5) / n * 2 - 1, -1, 1) == pytest.approx(0.5 / n)
+    assert analysis.ks_uniform(np.zeros(10), -1, 1) == pytest.approx(0.5)
 
 
 def test_seed_spread_and_checkpoint_steps():
