@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_sample import make_toy_runs, perturb_zero_init
+from builders import make_toy_runs, perturb_zero_init
 
 import analysis
 from checkpoint import CheckpointError

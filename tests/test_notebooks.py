@@ -4,7 +4,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from test_sample import make_latent_checkpoint, make_toy_runs, save_model
+from builders import make_latent_checkpoint, make_toy_runs, save_model
 
 import reproduce
 from models import build_model
