@@ -416,19 +416,39 @@ class TiledKernels(CKernels):
             grads += [g.view_as(a) for g, a in zip(dalpha, weights[nw:], strict=True)]
         return dsilu, dw_mod, db_mod, grads
 
-    def dit_train(self, plan, x_t, x_start, noise, lc, given_loss, given_dvb, mods, silu_c, w_mod, pos_embed,
+    def train_args(self, plan, N, weights, pos_embed, mods):
+        """The C arguments of one training step (weights transposed once), for dit_train and forward_rows."""
+        self._sync_threads()
+        alphas = _alphas(plan, weights)
+        keep = [alphas]
+        return self._args(plan, N, weights, alphas, pos_embed, mods, None, keep), keep
+
+    def forward_rows(self, plan, prepared, x, mods):
+        """The network's output (n, C_out, H, W) for a few samples x with their adaLN vectors mods (n, K),
+        reusing a step's prepared arguments (train_args)."""
+        args = NetArgs.from_buffer_copy(prepared[0])
+        n = args.N = x.shape[0]
+        args.tile = max(1, min(self.rows // plan.tokens, -(-n // self.threads)))
+        args.mods, args.ms = mods.data_ptr(), _row_stride(mods)
+        xp, out = _patches(plan, x).contiguous(), x.new_empty(n * plan.tokens, plan.out_dim)
+        if self.lib.dit_fwd(ctypes.byref(args), _ptr(xp), _ptr(out)):
+            raise MemoryError("fused DiT forward: no memory for the per-thread scratch")
+        return _unpatch(plan, out, n)
+
+    def dit_train(self, plan, prepared, x_t, x_start, noise, lc, given_loss, given_dvb, silu_c, w_mod,
                   weights):
         """Forward, hybrid loss and backward in one C call, a tile at a time (dit_train in fused_dit.c).
 
-        lc: (N, len(LOSS_COLUMNS)) per-sample loss coefficients; given_loss (G,), given_dvb (G, C, H, W): the
-        VB term and its gradient of the samples whose lc "given" column is 1 .. G. Returns the (N,) losses
-        and, for sum(losses) / N, (d silu_c, d w_mod, d b_mod, [d weight for weights])."""
+        prepared: train_args(plan, N, weights, pos_embed, mods). lc: (N, len(LOSS_COLUMNS)) per-sample loss
+        coefficients; given_loss (G,), given_dvb (G, C, H, W): the VB term and its gradient of the samples
+        whose lc "given" column is 1 .. G. Returns the (N,) losses and, for sum(losses) / N, (d silu_c,
+        d w_mod, d b_mod, [d weight for weights])."""
         self._sync_threads()
         N = x_t.shape[0]
         xp = _patches(plan, x_t).contiguous()
-        alphas = _alphas(plan, weights)
-        keep = [alphas]
-        args = self._args(plan, N, weights, alphas, pos_embed, mods, None, keep)
+        args, keep = prepared
+        alphas = keep[0]
+        assert args.N == N
         nw = 4 + 8 * plan.depth
         grads = [torch.empty_like(w) for w in weights[:nw]]
         dalpha = None if alphas is None else torch.empty_like(alphas)
@@ -733,10 +753,11 @@ class HybridLossFunction(torch.autograd.Function):
         lc[:, 6] = vb_weight
         rows = (t == 0).nonzero(as_tuple=True)[0]
         given_loss, given_dvb = x_start.new_zeros(1), x_start.new_zeros(1)
+        prepared = kern.train_args(plan, N, weights, pos_embed, mods)
         if len(rows):
             lc[rows, 7] = torch.arange(1, len(rows) + 1, dtype=lc.dtype)
             with torch.enable_grad():
-                out = dit_forward(plan, kern, x_t[rows], mods[rows], pos_embed, weights)
+                out = kern.forward_rows(plan, prepared, x_t[rows], mods[rows])
                 C = x_start.shape[1]
                 var_out = out[:, C:].detach().requires_grad_(True)
                 row_coefs = type(coefs)._make(column[rows] for column in coefs)
@@ -745,7 +766,7 @@ class HybridLossFunction(torch.autograd.Function):
                 (given_dvb,) = torch.autograd.grad(vb.sum() / N, var_out)
             given_loss = vb.detach()
         losses, dsilu, dw_mod, db_mod, grads = kern.dit_train(
-            plan, x_t, x_start, noise, lc, given_loss, given_dvb, mods, silu_c, w_mod, pos_embed, weights)
+            plan, prepared, x_t, x_start, noise, lc, given_loss, given_dvb, silu_c, w_mod, weights)
         ctx.save_for_backward(c, dsilu, dw_mod, db_mod, *grads)
         return losses.mean()
 
