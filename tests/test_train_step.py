@@ -161,12 +161,14 @@ def test_tiled_path_shapes_other_than_the_toys(name, overrides):
     g = torch.Generator().manual_seed(6)
     shape = (7, cfg["in_channels"], cfg["input_size"], cfg["input_size"])
     batch = (torch.randn(shape, generator=g), t, torch.randn(shape, generator=g), y % cfg["num_classes"])
-    torch.manual_seed(0)  # the same label dropout (drawn from the global generator) in both runs
+    torch.manual_seed(0)  # the same label dropout (drawn from the global generator) in every run
     want_loss, want = loss_and_grads(model, model, diffusion, batch)
-    torch.manual_seed(0)
-    got_loss, got = loss_and_grads(model, fused_dit.fused_model(model, kern=kern), diffusion, batch)
-    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=0)
-    assert_grads_close(got, want)
+    for run in (lambda: loss_and_grads(model, fused_dit.fused_model(model, kern=kern), diffusion, batch),
+                lambda: fused_loss_and_grads(model, diffusion, batch, kern)):  # also the loss's patch layout
+        torch.manual_seed(0)
+        got_loss, got = run()
+        assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=0)
+        assert_grads_close(got, want)
 
 
 def fused_loss_and_grads(model, diffusion, batch, kern):
