@@ -713,14 +713,15 @@ static void tile_bwd_any(const Net *net, Work *w, Acc *acc, const Keep *k, i64 n
 
 /* Every thread's gradient accumulators (weights, biases, dyt alphas, adaLN weight and bias), with the
    offsets of the weights in them; summed over threads in thread order by accs_finish. */
-typedef struct { i64 off[4 + 8 * 64 + 1], total, K; float *all, *wm; double *bias, *alpha, *bm; } Accs;
+#define MAX_DEPTH 64  /* fused_dit.MAX_DEPTH: DiTPlan sends deeper models elsewhere */
+typedef struct { i64 off[4 + 8 * MAX_DEPTH + 1], total, K; float *all, *wm; double *bias, *alpha, *bm; } Accs;
 
 static int accs_new(const Net *net, Accs *a) {
     int nw = 4 + 8 * net->depth, na = 2 * net->depth + 1;
     i64 D = net->D, F = net->F, P = net->P, O = net->O;
     i64 sizes[4] = {D * P, D, O * D, O};
     i64 blk[8] = {3 * D * D, 3 * D, D * D, D, F * D, F, D * F, D};
-    if (net->depth > 64) return -1;
+    if (net->depth > MAX_DEPTH) return -1;
     a->K = 6 * D * net->depth + 2 * D;
     a->off[0] = 0;
     for (int j = 0; j < nw; j++) a->off[j + 1] = a->off[j] + (j < 4 ? sizes[j] : blk[(j - 4) % 8]);
@@ -795,6 +796,11 @@ int dit_bwd(const Net *net, cfp xp, cfp dout, float *const *grads, fp dalpha, fp
 
 /* ================================================================= training: forward, loss, backward a tile at a time */
 
+/* Where pixel (y, u) of an image (patch p, G patches a side) sits among its sample's patch rows: the
+   token, and the position inside the patch, in patchify's and the final linear's (p, p, channel) order. */
+INLINE int pixel_token(int y, int u, int p, int G) { return (y / p) * G + u / p; }
+INLINE int pixel_in_patch(int y, int u, int p) { return (y % p) * p + u % p; }
+
 /* The per-sample loss coefficients of dit_train, LC floats a sample (LOSS_COLUMNS in fused_dit.py). */
 enum { LC_RECIP, LC_RECIPM1, LC_C1, LC_C2, LC_MINLOG, LC_MAXLOG, LC_VBW, LC_GIVEN, LC };
 
@@ -819,7 +825,7 @@ static void tile_loss(const Net *net, i64 n0, int S, cfp out, cfp x0, cfp xt, cf
         for (int ch = 0; ch < C; ch++)
             for (int y = 0; y < W; y++)
                 for (int u = 0; u < W; u++) {
-                    i64 row = (i64)s * T + (y / p) * G + u / p, col = ((y % p) * p + u % p) * 2 * C;
+                    i64 row = (i64)s * T + pixel_token(y, u, p, G), col = pixel_in_patch(y, u, p) * 2 * C;
                     const float *o = out + row * O + col;
                     float *d = dout + row * O + col;
                     i64 e = ((n * C + ch) * W + y) * W + u;
@@ -906,7 +912,7 @@ int dit_sample_step(const Net *net, fp x, cfp z, cfp coef, fp xp, fp out) {
         for (int c = 0; c < C; c++)
             for (int y = 0; y < W; y++)
                 for (int u = 0; u < W; u++)
-                    xp[(n * T + (y / p) * G + u / p) * P + c * p * p + (y % p) * p + u % p] =
+                    xp[(n * T + pixel_token(y, u, p, G)) * P + c * p * p + pixel_in_patch(y, u, p)] =
                         x[((n * C + c) * W + y) * W + u];
     int rc = dit_fwd(net, xp, out);
     if (rc) return rc;  /* x is left as it was */
@@ -916,7 +922,8 @@ int dit_sample_step(const Net *net, fp x, cfp z, cfp coef, fp xp, fp out) {
         for (int c = 0; c < C; c++)
             for (int y = 0; y < W; y++)
                 for (int u = 0; u < W; u++) {
-                    const float *o = out + (n * T + (y / p) * G + u / p) * O + ((y % p) * p + u % p) * 2 * C;
+                    const float *o = out + (n * T + pixel_token(y, u, p, G)) * O
+                                     + pixel_in_patch(y, u, p) * 2 * C;
                     i64 e = ((n * C + c) * W + y) * W + u;
                     float eps = o[c], v = o[C + c], xv = x[e];
                     float pred = recip * xv - recipm1 * eps;
