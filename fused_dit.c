@@ -415,6 +415,9 @@ typedef struct {
        in tile by tile (the (N, K) gradient of the modulation is never written out); dsilu: (N, D) output */
     const float *silu, *wmod;
     float *dsilu;
+    /* dit_train only: the adaLN weight transposed (D, K) and bias (K), from which each tile computes its own
+       adaLN vectors silu(c) wmod^T + bmod (mods is NULL there) */
+    const float *wmodt, *bmod;
 } Net;
 
 /* mm_nt: C (R, n) = A (R, k) W^T, given Wt = W^T (k, n). mm_nn: C (R, k) = G (R, n) W with W (n, k).
@@ -428,17 +431,20 @@ typedef struct {
     float *n1, *m1, *n2, *m2, *o, *h1, *ha, *hb, *g, *r1, *r2;       /* forward, and recomputed in bwd */
     float *qkv, *a, *f1, *f2, *probs;                                 /* inference: nothing is saved */
     float *dh, *dh1, *dm, *d1, *d2, *dqkv, *dg, *df, *gd, *dms;       /* backward */
-    float *out, *dout;                                                /* dit_train: the tile's output, d loss */
+    float *out, *dout, *mods;              /* dit_train: the tile's output, d loss, adaLN vectors (tile, K) */
     float *block;
 } Work;
-_Static_assert(offsetof(Work, block) == 28 * sizeof(float *), "work_new fills the 28 pointers in order");
+_Static_assert(offsetof(Work, block) == 29 * sizeof(float *), "work_new fills the 29 pointers in order");
+
+/* K, the adaLN vectors of a sample: 6 D per block and 2 D for the final layer */
+static i64 mods_width(const Net *net) { return 6 * (i64)net->D * net->depth + 2 * (i64)net->D; }
 
 static Work work_new(const Net *net) {
     i64 R = (i64)net->tile * net->T, D = net->D, F = net->F, pr = (i64)net->tile * net->H * net->T * net->T;
     i64 sizes[] = {R * D, R * D, R * D, R * D, R * D, R * D, R * D, R * D, R * F, R, R,
                    3 * R * D, R * D, R * F, R * D, pr,
                    R * D, R * D, R * D, R * D, R * D, 3 * R * D, R * F, R * F, R * F, (i64)net->tile * 6 * D,
-                   R * net->O, R * net->O};
+                   R * net->O, R * net->O, (i64)net->tile * mods_width(net)};
     int count = sizeof sizes / sizeof *sizes;
     i64 total = 0;
     for (int i = 0; i < count; i++) total += (sizes[i] + 15) / 16 * 16;  /* 64-byte aligned pieces */
@@ -458,11 +464,13 @@ static Work work_new(const Net *net) {
    Net (M = N T, r0 = n0 T); dit_train: a per-thread arena for one tile (M = tile T, r0 = 0), which also
    keeps the GELU outputs g and slopes gd (depth, M, F) and the norms, attention outputs and mid-block
    residuals (mid, see Mid), so that its backward recomputes nothing. hs == NULL: nothing is saved
-   (inference); g, gd, mid == NULL: the backward recomputes those. */
-typedef struct { float *hs, *qkv, *a, *f2, *probs, *g, *gd, *mid; i64 M, r0; } Keep;
+   (inference); g, gd, mid == NULL: the backward recomputes those. mods: the tile's adaLN vectors, its sample
+   s's at mods + s ms (see mods_of): rows of Net's mods, or in dit_train the tile's own, computed there. */
+typedef struct { float *hs, *qkv, *a, *f2, *probs, *g, *gd, *mid; i64 M, r0; const float *mods; i64 ms; } Keep;
 
 static Keep keep_global(const Net *net, i64 n0) {
-    Keep k = {net->hs, net->qkv, net->a, net->f2, net->probs, 0, 0, 0, (i64)net->N * net->T, n0 * net->T};
+    Keep k = {net->hs, net->qkv, net->a, net->f2, net->probs, 0, 0, 0, (i64)net->N * net->T, n0 * net->T,
+              net->mods + n0 * net->ms, net->ms};
     return k;
 }
 
@@ -484,15 +492,15 @@ static Mid mid_of(const Keep *k, Work *w, int i, i64 D) {
     return m;
 }
 
-/* The adaLN vectors of sample n: shift1, scale1, gate1, shift2, scale2, gate2 of block i at 6 D i; the
-   final layer's shift, scale at 6 D depth. */
-static const float *mods_of(const Net *net, i64 n) { return net->mods + n * net->ms; }
+/* The adaLN vectors of the tile's sample s: shift1, scale1, gate1, shift2, scale2, gate2 of block i at
+   6 D i; the final layer's shift, scale at 6 D depth. */
+static const float *mods_of(const Keep *k, int s) { return k->mods + s * k->ms; }
 
 /* norm + modulation of S samples' rows with the adaLN vectors at column `col` (shift) and col + D (scale) */
-INLINE void norm_mod_tile(const Net *net, int T, int D, i64 n0, int S, int col, float alpha, cfp h, fp y, fp o,
-                          fp rstd) {
+INLINE void norm_mod_tile(const Net *net, const Keep *k, int T, int D, int S, int col, float alpha, cfp h, fp y,
+                          fp o, fp rstd) {
     for (int s = 0; s < S; s++) {
-        const float *m = mods_of(net, n0 + s) + col;
+        const float *m = mods_of(k, s) + col;
         norm_mod_sample(h + s * T * D, T, D, net->kind, net->eps, alpha, m, m + D, y + s * T * D, o + s * T * D,
                         rstd + s * T);
     }
@@ -520,7 +528,7 @@ INLINE void tile_fwd(const Net *net, int T, int D, int H, int F, Work *w, const 
         float *f2 = save ? k->f2 + (i * M + r0) * D : w->f2;
         float *hn = save ? k->hs + ((i + 1) * M + r0) * D : (h == w->ha ? w->hb : w->ha);
         Mid md = mid_of(k, w, i, D);
-        norm_mod_tile(net, T, D, n0, S, 6 * D * i, alpha_of(net, 2 * i), h, md.n1, md.m1, md.r1);
+        norm_mod_tile(net, k, T, D, S, 6 * D * i, alpha_of(net, 2 * i), h, md.n1, md.m1, md.r1);
         mm_nt(R, D, 3 * D, md.m1, WTi[0], qkv);
         for (int s = 0; s < S; s++) {
             attn_probs(qkv + s * T * 3 * D, Wi[1], pr + s * PT, T, H, hd, scale);
@@ -528,20 +536,20 @@ INLINE void tile_fwd(const Net *net, int T, int D, int H, int F, Work *w, const 
         }
         mm_nt(R, D, D, md.o, WTi[2], a);
         for (int s = 0; s < S; s++)
-            gate_sample(h + s * T * D, a + s * T * D, Wi[3], mods_of(net, n0 + s) + 6 * D * i + 2 * D,
+            gate_sample(h + s * T * D, a + s * T * D, Wi[3], mods_of(k, s) + 6 * D * i + 2 * D,
                         md.h1 + s * T * D, T, D);
-        norm_mod_tile(net, T, D, n0, S, 6 * D * i + 3 * D, alpha_of(net, 2 * i + 1), md.h1, md.n2, md.m2, md.r2);
+        norm_mod_tile(net, k, T, D, S, 6 * D * i + 3 * D, alpha_of(net, 2 * i + 1), md.h1, md.n2, md.m2, md.r2);
         mm_nt(R, D, F, md.m2, WTi[4], w->f1);
         float *g = k->g ? k->g + (i * M + r0) * F : w->g;
         gelu_rows(w->f1, Wi[5], g, k->gd ? k->gd + (i * M + r0) * F : 0, R, F);
         mm_nt(R, F, D, g, WTi[6], f2);
         for (int s = 0; s < S; s++)
-            gate_sample(md.h1 + s * T * D, f2 + s * T * D, Wi[7], mods_of(net, n0 + s) + 6 * D * i + 5 * D,
+            gate_sample(md.h1 + s * T * D, f2 + s * T * D, Wi[7], mods_of(k, s) + 6 * D * i + 5 * D,
                         hn + s * T * D, T, D);
         h = hn;
     }
     Mid mf = mid_of(k, w, net->depth, D);
-    norm_mod_tile(net, T, D, n0, S, 6 * D * net->depth, alpha_of(net, 2 * net->depth), h, mf.n1, mf.m1, mf.r1);
+    norm_mod_tile(net, k, T, D, S, 6 * D * net->depth, alpha_of(net, 2 * net->depth), h, mf.n1, mf.m1, mf.r1);
     mm_nt(R, D, net->O, mf.m1, net->wt[2], out);
     for (int r = 0; r < R; r++)
         for (int c = 0; c < net->O; c++) out[r * net->O + c] += W[3][c];
@@ -615,12 +623,12 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
     const float *hf = k->hs + (depth * M + r0) * D;
     Mid md = mid_of(k, w, depth, D);
     if (!k->mid)
-        norm_mod_tile(net, T, D, n0, S, 6 * D * depth, alpha_of(net, 2 * depth), hf, md.n1, md.m1, md.r1);
+        norm_mod_tile(net, k, T, D, S, 6 * D * depth, alpha_of(net, 2 * depth), hf, md.n1, md.m1, md.r1);
     mm_tn(R, D, O, md.m1, dout, GRAD(2));
     colsum_add(dout, R, O, BIAS(3));
     mm_nn(R, O, D, dout, W[2], w->dm);
     for (int s = 0; s < S; s++) {
-        const float *m = mods_of(net, n0 + s) + 6 * D * depth;
+        const float *m = mods_of(k, s) + 6 * D * depth;
         float *dmo = w->dms + s * 6 * D;
         i64 off = s * T * D;
         acc->alpha[2 * depth] += norm_mod_bwd_sample(
@@ -638,13 +646,13 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
         /* recompute what the forward did not keep (dit_bwd): both norms, the attention output, h1 */
         md = mid_of(k, w, i, D);
         if (!k->mid) {
-            norm_mod_tile(net, T, D, n0, S, 6 * D * i, a1, h, md.n1, md.m1, md.r1);
+            norm_mod_tile(net, k, T, D, S, 6 * D * i, a1, h, md.n1, md.m1, md.r1);
             for (int s = 0; s < S; s++) {
                 attn_apply(qkv + s * T * 3 * D, pr + s * PT, md.o + s * T * D, T, H, hd);
-                gate_sample(h + s * T * D, a + s * T * D, 0, mods_of(net, n0 + s) + 6 * D * i + 2 * D,
+                gate_sample(h + s * T * D, a + s * T * D, 0, mods_of(k, s) + 6 * D * i + 2 * D,
                             md.h1 + s * T * D, T, D);
             }
-            norm_mod_tile(net, T, D, n0, S, 6 * D * i + 3 * D, a2, md.h1, md.n2, md.m2, md.r2);
+            norm_mod_tile(net, k, T, D, S, 6 * D * i + 3 * D, a2, md.h1, md.n2, md.m2, md.r2);
         }
         float *g = w->g, *gd = w->gd;
         if (k->g) {  /* kept by the forward */
@@ -656,7 +664,7 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
         }
         /* MLP branch: h = h1 + gate2 * fc2(gelu(fc1(modulate(norm2(h1))))) */
         for (int s = 0; s < S; s++)
-            gate_bwd_sample(w->dh + s * T * D, f2 + s * T * D, mods_of(net, n0 + s) + 6 * D * i + 5 * D,
+            gate_bwd_sample(w->dh + s * T * D, f2 + s * T * D, mods_of(k, s) + 6 * D * i + 5 * D,
                             w->d1 + s * T * D, w->dms + s * 6 * D + 5 * D, T, D);
         colsum_add(w->d1, R, D, BIAS(j + 7));
         mm_tn(R, F, D, g, w->d1, GRAD(j + 6));
@@ -666,7 +674,7 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
         mm_tn(R, D, F, md.m2, w->df, GRAD(j + 4));
         mm_nn(R, F, D, w->df, Wi[4], w->dm);
         for (int s = 0; s < S; s++) {
-            const float *m = mods_of(net, n0 + s) + 6 * D * i + 3 * D;
+            const float *m = mods_of(k, s) + 6 * D * i + 3 * D;
             float *dmo = w->dms + s * 6 * D + 3 * D;
             i64 off = s * T * D;
             acc->alpha[2 * i + 1] += norm_mod_bwd_sample(
@@ -675,7 +683,7 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
         }
         /* attention branch: h1 = h + gate1 * proj(attn(qkv(modulate(norm1(h))))) */
         for (int s = 0; s < S; s++)
-            gate_bwd_sample(w->dh1 + s * T * D, a + s * T * D, mods_of(net, n0 + s) + 6 * D * i + 2 * D,
+            gate_bwd_sample(w->dh1 + s * T * D, a + s * T * D, mods_of(k, s) + 6 * D * i + 2 * D,
                             w->d1 + s * T * D, w->dms + s * 6 * D + 2 * D, T, D);
         colsum_add(w->d1, R, D, BIAS(j + 3));
         mm_tn(R, D, D, md.o, w->d1, GRAD(j + 2));
@@ -687,7 +695,7 @@ INLINE void tile_bwd(const Net *net, int T, int D, int H, int F, Work *w, Acc *a
         mm_tn(R, D, 3 * D, md.m1, w->dqkv, GRAD(j));
         mm_nn(R, 3 * D, D, w->dqkv, Wi[0], w->dm);
         for (int s = 0; s < S; s++) {
-            const float *m = mods_of(net, n0 + s) + 6 * D * i;
+            const float *m = mods_of(k, s) + 6 * D * i;
             float *dmo = w->dms + s * 6 * D;
             i64 off = s * T * D;
             acc->alpha[2 * i] += norm_mod_bwd_sample(
@@ -722,7 +730,7 @@ static int accs_new(const Net *net, Accs *a) {
     i64 sizes[4] = {D * P, D, O * D, O};
     i64 blk[8] = {3 * D * D, 3 * D, D * D, D, F * D, F, D * F, D};
     if (net->depth > MAX_DEPTH) return -1;
-    a->K = 6 * D * net->depth + 2 * D;
+    a->K = mods_width(net);
     a->off[0] = 0;
     for (int j = 0; j < nw; j++) a->off[j + 1] = a->off[j] + (j < 4 ? sizes[j] : blk[(j - 4) % 8]);
     a->total = a->off[nw];
@@ -801,27 +809,67 @@ int dit_bwd(const Net *net, cfp xp, cfp dout, float *const *grads, fp dalpha, fp
 INLINE int pixel_token(int y, int u, int p, int G) { return (y / p) * G + u / p; }
 INLINE int pixel_in_patch(int y, int u, int p) { return (y % p) * p + u % p; }
 
-/* The per-sample loss coefficients of dit_train, LC floats a sample (LOSS_COLUMNS in fused_dit.py). */
-enum { LC_RECIP, LC_RECIPM1, LC_C1, LC_C2, LC_MINLOG, LC_MAXLOG, LC_VBW, LC_GIVEN, LC };
+/* The per-sample loss coefficients of dit_train, LC floats a sample (LOSS_COLUMNS in fused_dit.py).
+   LC_DECODER: 1 for a sample at t = 0, whose vb is the decoder NLL, else 0. */
+enum { LC_RECIP, LC_RECIPM1, LC_C1, LC_C2, LC_MINLOG, LC_MAXLOG, LC_VBW, LC_DECODER, LC };
+
+#define LOG_SQRT_2PI 0.91893853320467274178
+/* log Phi(z), the standard normal log-CDF (torch.special.log_ndtr), in double: erfc where it keeps its
+   digits, the asymptotic series where erfc would underflow */
+static double log_ndtr(double z) {
+    if (z > 0) return log1p(-0.5 * erfc(z * M_SQRT1_2));
+    if (z > -30) return log(0.5 * erfc(-z * M_SQRT1_2));
+    double r = 1.0 / (z * z);
+    return -0.5 * z * z - log(-z) - LOG_SQRT_2PI + log1p(-r * (1 - 3 * r * (1 - 5 * r)));
+}
+/* d log Phi(z) / dz = pdf(z) / Phi(z) */
+static double dlog_ndtr(double z) { return exp(-0.5 * z * z - LOG_SQRT_2PI - log_ndtr(z)); }
+
+/* The decoder's log-likelihood of pixel x (a bin centre in [-1, 1]) under N(mean, exp(logvar)) discretised
+   to 256 bins, as diffusion_utils.discretized_gaussian_log_likelihood (open-ended outer bins, the bin's
+   probability clamped at 1e-12), and in *dll its derivative in logvar; in double (t = 0 is ~1 sample in
+   1000, so the cost is nothing, and the log-CDFs far in the tails need the range). */
+static double decoder_ll(float x, float mean, float logvar, double *dll) {
+    const double half_bin = 1.0 / 255.0;
+    double inv_std = exp(-0.5 * (double)logvar), centred = (double)x - (double)mean;
+    double up = inv_std * (centred + half_bin), lo = inv_std * (centred - half_bin);  /* d / d logvar: -z/2 */
+    if (x < -0.999f) {
+        *dll = dlog_ndtr(up) * (-0.5 * up);
+        return log_ndtr(up);
+    }
+    if (x > 0.999f) {
+        *dll = dlog_ndtr(-lo) * (0.5 * lo);
+        return log_ndtr(-lo);
+    }
+    /* P(lo < z < up) from the tail on x's side of the mean: a difference of two CDFs near 1 would cancel */
+    double p = lo > 0 ? 0.5 * (erfc(lo * M_SQRT1_2) - erfc(up * M_SQRT1_2))
+                      : 0.5 * (erfc(-up * M_SQRT1_2) - erfc(-lo * M_SQRT1_2));
+    if (p < 1e-12) {
+        *dll = 0.0;
+        return log(1e-12);
+    }
+    double pdf_up = exp(-0.5 * up * up - LOG_SQRT_2PI), pdf_lo = exp(-0.5 * lo * lo - LOG_SQRT_2PI);
+    *dll = -0.5 * (up * pdf_up - lo * pdf_lo) / p;
+    return log(p);
+}
 
 /* diffusion.training_losses' hybrid loss (eps prediction, learned-range variance) of the S samples of a tile
    from their output rows `out` (patch layout): loss[n] = mse + vb, and dout = d (sum of the batch's losses
    / N) / d out. mse = mean over the C H W pixels of (noise - eps)^2. vb = vbw * mean of KL(q(x_{t-1} | x_t,
-   x_0) || p(x_{t-1} | x_t)) / ln 2, where p's mean uses eps detached (so vb trains the variance channels
-   only), as in Improved DDPM. A sample with lc[LC_GIVEN] = g > 0 (t = 0, whose vb is the decoder NLL) takes
-   its loss and its vb gradient (row g - 1 of given_loss and given_dvb, image layout (C, H, W), d (vb / N) / d v)
-   from the caller, who computed them in PyTorch; only its mse is done here. The formulas and their order are
-   diffusion.gaussian_diffusion's. */
-static void tile_loss(const Net *net, i64 n0, int S, cfp out, cfp x0, cfp xt, cfp noise, cfp lc,
-                      cfp given_loss, cfp given_dvb, fp loss, fp dout) {
+   x_0) || p(x_{t-1} | x_t)) / ln 2, or at t = 0 (lc[LC_DECODER]) of the decoder NLL -log p(x_0 | x_1) / ln 2,
+   where p's mean uses eps detached (so vb trains the variance channels only), as in Improved DDPM. The
+   formulas and their order are diffusion.gaussian_diffusion's. */
+static void tile_loss(const Net *net, i64 n0, int S, cfp out, cfp x0, cfp xt, cfp noise, cfp lc, fp loss,
+                      fp dout) {
     int T = net->T, O = net->O, p = net->patch, G = net->grid, C = net->P / (p * p), W = G * p;
     int E = C * W * W;
     float inv_e = 1.f / (float)E, inv_n = 1.f / (float)net->N, inv_ln2 = 1.f / logf(2.f);
     for (int s = 0; s < S; s++) {
         i64 n = n0 + s;
         const float *c = lc + n * LC;
-        int g = (int)c[LC_GIVEN];
+        int decoder = c[LC_DECODER] != 0.f;
         float mse = 0.f, kl = 0.f;
+        double nll = 0.0;
         for (int ch = 0; ch < C; ch++)
             for (int y = 0; y < W; y++)
                 for (int u = 0; u < W; u++) {
@@ -829,25 +877,28 @@ static void tile_loss(const Net *net, i64 n0, int S, cfp out, cfp x0, cfp xt, cf
                     const float *o = out + row * O + col;
                     float *d = dout + row * O + col;
                     i64 e = ((n * C + ch) * W + y) * W + u;
-                    int ie = (ch * W + y) * W + u;
                     float eps = o[ch], v = o[C + ch], diff = noise[e] - eps;
                     mse += diff * diff;
                     d[ch] = -2.f * diff * inv_e * inv_n;
-                    if (g) {
-                        d[C + ch] = given_dvb[(g - 1) * (i64)E + ie];
-                        continue;
-                    }
                     float pred = c[LC_RECIP] * xt[e] - c[LC_RECIPM1] * eps;
                     float mean = c[LC_C1] * pred + c[LC_C2] * xt[e];
                     float frac = (v + 1.f) / 2.f;
                     float logvar = frac * c[LC_MAXLOG] + (1.f - frac) * c[LC_MINLOG];
-                    float true_mean = c[LC_C1] * x0[e] + c[LC_C2] * xt[e];
-                    float dm = true_mean - mean, e1 = expf(c[LC_MINLOG] - logvar), e2 = expf(-logvar);
-                    kl += 0.5f * (-1.f + (logvar - c[LC_MINLOG]) + e1 + dm * dm * e2);
-                    float dlogvar = 0.5f * (1.f - e1 - dm * dm * e2);
+                    float dlogvar;
+                    if (decoder) {
+                        double dll;
+                        nll -= decoder_ll(x0[e], mean, logvar, &dll);
+                        dlogvar = (float)-dll;
+                    } else {
+                        float true_mean = c[LC_C1] * x0[e] + c[LC_C2] * xt[e];
+                        float dm = true_mean - mean, e1 = expf(c[LC_MINLOG] - logvar), e2 = expf(-logvar);
+                        kl += 0.5f * (-1.f + (logvar - c[LC_MINLOG]) + e1 + dm * dm * e2);
+                        dlogvar = 0.5f * (1.f - e1 - dm * dm * e2);
+                    }
                     d[C + ch] = c[LC_VBW] * inv_ln2 * inv_e * inv_n * dlogvar * 0.5f * (c[LC_MAXLOG] - c[LC_MINLOG]);
                 }
-        loss[n] = mse * inv_e + (g ? given_loss[g - 1] : c[LC_VBW] * (kl * inv_e) * inv_ln2);
+        float vb = decoder ? (float)nll * inv_e : kl * inv_e;
+        loss[n] = mse * inv_e + c[LC_VBW] * vb * inv_ln2;
     }
 }
 
@@ -855,10 +906,10 @@ static void tile_loss(const Net *net, i64 n0, int S, cfp out, cfp x0, cfp xt, cf
    activations in a per-thread arena, its loss gives d loss / d out, and its backward runs at once, while
    the arena is still in cache. xp (M, P) patches of x_t; x0, xt, noise (N, C, H, W); lc (N, LC) (see
    tile_loss); loss (N) out; gradients as dit_bwd's, of sum(loss) / N. Returns 0, or -1 when out of memory. */
-int dit_train(const Net *net, cfp xp, cfp x0, cfp xt, cfp noise, cfp lc, cfp given_loss, cfp given_dvb,
-              fp loss, float *const *grads, fp dalpha, fp dwmod, fp dbmod) {
+int dit_train(const Net *net, cfp xp, cfp x0, cfp xt, cfp noise, cfp lc, fp loss, float *const *grads,
+              fp dalpha, fp dwmod, fp dbmod) {
     int failed = 0;
-    i64 R = (i64)net->tile * net->T, D = net->D, depth = net->depth;
+    i64 R = (i64)net->tile * net->T, D = net->D, depth = net->depth, K = mods_width(net);
     i64 arena_size = (depth + 1) * R * D + depth * R * 3 * D + 2 * depth * R * D
                      + depth * net->tile * net->H * net->T * net->T + 2 * depth * R * net->F
                      + (depth + 1) * MID_SIZE(R, D);
@@ -887,8 +938,13 @@ int dit_train(const Net *net, cfp xp, cfp x0, cfp xt, cfp noise, cfp lc, cfp giv
             if (!w.block || !arena) continue;
             i64 n0 = (i64)b * net->tile, r0 = n0 * net->T;
             int S = tile_samples(net, b);
+            gemm(S, (int)K, D, net->silu + n0 * D, D, 1, net->wmodt, K, w.mods, K, 0);
+            for (int s = 0; s < S; s++)
+                for (i64 c = 0; c < K; c++) w.mods[s * K + c] += net->bmod[c];
+            k.mods = w.mods;
+            k.ms = K;
             tile_fwd_any(net, &w, &k, n0, S, xp + r0 * net->P, w.out);
-            tile_loss(net, n0, S, w.out, x0, xt, noise, lc, given_loss, given_dvb, loss, w.dout);
+            tile_loss(net, n0, S, w.out, x0, xt, noise, lc, loss, w.dout);
             tile_bwd_any(net, &w, &acc, &k, n0, S, xp + r0 * net->P, w.dout);
         }
         free(w.block);

@@ -139,7 +139,7 @@ def _build():
     lib.dit_fwd.argtypes = [ctypes.POINTER(NetArgs), P, P]
     lib.dit_bwd.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P, P]
     lib.dit_sample_step.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P]
-    lib.dit_train.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P, P, P, P, P, P, P, P]
+    lib.dit_train.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P, P, P, P, P, P]
     return lib
 
 
@@ -325,7 +325,7 @@ class NetArgs(ctypes.Structure):
                    ("alpha", ctypes.c_void_p), ("pos", ctypes.c_void_p), ("mods", ctypes.c_void_p),
                    ("ms", ctypes.c_long)]
                 + [(name, ctypes.c_void_p) for name in ("hs", "qkv", "a", "f2", "probs", "silu", "wmod",
-                                                        "dsilu")])
+                                                        "dsilu", "wmodt", "bmod")])
 
 
 def _pointer_array(tensors):
@@ -356,7 +356,7 @@ class TiledKernels(CKernels):
         nw = 4 + 8 * plan.depth
         weights = [w.detach() for w in weights[:nw]]
         assert all(w.is_contiguous() and w.dtype == torch.float32 for w in weights)
-        assert mods.stride(-1) == 1 and pos_embed.is_contiguous()
+        assert (mods is None or mods.stride(-1) == 1) and pos_embed.is_contiguous()
         # every matrix transposed to (in, out), for the forward's x W^T (biases stay as they are)
         transposed = [w.reshape(w.shape[0], -1).t().contiguous() if w.dim() > 1 else w for w in weights]
         ptrs, tptrs = _pointer_array(weights), _pointer_array(transposed)
@@ -366,7 +366,7 @@ class TiledKernels(CKernels):
         args = NetArgs(N, plan.tokens, plan.hidden, plan.heads, plan.mlp_hidden, plan.patch_dim,
                        plan.out_dim, plan.depth, plan.kind, tile, plan.patch, plan.grid, plan.eps,
                        ctypes.addressof(ptrs), ctypes.addressof(tptrs), _ptr(alphas), pos_embed.data_ptr(),
-                       mods.data_ptr(), _row_stride(mods))
+                       _ptr(mods), 0 if mods is None else _row_stride(mods))
         if bufs is not None:
             for name in ("hs", "qkv", "a", "f2", "probs"):
                 setattr(args, name, bufs[name].data_ptr())
@@ -416,51 +416,30 @@ class TiledKernels(CKernels):
             grads += [g.view_as(a) for g, a in zip(dalpha, weights[nw:], strict=True)]
         return dsilu, dw_mod, db_mod, grads
 
-    def train_args(self, plan, N, weights, pos_embed, mods):
-        """The C arguments of one training step (weights transposed once), for dit_train and forward_rows."""
-        self._sync_threads()
-        alphas = _alphas(plan, weights)
-        keep = [alphas]
-        return self._args(plan, N, weights, alphas, pos_embed, mods, None, keep), keep
+    def dit_train(self, plan, x_t, x_start, noise, lc, silu_c, w_mod, b_mod, pos_embed, weights):
+        """Forward, hybrid loss and backward in one C call, a tile at a time (dit_train in fused_dit.c); each
+        tile computes its own adaLN vectors silu_c w_mod^T + b_mod.
 
-    def forward_rows(self, plan, prepared, x, mods):
-        """The network's output (n, C_out, H, W) for a few samples x with their adaLN vectors mods (n, K),
-        reusing a step's prepared arguments (train_args)."""
-        args = NetArgs.from_buffer_copy(prepared[0])
-        n = args.N = x.shape[0]
-        args.tile = max(1, min(self.rows // plan.tokens, -(-n // self.threads)))
-        args.mods, args.ms = mods.data_ptr(), _row_stride(mods)
-        xp, out = _patches(plan, x).contiguous(), x.new_empty(n * plan.tokens, plan.out_dim)
-        if self.lib.dit_fwd(ctypes.byref(args), _ptr(xp), _ptr(out)):
-            raise MemoryError("fused DiT forward: no memory for the per-thread scratch")
-        return _unpatch(plan, out, n)
-
-    def dit_train(self, plan, prepared, x_t, x_start, noise, lc, given_loss, given_dvb, silu_c, w_mod,
-                  weights):
-        """Forward, hybrid loss and backward in one C call, a tile at a time (dit_train in fused_dit.c).
-
-        prepared: train_args(plan, N, weights, pos_embed, mods). lc: (N, len(LOSS_COLUMNS)) per-sample loss
-        coefficients; given_loss (G,), given_dvb (G, C, H, W): the VB term and its gradient of the samples
-        whose lc "given" column is 1 .. G. Returns the (N,) losses and, for sum(losses) / N, (d silu_c,
-        d w_mod, d b_mod, [d weight for weights])."""
+        lc: (N, len(LOSS_COLUMNS)) per-sample loss coefficients. Returns the (N,) losses and, for
+        sum(losses) / N, (d silu_c, d w_mod, d b_mod, [d weight for weights])."""
         self._sync_threads()
         N = x_t.shape[0]
         xp = _patches(plan, x_t).contiguous()
-        args, keep = prepared
-        alphas = keep[0]
-        assert args.N == N
+        alphas = _alphas(plan, weights)
+        w_mod_t = w_mod.t().contiguous()  # (D, K)
+        keep = [alphas, w_mod_t, b_mod]  # alive while the C side reads them
+        args = self._args(plan, N, weights, alphas, pos_embed, None, None, keep)
+        args.wmodt, args.bmod = w_mod_t.data_ptr(), b_mod.data_ptr()
         nw = 4 + 8 * plan.depth
         grads = [torch.empty_like(w) for w in weights[:nw]]
         dalpha = None if alphas is None else torch.empty_like(alphas)
         dsilu, dw_mod, db_mod = torch.empty_like(silu_c), torch.empty_like(w_mod), w_mod.new_empty(len(w_mod))
-        assert silu_c.is_contiguous() and w_mod.is_contiguous() and lc.is_contiguous()
+        assert all(x.is_contiguous() for x in (silu_c, w_mod, b_mod, lc))
         args.silu, args.wmod, args.dsilu = silu_c.data_ptr(), w_mod.data_ptr(), dsilu.data_ptr()
         images = [x.contiguous() for x in (x_start, x_t, noise)]
-        given = [given_loss.contiguous(), given_dvb.contiguous()]
         losses, ptrs = x_t.new_empty(N), _pointer_array(grads)
         if self.lib.dit_train(ctypes.byref(args), _ptr(xp), *[_ptr(x) for x in images], _ptr(lc),
-                              *[_ptr(g) for g in given], _ptr(losses), ctypes.addressof(ptrs), _ptr(dalpha),
-                              _ptr(dw_mod), _ptr(db_mod)):
+                              _ptr(losses), ctypes.addressof(ptrs), _ptr(dalpha), _ptr(dw_mod), _ptr(db_mod)):
             raise MemoryError("fused DiT training step: no memory for the per-thread scratch")
         if dalpha is not None:
             grads += [g.view_as(a) for g, a in zip(dalpha, weights[nw:], strict=True)]
@@ -719,7 +698,7 @@ def fused_model(model, plan=None, kern=None):
 
 # The columns of dit_train's per-sample loss coefficients (LC_* in fused_dit.c, same order).
 LOSS_COLUMNS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-                "posterior_mean_coef2", "posterior_log_variance_clipped", "log_betas", "vb_weight", "given")
+                "posterior_mean_coef2", "posterior_log_variance_clipped", "log_betas", "vb_weight", "decoder")
 
 
 def hybrid_loss_supported(diffusion):
@@ -734,39 +713,21 @@ def hybrid_loss_supported(diffusion):
 class HybridLossFunction(torch.autograd.Function):
     """diffusion.training_losses(model, ...)["loss"].mean() as one autograd node whose forward also computes
     every gradient (TiledKernels.dit_train); its backward only hands them on, times the incoming gradient.
-
-    Samples at t = 0, whose VB term is the decoder NLL (rare: ~1 in 1000), get that term and its gradient
-    from the diffusion's own PyTorch code on their rows, with the network output of a separate forward of
-    those rows; the C code does every other sample's loss."""
+    Samples at t = 0, whose VB term is the decoder NLL (~1 in 1000), take it and its gradient from the C
+    code too (in double there)."""
 
     @staticmethod
     def forward(ctx, plan, kern, diffusion, x_start, t, noise, c, pos_embed, w_mod, b_mod, *weights):
         silu_c = F.silu(c)  # (N, D)
-        mods = torch.addmm(b_mod, silu_c, w_mod.t())  # (N, K)
         coefs = diffusion._coefs(t, x_start)
         x_t = coefs.sqrt_alphas_cumprod * x_start + coefs.sqrt_one_minus_alphas_cumprod * noise  # as the loss
         N = x_start.shape[0]
         vb_weight = diffusion.num_timesteps / 1000.0 if diffusion.loss_type == "rescaled_mse" else 1.0
-        lc = torch.zeros(N, len(LOSS_COLUMNS), dtype=x_start.dtype)
-        for i, name in enumerate(LOSS_COLUMNS[:6]):
-            lc[:, i] = getattr(coefs, name).reshape(N)
-        lc[:, 6] = vb_weight
-        rows = (t == 0).nonzero(as_tuple=True)[0]
-        given_loss, given_dvb = x_start.new_zeros(1), x_start.new_zeros(1)
-        prepared = kern.train_args(plan, N, weights, pos_embed, mods)
-        if len(rows):
-            lc[rows, 7] = torch.arange(1, len(rows) + 1, dtype=lc.dtype)
-            with torch.enable_grad():
-                out = kern.forward_rows(plan, prepared, x_t[rows], mods[rows])
-                C = x_start.shape[1]
-                var_out = out[:, C:].detach().requires_grad_(True)
-                row_coefs = type(coefs)._make(column[rows] for column in coefs)
-                vb = vb_weight * diffusion._vb_terms_bpd(out[:, :C], var_out, x_start[rows], x_t[rows],
-                                                         row_coefs, t[rows])
-                (given_dvb,) = torch.autograd.grad(vb.sum() / N, var_out)
-            given_loss = vb.detach()
+        columns = [getattr(coefs, name).reshape(N) for name in LOSS_COLUMNS[:6]]
+        columns += [torch.full_like(columns[0], vb_weight), (t == 0).to(x_start.dtype)]
+        lc = torch.stack(columns, dim=1)  # (N, len(LOSS_COLUMNS))
         losses, dsilu, dw_mod, db_mod, grads = kern.dit_train(
-            plan, prepared, x_t, x_start, noise, lc, given_loss, given_dvb, silu_c, w_mod, weights)
+            plan, x_t, x_start, noise, lc, silu_c, w_mod, b_mod, pos_embed, weights)
         ctx.save_for_backward(c, dsilu, dw_mod, db_mod, *grads)
         return losses.mean()
 
