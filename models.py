@@ -51,6 +51,21 @@ def make_norm(kind: str, hidden_size: int) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}; choose one of: {', '.join(NORM_KINDS)}")
 
 
+# CUDA forms for small shapes (the toy: 4 tokens, 2 input channels, 1 class, batch 2048): the same maths as
+# the generic layers, written so that torch.compile (inductor) generates fused kernels for them. Inductor
+# leaves each batched matmul of attention to cuBLAS as a kernel of its own, lowers the label embedding's
+# backward to an atomic scatter-add (2048 labels onto one row), and calls cuDNN for the patch convolution;
+# in the uncompiled step's profile the embedding backward took 0.13 ms and the convolution's weight
+# gradient 0.10 ms of GPU time (benchmarks/h100_2026-11-26.md). False gives the generic forms everywhere;
+# benchmarks/bench_train.py flips it to time the two against each other. The CPU never takes these forms.
+CUDA_SMALL_FORMS = True
+
+
+def cuda_small_forms(x):
+    """Whether a layer given `x` takes its CUDA form for small shapes (CUDA_SMALL_FORMS, x on CUDA)."""
+    return CUDA_SMALL_FORMS and x.is_cuda
+
+
 class PatchEmbed(nn.Module):
     """Image to patch tokens by a strided convolution (timm's PatchEmbed, keys x_embedder.proj.*)."""
 
@@ -60,11 +75,22 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x):
+        if cuda_small_forms(x):
+            return self.forward_as_linear(x)
         x = self.proj(x)  # (N, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (N, T, D)
 
+    def forward_as_linear(self, x):
+        """The convolution as a Linear over each flattened (C, p, p) patch, tokens row-major: (N, T, D)."""
+        N, C, H, W = x.shape
+        p = self.proj.stride[0]
+        patches = x.reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (N, H/p, W/p, C, p, p)
+        patches = patches.reshape(N, -1, C * p * p)  # (N, T, C * p * p)
+        weight = self.proj.weight.reshape(self.proj.out_channels, -1)  # (D, C * p * p) from (D, C, p, p)
+        return F.linear(patches, weight, self.proj.bias)
 
-# Sequences up to this length run the explicit attention on CUDA (see `attention`).
+
+# Sequences up to this length leave PyTorch's fused attention kernel on CUDA (see `attention`).
 SHORT_SEQUENCE_ON_CUDA = 16
 
 
@@ -73,11 +99,17 @@ def attention(q, k, v):
 
     PyTorch's fused kernel, except for short sequences on CUDA: there its memory-efficient kernel (the one
     for fp32) took 2.4 of the 4.7 ms of GPU time in a toy step (4 tokens, batch 2048, H100), and the explicit
-    matmuls and softmax cut the step from 4.8 to 3.0 ms, or from 3.6 to 1.8 ms with torch.compile, which
-    fuses them (benchmarks/README.md). On the CPU the fused kernel was the faster one at 4 tokens (~25%,
+    matmuls and softmax (`explicit_attention`) cut the step from 4.8 to 3.0 ms, or from 3.6 to 1.8 ms with
+    torch.compile (benchmarks/README.md). With CUDA_SMALL_FORMS (the default), short sequences on CUDA take
+    `broadcast_attention` instead, which inductor turns into fused pointwise and reduction kernels where it
+    leaves the matmuls to cuBLAS; its speed is not measured yet (the next GPU run of
+    benchmarks/bench_train.py times both). On the CPU the fused kernel was the faster one at 4 tokens (~25%,
     forward and backward)."""
-    if q.is_cuda and q.shape[-2] <= SHORT_SEQUENCE_ON_CUDA:
-        return explicit_attention(q, k, v)
+    if q.shape[-2] <= SHORT_SEQUENCE_ON_CUDA:
+        if cuda_small_forms(q):
+            return broadcast_attention(q, k, v)
+        if q.is_cuda:
+            return explicit_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -85,6 +117,13 @@ def explicit_attention(q, k, v):
     """softmax(q k^T / sqrt(d)) v as two batched matmuls and a softmax; (N, H, T, d) -> (N, H, T, d)."""
     weights = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (N, H, T, T)
     return weights.softmax(-1) @ v
+
+
+def broadcast_attention(q, k, v):
+    """explicit_attention with each matmul as a broadcast product and a sum over T * T * d elements (few
+    tokens only); (N, H, T, d) -> (N, H, T, d)."""
+    weights = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5  # (N, H, T, T)
+    return (weights.softmax(-1).unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)  # (N, H, T, d)
 
 
 class Attention(nn.Module):
@@ -173,7 +212,16 @@ class LabelEmbedder(nn.Module):
     def forward(self, labels, train, force_drop_ids=None):
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
+        table = self.embedding_table.weight
+        if cuda_small_forms(labels) and torch.is_grad_enabled() and table.requires_grad:
+            return self.embed_as_matmul(labels)
         return self.embedding_table(labels)  # (N, D)
+
+    def embed_as_matmul(self, labels):
+        """The table's rows as one_hot(labels) @ table, exact in fp32 (TF32 off): its backward is one small
+        matmul instead of a scatter-add of every label onto its row."""
+        table = self.embedding_table.weight  # (rows, D)
+        return F.one_hot(labels, len(table)).to(table.dtype) @ table  # (N, D)
 
 
 #################################################################################

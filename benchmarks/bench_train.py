@@ -5,8 +5,9 @@
     python benchmarks/bench_train.py --ddp                 # 2 gloo ranks x 1 thread vs 1 rank x 2 threads
     python benchmarks/bench_train.py --profile             # also: the repo step's time per op
     python benchmarks/bench_train.py --device cuda         # CUDA: official-style eager vs both CUDA-graph
-                                                           # steps: steps/s, 50k-step projection, and a
-                                                           # check of each against the CPU step
+                                                           # steps, each also with models.CUDA_SMALL_FORMS
+                                                           # off: steps/s, 50k-step projection, and a
+                                                           # check of the default ones against the CPU step
 Both steps start from the same weights and see the same inputs; repetitions alternate between them after
 a warm-up, and the medians are compared. FLOPs are counted analytically (see `model_flops`).
 """
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from official_style import make_official_step, official_model_from  # noqa: E402, I001
 
+import models  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from models import build_model  # noqa: E402
 from train_step import make_optimizer, make_train_step  # noqa: E402
@@ -169,16 +171,11 @@ def _cuda_seconds(step, inputs, steps):
     return (time.perf_counter() - t0) / steps
 
 
-def profile_cuda_kernels(base_model, inputs, steps=5):
-    """Where the GPU time of a step goes: the plain step run eagerly (the kernels that the plain CUDA graph
-    replays), per kernel, summed over the step. Eager launches add gaps between kernels, not kernel time."""
+def _print_kernels(step, inputs, what, steps=5, top=15):
+    """Profile `steps` calls of step (already warm) and print its GPU kernels: the total kernel time and
+    kernel count per step, and the `top` kernels by time. A CUDA-graph replay's kernels are recorded too."""
     from torch.profiler import ProfilerActivity, profile
 
-    from train_step import make_plain_step
-
-    _, step = build_steps(base_model, "cuda", make_plain_step)
-    for _ in range(3):
-        step(*inputs)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -189,36 +186,69 @@ def profile_cuda_kernels(base_model, inputs, steps=5):
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
 
     rows = sorted((e for e in prof.key_averages() if device_us(e) > 0), key=device_us, reverse=True)
+    if not rows:
+        print(f"GPU kernels of {what}: none recorded by the profiler")
+        return
     total = sum(device_us(e) for e in rows) / steps / 1e3
     launches = sum(e.count for e in rows) / steps
-    print(f"GPU kernels of the plain step: {total:.3f} ms of kernel time and {launches:g} kernels per step")
+    print(f"GPU kernels of {what}: {total:.3f} ms of kernel time and {launches:g} kernels per step")
     print("| kernel | ms per step | calls per step |")
     print("|---|---:|---:|")
-    for e in rows[:15]:
+    for e in rows[:top]:
         print(f"| {e.key[:90]} | {device_us(e) / steps / 1e3:.3f} | {e.count / steps:g} |")
 
 
+def profile_cuda_kernels(base_model, inputs, compiled_steps):
+    """Where the GPU time of a step goes, per kernel, summed over the step: the plain step run eagerly (the
+    kernels that the plain CUDA graph replays; eager launches add gaps between kernels, not kernel time),
+    then each already captured compiled step in `compiled_steps` (name -> step), replaying its graphs.
+    A failed profile prints one line and the others go on."""
+    from train_step import make_plain_step
+
+    try:
+        _, step = build_steps(base_model, "cuda", make_plain_step)
+        for _ in range(3):
+            step(*inputs)
+        _print_kernels(step, inputs, "the plain step")
+    except Exception as error:
+        print(f"profile of the plain step FAILED: {type(error).__name__}: {str(error).splitlines()[0]}")
+    for name, step in compiled_steps.items():
+        try:
+            _print_kernels(step, inputs, f"{name} (graph replays)", top=25)
+        except Exception as error:
+            print(f"profile of {name} FAILED: {type(error).__name__}: {str(error).splitlines()[0]}")
+
+
 def bench_cuda(args):
-    """The official-style eager step and both CUDA-graph steps (plain model; torch.compile'd forward and
-    loss): setup time, steps/s and the 50k-step projection; then each graph step against the CPU step."""
+    """The official-style eager step and the CUDA-graph steps (plain model; torch.compile'd forward and
+    loss), each also with models.CUDA_SMALL_FORMS off ("generic forms"), built in this one process: setup
+    time, steps/s and the 50k-step projection; then the default graph steps against the CPU step."""
     base_model = trained_like(args.model, "layernorm")
     cfg = base_model.config
     inputs = toy_inputs(cfg, args.batch, "cuda")
     steps, setup = {}, {}
     official = official_model_from(base_model)
     _, steps["official-style (eager)"] = build_steps(official, "cuda", make_official_step)
-    for compile_cuda in (False, True):
+    default_forms = models.CUDA_SMALL_FORMS
+    for compile_cuda, small_forms in ((False, True), (False, False), (True, True), (True, False)):
         t0 = time.perf_counter()
         make = functools.partial(make_train_step, compile_cuda=compile_cuda)
-        _, step = build_steps(base_model, "cuda", make)
+        name = "cuda-graph-compiled" if compile_cuda else "cuda-graph"
+        name += "" if small_forms else ", generic forms"
+        # The flag is read while tracing (dynamo guards its value: a new compilation) and while capturing;
+        # the captured graphs replay whatever forms they hold, so it is restored once they exist.
+        models.CUDA_SMALL_FORMS = small_forms
         try:
+            _, step = build_steps(base_model, "cuda", make)
             for _ in range(5):  # 3 eager warm-up steps (compilation in the first), the capture, a replay
                 step(*inputs)
             torch.cuda.synchronize()
         except Exception as error:  # report it and time the others
-            print(f"{step.path}: FAILED: {type(error).__name__}: {str(error).splitlines()[0]}")
+            print(f"{name}: FAILED: {type(error).__name__}: {str(error).splitlines()[0]}")
             continue
-        steps[step.path], setup[step.path] = step, time.perf_counter() - t0
+        finally:
+            models.CUDA_SMALL_FORMS = default_forms
+        steps[name], setup[name] = step, time.perf_counter() - t0
     for step in steps.values():  # warm-up, then alternate
         _cuda_seconds(step, inputs, 20)
     num = max(args.repeats, 300)
@@ -257,7 +287,7 @@ def bench_cuda(args):
         print(f"{cuda_step.path} vs CPU ({cpu_step.path}) after 6 steps: loss rel. diff {worst_loss:.1e}, "
               f"params rel. diff {worst_param:.1e}: {verdict}")
     if args.profile:
-        profile_cuda_kernels(base_model, inputs)
+        profile_cuda_kernels(base_model, inputs, {name: s for name, s in steps.items() if "compiled" in name})
 
 
 def _ddp_rank(rank, world_size, init_file, args, out):
@@ -323,7 +353,8 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--ddp", action="store_true", help="time 2 gloo ranks against 1 process (CPU)")
     parser.add_argument("--profile", action="store_true",
-                        help="also time the repo step per op (CPU) or the plain step per kernel (CUDA)")
+                        help="also time the repo step per op (CPU), or per kernel the plain step and "
+                             "the compiled steps (CUDA)")
     args = parser.parse_args()
     if args.batch < 2 or args.batch % 2:
         parser.error("--batch must be an even number >= 2")

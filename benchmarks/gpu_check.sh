@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one command (about 5 minutes on an H100):
 #   bash benchmarks/gpu_check.sh [PYTHON]     (default python3; `make gpu-check` passes the venv's)
-# 1. the CUDA-graph steps (plain and torch.compile'd) against the CPU step: tests/test_train_step.py -k cuda
-# 2. benchmarks/bench_train.py --device cuda --profile: official-style eager vs both graph steps, 50k-step
-#    projection, and the plain step's GPU time per kernel
+# 1. the CUDA-graph steps (plain and torch.compile'd) against the CPU step (tests/test_train_step.py -k cuda),
+#    and the one-graph tracing tests, the model's CUDA forms for small shapes included (tests/test_models.py)
+# 2. benchmarks/bench_train.py --device cuda --profile: official-style eager vs both graph steps, each also
+#    with models.CUDA_SMALL_FORMS off, 50k-step projection, and the GPU time per kernel of the plain step
+#    and of the compiled steps
 # 3. a real run: train_toy.py through torchrun, one model, 50k steps at batch 2048, timed end to end
 # It goes on after a failed part, names each failure, and exits non-zero if any part failed.
 set -u
@@ -24,8 +26,9 @@ part() {  # part NAME COMMAND...: run it, keep its whole output in $LOGS/NAME.lo
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())"
-part tests "$PY" -m pytest -q -p no:cacheprovider tests/test_train_step.py -k "cuda or one_graph"
-part bench "$PY" benchmarks/bench_train.py --device cuda --profile
+part tests "$PY" -m pytest -q -p no:cacheprovider tests/test_train_step.py tests/test_models.py \
+    -k "cuda or one_graph or small_forms"
+part bench timeout 360 "$PY" benchmarks/bench_train.py --device cuda --profile
 runs=$(mktemp -d)
 start=$(date +%s%N)
 train=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_toy.py --results-dir "$runs")
