@@ -84,6 +84,20 @@ def _make_step(loss_fn, model, ema, optimizer, ema_decay, world_size):
     return step
 
 
+def _compiled_loss_fn(diffusion, model, backend="inductor"):
+    """_loss_fn under torch.compile: one graph or an error (a graph break would hide a host sync), fixed
+    shapes (one batch size).
+
+    The diffusion fills its lookup tables for a device on first use; filled inside the traced call, they
+    change what dynamo guards on, and the second call compiled everything again. They are filled here
+    first (tests/test_train_step.py counts the compilations)."""
+    param = next(model.parameters())
+    t = torch.zeros(1, dtype=torch.long, device=param.device)
+    diffusion._coefs(t, param.new_zeros(1))
+    diffusion._model_timesteps(t)
+    return torch.compile(_loss_fn(diffusion, model), backend=backend, fullgraph=True, dynamic=False)
+
+
 def _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_size, compile_loss):
     """The step captured in CUDA graphs after 3 eager warm-up steps; replayed for every later step.
 
@@ -102,10 +116,7 @@ def _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_siz
         state = optimizer.state.get(p, {})
         if torch.is_tensor(state.get("step")) and state["step"].device != p.device:
             state["step"] = state["step"].to(p.device)
-    loss_fn = _loss_fn(diffusion, model)
-    if compile_loss:
-        # one graph or an error (a graph break would hide a host sync); fixed shapes: one batch size
-        loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False)
+    loss_fn = _compiled_loss_fn(diffusion, model) if compile_loss else _loss_fn(diffusion, model)
     eager = _make_step(loss_fn, model, ema, optimizer, ema_decay, world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     model_params, ema_params = list(model.parameters()), list(ema.parameters())

@@ -377,6 +377,24 @@ def test_loss_traces_to_one_graph():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
+def test_compiled_loss_compiles_once():
+    """Every compilation of the GPU step's loss costs ~20 s there; a guard that changes between calls (e.g.
+    a cache filled during the first) compiles it again."""
+    compiles = []
+
+    def counting_backend(graph, example_inputs):
+        compiles.append(graph)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+    torch._dynamo.reset()
+    model = perturbed(build_model("ToyDiT-XS/1"))
+    loss_fn = train_step._compiled_loss_fn(create_diffusion(""), model, backend=counting_backend)
+    for seed in range(3):
+        loss_fn(*toy_batch(32, seed=seed)).backward()
+    torch._dynamo.reset()
+    assert len(compiles) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("compile_cuda", [False, True], ids=["plain", "compiled"])
