@@ -56,8 +56,10 @@ def make_norm(kind: str, hidden_size: int) -> nn.Module:
 # leaves each batched matmul of attention to cuBLAS as a kernel of its own, lowers the label embedding's
 # backward to an atomic scatter-add (2048 labels onto one row), and calls cuDNN for the patch convolution;
 # in the uncompiled step's profile the embedding backward took 0.13 ms and the convolution's weight
-# gradient 0.10 ms of GPU time (benchmarks/h100_2026-11-26.md). False gives the generic forms everywhere;
-# benchmarks/bench_train.py flips it to time the two against each other. The CPU never takes these forms.
+# gradient 0.10 ms of GPU time (benchmarks/h100_2026-11-26.md). With the three forms the compiled toy step
+# took 1.28 ms on an H100 instead of 1.83, and the plain graph step 2.66 instead of 3.04 (same run, same
+# file). False gives the generic forms everywhere; benchmarks/bench_train.py flips it to time the two
+# against each other. The CPU never takes these forms.
 CUDA_SMALL_FORMS = True
 
 
@@ -102,8 +104,7 @@ def attention(q, k, v):
     matmuls and softmax (`explicit_attention`) cut the step from 4.8 to 3.0 ms, or from 3.6 to 1.8 ms with
     torch.compile (benchmarks/README.md). With CUDA_SMALL_FORMS (the default), short sequences on CUDA take
     `broadcast_attention` instead, which inductor turns into fused pointwise and reduction kernels where it
-    leaves the matmuls to cuBLAS; its speed is not measured yet (the next GPU run of
-    benchmarks/bench_train.py times both). On the CPU the fused kernel was the faster one at 4 tokens (~25%,
+    leaves the matmuls to cuBLAS (timed together with the other CUDA forms: see CUDA_SMALL_FORMS). On the CPU the fused kernel was the faster one at 4 tokens (~25%,
     forward and backward)."""
     if q.shape[-2] <= SHORT_SEQUENCE_ON_CUDA:
         if cuda_small_forms(q):
