@@ -104,8 +104,8 @@ def attention(q, k, v):
     matmuls and softmax (`explicit_attention`) cut the step from 4.8 to 3.0 ms, or from 3.6 to 1.8 ms with
     torch.compile (benchmarks/README.md). With CUDA_SMALL_FORMS (the default), short sequences on CUDA take
     `broadcast_attention` instead, which inductor turns into fused pointwise and reduction kernels where it
-    leaves the matmuls to cuBLAS (timed together with the other CUDA forms: see CUDA_SMALL_FORMS). On the CPU the fused kernel was the faster one at 4 tokens (~25%,
-    forward and backward)."""
+    leaves the matmuls to cuBLAS (timed together with the other CUDA forms: see CUDA_SMALL_FORMS). On the
+    CPU the fused kernel was the faster one at 4 tokens (~25%, forward and backward)."""
     if q.shape[-2] <= SHORT_SEQUENCE_ON_CUDA:
         if cuda_small_forms(q):
             return broadcast_attention(q, k, v)
