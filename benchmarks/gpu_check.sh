@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one command (about 5 minutes on an H100):
+# Every check that needs a CUDA GPU, in one command (218 s on an H100, benchmarks/h100_2026-11-26.md A1):
 #   bash benchmarks/gpu_check.sh [PYTHON]     (default python3; `make gpu-check` passes the venv's)
 # 1. the CUDA-graph steps (plain and torch.compile'd) against the CPU step (tests/test_train_step.py -k cuda),
 #    and the one-graph tracing tests, the model's CUDA forms for small shapes included (tests/test_models.py)
