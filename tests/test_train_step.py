@@ -235,6 +235,28 @@ def test_fused_decoder_nll_far_tails_match_a_float64_reference(norm):
 
 
 @pytest.mark.skipif(LIB is None, reason="needs the C kernels")
+def test_fused_decoder_nll_clamped_bins_send_no_gradient():
+    # Middle bins whose probability is below the 1e-12 clamp give the decoder NLL a constant, so the
+    # variance outputs get no gradient at all: the final layer's variance rows must stay exactly 0 (a
+    # relative comparison would not see a small wrong gradient here, next to the MSE's large one).
+    diffusion = create_diffusion(timestep_respacing="")
+    model = perturbed(build_model("ToyDiT/1"))
+    x_start, t, noise, y = toy_batch(6, seed=5)
+    t[:], x_start[:] = 0, 0.0
+    signs = torch.rand(noise.shape, generator=torch.Generator().manual_seed(6)) < 0.5
+    noise[:] = torch.where(signs, 50.0, -50.0)  # the mean 0.5 (~50 std) from x_0 = 0, either side
+    want_loss, want = loss_and_grads(model, model, diffusion, (x_start, t, noise, y))
+    got_loss, got = fused_loss_and_grads(model, diffusion, (x_start, t, noise, y),
+                                         fused_dit.TiledKernels(LIB, rows=8))
+    C = x_start.shape[1]  # the linear's outputs per patch: C eps channels, then C variance channels
+    for grads in (want, got):
+        assert grads["final_layer.linear.weight"][:C].abs().max() > 0
+        assert torch.all(grads["final_layer.linear.weight"][C:] == 0)
+        assert torch.all(grads["final_layer.linear.bias"][C:] == 0)
+    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(LIB is None, reason="needs the C kernels")
 def test_fused_hybrid_loss_scales_its_gradients_by_the_incoming_one():
     # The forward computes the gradients of the mean loss; a caller may weight the loss.
     diffusion = create_diffusion("")
