@@ -809,6 +809,18 @@ int dit_bwd(const Net *net, cfp xp, cfp dout, float *const *grads, fp dalpha, fp
 INLINE int pixel_token(int y, int u, int p, int G) { return (y / p) * G + u / p; }
 INLINE int pixel_in_patch(int y, int u, int p) { return (y % p) * p + u % p; }
 
+/* p(x_{t-1} | x_t) from the network's eps and variance outputs at pixel x_t (the diffusion's
+   _p_from_output without clipping, learned-range variance): its mean, from the predicted x_0 =
+   recip x_t - recipm1 eps, and its log-variance, interpolated between minlog (the clipped posterior log
+   variance) and maxlog (log beta) by (v + 1) / 2. Shared by the training loss and the sampler. */
+INLINE void p_mean_logvar(float xt, float eps, float v, float recip, float recipm1, float c1, float c2,
+                          float minlog, float maxlog, float *mean, float *logvar) {
+    float pred = recip * xt - recipm1 * eps;
+    *mean = c1 * pred + c2 * xt;
+    float frac = (v + 1.f) / 2.f;
+    *logvar = frac * maxlog + (1.f - frac) * minlog;
+}
+
 /* The per-sample loss coefficients of dit_train, LC floats a sample (LOSS_COLUMNS in fused_dit.py).
    LC_DECODER: 1 for a sample at t = 0, whose vb is the decoder NLL, else 0. */
 enum { LC_RECIP, LC_RECIPM1, LC_C1, LC_C2, LC_MINLOG, LC_MAXLOG, LC_VBW, LC_DECODER, LC };
@@ -880,11 +892,9 @@ static void tile_loss(const Net *net, i64 n0, int S, cfp out, cfp x0, cfp xt, cf
                     float eps = o[ch], v = o[C + ch], diff = noise[e] - eps;
                     mse += diff * diff;
                     d[ch] = -2.f * diff * inv_e * inv_n;
-                    float pred = c[LC_RECIP] * xt[e] - c[LC_RECIPM1] * eps;
-                    float mean = c[LC_C1] * pred + c[LC_C2] * xt[e];
-                    float frac = (v + 1.f) / 2.f;
-                    float logvar = frac * c[LC_MAXLOG] + (1.f - frac) * c[LC_MINLOG];
-                    float dlogvar;
+                    float mean, logvar, dlogvar;
+                    p_mean_logvar(xt[e], eps, v, c[LC_RECIP], c[LC_RECIPM1], c[LC_C1], c[LC_C2], c[LC_MINLOG],
+                                  c[LC_MAXLOG], &mean, &logvar);
                     if (decoder) {
                         double dll;
                         nll -= decoder_ll(x0[e], mean, logvar, &dll);
@@ -981,11 +991,8 @@ int dit_sample_step(const Net *net, fp x, cfp z, cfp coef, fp xp, fp out) {
                     const float *o = out + (n * T + pixel_token(y, u, p, G)) * O
                                      + pixel_in_patch(y, u, p) * 2 * C;
                     i64 e = ((n * C + c) * W + y) * W + u;
-                    float eps = o[c], v = o[C + c], xv = x[e];
-                    float pred = recip * xv - recipm1 * eps;
-                    float mean = c1 * pred + c2 * xv;
-                    float frac = (v + 1.f) / 2.f;
-                    float logvar = frac * lb + (1.f - frac) * lp;
+                    float mean, logvar;
+                    p_mean_logvar(x[e], o[c], o[C + c], recip, recipm1, c1, c2, lp, lb, &mean, &logvar);
                     x[e] = mean + nonzero * expf(0.5f * logvar) * z[e];
                 }
     return 0;
