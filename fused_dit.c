@@ -912,6 +912,23 @@ static void tile_loss(const Net *net, i64 n0, int S, cfp out, cfp x0, cfp xt, cf
     }
 }
 
+/* dit_train's per-thread arena for one tile (see Keep): lays its pieces out from `base` into *k (when base
+   is not NULL) and returns its size in floats, so that the size and the layout cannot disagree. */
+static i64 arena_layout(const Net *net, float *base, Keep *k) {
+    i64 R = (i64)net->tile * net->T, D = net->D, depth = net->depth;
+    i64 sizes[] = {(depth + 1) * R * D, depth * R * 3 * D, depth * R * D, depth * R * D,
+                   depth * net->tile * net->H * net->T * net->T, depth * R * net->F, depth * R * net->F,
+                   (depth + 1) * MID_SIZE(R, D)};
+    float **piece[] = {&k->hs, &k->qkv, &k->a, &k->f2, &k->probs, &k->g, &k->gd, &k->mid};
+    i64 total = 0;
+    for (int i = 0; i < (int)(sizeof sizes / sizeof *sizes); i++) {
+        if (base) *piece[i] = base + total;
+        total += sizes[i];
+    }
+    k->M = R;
+    return total;
+}
+
 /* One training step's forward, loss and backward, a tile at a time: each tile's forward saves its
    activations in a per-thread arena, its loss gives d loss / d out, and its backward runs at once, while
    the arena is still in cache. xp (M, P) patches of x_t; x0, xt, noise (N, C, H, W); lc (N, LC) (see
@@ -919,10 +936,9 @@ static void tile_loss(const Net *net, i64 n0, int S, cfp out, cfp x0, cfp xt, cf
 int dit_train(const Net *net, cfp xp, cfp x0, cfp xt, cfp noise, cfp lc, fp loss, float *const *grads,
               fp dalpha, fp dwmod, fp dbmod) {
     int failed = 0;
-    i64 R = (i64)net->tile * net->T, D = net->D, depth = net->depth, K = mods_width(net);
-    i64 arena_size = (depth + 1) * R * D + depth * R * 3 * D + 2 * depth * R * D
-                     + depth * net->tile * net->H * net->T * net->T + 2 * depth * R * net->F
-                     + (depth + 1) * MID_SIZE(R, D);
+    i64 D = net->D, K = mods_width(net);
+    Keep sizing = {0};
+    i64 arena_size = arena_layout(net, 0, &sizing);
     Accs accs;
     if (accs_new(net, &accs)) return -1;
     #pragma omp parallel num_threads(nth) reduction(|: failed)
@@ -932,17 +948,7 @@ int dit_train(const Net *net, cfp xp, cfp x0, cfp xt, cfp noise, cfp lc, fp loss
         float *arena = aligned_alloc(64, (size_t)((arena_size + 15) / 16 * 16) * sizeof(float));
         if (!w.block || !arena) failed = 1;
         Keep k = {0};
-        if (arena) {
-            k.hs = arena;
-            k.qkv = k.hs + (depth + 1) * R * D;
-            k.a = k.qkv + depth * R * 3 * D;
-            k.f2 = k.a + depth * R * D;
-            k.probs = k.f2 + depth * R * D;
-            k.g = k.probs + depth * net->tile * net->H * net->T * net->T;
-            k.gd = k.g + depth * R * net->F;
-            k.mid = k.gd + depth * R * net->F;
-            k.M = R;
-        }
+        if (arena) arena_layout(net, arena, &k);
         #pragma omp for schedule(static)
         for (int b = 0; b < tiles_of(net); b++) {
             if (!w.block || !arena) continue;
