@@ -394,27 +394,37 @@ class TiledKernels(CKernels):
             raise MemoryError("fused DiT forward: no memory for the per-thread scratch")
         return _unpatch(plan, out, N)
 
+    @staticmethod
+    def _gradients(plan, args, weights, alphas, silu_c, w_mod):
+        """The output buffers of dit_bwd / dit_train: [d weight] (matrices and biases), d alphas or None,
+        (d silu_c (pointed to by args), d w_mod, d b_mod), and the C array of the first list's pointers."""
+        assert silu_c.is_contiguous() and w_mod.is_contiguous()
+        grads = [torch.empty_like(w) for w in weights[:4 + 8 * plan.depth]]
+        dalpha = None if alphas is None else torch.empty_like(alphas)
+        dsilu, dw_mod, db_mod = torch.empty_like(silu_c), torch.empty_like(w_mod), w_mod.new_empty(len(w_mod))
+        args.silu, args.wmod, args.dsilu = silu_c.data_ptr(), w_mod.data_ptr(), dsilu.data_ptr()
+        return grads, dalpha, (dsilu, dw_mod, db_mod), _pointer_array(grads)
+
+    @staticmethod
+    def _with_alpha_grads(plan, grads, dalpha, weights):
+        """grads followed by one gradient per dyt alpha parameter (views of dalpha), as weights lists them."""
+        if dalpha is None:
+            return grads
+        return grads + [g.view_as(a) for g, a in zip(dalpha, weights[4 + 8 * plan.depth:], strict=True)]
+
     def dit_backward(self, plan, grad_out, mods, silu_c, w_mod, weights, saved):
         """Gradients of dit_forward and of the modulation mods = silu_c w_mod^T + b_mod that made its adaLN
         vectors, in one C call: (d silu_c, d w_mod, d b_mod, [d weight for weights]). The (N, K) gradient
         of mods is folded into these tile by tile and never written out."""
         self._sync_threads()
         xp, args, keep = saved.pop()
-        alphas = keep[1]
-        nw = 4 + 8 * plan.depth
+        assert args.mods == mods.data_ptr()
         dout = _patches(plan, grad_out, out=True).contiguous()
-        grads = [torch.empty_like(w) for w in weights[:nw]]
-        dalpha = None if alphas is None else torch.empty_like(alphas)
-        dsilu, dw_mod, db_mod = torch.empty_like(silu_c), torch.empty_like(w_mod), w_mod.new_empty(len(w_mod))
-        ptrs = _pointer_array(grads)
-        assert silu_c.is_contiguous() and w_mod.is_contiguous() and args.mods == mods.data_ptr()
-        args.silu, args.wmod, args.dsilu = silu_c.data_ptr(), w_mod.data_ptr(), dsilu.data_ptr()
+        grads, dalpha, dmod, ptrs = self._gradients(plan, args, weights, keep[1], silu_c, w_mod)
         if self.lib.dit_bwd(ctypes.byref(args), _ptr(xp), _ptr(dout), ctypes.addressof(ptrs), _ptr(dalpha),
-                            _ptr(dw_mod), _ptr(db_mod)):
+                            *map(_ptr, dmod[1:])):
             raise MemoryError("fused DiT backward: no memory for the gradient accumulators")
-        if dalpha is not None:
-            grads += [g.view_as(a) for g, a in zip(dalpha, weights[nw:], strict=True)]
-        return dsilu, dw_mod, db_mod, grads
+        return (*dmod, self._with_alpha_grads(plan, grads, dalpha, weights))
 
     def dit_train(self, plan, x_t, x_start, noise, lc, silu_c, w_mod, b_mod, pos_embed, weights):
         """Forward, hybrid loss and backward in one C call, a tile at a time (dit_train in fused_dit.c); each
@@ -429,21 +439,15 @@ class TiledKernels(CKernels):
         w_mod_t = w_mod.t().contiguous()  # (D, K)
         keep = [alphas, w_mod_t, b_mod]  # alive while the C side reads them
         args = self._args(plan, N, weights, alphas, pos_embed, None, None, keep)
+        assert b_mod.is_contiguous() and lc.is_contiguous()
         args.wmodt, args.bmod = w_mod_t.data_ptr(), b_mod.data_ptr()
-        nw = 4 + 8 * plan.depth
-        grads = [torch.empty_like(w) for w in weights[:nw]]
-        dalpha = None if alphas is None else torch.empty_like(alphas)
-        dsilu, dw_mod, db_mod = torch.empty_like(silu_c), torch.empty_like(w_mod), w_mod.new_empty(len(w_mod))
-        assert all(x.is_contiguous() for x in (silu_c, w_mod, b_mod, lc))
-        args.silu, args.wmod, args.dsilu = silu_c.data_ptr(), w_mod.data_ptr(), dsilu.data_ptr()
+        grads, dalpha, dmod, ptrs = self._gradients(plan, args, weights, alphas, silu_c, w_mod)
         images = [x.contiguous() for x in (x_start, x_t, noise)]
-        losses, ptrs = x_t.new_empty(N), _pointer_array(grads)
+        losses = x_t.new_empty(N)
         if self.lib.dit_train(ctypes.byref(args), _ptr(xp), *[_ptr(x) for x in images], _ptr(lc),
-                              _ptr(losses), ctypes.addressof(ptrs), _ptr(dalpha), _ptr(dw_mod), _ptr(db_mod)):
+                              _ptr(losses), ctypes.addressof(ptrs), _ptr(dalpha), *map(_ptr, dmod[1:])):
             raise MemoryError("fused DiT training step: no memory for the per-thread scratch")
-        if dalpha is not None:
-            grads += [g.view_as(a) for g, a in zip(dalpha, weights[nw:], strict=True)]
-        return losses, dsilu, dw_mod, db_mod, grads
+        return (losses, *dmod, self._with_alpha_grads(plan, grads, dalpha, weights))
 
     def sampler(self, plan, N, pos_embed, weights):
         """step(x, z, mods, coef): one ancestral step of toy_sampler, x (N, C, H, W) in place, in one C call.
