@@ -145,8 +145,9 @@ def bench_cpu(args):
 def profile_repo_step(step, inputs, steps=5):
     """Where the repository's step spends its time: torch.profiler's per-op table, per step.
 
-    DiTFunction / DiTFunctionBackward are the C forward and backward of the whole network; everything else
-    is PyTorch (timestep embedding, adaLN modulation, loss, AdamW, EMA)."""
+    HybridLossFunction is the C forward, loss and backward of the whole network (adaLN vectors included;
+    DiTFunction / DiTFunctionBackward when another loss runs through fused_model); everything else is
+    PyTorch (timestep and label embedding, AdamW, EMA, small copies)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
