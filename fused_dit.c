@@ -571,26 +571,6 @@ static int tile_samples(const Net *net, int b) {
     return left < net->tile ? (int)left : net->tile;
 }
 
-/* Forward of every sample: xp (M, P) -> out (M, O); fills the saved activations when they are given.
-   Returns 0, or -1 when scratch memory could not be allocated. */
-int dit_fwd(const Net *net, cfp xp, fp out) {
-    int failed = 0;
-    #pragma omp parallel num_threads(nth) reduction(|: failed)
-    {
-        Work w = work_new(net);
-        if (!w.block) failed = 1;
-        #pragma omp for schedule(static)
-        for (int b = 0; b < tiles_of(net); b++) {
-            if (!w.block) continue;
-            i64 n0 = (i64)b * net->tile, r0 = n0 * net->T;
-            Keep k = keep_global(net, n0);
-            tile_fwd_any(net, &w, &k, n0, tile_samples(net, b), xp + r0 * net->P, out + r0 * net->O);
-        }
-        free(w.block);
-    }
-    return failed ? -1 : 0;
-}
-
 /* Gradient accumulators of one thread: weight matrices in float (gemm adds into them), biases and dyt
    alphas in double. Same order as the weights. */
 typedef struct { float *all; double *bias, *alpha; i64 *off; float *wmod; double *bmod; } Acc;
@@ -776,17 +756,14 @@ static void accs_finish(const Net *net, Accs *a, float *const *grads, fp dalpha,
     free(a->all); free(a->wm); free(a->bias);
 }
 
-/* Gradients of dit_fwd (which must have run with the saved activations) from dout (M, O): net->dsilu
-   (N, D), dwmod (K, D), dbmod (K), the gradient of every weight (grads[j] for net->w[j]) and of the dyt alphas
-   (dalpha, or NULL), all overwritten. Per thread, then summed over threads in thread order. Returns 0, or
-   -1 when out of memory. */
-int dit_bwd(const Net *net, cfp xp, cfp dout, float *const *grads, fp dalpha, fp dwmod, fp dbmod) {
+/* The tiles of the whole batch, their activations saved in (dit_fwd) or read from (dit_bwd) Net's arrays,
+   on nth threads: with accs NULL the forward, xp (M, P) -> out (M, O); else the backward from dout (M, O)
+   into each thread's accumulators. Returns 0, or -1 when scratch memory could not be allocated. */
+static int over_tiles(const Net *net, cfp xp, fp out, cfp dout, Accs *accs) {
     int failed = 0;
-    Accs accs;
-    if (accs_new(net, &accs)) return -1;
     #pragma omp parallel num_threads(nth) reduction(|: failed)
     {
-        Acc acc = acc_of(net, &accs, omp_get_thread_num());
+        Acc acc = accs ? acc_of(net, accs, omp_get_thread_num()) : (Acc){0};
         Work w = work_new(net);
         if (!w.block) failed = 1;
         #pragma omp for schedule(static)
@@ -794,12 +771,30 @@ int dit_bwd(const Net *net, cfp xp, cfp dout, float *const *grads, fp dalpha, fp
             if (!w.block) continue;
             i64 n0 = (i64)b * net->tile, r0 = n0 * net->T;
             Keep k = keep_global(net, n0);
-            tile_bwd_any(net, &w, &acc, &k, n0, tile_samples(net, b), xp + r0 * net->P, dout + r0 * net->O);
+            if (accs)
+                tile_bwd_any(net, &w, &acc, &k, n0, tile_samples(net, b), xp + r0 * net->P, dout + r0 * net->O);
+            else
+                tile_fwd_any(net, &w, &k, n0, tile_samples(net, b), xp + r0 * net->P, out + r0 * net->O);
         }
         free(w.block);
     }
-    accs_finish(net, &accs, grads, dalpha, dwmod, dbmod);
     return failed ? -1 : 0;
+}
+
+/* Forward of every sample: xp (M, P) -> out (M, O); fills the saved activations when they are given.
+   Returns 0, or -1 when scratch memory could not be allocated. */
+int dit_fwd(const Net *net, cfp xp, fp out) { return over_tiles(net, xp, out, 0, 0); }
+
+/* Gradients of dit_fwd (which must have run with the saved activations) from dout (M, O): net->dsilu
+   (N, D), dwmod (K, D), dbmod (K), the gradient of every weight (grads[j] for net->w[j]) and of the dyt alphas
+   (dalpha, or NULL), all overwritten. Per thread, then summed over threads in thread order. Returns 0, or
+   -1 when out of memory. */
+int dit_bwd(const Net *net, cfp xp, cfp dout, float *const *grads, fp dalpha, fp dwmod, fp dbmod) {
+    Accs accs;
+    if (accs_new(net, &accs)) return -1;
+    int failed = over_tiles(net, xp, 0, dout, &accs);
+    accs_finish(net, &accs, grads, dalpha, dwmod, dbmod);
+    return failed;
 }
 
 /* ================================================================= training: forward, loss, backward a tile at a time */
