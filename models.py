@@ -241,9 +241,12 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x, c):
-        # x (N, T, D) tokens, c (N, D) conditioning; each chunk below is (N, D).
-        modulation = self.adaLN_modulation(c).chunk(6, dim=1)
+    def forward(self, x, c, modulation=None):
+        # x (N, T, D) tokens, c (N, D) conditioning; each chunk below is (N, D). `modulation`: this block's
+        # adaLN output (N, 6 D) where the caller computed it (DiT.adaln_all_blocks), else computed here.
+        if modulation is None:
+            modulation = self.adaLN_modulation(c)
+        modulation = modulation.chunk(6, dim=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -259,8 +262,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # each (N, D)
+    def forward(self, x, c, modulation=None):
+        if modulation is None:  # (N, 2 D), as for DiTBlock
+            modulation = self.adaLN_modulation(c)
+        shift, scale = modulation.chunk(2, dim=1)  # each (N, D)
         x = modulate(self.norm_final(x), shift, scale)
         return self.linear(x)  # (N, T, p * p * C_out)
 
@@ -362,10 +367,20 @@ class DiT(nn.Module):
         t = self.t_embedder(t)  # (N, D)
         y = self.y_embedder(y, self.training)  # (N, D)
         c = t + y  # (N, D)
-        for block in self.blocks:
-            x = block(x, c)  # (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, p * p * C_out)
+        layers = [*self.blocks, self.final_layer]
+        mods = self.adaln_all_blocks(c) if cuda_small_forms(x) else [None] * len(layers)
+        for layer, modulation in zip(layers, mods, strict=True):
+            x = layer(x, c, modulation)  # (N, T, D); the final layer's (N, T, p * p * C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)
+
+    def adaln_all_blocks(self, c):
+        """Every block's and the final layer's adaLN output, silu(c) W^T + b, as one matmul with the layers'
+        weights stacked (one CUDA form for small shapes: one GEMM instead of depth + 1 in the forward and
+        in each half of the backward); a list of (N, 6 D) per block and (N, 2 D) for the final layer."""
+        linears = [layer.adaLN_modulation[-1] for layer in [*self.blocks, self.final_layer]]
+        weight = torch.cat([lin.weight for lin in linears])  # ((6 depth + 2) D, D)
+        bias = torch.cat([lin.bias for lin in linears])
+        return F.linear(F.silu(c), weight, bias).split([lin.out_features for lin in linears], dim=1)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
         """Classifier-free guidance: the batch is [conditional half, unconditional half] of the same x."""

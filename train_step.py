@@ -84,7 +84,7 @@ def _make_step(loss_fn, model, ema, optimizer, ema_decay, world_size):
     return step
 
 
-def _compiled_loss_fn(diffusion, model, backend="inductor"):
+def _compiled_loss_fn(diffusion, model, backend="inductor", mode=None):
     """_loss_fn under torch.compile: one graph or an error (a graph break would hide a host sync), fixed
     shapes (one batch size).
 
@@ -95,10 +95,12 @@ def _compiled_loss_fn(diffusion, model, backend="inductor"):
     t = torch.zeros(1, dtype=torch.long, device=param.device)
     diffusion._coefs(t, param.new_zeros(1))
     diffusion._model_timesteps(t)
-    return torch.compile(_loss_fn(diffusion, model), backend=backend, fullgraph=True, dynamic=False)
+    return torch.compile(_loss_fn(diffusion, model), backend=backend, mode=mode, fullgraph=True,
+                         dynamic=False)
 
 
-def _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_size, compile_loss):
+def _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_size, compile_loss,
+                          compile_mode=None):
     """The step captured in CUDA graphs after 3 eager warm-up steps; replayed for every later step.
 
     With compile_loss, the forward and hybrid loss (and through AOTAutograd their backward) are one
@@ -116,7 +118,10 @@ def _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_siz
         state = optimizer.state.get(p, {})
         if torch.is_tensor(state.get("step")) and state["step"].device != p.device:
             state["step"] = state["step"].to(p.device)
-    loss_fn = _compiled_loss_fn(diffusion, model) if compile_loss else _loss_fn(diffusion, model)
+    if compile_loss:
+        loss_fn = _compiled_loss_fn(diffusion, model, mode=compile_mode)
+    else:
+        loss_fn = _loss_fn(diffusion, model)
     eager = _make_step(loss_fn, model, ema, optimizer, ema_decay, world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     model_params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -183,14 +188,17 @@ def make_optimizer(params, lr: float):
 
 
 def make_train_step(model, ema, diffusion, optimizer, *, ema_decay: float, world_size: int = 1,
-                    compile_cuda: bool = True):
+                    compile_cuda: bool = True, compile_mode: str | None = None):
     """Return step(x_start, t, noise, y) -> local mean loss (0-dim detached tensor).
 
     Does forward, hybrid loss (diffusion.training_losses semantics), backward, gradient all-reduce (mean over
     ranks via torch.distributed when world_size > 1), optimizer.step(), EMA update of `ema` (a deepcopy of
     model, requires_grad False). The returned function's `path` attribute names the implementation chosen:
     "tiled-cpu" / "fused-cpu" / "torch-cpu" (hand-written DiT, see fused_dit.default_kernels),
-    "cuda-graph-compiled" (compile_cuda, the default), "cuda-graph" or "plain".
+    "cuda-graph-compiled" (compile_cuda, the default), "cuda-graph" or "plain". compile_mode is
+    torch.compile's `mode` for the CUDA step's forward and loss (None: inductor's default;
+    "max-autotune-no-cudagraphs" also times Triton GEMM templates against cuBLAS per matmul shape and
+    fuses pointwise epilogues into them, at a longer first compilation).
 
     Effects beyond the step itself, each made here and nowhere at import (one line each, with the reason):
     - CPU fast path: glibc mallopt keeps freed memory in the heap, process-wide (fused_dit.keep_freed_memory):
@@ -204,7 +212,8 @@ def make_train_step(model, ema, diffusion, optimizer, *, ema_decay: float, world
     """
     device = next(model.parameters()).device
     if device.type == "cuda":
-        step = _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_size, compile_cuda)
+        step = _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_size, compile_cuda,
+                                     compile_mode)
         step.path = "cuda-graph-compiled" if compile_cuda else "cuda-graph"
         return step
     plan = DiTPlan(model)

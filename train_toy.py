@@ -92,6 +92,11 @@ def parse_args(argv=None):
     parser.add_argument("--no-compile", action="store_true",
                         help="CUDA only: capture the plain model's step in the CUDA graph instead of the "
                         "torch.compile'd forward and loss (no compile time; more, smaller kernels)")
+    parser.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs"],
+                        default="default",
+                        help="CUDA only: torch.compile's mode for the forward and loss (default: default; "
+                        "max-autotune-no-cudagraphs times Triton GEMM templates against cuBLAS per matmul, "
+                        "a longer first compilation)")
     # Tests only: poison one step's noise with NaN, as a diverging step would, to exercise the NaN stop.
     parser.add_argument("--debug-nan-at-step", type=int, help=argparse.SUPPRESS)
     return parser, parser.parse_args(argv)
@@ -296,7 +301,8 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
             group["foreach"], group["fused"] = None, True
     diffusion = create_diffusion(timestep_respacing="", diffusion_steps=cfg["diffusion_steps"])
     train_step = make_train_step(model, ema, diffusion, optimizer, ema_decay=cfg["ema_decay"],
-                                 world_size=world_size, compile_cuda=not args.no_compile)
+                                 world_size=world_size, compile_cuda=not args.no_compile,
+                                 compile_mode=None if args.compile_mode == "default" else args.compile_mode)
     model_config = {"model": cfg["model"], **model.config}
 
     log(f"run folder {run_dir}" + (f", resumed from {ckpt_path} at step {start_step}" if ckpt else ""))
@@ -324,6 +330,7 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
     # non-finite one: the message names the exact step, and a non-finite model is never saved.
     losses = torch.zeros(log_every, device=device)  # (log_every,) local mean loss per step
     last_check, last_saved, tick = start_step, ckpt_path, time.perf_counter()
+    loop_start = tick
     for step, (t, noise) in zip(steps, batches, strict=True):
         if step == args.debug_nan_at_step:
             noise = torch.full_like(noise, float("nan"))
@@ -358,7 +365,8 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
                 last_saved = path
             if world_size > 1:
                 dist.barrier()
-    log("done")
+    log(f"done: {len(steps)} steps in {time.perf_counter() - loop_start:.1f} s of training loop "
+        "(compilation, warm-up and capture of the first steps and the checkpoint saves included)")
     if log_file:
         log_file.close()
 

@@ -8,6 +8,8 @@
                                                            # steps, each also with models.CUDA_SMALL_FORMS
                                                            # off: steps/s, 50k-step projection, and a
                                                            # check of the default ones against the CPU step
+    python benchmarks/bench_train.py --device cuda --no-generic \
+        --compile-modes default,max-autotune-no-cudagraphs  # the compiled step under both inductor modes
 Both steps start from the same weights and see the same inputs; repetitions alternate between them after
 a warm-up, and the medians are compared. FLOPs are counted analytically (see `model_flops`).
 """
@@ -220,6 +222,19 @@ def profile_cuda_kernels(base_model, inputs, compiled_steps):
             print(f"profile of {name} FAILED: {type(error).__name__}: {str(error).splitlines()[0]}")
 
 
+def cuda_config_name(compile_cuda, small_forms, mode):
+    name = "cuda-graph-compiled" if compile_cuda else "cuda-graph"
+    return name + ("" if small_forms else ", generic forms") + (f", {mode}" if mode else "")
+
+
+def cuda_configs(args):
+    """(compile_cuda, models.CUDA_SMALL_FORMS, torch.compile mode) of each CUDA-graph step to time."""
+    configs = [(False, True, None)] + [(True, True, mode) for mode in args.compile_modes]
+    if not args.no_generic:
+        configs += [(False, False, None), (True, False, None)]
+    return configs
+
+
 def bench_cuda(args):
     """The official-style eager step and the CUDA-graph steps (plain model; torch.compile'd forward and
     loss), each also with models.CUDA_SMALL_FORMS off ("generic forms"), built in this one process: setup
@@ -231,11 +246,10 @@ def bench_cuda(args):
     official = official_model_from(base_model)
     _, steps["official-style (eager)"] = build_steps(official, "cuda", make_official_step)
     default_forms = models.CUDA_SMALL_FORMS
-    for compile_cuda, small_forms in ((False, True), (False, False), (True, True), (True, False)):
+    for compile_cuda, small_forms, mode in cuda_configs(args):
         t0 = time.perf_counter()
-        make = functools.partial(make_train_step, compile_cuda=compile_cuda)
-        name = "cuda-graph-compiled" if compile_cuda else "cuda-graph"
-        name += "" if small_forms else ", generic forms"
+        make = functools.partial(make_train_step, compile_cuda=compile_cuda, compile_mode=mode)
+        name = cuda_config_name(compile_cuda, small_forms, mode)
         # The flag is read while tracing (dynamo guards its value: a new compilation) and while capturing;
         # the captured graphs replay whatever forms they hold, so it is restored once they exist.
         models.CUDA_SMALL_FORMS = small_forms
@@ -269,11 +283,12 @@ def bench_cuda(args):
         print(f"| {name} | {setup.get(name, 0):.1f} | {sec * 1e3:.3f} | {1 / sec:.0f} | "
               f"{flops / sec / 1e12:.2f} | {50_000 * sec:.0f} s |")
     # Correctness: the same 6 steps (warm-up, capture, replays) on CUDA and on CPU from the same weights.
-    for compile_cuda in (False, True):
-        cuda_model, cuda_step = build_steps(base_model, "cuda",
-                                            functools.partial(make_train_step, compile_cuda=compile_cuda))
-        if cuda_step.path not in steps:
+    for compile_cuda, _, mode in (c for c in cuda_configs(args) if c[1]):
+        name = cuda_config_name(compile_cuda, True, mode)
+        if name not in steps:
             continue
+        cuda_model, cuda_step = build_steps(base_model, "cuda", functools.partial(
+            make_train_step, compile_cuda=compile_cuda, compile_mode=mode))
         cpu_model, cpu_step = build_steps(base_model, "cpu", make_train_step)
         worst_loss = 0.0
         for seed in range(6):
@@ -285,7 +300,7 @@ def bench_cuda(args):
         worst_param = max(((a.detach().cpu() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
                           for a, b in pairs)
         verdict = "OK" if worst_loss < 1e-4 and worst_param < 1e-4 else "MISMATCH"
-        print(f"{cuda_step.path} vs CPU ({cpu_step.path}) after 6 steps: loss rel. diff {worst_loss:.1e}, "
+        print(f"{name} vs CPU ({cpu_step.path}) after 6 steps: loss rel. diff {worst_loss:.1e}, "
               f"params rel. diff {worst_param:.1e}: {verdict}")
     if args.profile:
         profile_cuda_kernels(base_model, inputs, {name: s for name, s in steps.items() if "compiled" in name})
@@ -353,6 +368,12 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--ddp", action="store_true", help="time 2 gloo ranks against 1 process (CPU)")
+    parser.add_argument("--compile-modes", type=lambda text: [None if m == "default" else m
+                                                              for m in text.split(",")],
+                        default=[None], help="CUDA: the torch.compile modes to time, comma-separated "
+                        "(default: default; e.g. default,max-autotune-no-cudagraphs)")
+    parser.add_argument("--no-generic", action="store_true",
+                        help="CUDA: leave out the steps with models.CUDA_SMALL_FORMS off")
     parser.add_argument("--profile", action="store_true",
                         help="also time the repo step per op (CPU), or per kernel the plain step and "
                              "the compiled steps (CUDA)")

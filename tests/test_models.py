@@ -224,6 +224,7 @@ def force_cuda_small_forms(monkeypatch):
     spy(models, "broadcast_attention")
     spy(PatchEmbed, "forward_as_linear")
     spy(LabelEmbedder, "embed_as_matmul")
+    spy(models.DiT, "adaln_all_blocks")
     return taken
 
 
@@ -242,7 +243,8 @@ def test_model_with_cuda_small_forms_matches_default(monkeypatch, overrides):
     expected = values_and_grads(lambda *_: model(*inputs), params)
     taken = force_cuda_small_forms(monkeypatch)
     actual = values_and_grads(lambda *_: model(*inputs), params)
-    assert sorted(set(taken)) == ["broadcast_attention", "embed_as_matmul", "forward_as_linear"]
+    assert sorted(set(taken)) == ["adaln_all_blocks", "broadcast_attention", "embed_as_matmul",
+                                  "forward_as_linear"]
     assert_all_close(actual, expected)
 
 
