@@ -84,6 +84,25 @@ def _make_step(loss_fn, model, ema, optimizer, ema_decay, world_size):
     return step
 
 
+def compile_options(setting):
+    """A compile setting 'MODE[+FLAG...]' -> the inductor options for torch.compile: those of the mode
+    (torch._inductor.list_mode_options; None or "default" for none) and each inductor config FLAG set True,
+    e.g. "max-autotune-no-cudagraphs" or "default+combo_kernels". ValueError with the choices otherwise;
+    modes with inductor's own CUDA graphs are refused, the step captures its own."""
+    import torch._inductor.config as inductor_config
+
+    mode, *flags = (setting or "default").split("+")
+    modes = {name: options for name, options in torch._inductor.list_mode_options().items()
+             if not options.get("triton.cudagraphs")}
+    if mode not in modes:
+        raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(modes)}, optionally "
+                         "followed by +FLAG for a boolean inductor config flag (e.g. default+combo_kernels)")
+    for flag in flags:
+        if not isinstance(getattr(inductor_config, flag, None), bool):
+            raise ValueError(f"{flag!r} is not a boolean flag of torch._inductor.config")
+    return {**modes[mode], **dict.fromkeys(flags, True)}
+
+
 def _compiled_loss_fn(diffusion, model, backend="inductor", mode=None):
     """_loss_fn under torch.compile: one graph or an error (a graph break would hide a host sync), fixed
     shapes (one batch size).
@@ -95,7 +114,8 @@ def _compiled_loss_fn(diffusion, model, backend="inductor", mode=None):
     t = torch.zeros(1, dtype=torch.long, device=param.device)
     diffusion._coefs(t, param.new_zeros(1))
     diffusion._model_timesteps(t)
-    return torch.compile(_loss_fn(diffusion, model), backend=backend, mode=mode, fullgraph=True,
+    options = compile_options(mode) or None  # (other backends take no options)
+    return torch.compile(_loss_fn(diffusion, model), backend=backend, options=options, fullgraph=True,
                          dynamic=False)
 
 
@@ -195,8 +215,8 @@ def make_train_step(model, ema, diffusion, optimizer, *, ema_decay: float, world
     ranks via torch.distributed when world_size > 1), optimizer.step(), EMA update of `ema` (a deepcopy of
     model, requires_grad False). The returned function's `path` attribute names the implementation chosen:
     "tiled-cpu" / "fused-cpu" / "torch-cpu" (hand-written DiT, see fused_dit.default_kernels),
-    "cuda-graph-compiled" (compile_cuda, the default), "cuda-graph" or "plain". compile_mode is
-    torch.compile's `mode` for the CUDA step's forward and loss (None: inductor's default;
+    "cuda-graph-compiled" (compile_cuda, the default), "cuda-graph" or "plain". compile_mode sets how the
+    CUDA step's forward and loss are compiled (see compile_options; None: inductor's defaults;
     "max-autotune-no-cudagraphs" also times Triton GEMM templates against cuBLAS per matmul shape and
     fuses pointwise epilogues into them, at a longer first compilation).
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from checkpoint import FORMAT, CheckpointError, load_model, read_checkpoint, save_checkpoint
 from diffusion import create_diffusion
 from models import NORM_KINDS, TOY_MODELS, build_model
-from train_step import make_optimizer, make_train_step
+from train_step import compile_options, make_optimizer, make_train_step
 
 # The study: the DiT recipe (AdamW, constant lr 1e-4, no weight decay, EMA 0.9999) at global batch 2048.
 DEFAULTS = {
@@ -92,11 +92,11 @@ def parse_args(argv=None):
     parser.add_argument("--no-compile", action="store_true",
                         help="CUDA only: capture the plain model's step in the CUDA graph instead of the "
                         "torch.compile'd forward and loss (no compile time; more, smaller kernels)")
-    parser.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs"],
-                        default="default",
-                        help="CUDA only: torch.compile's mode for the forward and loss (default: default; "
-                        "max-autotune-no-cudagraphs times Triton GEMM templates against cuBLAS per matmul, "
-                        "a longer first compilation)")
+    parser.add_argument("--compile-mode", default="default",
+                        help="CUDA only: how the forward and loss are compiled, MODE[+FLAG...] "
+                        "(default: default; max-autotune-no-cudagraphs times Triton GEMM templates against "
+                        "cuBLAS per matmul, a longer first compilation; +FLAG sets a boolean "
+                        "torch._inductor.config flag, e.g. default+combo_kernels)")
     # Tests only: poison one step's noise with NaN, as a diverging step would, to exercise the NaN stop.
     parser.add_argument("--debug-nan-at-step", type=int, help=argparse.SUPPRESS)
     return parser, parser.parse_args(argv)
@@ -219,6 +219,10 @@ def constant_images(seed, step, global_batch, rank, world_size, shape, device):
 
 def main(argv=None):
     parser, args = parse_args(argv)
+    try:
+        compile_options(args.compile_mode)
+    except ValueError as error:
+        parser.error(f"--compile-mode: {error}")
 
     # A resume fixes model, norm and (unless given again) every other training value.
     ckpt_path, ckpt = None, {}
@@ -302,7 +306,7 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
     diffusion = create_diffusion(timestep_respacing="", diffusion_steps=cfg["diffusion_steps"])
     train_step = make_train_step(model, ema, diffusion, optimizer, ema_decay=cfg["ema_decay"],
                                  world_size=world_size, compile_cuda=not args.no_compile,
-                                 compile_mode=None if args.compile_mode == "default" else args.compile_mode)
+                                 compile_mode=args.compile_mode)
     model_config = {"model": cfg["model"], **model.config}
 
     log(f"run folder {run_dir}" + (f", resumed from {ckpt_path} at step {start_step}" if ckpt else ""))

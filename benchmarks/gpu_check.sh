@@ -4,7 +4,8 @@
 # 1. the CUDA-graph steps (plain and torch.compile'd) against the CPU step (tests/test_train_step.py -k cuda),
 #    and the one-graph tracing tests, the model's CUDA forms for small shapes included (tests/test_models.py)
 # 2. benchmarks/bench_train.py --device cuda --profile: official-style eager vs the plain graph step and the
-#    compiled graph step under both inductor modes (default, max-autotune-no-cudagraphs), 50k-step
+#    compiled graph step under both inductor modes (default, max-autotune-no-cudagraphs) and with inductor's
+#    combo_kernels (independent small kernels launched as one), 50k-step
 #    projection, each against the CPU step, and the GPU time per kernel of the plain and compiled steps
 # 3. real runs: train_toy.py through torchrun, one model, 50k steps at batch 2048, timed end to end: the
 #    default compile mode with empty inductor/Triton caches (what a first run costs), then
@@ -31,7 +32,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 part tests "$PY" -m pytest -q -p no:cacheprovider tests/test_train_step.py tests/test_models.py \
     -k "cuda or one_graph or small_forms"
 part bench timeout 300 "$PY" benchmarks/bench_train.py --device cuda --profile --no-generic \
-    --compile-modes default,max-autotune-no-cudagraphs
+    --compile-modes default,max-autotune-no-cudagraphs,default+combo_kernels
 runs=$(mktemp -d)
 train=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_toy.py --results-dir "$runs")
 timed() {  # timed NAME ARGS...: part NAME with the train command and ARGS, and its wall time

@@ -399,6 +399,15 @@ def test_loss_traces_to_one_graph():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
+def test_compile_options_of_a_setting():
+    assert train_step.compile_options(None) == train_step.compile_options("default") == {}
+    assert train_step.compile_options("max-autotune-no-cudagraphs+combo_kernels") == {
+        "max_autotune": True, "coordinate_descent_tuning": True, "combo_kernels": True}
+    for refused in ("reduce-overhead", "max-autotune", "fast", "default+max_autotune_gemm_backends"):
+        with pytest.raises(ValueError):  # inductor's own CUDA graphs; no such mode; not a boolean flag
+            train_step.compile_options(refused)
+
+
 def test_compiled_loss_compiles_once():
     """Every compilation of the GPU step's loss costs ~20 s there; a guard that changes between calls (e.g.
     a cache filled during the first) compiles it again."""

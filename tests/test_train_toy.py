@@ -145,6 +145,8 @@ def test_bad_input_from_the_command_line(tmp_path):
     (["--resume", "{run}/checkpoints/0000010.pt"], {}, "has later checkpoints (0000020.pt)"),
     (["--resume", "{run}", "--max-steps", "20"], {}, "already at step 20; pass a --max-steps above it"),
     (["--resume", "{run}/log.txt"], {}, "log.txt"),  # not a checkpoint at all
+    (["--compile-mode", "max-autotune"], {}, "unknown compile mode 'max-autotune'"),  # inductor's graphs
+    (["--compile-mode", "default+no_such_flag"], {}, "'no_such_flag' is not a boolean flag"),
 ])
 def test_bad_input_is_one_line(straight, tmp_path, monkeypatch, capsys, args, env, message):
     for key in DIST_ENV:
