@@ -28,6 +28,11 @@ def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cp
     plan = DiTPlan(model)
     fast = (plan.reason is None and torch.device(device).type == "cpu"
             and diffusion.model_mean_type == "epsilon" and diffusion.model_var_type == "learned_range")
+    graphed = (torch.device(device).type == "cuda" and diffusion.model_mean_type == "epsilon"
+               and diffusion.model_var_type == "learned_range")
+    if graphed:
+        x_T, noise_at = loop_draws(shape, diffusion.num_timesteps, device, generator, noise)
+        return index_driven_loop(model, diffusion, x_T, noise_at, capture=True)
     if not fast:
         return diffusion.p_sample_loop(model, shape, noise=noise, clip_denoised=False, model_kwargs={"y": y},
                                        device=device, progress=progress, generator=generator)
@@ -66,6 +71,61 @@ def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cp
         log_variance = frac * log_beta + (1 - frac) * log_post
         z = _randn(shape, device, generator)  # drawn at every step, as p_sample does, even when unused
         x = mean + nonzero * torch.exp(0.5 * log_variance) * z
+    return x
+
+
+def loop_draws(shape, num_steps, device, generator=None, noise=None):
+    """Every draw of p_sample_loop up front, in its order: x_T (unless `noise` is given), then one per step.
+    Returns x_T and noise_at (S, *shape), noise_at[i] the draw used at timestep i."""
+    x_T = noise.to(device) if noise is not None else _randn(shape, device, generator)
+    draws = [_randn(shape, device, generator) for _ in range(num_steps)]  # timesteps S-1, ..., 0
+    return x_T, torch.stack(draws[::-1])
+
+
+@torch.no_grad()
+def index_driven_loop(model, diffusion, x_T, noise_at, *, capture):
+    """The ancestral loop for class 0 with the timestep index kept on the device, so that one step is one
+    fixed sequence of kernels: on CUDA (capture=True) it is captured once in a CUDA graph and replayed for
+    every step, instead of ~100 kernel launches per step from Python (7.6 s for 100 samples x 1000 steps
+    on an H100, benchmarks/h100_2026-11-26.md A4). x_T (N, C, H, W); noise_at (S, N, C, H, W), noise_at[i]
+    the draw that p_sample uses at timestep i. Returns x_0. capture=False runs the same step eagerly (the
+    CPU tests compare that with p_sample_loop)."""
+    num_steps, channels = diffusion.num_timesteps, x_T.shape[1]
+    device = x_T.device
+    model_t = getattr(diffusion, "timestep_map", torch.arange(num_steps)).to(device)  # (S,)
+    coef = _step_coefficients(diffusion).to(device)  # (S, 7)
+    y = torch.zeros(len(x_T), dtype=torch.long, device=device)
+    x = x_T.clone(memory_format=torch.contiguous_format)  # updated in place
+    index = torch.full((1,), num_steps - 1, dtype=torch.long, device=device)  # the current timestep
+
+    def step():  # kernels only: index_select, never a Python int from the device
+        t = model_t.index_select(0, index).expand(len(x))  # (N,)
+        out = model(x, t, y)  # (N, 2C, H, W)
+        eps, v = out[:, :channels], out[:, channels:]
+        recip, recipm1, coef1, coef2, log_beta, log_post, nonzero = coef.index_select(0, index)[0]
+        pred_xstart = recip * x - recipm1 * eps
+        mean = coef1 * pred_xstart + coef2 * x
+        frac = (v + 1) / 2
+        log_variance = frac * log_beta + (1 - frac) * log_post
+        x.copy_(mean + nonzero * torch.exp(0.5 * log_variance) * noise_at.index_select(0, index)[0])
+        index.sub_(1)
+
+    if not capture:
+        for _ in range(num_steps):
+            step()
+        return x
+    side = torch.cuda.Stream(device)  # one warm-up step on a side stream (as capture requires), undone
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    x.copy_(x_T)
+    index.fill_(num_steps - 1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # recorded, not run
+        step()
+    for _ in range(num_steps):
+        graph.replay()
     return x
 
 

@@ -5,7 +5,7 @@ import torch
 
 from diffusion import create_diffusion
 from models import build_model
-from toy_sampler import sample_toy
+from toy_sampler import index_driven_loop, loop_draws, sample_toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,4 +69,27 @@ def test_matches_for_patches_larger_than_one_pixel():
     y = torch.zeros(3, dtype=torch.long)
     want = diffusion.p_sample_loop(model, (3, 4, 8, 8), model_kwargs={"y": y},
                                    generator=torch.Generator().manual_seed(5))
+    assert_same_samples(got, want)
+
+
+@pytest.mark.parametrize("steps", ["", "50"], ids=["1000 steps", "respaced to 50"])
+def test_index_driven_loop_matches_p_sample_loop(steps):
+    """The CUDA sampler's step (timestep index on the device, all draws made up front) run eagerly on the
+    CPU; on CUDA the same step is captured in a CUDA graph (benchmarks/bench_sample.py --device cuda)."""
+    model, diffusion = trained_like("ToyDiT-XS/1", "dyt"), create_diffusion(steps)
+    x_T, noise_at = loop_draws((5, 2, 2, 2), diffusion.num_timesteps, "cpu", torch.Generator().manual_seed(7))
+    kept = x_T.clone()
+    got = index_driven_loop(model, diffusion, x_T, noise_at, capture=False)
+    assert torch.equal(x_T, kept)
+    want = plain(model, diffusion, 5, generator=torch.Generator().manual_seed(7))
+    assert_same_samples(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_sampler_matches_p_sample_loop_on_cuda():
+    model, diffusion = trained_like("ToyDiT/1").cuda(), create_diffusion("")
+    got = sample_toy(model, diffusion, 7, generator=torch.Generator().manual_seed(3), device="cuda")
+    y = torch.zeros(7, dtype=torch.long, device="cuda")
+    want = diffusion.p_sample_loop(model, (7, 2, 2, 2), model_kwargs={"y": y}, device="cuda",
+                                   generator=torch.Generator().manual_seed(3))
     assert_same_samples(got, want)
