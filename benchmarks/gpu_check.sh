@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one command (218 s on an H100, benchmarks/h100_2026-11-26.md A1):
+# Every check that needs a CUDA GPU, in one command:
 #   bash benchmarks/gpu_check.sh [PYTHON]     (default python3; `make gpu-check` passes the venv's)
-# 1. the CUDA-graph steps (plain and torch.compile'd) against the CPU step (tests/test_train_step.py -k cuda),
-#    and the one-graph tracing tests, the model's CUDA forms for small shapes included (tests/test_models.py)
+# 1. the CUDA-graph steps (plain and torch.compile'd) against the CPU step, the CUDA-graph sampler against
+#    p_sample_loop (tests/test_train_step.py, tests/test_toy_sampler.py -k cuda), and the one-graph tracing
+#    tests, the model's CUDA forms for small shapes included (tests/test_models.py)
 # 2. benchmarks/bench_train.py --device cuda --profile: official-style eager vs the plain graph step and the
-#    compiled graph step under both inductor modes (default, max-autotune-no-cudagraphs) and with inductor's
-#    combo_kernels (independent small kernels launched as one), 50k-step
-#    projection, each against the CPU step, and the GPU time per kernel of the plain and compiled steps
-# 3. real runs: train_toy.py through torchrun, one model, 50k steps at batch 2048, timed end to end: the
-#    default compile mode with empty inductor/Triton caches (what a first run costs), then
-#    max-autotune-no-cudagraphs (its compilation cached by the benchmark)
+#    compiled graph step with inductor's defaults and with combo_kernels, 50k-step projection, each against
+#    the CPU step, and the GPU time per kernel of the plain and compiled steps
+# 3. benchmarks/bench_sample.py --device cuda: the CUDA-graph sampler against the eager loop
+# 4. a real run: train_toy.py through torchrun, one model, 50k steps at batch 2048, with empty inductor and
+#    Triton caches (what a first run costs), timed end to end
 # It goes on after a failed part, names each failure, and exits non-zero if any part failed.
+# The whole script last ran at commit 21b3f3e (218 s, benchmarks/h100_2026-11-26.md A1); its parts as they
+# are now ran one by one in B1-B2 there (about 300 s together).
 set -u
 PY=${1:-python3}
 cd "$(dirname "$0")/.."
@@ -30,22 +32,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())"
 part tests "$PY" -m pytest -q -p no:cacheprovider tests/test_train_step.py tests/test_models.py \
-    -k "cuda or one_graph or small_forms"
+    tests/test_toy_sampler.py -k "cuda or one_graph or small_forms"
 part bench timeout 300 "$PY" benchmarks/bench_train.py --device cuda --profile --no-generic \
-    --compile-modes default,max-autotune-no-cudagraphs,default+combo_kernels
+    --compile-modes default,default+combo_kernels
+part sample timeout 120 "$PY" benchmarks/bench_sample.py --device cuda --repeats 2
 runs=$(mktemp -d)
 train=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train_toy.py --results-dir "$runs")
-timed() {  # timed NAME ARGS...: part NAME with the train command and ARGS, and its wall time
-    local name=$1 start end; shift
-    start=$(date +%s%N)
-    part "$name" timeout 240 "${train[@]}" "$@"
-    end=$(date +%s%N)
-    echo "$name: train_toy.py $*, 50k steps at batch 2048 (checkpoints 10k, 50k):" \
-        "$(((end - start) / 1000000)) ms wall, process start to exit"
-}
-TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) timed train
-timed train-max-autotune --compile-mode max-autotune-no-cudagraphs
-echo "logs in $LOGS"
+start=$(date +%s%N)
+TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) part train timeout 300 "${train[@]}"
+end=$(date +%s%N)
+echo "train_toy.py, 50k steps at batch 2048 (checkpoints 10k, 50k), empty compile caches:" \
+    "$(((end - start) / 1000000)) ms wall, process start to exit; logs in $LOGS"
 if [[ " ${failed[*]} " == *" train "* ]]; then  # the same run without torch.compile, to tell the two apart
     part train-no-compile timeout 300 "${train[@]}" --no-compile
 fi
