@@ -6,6 +6,8 @@ before the loop; the schedule coefficients are gathered once; and each step runs
 forward of fused_dit.py on the 100-odd tokens instead of the module tree (with the tiled C kernels, the
 step's update too, in the same C call). Random numbers are drawn exactly
 as the plain loop draws them (x_T, then one draw of the sample's shape per step, the last one unused).
+On CUDA the draws are all made first, in that order, and each step replays one captured CUDA graph
+(`index_driven_loop`).
 """
 
 import numpy as np
@@ -86,8 +88,9 @@ def loop_draws(shape, num_steps, device, generator=None, noise=None):
 def index_driven_loop(model, diffusion, x_T, noise_at, *, capture):
     """The ancestral loop for class 0 with the timestep index kept on the device, so that one step is one
     fixed sequence of kernels: on CUDA (capture=True) it is captured once in a CUDA graph and replayed for
-    every step, instead of ~100 kernel launches per step from Python (7.6 s for 100 samples x 1000 steps
-    on an H100, benchmarks/h100_2026-11-26.md A4). x_T (N, C, H, W); noise_at (S, N, C, H, W), noise_at[i]
+    every step, instead of ~100 kernel launches per step from Python (100 samples x 1000 steps on an H100:
+    0.44 s against 3.34 s for p_sample_loop, benchmarks/h100_2026-11-26.md B2; no progress bar).
+    x_T (N, C, H, W); noise_at (S, N, C, H, W), noise_at[i]
     the draw that p_sample uses at timestep i. Returns x_0. capture=False runs the same step eagerly (the
     CPU tests compare that with p_sample_loop)."""
     num_steps, channels = diffusion.num_timesteps, x_T.shape[1]

@@ -218,7 +218,8 @@ def make_train_step(model, ema, diffusion, optimizer, *, ema_decay: float, world
     "cuda-graph-compiled" (compile_cuda, the default), "cuda-graph" or "plain". compile_mode sets how the
     CUDA step's forward and loss are compiled (see compile_options; None: inductor's defaults;
     "max-autotune-no-cudagraphs" also times Triton GEMM templates against cuBLAS per matmul shape and
-    fuses pointwise epilogues into them, at a longer first compilation).
+    fuses pointwise epilogues into them: on an H100 that took 4-43 s per shape, over 226 s in all,
+    benchmarks/h100_2026-11-26.md B1).
 
     Effects beyond the step itself, each made here and nowhere at import (one line each, with the reason):
     - CPU fast path: glibc mallopt keeps freed memory in the heap, process-wide (fused_dit.keep_freed_memory):
