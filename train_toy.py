@@ -158,6 +158,18 @@ def setup_distributed(device=None):
     return rank, world_size, device
 
 
+def seconds_since_process_start():
+    """Seconds since this process started, from Linux's /proc; None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # from field 3 (state) on
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in clock ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def new_run_dir(results_dir, model, norm):
     """Create results/<index>-<model>-<norm>/ with the next free index; never reuse an existing folder."""
     results_dir = Path(results_dir)
@@ -313,6 +325,9 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
     log(f"world size {world_size}, device {device}, step path {getattr(train_step, 'path', 'unnamed')}, "
         f"train args {json.dumps(cfg)}")
     log(f"model {json.dumps(model_config)}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    started = seconds_since_process_start()
+    if started is not None:  # imports, device initialisation, model and step set-up (compilation comes later)
+        log(f"{started:.1f} s from process start to the training loop")
     if rank == 0:
         run_config = {"train_args": cfg, "model_config": model_config, "world_size": world_size,
                       "device": str(device), "resumed_from": str(ckpt_path) if ckpt else None,

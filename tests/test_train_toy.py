@@ -211,3 +211,14 @@ def test_constant_data_trains_and_is_saved(straight, tmp_path):
     key = "blocks.0.attn.qkv.weight"  # other data, same (seed, step) noise: other parameters
     assert not torch.equal(tensors_of(path)[f"model.{key}"],
                            tensors_of(straight / "checkpoints" / "0000020.pt")[f"model.{key}"])
+
+
+
+def test_seconds_since_process_start_counts_from_the_process_start():
+    code = ("import time; time.sleep(0.5); import train_toy; "
+            "print(train_toy.seconds_since_process_start())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(train_toy.__file__).parent)
+    if proc.stdout.strip() == "None":
+        pytest.skip("no /proc here")
+    assert 0.5 <= float(proc.stdout) < 60  # the sleep, the imports; not the machine's uptime
