@@ -27,6 +27,8 @@ from diffusion import create_diffusion
 from models import NORM_KINDS, TOY_MODELS, build_model
 from train_step import compile_options, make_optimizer, make_train_step
 
+IMPORTED_AT = time.monotonic()  # splits the start-up time that a command-line run logs
+
 # The study: the DiT recipe (AdamW, constant lr 1e-4, no weight decay, EMA 0.9999) at global batch 2048.
 DEFAULTS = {
     "model": "ToyDiT/1", "norm": "layernorm", "global_batch_size": 2048, "lr": 1e-4, "ema_decay": 0.9999,
@@ -229,7 +231,7 @@ def constant_images(seed, step, global_batch, rank, world_size, shape, device):
     return c.view(-1, 1, 1, 1).expand(-1, *shape).contiguous()  # (b, C, H, W)
 
 
-def main(argv=None):
+def main(argv=None, log_startup=False):
     parser, args = parse_args(argv)
     try:
         compile_options(args.compile_mode)
@@ -270,14 +272,15 @@ def main(argv=None):
     except (ValueError, RuntimeError) as err:
         parser.error(f"--device {args.device}: {err}")
     try:
-        train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, device)
+        train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, device, log_startup)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, device):
-    """Build or restore the model, EMA and optimizer, then run the training loop up to cfg['max_steps']."""
+def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, device, log_startup=False):
+    """Build or restore the model, EMA and optimizer, then run the training loop up to cfg['max_steps'].
+    log_startup: log the time from process start (a process that runs this once, from the command line)."""
     start_step, max_steps, log_every = ckpt.get("step", 0), cfg["max_steps"], cfg["log_every"]
 
     # Rank 0 alone owns the run folder and writes into it.
@@ -325,9 +328,11 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
     log(f"world size {world_size}, device {device}, step path {getattr(train_step, 'path', 'unnamed')}, "
         f"train args {json.dumps(cfg)}")
     log(f"model {json.dumps(model_config)}, {sum(p.numel() for p in model.parameters()):,} parameters")
-    started = seconds_since_process_start()
-    if started is not None:  # imports, device initialisation, model and step set-up (compilation comes later)
-        log(f"{started:.1f} s from process start to the training loop")
+    started = seconds_since_process_start() if log_startup else None
+    if started is not None:  # compilation comes later, in the first steps
+        setup = time.monotonic() - IMPORTED_AT
+        log(f"{started:.1f} s from process start to the training loop: {started - setup:.1f} s to start "
+            f"Python and import the code, {setup:.1f} s to set up the device, model and step")
     if rank == 0:
         run_config = {"train_args": cfg, "model_config": model_config, "world_size": world_size,
                       "device": str(device), "resumed_from": str(ckpt_path) if ckpt else None,
@@ -391,4 +396,4 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
 
 
 if __name__ == "__main__":
-    main()
+    main(log_startup=True)
