@@ -63,6 +63,12 @@ def make_norm(kind: str, hidden_size: int) -> nn.Module:
 CUDA_SMALL_FORMS = True
 
 
+# The stacked adaLN matmul (DiT.adaln_all_blocks) copies every adaLN weight into one matrix at each forward:
+# 0.1M values for ToyDiT/1, the only size where it was timed, but 223M (0.9 GB in fp32) for DiT-XL/2. Above
+# this many weights the blocks keep their own matmuls.
+STACKED_ADALN_MAX_NUMEL = 1 << 20
+
+
 def cuda_small_forms(x):
     """Whether a layer given `x` takes its CUDA form for small shapes (CUDA_SMALL_FORMS, x on CUDA)."""
     return CUDA_SMALL_FORMS and x.is_cuda
@@ -368,10 +374,15 @@ class DiT(nn.Module):
         y = self.y_embedder(y, self.training)  # (N, D)
         c = t + y  # (N, D)
         layers = [*self.blocks, self.final_layer]
-        mods = self.adaln_all_blocks(c) if cuda_small_forms(x) else [None] * len(layers)
+        stacked = cuda_small_forms(x) and self.adaln_weight_numel() <= STACKED_ADALN_MAX_NUMEL
+        mods = self.adaln_all_blocks(c) if stacked else [None] * len(layers)
         for layer, modulation in zip(layers, mods, strict=True):
             x = layer(x, c, modulation)  # (N, T, D); the final layer's (N, T, p * p * C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)
+
+    def adaln_weight_numel(self):
+        """How many weights the adaLN Linears of all blocks and the final layer hold together."""
+        return sum(layer.adaLN_modulation[-1].weight.numel() for layer in [*self.blocks, self.final_layer])
 
     def adaln_all_blocks(self, c):
         """Every block's and the final layer's adaLN output, silu(c) W^T + b, as one matmul with the layers'

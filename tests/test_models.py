@@ -248,6 +248,20 @@ def test_model_with_cuda_small_forms_matches_default(monkeypatch, overrides):
     assert_all_close(actual, expected)
 
 
+def test_stacked_adaln_is_kept_to_small_models(monkeypatch):
+    """DiT-XL/2's adaLN weights (223M) would be copied into one matrix at every forward."""
+    with torch.device("meta"):  # shapes only
+        assert build_model("DiT-XL/2").adaln_weight_numel() > models.STACKED_ADALN_MAX_NUMEL
+    taken = force_cuda_small_forms(monkeypatch)
+    small = randomize(build_model("ToyDiT-XS/1"))
+    small(*toy_loss_inputs(small))
+    assert "adaln_all_blocks" in taken
+    taken.clear()
+    monkeypatch.setattr(models, "STACKED_ADALN_MAX_NUMEL", small.adaln_weight_numel() - 1)
+    small(*toy_loss_inputs(small))
+    assert "adaln_all_blocks" not in taken and "broadcast_attention" in taken
+
+
 def test_model_with_cuda_small_forms_traces_to_one_graph(monkeypatch):
     """The compiled CUDA step traces model and loss with fullgraph=True: the forms must not break the graph.
     aot_eager traces forward and backward as inductor would, without generating kernels."""
