@@ -64,7 +64,7 @@ CUDA_SMALL_FORMS = True
 
 
 # The stacked adaLN matmul (DiT.adaln_all_blocks) copies every adaLN weight into one matrix at each forward:
-# 0.1M values for ToyDiT/1, the only size where it was timed, but 223M (0.9 GB in fp32) for DiT-XL/2. Above
+# 0.1M values for ToyDiT/1, the only size where it was timed, but 226M (0.9 GB in fp32) for DiT-XL/2. Above
 # this many weights the blocks keep their own matmuls.
 STACKED_ADALN_MAX_NUMEL = 1 << 20
 

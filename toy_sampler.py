@@ -22,6 +22,8 @@ def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cp
                noise=None):
     """Return (num_samples, C, H, W) final samples of p_sample_loop for class label 0.
 
+    On CUDA the loop replays a captured CUDA graph per step (index_driven_loop) and shows no progress bar.
+
     On the CPU fast path this calls fused_dit.keep_freed_memory(), a process-wide glibc setting (freed
     memory stays in the heap instead of going back to the OS after every step)."""
     cfg = model.config
@@ -80,8 +82,10 @@ def loop_draws(shape, num_steps, device, generator=None, noise=None):
     """Every draw of p_sample_loop up front, in its order: x_T (unless `noise` is given), then one per step.
     Returns x_T and noise_at (S, *shape), noise_at[i] the draw used at timestep i."""
     x_T = noise.to(device) if noise is not None else _randn(shape, device, generator)
-    draws = [_randn(shape, device, generator) for _ in range(num_steps)]  # timesteps S-1, ..., 0
-    return x_T, torch.stack(draws[::-1])
+    noise_at = torch.empty(num_steps, *shape, device=device)
+    for i in range(num_steps - 1, -1, -1):  # p_sample_loop's order: timesteps S-1, ..., 0
+        noise_at[i] = _randn(shape, device, generator)
+    return x_T, noise_at
 
 
 @torch.no_grad()
@@ -145,5 +149,5 @@ def _randn(shape, device, generator):
     """A standard normal draw as the diffusion's loops make it (a CPU generator may serve any device)."""
     device = torch.device(device)
     if generator is None or generator.device == device:
-        return torch.randn(shape, device=device, generator=generator)
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+        return torch.randn(shape, device=device, dtype=torch.float32, generator=generator)
+    return torch.randn(shape, dtype=torch.float32, generator=generator, device=generator.device).to(device)

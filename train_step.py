@@ -100,6 +100,8 @@ def compile_options(setting):
     for flag in flags:
         if not isinstance(getattr(inductor_config, flag, None), bool):
             raise ValueError(f"{flag!r} is not a boolean flag of torch._inductor.config")
+        if "cudagraph" in flag:
+            raise ValueError(f"{flag!r} would capture inductor's own CUDA graphs inside the step's")
     return {**modes[mode], **dict.fromkeys(flags, True)}
 
 

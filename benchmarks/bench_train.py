@@ -7,9 +7,9 @@
     python benchmarks/bench_train.py --device cuda         # CUDA: official-style eager vs both CUDA-graph
                                                            # steps, each also with models.CUDA_SMALL_FORMS
                                                            # off: steps/s, 50k-step projection, and a
-                                                           # check of the default ones against the CPU step
+                                                           # check of each against the CPU step
     python benchmarks/bench_train.py --device cuda --no-generic \
-        --compile-modes default,max-autotune-no-cudagraphs  # the compiled step under both inductor modes
+        --compile-modes default,default+combo_kernels      # the compiled step under two compile settings
 Both steps start from the same weights and see the same inputs; repetitions alternate between them after
 a warm-up, and the medians are compared. FLOPs are counted analytically (see `model_flops`).
 """
@@ -238,8 +238,9 @@ def cuda_configs(args):
 
 def bench_cuda(args):
     """The official-style eager step and the CUDA-graph steps (plain model; torch.compile'd forward and
-    loss), each also with models.CUDA_SMALL_FORMS off ("generic forms"), built in this one process: setup
-    time, steps/s and the 50k-step projection; then the default graph steps against the CPU step."""
+    loss under each of --compile-modes), without --no-generic each also with models.CUDA_SMALL_FORMS off
+    ("generic forms"), built in this one process: setup time, steps/s and the 50k-step projection; then
+    each graph step with the CUDA forms against the CPU step."""
     base_model = trained_like(args.model, "layernorm")
     cfg = base_model.config
     inputs = toy_inputs(cfg, args.batch, "cuda")
@@ -392,6 +393,8 @@ def main():
             compile_options(setting)
         except ValueError as error:
             parser.error(f"--compile-modes: {error}")
+    if len(set(args.compile_modes)) < len(args.compile_modes):
+        parser.error("--compile-modes: a setting is named twice")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.ddp:

@@ -249,7 +249,7 @@ def test_model_with_cuda_small_forms_matches_default(monkeypatch, overrides):
 
 
 def test_stacked_adaln_is_kept_to_small_models(monkeypatch):
-    """DiT-XL/2's adaLN weights (223M) would be copied into one matrix at every forward."""
+    """DiT-XL/2's adaLN weights (226M) would be copied into one matrix at every forward."""
     with torch.device("meta"):  # shapes only
         assert build_model("DiT-XL/2").adaln_weight_numel() > models.STACKED_ADALN_MAX_NUMEL
     taken = force_cuda_small_forms(monkeypatch)

@@ -403,7 +403,8 @@ def test_compile_options_of_a_setting():
     assert train_step.compile_options(None) == train_step.compile_options("default") == {}
     assert train_step.compile_options("max-autotune-no-cudagraphs+combo_kernels") == {
         "max_autotune": True, "coordinate_descent_tuning": True, "combo_kernels": True}
-    for refused in ("reduce-overhead", "max-autotune", "fast", "default+max_autotune_gemm_backends"):
+    for refused in ("reduce-overhead", "max-autotune", "default+triton.cudagraphs", "fast",
+                    "default+max_autotune_gemm_backends"):
         with pytest.raises(ValueError):  # inductor's own CUDA graphs; no such mode; not a boolean flag
             train_step.compile_options(refused)
 

@@ -106,7 +106,7 @@ def test_resume_is_bit_identical(straight, tmp_path):
     assert only_run(tmp_path) == run_dir  # continued in the same folder
     log = (run_dir / "log.txt").read_text()
     assert "resumed from" in log and log.count("step 0000010 | loss") == 1
-    # each command-line run logs its start-up and the loop's total (an in-process main() call does not)
+    # each run logs the loop's total; a command-line run also its start-up (an in-process main() call not)
     assert log.count("s from process start to the training loop: ") == 2 and log.count("done: 10 steps") == 2
     resumed = tensors_of(run_dir / "checkpoints" / "0000020.pt")
     reference = tensors_of(straight / "checkpoints" / "0000020.pt")
