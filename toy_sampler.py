@@ -29,21 +29,19 @@ def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cp
     cfg = model.config
     shape = (num_samples, cfg["in_channels"], cfg["input_size"], cfg["input_size"])
     y = torch.zeros(num_samples, dtype=torch.long, device=device)
-    plan = DiTPlan(model)
-    fast = (plan.reason is None and torch.device(device).type == "cpu"
-            and diffusion.model_mean_type == "epsilon" and diffusion.model_var_type == "learned_range")
-    graphed = (torch.device(device).type == "cuda" and diffusion.model_mean_type == "epsilon"
-               and diffusion.model_var_type == "learned_range")
-    if graphed:
+    learned_range = diffusion.model_mean_type == "epsilon" and diffusion.model_var_type == "learned_range"
+    on = torch.device(device).type
+    if learned_range and on == "cuda":
         x_T, noise_at = loop_draws(shape, diffusion.num_timesteps, device, generator, noise)
         return index_driven_loop(model, diffusion, x_T, noise_at, capture=True)
-    if not fast:
+    plan = DiTPlan(model)
+    if not (learned_range and on == "cpu" and plan.reason is None):
         return diffusion.p_sample_loop(model, shape, noise=noise, clip_denoised=False, model_kwargs={"y": y},
                                        device=device, progress=progress, generator=generator)
 
     num_steps = diffusion.num_timesteps
     # The network sees the original timestep index (respacing keeps a map from the respaced one).
-    model_t = getattr(diffusion, "timestep_map", torch.arange(num_steps)).to(device)  # (S,)
+    model_t = diffusion._model_timesteps(torch.arange(num_steps, device=device))  # (S,)
     cond = model.t_embedder(model_t) + model.y_embedder(y[:1].expand(num_steps), model.training)  # (S, D)
     w_mod, b_mod = DiTPlan.modulation(model)
     mods = torch.addmm(b_mod, F.silu(cond), w_mod.t())  # (S, K): every adaLN vector of every step
@@ -58,7 +56,6 @@ def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cp
         from tqdm.auto import tqdm
 
         steps = tqdm(steps)
-    channels = shape[1]
     if hasattr(kern, "sampler"):  # the network and the update in one C call per step
         step = kern.sampler(plan, num_samples, model.pos_embed, weights)
         x = x.clone(memory_format=torch.contiguous_format)  # updated in place; never the caller's noise
@@ -67,15 +64,23 @@ def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cp
         return x
     for i in steps:
         out = dit_forward(plan, kern, x, mods[i:i + 1], model.pos_embed, weights)  # (N, 2C, H, W)
-        eps, v = out[:, :channels], out[:, channels:]
-        recip, recipm1, coef1, coef2, log_beta, log_post, nonzero = coef[i].tolist()
-        pred_xstart = recip * x - recipm1 * eps
-        mean = coef1 * pred_xstart + coef2 * x
-        frac = (v + 1) / 2
-        log_variance = frac * log_beta + (1 - frac) * log_post
         z = _randn(shape, device, generator)  # drawn at every step, as p_sample does, even when unused
-        x = mean + nonzero * torch.exp(0.5 * log_variance) * z
+        x = _ancestral_step(x, out, coef[i].tolist(), z)
     return x
+
+
+def _ancestral_step(x, out, coef_t, z):
+    """p_sample's x_{t-1} = mean + nonzero exp(log_variance / 2) z from x_t (N, C, H, W) and the network's
+    output (N, 2C, H, W) (eps, learned-range variance); coef_t: the 7 values of _step_coefficients at t, as
+    floats or as a (7,) tensor (no host sync inside a CUDA graph)."""
+    channels = x.shape[1]
+    eps, v = out[:, :channels], out[:, channels:]
+    recip, recipm1, coef1, coef2, log_beta, log_post, nonzero = coef_t
+    pred_xstart = recip * x - recipm1 * eps
+    mean = coef1 * pred_xstart + coef2 * x
+    frac = (v + 1) / 2
+    log_variance = frac * log_beta + (1 - frac) * log_post
+    return mean + nonzero * torch.exp(0.5 * log_variance) * z
 
 
 def loop_draws(shape, num_steps, device, generator=None, noise=None):
@@ -97,9 +102,8 @@ def index_driven_loop(model, diffusion, x_T, noise_at, *, capture):
     x_T (N, C, H, W); noise_at (S, N, C, H, W), noise_at[i]
     the draw that p_sample uses at timestep i. Returns x_0. capture=False runs the same step eagerly (the
     CPU tests compare that with p_sample_loop)."""
-    num_steps, channels = diffusion.num_timesteps, x_T.shape[1]
-    device = x_T.device
-    model_t = getattr(diffusion, "timestep_map", torch.arange(num_steps)).to(device)  # (S,)
+    num_steps, device = diffusion.num_timesteps, x_T.device
+    model_t = diffusion._model_timesteps(torch.arange(num_steps, device=device))  # (S,)
     coef = _step_coefficients(diffusion).to(device)  # (S, 7)
     y = torch.zeros(len(x_T), dtype=torch.long, device=device)
     x = x_T.clone(memory_format=torch.contiguous_format)  # updated in place
@@ -108,13 +112,7 @@ def index_driven_loop(model, diffusion, x_T, noise_at, *, capture):
     def step():  # kernels only: index_select, never a Python int from the device
         t = model_t.index_select(0, index).expand(len(x))  # (N,)
         out = model(x, t, y)  # (N, 2C, H, W)
-        eps, v = out[:, :channels], out[:, channels:]
-        recip, recipm1, coef1, coef2, log_beta, log_post, nonzero = coef.index_select(0, index)[0]
-        pred_xstart = recip * x - recipm1 * eps
-        mean = coef1 * pred_xstart + coef2 * x
-        frac = (v + 1) / 2
-        log_variance = frac * log_beta + (1 - frac) * log_post
-        x.copy_(mean + nonzero * torch.exp(0.5 * log_variance) * noise_at.index_select(0, index)[0])
+        x.copy_(_ancestral_step(x, out, coef.index_select(0, index)[0], noise_at.index_select(0, index)[0]))
         index.sub_(1)
 
     if not capture:
