@@ -724,7 +724,7 @@ class HybridLossFunction(torch.autograd.Function):
     def forward(ctx, plan, kern, diffusion, x_start, t, noise, c, pos_embed, w_mod, b_mod, *weights):
         silu_c = F.silu(c)  # (N, D)
         coefs = diffusion._coefs(t, x_start)
-        x_t = coefs.sqrt_alphas_cumprod * x_start + coefs.sqrt_one_minus_alphas_cumprod * noise  # as the loss
+        x_t = diffusion.q_sample(x_start, t, noise)  # as training_losses draws it
         N = x_start.shape[0]
         vb_weight = diffusion.num_timesteps / 1000.0 if diffusion.loss_type == "rescaled_mse" else 1.0
         columns = [getattr(coefs, name).reshape(N) for name in LOSS_COLUMNS[:6]]
