@@ -540,11 +540,6 @@ class DiTPlan:
             out += list(m.parameters())  # dyt alphas; the other kinds have none
         return out
 
-    @staticmethod
-    def modulation(model):
-        """All adaLN weights and biases stacked: (K, D), (K,) with K = depth * 6D + 2D, blocks then final."""
-        lins = [b.adaLN_modulation[-1] for b in model.blocks] + [model.final_layer.adaLN_modulation[-1]]
-        return torch.cat([lin.weight for lin in lins]), torch.cat([lin.bias for lin in lins])
 
 
 def _patches(plan, x, out=False):
@@ -693,7 +688,7 @@ def fused_model(model, plan=None, kern=None):
 
     def forward(x_t, t, y):
         c = model.t_embedder(t) + model.y_embedder(y, model.training)  # (N, D)
-        w_mod, b_mod = DiTPlan.modulation(model)
+        w_mod, b_mod = model.adaln_stacked()
         return DiTFunction.apply(plan, kern, x_t.contiguous(), c, model.pos_embed, w_mod, b_mod,
                                  *DiTPlan.weights(model))
 
@@ -757,7 +752,7 @@ def fused_hybrid_loss(model, diffusion, plan=None, kern=None):
 
     def loss(x_start, t, noise, y):
         c = model.t_embedder(diffusion._model_timesteps(t)) + model.y_embedder(y, model.training)  # (N, D)
-        w_mod, b_mod = DiTPlan.modulation(model)
+        w_mod, b_mod = model.adaln_stacked()
         return HybridLossFunction.apply(plan, kern, diffusion, x_start.contiguous(), t, noise.contiguous(), c,
                                         model.pos_embed, w_mod, b_mod, *DiTPlan.weights(model))
 

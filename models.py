@@ -380,18 +380,26 @@ class DiT(nn.Module):
             x = layer(x, c, modulation)  # (N, T, D); the final layer's (N, T, p * p * C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)
 
+    def adaln_linears(self):
+        """The adaLN Linears of every block, then of the final layer."""
+        return [layer.adaLN_modulation[-1] for layer in [*self.blocks, self.final_layer]]
+
     def adaln_weight_numel(self):
         """How many weights the adaLN Linears of all blocks and the final layer hold together."""
-        return sum(layer.adaLN_modulation[-1].weight.numel() for layer in [*self.blocks, self.final_layer])
+        return sum(lin.weight.numel() for lin in self.adaln_linears())
+
+    def adaln_stacked(self):
+        """All adaLN weights and biases stacked, blocks then final layer: (K, D), (K,), K = (6 depth + 2) D"""
+        linears = self.adaln_linears()
+        return torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears])
 
     def adaln_all_blocks(self, c):
         """Every block's and the final layer's adaLN output, silu(c) W^T + b, as one matmul with the layers'
         weights stacked (one CUDA form for small shapes: one GEMM instead of depth + 1 in the forward and
         in each half of the backward); a list of (N, 6 D) per block and (N, 2 D) for the final layer."""
-        linears = [layer.adaLN_modulation[-1] for layer in [*self.blocks, self.final_layer]]
-        weight = torch.cat([lin.weight for lin in linears])  # ((6 depth + 2) D, D)
-        bias = torch.cat([lin.bias for lin in linears])
-        return F.linear(F.silu(c), weight, bias).split([lin.out_features for lin in linears], dim=1)
+        weight, bias = self.adaln_stacked()
+        widths = [lin.out_features for lin in self.adaln_linears()]
+        return F.linear(F.silu(c), weight, bias).split(widths, dim=1)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
         """Classifier-free guidance: the batch is [conditional half, unconditional half] of the same x."""

@@ -251,8 +251,7 @@ def dyt_check_run(args, setting):
     model = build_model(args.model, norm="dyt").to(args.device)
     if not setting["adaln_zero"]:
         # Zhu et al. drop adaLN-Zero for DiT: the modulation layers start like every other Linear.
-        for layer in [block.adaLN_modulation[-1] for block in model.blocks] + [
-                model.final_layer.adaLN_modulation[-1]]:
+        for layer in model.adaln_linears():
             nn.init.xavier_uniform_(layer.weight)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = make_optimizer(model.parameters(), lr)

@@ -43,7 +43,7 @@ def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cp
     # The network sees the original timestep index (respacing keeps a map from the respaced one).
     model_t = diffusion._model_timesteps(torch.arange(num_steps, device=device))  # (S,)
     cond = model.t_embedder(model_t) + model.y_embedder(y[:1].expand(num_steps), model.training)  # (S, D)
-    w_mod, b_mod = DiTPlan.modulation(model)
+    w_mod, b_mod = model.adaln_stacked()
     mods = torch.addmm(b_mod, F.silu(cond), w_mod.t())  # (S, K): every adaLN vector of every step
     coef = _step_coefficients(diffusion)  # (S, 7) float32, the values p_sample would gather
     weights = DiTPlan.weights(model)
