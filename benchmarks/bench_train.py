@@ -227,7 +227,6 @@ def cuda_config_name(compile_cuda, small_forms, setting):
     return name + ("" if small_forms else ", generic forms") + (f", {setting}" if setting else "")
 
 
-
 def cuda_configs(args):
     """(compile_cuda, models.CUDA_SMALL_FORMS, compile setting) of each CUDA-graph step to time."""
     configs = [(False, True, None)] + [(True, True, mode) for mode in args.compile_modes]
