@@ -91,14 +91,16 @@ def parse_args(argv=None):
                         "run continues in the checkpoint's run folder, appending to log.txt")
     parser.add_argument("--device",
                         help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
+    # How the CUDA step is built, not what it computes: like --device, not kept in train args or by --resume.
     parser.add_argument("--no-compile", action="store_true",
                         help="CUDA only: capture the plain model's step in the CUDA graph instead of the "
-                        "torch.compile'd forward and loss (no compile time; more, smaller kernels)")
-    parser.add_argument("--compile-mode", default="default",
+                        "torch.compile'd forward and loss (no compile time; more, smaller kernels); not "
+                        "kept by --resume")
+    parser.add_argument("--compile-mode",
                         help="CUDA only: how the forward and loss are compiled, MODE[+FLAG...] "
                         "(default: default; max-autotune-no-cudagraphs times Triton GEMM templates against "
                         "cuBLAS per matmul, minutes of compilation on an H100; +FLAG sets a boolean "
-                        "torch._inductor.config flag, e.g. default+combo_kernels)")
+                        "torch._inductor.config flag, e.g. default+combo_kernels); not kept by --resume")
     # Tests only: poison one step's noise with NaN, as a diverging step would, to exercise the NaN stop.
     parser.add_argument("--debug-nan-at-step", type=int, help=argparse.SUPPRESS)
     return parser, parser.parse_args(argv)
@@ -233,10 +235,14 @@ def constant_images(seed, step, global_batch, rank, world_size, shape, device):
 
 def main(argv=None, log_startup=False):
     parser, args = parse_args(argv)
-    try:
-        compile_options(args.compile_mode)
-    except ValueError as error:
-        parser.error(f"--compile-mode: {error}")
+    if args.compile_mode is not None:
+        if args.no_compile:
+            parser.error("--compile-mode sets how torch.compile builds the step and --no-compile skips "
+                         "torch.compile; give one of them")
+        try:
+            compile_options(args.compile_mode)
+        except ValueError as error:
+            parser.error(f"--compile-mode: {error}")
 
     # A resume fixes model, norm and (unless given again) every other training value.
     ckpt_path, ckpt = None, {}
@@ -272,6 +278,9 @@ def main(argv=None, log_startup=False):
     except (ValueError, RuntimeError) as err:
         parser.error(f"--device {args.device}: {err}")
     try:
+        if device.type != "cuda" and (args.no_compile or args.compile_mode is not None):
+            given = "--no-compile" if args.no_compile else "--compile-mode"
+            parser.error(f"{given} applies to the CUDA step only; drop it to train on {device}")
         train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, device, log_startup)
     finally:
         if dist.is_initialized():
@@ -325,8 +334,10 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
     model_config = {"model": cfg["model"], **model.config}
 
     log(f"run folder {run_dir}" + (f", resumed from {ckpt_path} at step {start_step}" if ckpt else ""))
-    log(f"world size {world_size}, device {device}, step path {getattr(train_step, 'path', 'unnamed')}, "
-        f"train args {json.dumps(cfg)}")
+    step_path = getattr(train_step, "path", "unnamed")
+    compile_mode = (args.compile_mode or "default") if step_path == "cuda-graph-compiled" else None
+    log(f"world size {world_size}, device {device}, step path {step_path}"
+        + (f" (compile mode {compile_mode})" if compile_mode else "") + f", train args {json.dumps(cfg)}")
     log(f"model {json.dumps(model_config)}, {sum(p.numel() for p in model.parameters()):,} parameters")
     started = seconds_since_process_start() if log_startup else None
     if started is not None:  # compilation comes later, in the first steps
@@ -335,7 +346,8 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
             f"Python and import the code, {setup:.1f} s to set up the device, model and step")
     if rank == 0:
         run_config = {"train_args": cfg, "model_config": model_config, "world_size": world_size,
-                      "device": str(device), "resumed_from": str(ckpt_path) if ckpt else None,
+                      "device": str(device), "step_path": step_path, "compile_mode": compile_mode,
+                      "resumed_from": str(ckpt_path) if ckpt else None,
                       "start_step": start_step, "torch": torch.__version__}
         (run_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
 

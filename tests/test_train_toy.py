@@ -1,5 +1,6 @@
 """train_toy.py on CPU with gloo: world-size invariance, exact resume, NaN stop, one-line errors, learning."""
 
+import json
 import os
 import subprocess
 import sys
@@ -68,7 +69,8 @@ def test_run_folder_and_checkpoint_format(straight):
     assert straight.name == "000-ToyDiT-XS-1-layernorm"
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["0000010.pt", "0000020.pt"]
     assert "step 0000020 | loss" in (straight / "log.txt").read_text()
-    assert (straight / "config.json").is_file()
+    config = json.loads((straight / "config.json").read_text())
+    assert config["step_path"] in ("tiled-cpu", "fused-cpu", "torch-cpu") and config["compile_mode"] is None
     ckpt = read_checkpoint(straight / "checkpoints" / "0000020.pt")
     assert ckpt["format"] == "dit-norm-study/1" and ckpt["step"] == 20
     assert ckpt["train_args"]["global_batch_size"] == 16 and ckpt["train_args"]["lr"] == 1e-3
@@ -149,6 +151,9 @@ def test_bad_input_from_the_command_line(tmp_path):
     (["--resume", "{run}/log.txt"], {}, "log.txt"),  # not a checkpoint at all
     (["--compile-mode", "max-autotune"], {}, "unknown compile mode 'max-autotune'"),  # inductor's graphs
     (["--compile-mode", "default+no_such_flag"], {}, "'no_such_flag' is not a boolean flag"),
+    (["--compile-mode", "default", "--no-compile"], {}, "--no-compile skips torch.compile; give one of them"),
+    (["--device", "cpu", "--no-compile"], {}, "--no-compile applies to the CUDA step only; drop it"),
+    (["--device", "cpu", "--compile-mode", "default"], {}, "--compile-mode applies to the CUDA step only"),
 ])
 def test_bad_input_is_one_line(straight, tmp_path, monkeypatch, capsys, args, env, message):
     for key in DIST_ENV:
