@@ -2,6 +2,8 @@
 
     python reproduce.py                 # train (GPU schedule with CUDA, else --preset cpu), run notebooks
     python reproduce.py --skip-train    # reuse the newest run folders in --results-dir
+    python reproduce.py --layernorm-run RUN --none-run RUN --steps 10000,50000 --out-dir res/other
+                                        # evaluate two given run folders (no training)
 
 Writes the figures of both notebooks, res/toydit_errors.md, res/token_outliers.md and res/results.md (the
 numbers, the commands, the hardware and the wall time of every stage). Executed copies of the notebooks go
@@ -180,6 +182,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--skip-train", action="store_true", help="reuse the newest run folders; no training")
+    p.add_argument("--layernorm-run", help="evaluate this run folder of train_toy.py --norm layernorm "
+                   "instead of training one (with --none-run)")
+    p.add_argument("--none-run", help="the same for --norm none (with --layernorm-run)")
+    p.add_argument("--steps", help="comma-separated checkpoint steps of the toy figures and table (default: "
+                   "every step that both runs saved)")
     p.add_argument("--results-dir", default="results", help="run folders of train_toy.py (default: results)")
     p.add_argument("--out-dir", default="res", help="figures and results.md (default: res)")
     p.add_argument("--pretrained", default="DiT-XL-2-256x256.pt",
@@ -187,6 +194,16 @@ def main(argv=None):
     p.add_argument("--num-sampling-steps", type=int, default=1000,
                    help="sampling steps of the toy figures (default: 1000, the full training schedule)")
     args = p.parse_args(argv)
+    given = {"layernorm": args.layernorm_run, "none": args.none_run}
+    if any(given.values()) and not all(given.values()):
+        raise SystemExit("error: --layernorm-run and --none-run go together: give both or neither")
+    wanted_steps = None
+    if args.steps is not None:
+        try:
+            wanted_steps = sorted({int(step) for step in args.steps.split(",")})
+        except ValueError:
+            raise SystemExit(f"error: --steps {args.steps}: give comma-separated integers, e.g. 10000,50000"
+                             ) from None
     results_dir, out_dir = Path(args.results_dir).resolve(), Path(args.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -194,6 +211,12 @@ def main(argv=None):
     try:
         runs = {}
         for norm in NORMS:
+            if given[norm]:
+                runs[norm] = Path(given[norm]).resolve()
+                if not analysis.run_checkpoints(runs[norm]):
+                    raise ReproduceError(f"--{norm}-run {given[norm]} holds no checkpoints/<step>.pt; pass a "
+                                         "run folder of train_toy.py")
+                continue
             if args.skip_train:
                 runs[norm] = analysis.latest_run(results_dir, norm, TOY_MODEL)
                 if runs[norm] is None:
@@ -214,7 +237,9 @@ def main(argv=None):
         common = set.intersection(*(set(analysis.run_checkpoints(r)) for r in runs.values()))
         if not common:
             raise ReproduceError(f"runs {runs['layernorm']} and {runs['none']} share no checkpoint step")
-        steps = sorted(common)
+        steps = sorted(common) if wanted_steps is None else wanted_steps
+        if not set(steps) <= common:
+            raise ReproduceError(f"--steps {args.steps}: not saved by both runs; they share {sorted(common)}")
         print(f"runs: {', '.join(shown(r) for r in runs.values())}; steps {steps}", flush=True)
 
         executed = results_dir / "notebooks"

@@ -85,3 +85,36 @@ def test_training_stage_uses_cpu_preset_and_the_run_it_created(tmp_path, monkeyp
     assert all(c[-2:] == ["--preset", "cpu"] and "torch.distributed.run" not in c for c in commands)
     assert executed[0]["steps"] == [400] and executed[0]["none_run"].endswith("002-ToyDiT-1-none")
     assert "| train norm=none | `python train_toy.py --norm none" in (tmp_path / "res/results.md").read_text()
+
+
+def test_given_run_folders_are_evaluated_at_the_given_steps(tmp_path, monkeypatch):
+    """--layernorm-run/--none-run: no training, those folders (not the newest ones) at --steps only."""
+    given = make_toy_runs(tmp_path / "given", model_name="ToyDiT/1", steps=(10, 20, 30))
+    make_toy_runs(tmp_path / "results", model_name="ToyDiT/1", steps=(10, 20, 30))  # must not be picked
+    executed = []
+    monkeypatch.setattr(reproduce, "run_command", lambda cmd: pytest.fail(f"trained: {cmd}"))
+    monkeypatch.setattr(reproduce, "execute_notebook",
+                        lambda path, params, out: executed.append(params) or nbformat.v4.new_notebook())
+    reproduce.main(["--layernorm-run", str(given["layernorm"]), "--none-run", str(given["none"]),
+                    "--steps", "30,10", "--results-dir", str(tmp_path / "results"),
+                    "--out-dir", str(tmp_path / "res")])
+    toy = executed[0]
+    assert toy["steps"] == [10, 30]
+    assert toy["layernorm_run"] == str(given["layernorm"]) and toy["none_run"] == str(given["none"])
+    assert executed[1]["toy_none"] == str(given["none"] / "checkpoints" / "0000030.pt")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layernorm-run", "{ln}"], "--layernorm-run and --none-run go together"),
+    (["--layernorm-run", "{ln}", "--none-run", "{none}", "--steps", "10k"], "give comma-separated integers"),
+    (["--layernorm-run", "{ln}", "--none-run", "{none}", "--steps", "10,40"],
+     "error: --steps 10,40: not saved by both runs; they share [10, 20]"),
+    (["--layernorm-run", "{ln}", "--none-run", "{ln}/checkpoints"], "error: --none-run"),
+])
+def test_bad_given_runs_are_one_line_errors(tmp_path, args, message):
+    given = make_toy_runs(tmp_path / "given", model_name="ToyDiT/1")
+    argv = [a.replace("{ln}", str(given["layernorm"])).replace("{none}", str(given["none"])) for a in args]
+    with pytest.raises(SystemExit) as e:
+        reproduce.main([*argv, "--results-dir", str(tmp_path / "r"), "--out-dir", str(tmp_path / "res")])
+    assert str(e.value.code).startswith("error: ") and message in str(e.value.code)
+    assert "\n" not in str(e.value.code)
