@@ -5,9 +5,9 @@
     python study.py --preset tiny --results-dir /tmp/s --res-dir /tmp/r    # seconds; what the tests run
 
 Every (data, norm, seed) is one train_toy.py run with checkpoints spread evenly over the run. Each
-checkpoint's EMA model draws the same samples: the sampler's generator is reset to --sample-seed for every
-checkpoint, so the initial noise and every per-step noise are identical for all models, and the model is
-the only thing that differs between rows.
+checkpoint's EMA model (with --weights raw: its training weights) draws the same samples: the sampler's
+generator is reset to --sample-seed for every checkpoint, so the initial noise and every per-step noise are
+identical for all models, and the model is the only thing that differs between rows.
 
 Two data sets (train_toy.py --data):
 - zeros: every image is exactly 0 (the original study). The error of a pixel is |x| (measure abs_x).
@@ -110,6 +110,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-samples", type=int, help="samples per checkpoint")
     parser.add_argument("--sampling-steps", type=int, help="ancestral DDPM steps (respaced from 1000)")
     parser.add_argument("--sample-seed", type=int, default=0, help="the fixed noise set (default: 0)")
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                        help="which weights of each checkpoint sample: the EMA (what DiT samples with, the "
+                        "default) or the raw training weights")
     parser.add_argument("--outlier-timestep", type=int, default=100,
                         help="timestep of the noised inputs for the outlier ratio (default: 100)")
     parser.add_argument("--jobs", type=int, help="runs trained and sampled in parallel, 1 thread each")
@@ -224,7 +227,7 @@ def measure_run(args, data, norm, seed):
     run, trained = train_run(args, data, norm, seed)
     rows = []
     for step, path in run_checkpoints(run).items():
-        model, config = load_model(path, device=args.device)  # EMA weights
+        model, config = load_model(path, device=args.device, use_ema=args.weights == "ema")
         samples = fixed_noise_samples(model, args.num_samples, args.sampling_steps, args.sample_seed,
                                       args.device)
         rows += checkpoint_rows(samples, data, norm, seed, step)
@@ -263,14 +266,16 @@ def dyt_check_run(args, setting):
     batches = train_toy.rank_batches(0, range(1, args.max_steps + 1), args.global_batch_size, 0, 1,
                                      diffusion.num_timesteps, shape, args.device)
     losses = torch.stack([step(x_start, t, noise, y) for t, noise in batches]).cpu()  # (max_steps,)
-    samples = fixed_noise_samples(ema, args.num_samples, args.sampling_steps, args.sample_seed, args.device)
+    sampled = ema if args.weights == "ema" else model.eval()
+    samples = fixed_noise_samples(sampled, args.num_samples, args.sampling_steps, args.sample_seed,
+                                  args.device)
     window = losses[-log_every(args.max_steps):]
-    return dyt_row(setting, lr, float(window.mean()), ema, samples)
+    return dyt_row(setting, lr, float(window.mean()), sampled, samples)
 
 
-def dyt_row(setting, lr, last_loss, ema, samples):
-    """One row of the DyT table."""
-    alphas = [p.item() for name, p in ema.named_parameters() if name.endswith("alpha")]
+def dyt_row(setting, lr, last_loss, model, samples):
+    """One row of the DyT table (model: the sampled weights)."""
+    alphas = [p.item() for name, p in model.named_parameters() if name.endswith("alpha")]
     return dict(setting=setting["name"], lr=lr, adaln_zero=setting["adaln_zero"], last_loss=last_loss,
                 alpha_min=min(alphas), alpha_max=max(alphas), **error_stats(samples))
 
@@ -384,7 +389,8 @@ def errors_markdown(rows, outliers, dyt_rows, setup):
         f"{setup['results_dir']} (sampling and statistics always rerun).", "",
         f"Setup: {setup['model']}, global batch {setup['global_batch_size']}, AdamW lr {setup['lr']:g}, "
         f"EMA {setup['ema_decay']}, {setup['max_steps']} steps, checkpoints at {setup['checkpoints']}, "
-        f"{setup['seeds']} seeds per variant. Each checkpoint's EMA model draws {setup['num_samples']} "
+        f"{setup['seeds']} seeds per variant. Each checkpoint's "
+        f"{'EMA' if setup['weights'] == 'ema' else 'raw (training)'} model draws {setup['num_samples']} "
         f"samples by ancestral sampling in {setup['sampling_steps']} steps, all from the same noise (seed "
         f"{setup['sample_seed']}).", "",
         "Each seed's number is a statistic over all pixel values of its samples; a cell is the median over "

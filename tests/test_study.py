@@ -6,6 +6,7 @@ import torch
 
 import analysis
 import study
+from checkpoint import load_model
 from models import build_model
 
 
@@ -86,6 +87,25 @@ def test_tiny_study_end_to_end(tmp_path):
     study.main(argv)
     assert sorted(p.name for p in runs.glob("*/*")) == folders
     assert read_csv(res / "study_errors.csv") == rows
+
+    # --weights raw samples the training weights of the same checkpoints (reused, nothing trained).
+    raw = tmp_path / "raw"
+    study.main([*argv[:-1], str(raw), "--weights", "raw"])
+    assert sorted(p.name for p in runs.glob("*/*")) == folders
+    assert "Each checkpoint's raw (training) model draws" in (raw / "study_errors.md").read_text()
+    _, args = study.parse_args(argv)
+    (path,) = runs.glob("zeros-layernorm-seed1/*/checkpoints/0000020.pt")
+    model, _ = load_model(path, use_ema=False)
+    samples = study.fixed_noise_samples(model, args.num_samples, args.sampling_steps, args.sample_seed)
+    key = ("zeros", "layernorm", "1", "20")
+    for weights, table in (("raw", read_csv(raw / "study_errors.csv")), ("ema", rows)):
+        got = {r["measure"]: float(r["median"]) for r in table
+               if (r["data"], r["norm"], r["seed"], r["step"]) == key}
+        expected = {r["measure"]: r["median"] for r in study.checkpoint_rows(samples, *key[:2], 1, 20)}
+        if weights == "raw":
+            assert got == pytest.approx(expected, rel=1e-6)
+        else:
+            assert all(got[m] != pytest.approx(expected[m], rel=1e-3) for m in expected)
 
 
 def test_dyt_check_replays_the_study_run(tmp_path):
