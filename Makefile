@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: reproduce test study bench gpu-check clean-venv
+.PHONY: reproduce test study paper-cpu bench gpu-check clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,17 @@ clean-venv:
 
 study: $(VENV)/.installed
 	$(PY) study.py --preset cpu $(ARGS)
+
+# The paper schedule (batch 2048, lr 1e-4, EMA 0.9999, 50k steps, a checkpoint every 5k) for layernorm and
+# none, seed 0, zero data, on the CPU: both runs at once, one thread each (~90 min on 2 cores). The study
+# samples every checkpoint (1000 x 1000 steps) with the EMA weights, then with the raw ones (the runs are
+# reused); the notebooks make the 10k/50k figures of the original study.
+PAPER := results/paper_cpu
+PAPER_STUDY := study.py --preset gpu --device cpu --norms layernorm,none --data zeros --seeds 1 --jobs 2 \
+	--no-dyt-check
+paper-cpu: $(VENV)/.installed
+	$(PY) $(PAPER_STUDY) --results-dir $(PAPER) --res-dir res/paper_cpu
+	$(PY) $(PAPER_STUDY) --weights raw --results-dir $(PAPER) --res-dir res/paper_cpu/raw
+	$(PY) reproduce.py --layernorm-run $$(echo $(PAPER)/zeros-layernorm-seed0/*-ToyDiT-1-layernorm) \
+		--none-run $$(echo $(PAPER)/zeros-none-seed0/*-ToyDiT-1-none) --steps 10000,50000 \
+		--results-dir $(PAPER) --out-dir res/paper_cpu --pretrained ''
