@@ -111,8 +111,9 @@ def parse_args(argv=None):
     parser.add_argument("--sampling-steps", type=int, help="ancestral DDPM steps (respaced from 1000)")
     parser.add_argument("--sample-seed", type=int, default=0, help="the fixed noise set (default: 0)")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
-                        help="which weights of each checkpoint sample: the EMA (what DiT samples with, the "
-                        "default) or the raw training weights")
+                        help="which weights of each checkpoint sample, and of the final models' outlier "
+                        "ratios and the DyT check: the EMA (what DiT samples with, the default) or the raw "
+                        "training weights")
     parser.add_argument("--outlier-timestep", type=int, default=100,
                         help="timestep of the noised inputs for the outlier ratio (default: 100)")
     parser.add_argument("--jobs", type=int, help="runs trained and sampled in parallel, 1 thread each")
@@ -286,6 +287,9 @@ def last_logged_loss(run):
     return float(lines[-1].split("| loss ")[1].split()[0])
 
 
+# Figures of a study that sampled the raw weights (--weights raw) say so; the EMA ones keep their titles.
+RAW_LABEL = {"raw": "Raw training weights: "}
+
 # The study's own dyt seed-0 run is the default; the check adds these settings.
 DYT_DEFAULT = dict(name="default (the study's run)", lr_factor=1.0, adaln_zero=True)
 DYT_SETTINGS = (
@@ -381,6 +385,7 @@ def dyt_table(dyt_rows):
 def errors_markdown(rows, outliers, dyt_rows, setup):
     """res/study_errors.md: setup, last-checkpoint table, every-checkpoint table, outliers, DyT check."""
     last = max(r["step"] for r in rows)
+    raw_note = " (raw training weights)" if setup["weights"] == "raw" else ""
     parts = [
         "# Study: sample error by normalisation, seed and data (made by study.py)", "",
         f"Command: `{setup['command']}`, wall time {setup['wall_time_s']:.0f} s on {setup['cpus']} CPU cores "
@@ -400,8 +405,8 @@ def errors_markdown(rows, outliers, dyt_rows, setup):
         "", f"## Last checkpoint (step {last})", "",
         error_table([r for r in rows if r["step"] == last], with_step=False),
         "", "## Every checkpoint", "", error_table(rows, with_step=True), "",
-        f"## Outlier ratio of the final models (top-1 / median abs value of the residual stream after each "
-        f"block, on 64 noised inputs of x0 = 0 at t = {setup['outlier_timestep']})", "",
+        f"## Outlier ratio of the final models{raw_note} (top-1 / median abs value of the residual stream "
+        f"after each block, on 64 noised inputs of x0 = 0 at t = {setup['outlier_timestep']})", "",
         outlier_table(outliers), "",
     ]
     if dyt_rows:
@@ -421,7 +426,7 @@ def band_plot(ax, groups, y_of):
     ax.grid(True, which="both", linewidth=0.3)
 
 
-def plot_error_vs_step(rows, path):
+def plot_error_vs_step(rows, path, weights="ema"):
     """Median, 99th percentile and max error against training step; columns: data and error measure."""
     panels = list(grouped(rows, "data", "measure"))
     fig, axes = plt.subplots(3, len(panels), figsize=(4.4 * len(panels), 9.5), squeeze=False, sharex=True)
@@ -435,14 +440,14 @@ def plot_error_vs_step(rows, path):
             ax.set_title(f"{data} data: {stat} of {MEASURE_LABELS[measure]}", fontsize=9)
         axes[-1, col].set_xlabel("training step")
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle("Sample error against training step (line: median over seeds; band: min-max over seeds)",
-                 fontsize=10)
+    fig.suptitle(RAW_LABEL.get(weights, "") + "Sample error against training step (line: median over seeds; "
+                 "band: min-max over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_outlier_ratio(outliers, path, timestep):
+def plot_outlier_ratio(outliers, path, timestep, weights="ema"):
     """Per-block top-1 / median |value| of each variant's final models, one panel per data set."""
     panels = list(grouped(outliers, "data"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, sharey=True)
@@ -455,7 +460,8 @@ def plot_outlier_ratio(outliers, path, timestep):
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0, 0].set_ylabel("top-1 / median abs value")
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle("Outliers in the residual stream of the final models\n(inputs: x0 = 0 noised to "
+    fig.suptitle(RAW_LABEL.get(weights, "") + "Outliers in the residual stream of the final models\n(inputs: "
+                 "x0 = 0 noised to "
                  f"t = {timestep}; line: median over seeds; band: min-max over seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -549,8 +555,8 @@ def main(argv=None):
                  reused=reused)
     write_csv(rows, res_dir / "study_errors.csv")
     (res_dir / "study_errors.md").write_text(errors_markdown(rows, outliers, dyt_rows, setup))
-    plot_error_vs_step(rows, res_dir / "study_error_vs_step.png")
-    plot_outlier_ratio(outliers, res_dir / "study_outlier_ratio.png", args.outlier_timestep)
+    plot_error_vs_step(rows, res_dir / "study_error_vs_step.png", args.weights)
+    plot_outlier_ratio(outliers, res_dir / "study_outlier_ratio.png", args.outlier_timestep, args.weights)
     if predict:
         append_outcome(res_dir / "study_prediction.md", rows)
     print(f"study: {len(rows)} rows in {wall:.0f} s -> {res_dir}/study_errors.md, study_errors.csv, "

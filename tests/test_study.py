@@ -92,7 +92,9 @@ def test_tiny_study_end_to_end(tmp_path):
     raw = tmp_path / "raw"
     study.main([*argv[:-1], str(raw), "--weights", "raw"])
     assert sorted(p.name for p in runs.glob("*/*")) == folders
-    assert "Each checkpoint's raw (training) model draws" in (raw / "study_errors.md").read_text()
+    raw_md = (raw / "study_errors.md").read_text()
+    assert "Each checkpoint's raw (training) model draws" in raw_md
+    assert "## Outlier ratio of the final models (raw training weights)" in raw_md and "(raw" not in table
     _, args = study.parse_args(argv)
     (path,) = runs.glob("zeros-layernorm-seed1/*/checkpoints/0000020.pt")
     model, _ = load_model(path, use_ema=False)
@@ -108,9 +110,10 @@ def test_tiny_study_end_to_end(tmp_path):
             assert all(got[m] != pytest.approx(expected[m], rel=1e-3) for m in expected)
 
 
-def test_dyt_check_replays_the_study_run(tmp_path):
+@pytest.mark.parametrize("weights", ["ema", "raw"])
+def test_dyt_check_replays_the_study_run(tmp_path, weights):
     argv = ["--preset", "tiny", "--norms", "dyt", "--data", "zeros", "--seeds", "1", "--dyt-check",
-            "--results-dir", str(tmp_path / "runs"), "--res-dir", str(tmp_path / "res")]
+            "--weights", weights, "--results-dir", str(tmp_path / "runs"), "--res-dir", str(tmp_path / "res")]
     _, args = study.parse_args(argv)
     result = study.measure_run(args, "zeros", "dyt", 0)
     replay = study.dyt_check_run(args, study.DYT_DEFAULT)  # train_toy.py's loop, replayed in process
