@@ -27,6 +27,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 import analysis
+from checkpoint import CheckpointError, load_model
 
 ROOT = Path(__file__).resolve().parent
 NORMS = ("layernorm", "none")
@@ -119,8 +120,9 @@ def run_command(cmd):
         raise ReproduceError(f"command failed: {shlex.join(cmd)}")
 
 
-def hardware():
-    """One line each: CPU model and cores, GPUs, torch and python versions."""
+def hardware(cpu_preset=False):
+    """One line each: CPU model and cores, GPUs (cpu_preset: say the runs trained with it), torch and
+    python versions."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -131,7 +133,7 @@ def hardware():
         pass
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return [f"CPU: {cpu}, {len(os.sched_getaffinity(0))} cores available",
-            f"GPU: {', '.join(gpus) if gpus else 'none (CPU preset)'}",
+            f"GPU: {', '.join(gpus) if gpus else 'none'}{' (CPU preset)' if cpu_preset else ''}",
             f"torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}"]
 
 
@@ -183,10 +185,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--skip-train", action="store_true", help="reuse the newest run folders; no training")
     p.add_argument("--layernorm-run", help="evaluate this run folder of train_toy.py --norm layernorm "
-                   "instead of training one (with --none-run)")
+                   "instead of training one (with --none-run; no training, as with --skip-train)")
     p.add_argument("--none-run", help="the same for --norm none (with --layernorm-run)")
     p.add_argument("--steps", help="comma-separated checkpoint steps of the toy figures and table (default: "
-                   "every step that both runs saved)")
+                   "every step that both runs saved); the token figures use the last of them")
     p.add_argument("--results-dir", default="results", help="run folders of train_toy.py (default: results)")
     p.add_argument("--out-dir", default="res", help="figures and results.md (default: res)")
     p.add_argument("--pretrained", default="DiT-XL-2-256x256.pt",
@@ -207,7 +209,7 @@ def main(argv=None):
     results_dir, out_dir = Path(args.results_dir).resolve(), Path(args.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    stages, skipped = [], []
+    stages, skipped, trained = [], [], []  # trained: the training commands this run made
     try:
         runs = {}
         for norm in NORMS:
@@ -216,6 +218,10 @@ def main(argv=None):
                 if not analysis.run_checkpoints(runs[norm]):
                     raise ReproduceError(f"--{norm}-run {given[norm]} holds no checkpoints/<step>.pt; pass a "
                                          "run folder of train_toy.py")
+                try:  # a swapped pair fails here, not inside a notebook
+                    load_model(analysis.checkpoint_at(runs[norm]), norm=norm)
+                except CheckpointError as e:
+                    raise ReproduceError(f"--{norm}-run {given[norm]}: {e}") from None
                 continue
             if args.skip_train:
                 runs[norm] = analysis.latest_run(results_dir, norm, TOY_MODEL)
@@ -227,6 +233,7 @@ def main(argv=None):
             before = set(analysis.find_runs(results_dir, norm, TOY_MODEL))
             start = time.perf_counter()
             run_command(cmd)
+            trained.append(cmd)
             seconds = time.perf_counter() - start
             stages.append((f"train norm={norm}", shlex.join(["python", *cmd[1:]]), seconds))
             # The folder this training created, not merely the newest (another launch may share the dir).
@@ -243,13 +250,13 @@ def main(argv=None):
         print(f"runs: {', '.join(shown(r) for r in runs.values())}; steps {steps}", flush=True)
 
         executed = results_dir / "notebooks"
+        last = {norm: shown(analysis.checkpoint_at(run, steps[-1])) for norm, run in runs.items()}
         jobs = [
             ("ToyDiT_visualization.ipynb", dict(steps=steps, layernorm_run=shown(runs["layernorm"]),
                                                  none_run=shown(runs["none"]), out_dir=shown(out_dir),
                                                  num_sampling_steps=args.num_sampling_steps)),
             ("TokenEmbeddingsViz.ipynb", dict(checkpoint=args.pretrained, out_dir=shown(out_dir),
-                                               toy_layernorm=shown(analysis.checkpoint_at(runs["layernorm"])),
-                                               toy_none=shown(analysis.checkpoint_at(runs["none"])))),
+                                               toy_layernorm=last["layernorm"], toy_none=last["none"])),
         ]
         for name, params in jobs:
             print(f"executing {name} with {params}", flush=True)
@@ -257,8 +264,9 @@ def main(argv=None):
             nb = execute_notebook(ROOT / name, params, executed / name)
             stages.append((f"notebook {name}", f"{name} with {params}", time.perf_counter() - start))
             skipped += [line for line in notebook_text(nb).splitlines() if line.startswith("SKIPPED")]
-        write_results(out_dir / "results.md", argv=argv, stages=stages, hw=hardware(), out_dir=out_dir,
-                      skipped=skipped, started=started)
+        cpu_preset = any(cmd[-2:] == ["--preset", "cpu"] for cmd in trained)
+        write_results(out_dir / "results.md", argv=argv, stages=stages, hw=hardware(cpu_preset),
+                      out_dir=out_dir, skipped=skipped, started=started)
     except (ReproduceError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {out_dir / 'results.md'}")

@@ -44,6 +44,7 @@ def test_reproduce_skip_train_runs_both_notebooks(tmp_path):
     layer0_rows = [line for line in results.splitlines() if line.startswith("| 0 |")]
     assert "**DiT-S/2" in results and len(layer0_rows) == 3  # outlier tables: pretrained + 2 toys
     assert "CPU:" in results and "notebook ToyDiT_visualization.ipynb" in results
+    assert "CPU preset" not in results  # nothing trained here: the runs' schedule is not known
     assert (tmp_path / "results" / "notebooks" / "TokenEmbeddingsViz.ipynb").is_file()
 
 
@@ -84,7 +85,9 @@ def test_training_stage_uses_cpu_preset_and_the_run_it_created(tmp_path, monkeyp
     assert [c[c.index("--norm") + 1] for c in commands] == ["layernorm", "none"]
     assert all(c[-2:] == ["--preset", "cpu"] and "torch.distributed.run" not in c for c in commands)
     assert executed[0]["steps"] == [400] and executed[0]["none_run"].endswith("002-ToyDiT-1-none")
-    assert "| train norm=none | `python train_toy.py --norm none" in (tmp_path / "res/results.md").read_text()
+    results = (tmp_path / "res/results.md").read_text()
+    assert "| train norm=none | `python train_toy.py --norm none" in results
+    assert "- GPU: none (CPU preset)" in results  # it trained with the CPU preset
 
 
 def test_given_run_folders_are_evaluated_at_the_given_steps(tmp_path, monkeypatch):
@@ -96,12 +99,12 @@ def test_given_run_folders_are_evaluated_at_the_given_steps(tmp_path, monkeypatc
     monkeypatch.setattr(reproduce, "execute_notebook",
                         lambda path, params, out: executed.append(params) or nbformat.v4.new_notebook())
     reproduce.main(["--layernorm-run", str(given["layernorm"]), "--none-run", str(given["none"]),
-                    "--steps", "30,10", "--results-dir", str(tmp_path / "results"),
+                    "--steps", "20,10", "--results-dir", str(tmp_path / "results"),
                     "--out-dir", str(tmp_path / "res")])
     toy = executed[0]
-    assert toy["steps"] == [10, 30]
+    assert toy["steps"] == [10, 20]
     assert toy["layernorm_run"] == str(given["layernorm"]) and toy["none_run"] == str(given["none"])
-    assert executed[1]["toy_none"] == str(given["none"] / "checkpoints" / "0000030.pt")
+    assert executed[1]["toy_none"] == str(given["none"] / "checkpoints" / "0000020.pt")  # the last of --steps
 
 
 @pytest.mark.parametrize("args, message", [
@@ -110,11 +113,13 @@ def test_given_run_folders_are_evaluated_at_the_given_steps(tmp_path, monkeypatc
     (["--layernorm-run", "{ln}", "--none-run", "{none}", "--steps", "10,40"],
      "error: --steps 10,40: not saved by both runs; they share [10, 20]"),
     (["--layernorm-run", "{ln}", "--none-run", "{ln}/checkpoints"], "error: --none-run"),
+    (["--layernorm-run", "{none}", "--none-run", "{ln}"], "error: --layernorm-run {none}: "),  # swapped
 ])
 def test_bad_given_runs_are_one_line_errors(tmp_path, args, message):
     given = make_toy_runs(tmp_path / "given", model_name="ToyDiT/1")
     argv = [a.replace("{ln}", str(given["layernorm"])).replace("{none}", str(given["none"])) for a in args]
     with pytest.raises(SystemExit) as e:
         reproduce.main([*argv, "--results-dir", str(tmp_path / "r"), "--out-dir", str(tmp_path / "res")])
+    message = message.replace("{none}", str(given["none"]))
     assert str(e.value.code).startswith("error: ") and message in str(e.value.code)
     assert "\n" not in str(e.value.code)
