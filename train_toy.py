@@ -94,13 +94,14 @@ def parse_args(argv=None):
     # How the CUDA step is built, not what it computes: like --device, not kept in train args or by --resume.
     parser.add_argument("--no-compile", action="store_true",
                         help="CUDA only: capture the plain model's step in the CUDA graph instead of the "
-                        "torch.compile'd forward and loss (no compile time; more, smaller kernels); not "
-                        "kept by --resume")
+                        "torch.compile'd forward and loss (no compile time; more, smaller kernels); refused "
+                        "on a CPU; not kept by --resume")
     parser.add_argument("--compile-mode",
                         help="CUDA only: how the forward and loss are compiled, MODE[+FLAG...] "
                         "(default: default; max-autotune-no-cudagraphs times Triton GEMM templates against "
                         "cuBLAS per matmul, minutes of compilation on an H100; +FLAG sets a boolean "
-                        "torch._inductor.config flag, e.g. default+combo_kernels); not kept by --resume")
+                        "torch._inductor.config flag, e.g. default+combo_kernels); refused on a CPU; not "
+                        "kept by --resume")
     # Tests only: poison one step's noise with NaN, as a diverging step would, to exercise the NaN stop.
     parser.add_argument("--debug-nan-at-step", type=int, help=argparse.SUPPRESS)
     return parser, parser.parse_args(argv)
