@@ -9,7 +9,7 @@
 #    the CPU step, and the GPU time per kernel of the plain and compiled steps
 # 3. benchmarks/bench_sample.py --device cuda: the CUDA-graph sampler against the eager loop
 # 4. a real run: train_toy.py through torchrun, one model, 50k steps at batch 2048, with empty inductor and
-#    Triton caches (what a first run costs), timed end to end
+#    Triton caches (what a first run costs), timed end to end; its log must name the compiled step path
 # It goes on after a failed part, names each failure, and exits non-zero if any part failed.
 # The whole script last ran at commit 21b3f3e (218 s, benchmarks/h100_2026-11-26.md A1); its parts as they
 # are now ran one by one in B1-B2 there (about 300 s together).
@@ -43,6 +43,8 @@ TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) part train ti
 end=$(date +%s%N)
 echo "train_toy.py, 50k steps at batch 2048 (checkpoints 10k, 50k), empty compile caches:" \
     "$(((end - start) / 1000000)) ms wall, process start to exit; logs in $LOGS"
+# the run records how its step was built (first log line and config.json)
+part train-records grep -q "step path cuda-graph-compiled (compile mode default)" "$LOGS/train.log"
 if [[ " ${failed[*]} " == *" train "* ]]; then  # the same run without torch.compile, to tell the two apart
     part train-no-compile timeout 300 "${train[@]}" --no-compile
 fi
