@@ -209,7 +209,8 @@ def main(argv=None):
     results_dir, out_dir = Path(args.results_dir).resolve(), Path(args.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    stages, skipped, trained = [], [], []  # trained: the training commands this run made
+    stages, skipped = [], []
+    cpu_preset = False  # whether this command trained with train_toy.py's CPU preset
     try:
         runs = {}
         for norm in NORMS:
@@ -233,7 +234,7 @@ def main(argv=None):
             before = set(analysis.find_runs(results_dir, norm, TOY_MODEL))
             start = time.perf_counter()
             run_command(cmd)
-            trained.append(cmd)
+            cpu_preset |= cmd[-2:] == ["--preset", "cpu"]
             seconds = time.perf_counter() - start
             stages.append((f"train norm={norm}", shlex.join(["python", *cmd[1:]]), seconds))
             # The folder this training created, not merely the newest (another launch may share the dir).
@@ -264,7 +265,6 @@ def main(argv=None):
             nb = execute_notebook(ROOT / name, params, executed / name)
             stages.append((f"notebook {name}", f"{name} with {params}", time.perf_counter() - start))
             skipped += [line for line in notebook_text(nb).splitlines() if line.startswith("SKIPPED")]
-        cpu_preset = any(cmd[-2:] == ["--preset", "cpu"] for cmd in trained)
         write_results(out_dir / "results.md", argv=argv, stages=stages, hw=hardware(cpu_preset),
                       out_dir=out_dir, skipped=skipped, started=started)
     except (ReproduceError, FileNotFoundError, ValueError) as e:
