@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from averaging import read_out
 from models import DiT, DiT_models
 
 FORMAT = "dit-norm-study/1"
@@ -164,8 +165,11 @@ def _same_arch(arch, config):
     return all(arch[k] == config[k] for k in ("depth", "hidden_size", "patch_size"))
 
 
-def _unpack(checkpoint, use_ema):
-    """(config with "model" name, state dict) of a checkpoint in any of the three formats."""
+def _unpack(checkpoint, use_ema, weights=None):
+    """(config with "model" name, state dict) of a checkpoint in any of the three formats.
+
+    weights (this repository's format only): "ema", "raw" or the label of a saved average (averaging.py);
+    None: "ema" if use_ema else "raw"."""
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"expected a dict, found {type(checkpoint).__name__}; pass a DiT checkpoint")
     if checkpoint.get("format") == FORMAT:
@@ -175,12 +179,23 @@ def _unpack(checkpoint, use_ema):
             # Guessing e.g. the norm would silently compute a different function than the one trained.
             missing = ", ".join(missing)
             raise CheckpointError(f"checkpoint config lacks {missing}; re-save it with the full model.config")
-        key = "ema" if use_ema and checkpoint.get("ema") is not None else "model"
-        return config, checkpoint[key]
+        weights = weights or ("ema" if use_ema else "raw")
+        if weights == "raw" or (weights == "ema" and checkpoint.get("ema") is None):
+            return config, checkpoint["model"]
+        if weights == "ema":
+            return config, checkpoint["ema"]
+        averages = checkpoint.get("averages") or {}
+        if weights not in averages:
+            saved = ", ".join(["ema", "raw", *averages])
+            raise CheckpointError(f"this checkpoint holds no {weights!r} weights; choose one of: {saved}")
+        return config, read_out(averages[weights], checkpoint["model"])
+    if weights not in (None, "ema", "raw"):
+        raise CheckpointError(f"an official checkpoint holds no {weights!r} weights; use ema or raw")
     if "x_embedder.proj.weight" in checkpoint:  # official published: a plain (EMA) state dict
         return infer_official_config(checkpoint), checkpoint
     if isinstance(checkpoint.get("model"), dict) and "args" in checkpoint:  # official training script
-        key = "ema" if use_ema and isinstance(checkpoint.get("ema"), dict) else "model"
+        wants_ema = (weights or ("ema" if use_ema else "raw")) == "ema"
+        key = "ema" if wants_ema and isinstance(checkpoint.get("ema"), dict) else "model"
         return infer_official_config(checkpoint[key], checkpoint["args"]), checkpoint[key]
     raise CheckpointError(
         f"unrecognised checkpoint (top-level keys: {', '.join(map(str, list(checkpoint)[:6]))}); "
@@ -206,15 +221,17 @@ def _check_keys(model, state_dict, source):
 
 
 def load_model(
-    path_or_name, *, norm=None, model=None, use_ema=True, device="cpu", download=True
+    path_or_name, *, norm=None, model=None, use_ema=True, weights=None, device="cpu", download=True
 ) -> tuple[DiT, dict]:
     """Build the model stored in a checkpoint; returns (model in eval mode, model.config + {"model": name}).
+
+    weights: "ema", "raw" or a saved average's label (see averaging.py); None means use_ema's choice.
 
     norm / model, when given, are checks: a checkpoint of another kind raises CheckpointError instead of
     silently computing a different function (norm changes no state-dict key).
     """
     path = _resolve(path_or_name, download)
-    config, state_dict = _unpack(read_checkpoint(path), use_ema)
+    config, state_dict = _unpack(read_checkpoint(path), use_ema, weights)
     if norm is not None and norm != config["norm"]:
         raise CheckpointError(
             f"{path} holds a norm={config['norm']} model, not norm={norm}; drop the norm request or pass "

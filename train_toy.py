@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from averaging import DEFAULT_AVERAGES, WeightAverages
 from checkpoint import FORMAT, CheckpointError, load_model, read_checkpoint, save_checkpoint
 from diffusion import create_diffusion
 from models import NORM_KINDS, TOY_MODELS, build_model
@@ -320,9 +321,16 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
     else:
         model = build_model(cfg["model"], norm=cfg["norm"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    # Other averages of the weights beside the DiT EMA (averaging.py); rank 0 alone keeps them.
+    averages = WeightAverages(model, DEFAULT_AVERAGES) if rank == 0 else None
     optimizer = make_optimizer(model.parameters(), cfg["lr"])
     if ckpt:
         ema.load_state_dict(ckpt["ema"])
+        if averages is not None:
+            try:
+                averages.load_state_dict(ckpt["averages"])
+            except KeyError:  # a checkpoint from before they were recorded: they start again here
+                averages = WeightAverages(model, DEFAULT_AVERAGES)
         optimizer.load_state_dict(ckpt["opt"])
         for group in optimizer.param_groups:
             group["lr"] = cfg["lr"]  # an explicit --lr on resume wins over the saved one
@@ -375,6 +383,8 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
             x_start = constant_images(cfg["seed"], step, cfg["global_batch_size"], rank, world_size, shape,
                                       device)
         losses[step - last_check - 1] = train_step(x_start, t, noise, y)
+        if averages is not None:
+            averages.update(step)
         every = cfg["ckpt_every"]
         save = step in ckpt_steps or (every > 0 and step % every == 0) or step == max_steps
         if step % log_every == 0 or save:
@@ -397,6 +407,7 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
                 save_checkpoint({"format": FORMAT, "config": model_config,
                                  "model": model.state_dict(), "ema": ema.state_dict(),
                                  "opt": optimizer.state_dict(), "step": step, "train_args": cfg,
+                                 "averages": averages.state_dict(),
                                  "rng": {"torch": torch.get_rng_state()}}, path)
                 log(f"saved {path}")
                 last_saved = path

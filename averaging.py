@@ -1,0 +1,118 @@
+"""Averages of the training weights, kept beside the raw weights and the DiT EMA at no extra training cost.
+
+The DiT recipe samples from an EMA of the weights (decay 0.9999). In the toy study LayerNorm's EMA was far
+worse than its own raw weights, and one candidate reason is the one Karras et al. give for normalised
+networks (EDM2, "Analyzing and Improving the Training Dynamics of Diffusion Models", 2024): weights that
+feed a normalisation are scale-invariant, their norms drift during training, and an average of weights
+with drifting norms is not the average function. So every run records several averages at once, and one
+that averages on the hypersphere:
+
+- `ema_<decay>`: the classic EMA, avg <- decay * avg + (1 - decay) * w, starting from the initial weights
+  (as DiT's EMA does; the 0.9999 one is the checkpoint's own "ema" entry).
+- `power_<sigma_rel>`: EDM2's power-function EMA, avg_t <- beta_t avg_{t-1} + (1 - beta_t) w_t with
+  beta_t = (1 - 1/t)^(gamma + 1); its width relative to the run length, sigma_rel, is the same at every step.
+- `sphere_<decay>`: an EMA of each tensor's direction w / |w|, rescaled at read-out to the norm of that
+  tensor's current raw weights: the average taken along the hypersphere, with today's scale.
+
+Checkpoints keep each average as {"kind", "value", "tensors": {param name: tensor}}; `read_out` turns one
+into a state dict the model loads.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+# The study's set, recorded in every training run: short to long EMAs, two power EMAs, one sphere EMA.
+DEFAULT_AVERAGES = ("ema_0.999", "ema_0.9995", "power_0.05", "power_0.10", "sphere_0.9999")
+KINDS = ("ema", "power", "sphere")
+
+
+def parse_label(label: str) -> tuple[str, float]:
+    """'ema_0.999' -> ("ema", 0.999); ValueError with the accepted forms otherwise."""
+    kind, _, value = label.partition("_")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if kind not in KINDS or not 0 < number < 1:
+        raise ValueError(f"unknown average {label!r}; use ema_<decay>, power_<sigma_rel> or sphere_<decay> "
+                         "with a value in (0, 1), e.g. ema_0.999, power_0.05, sphere_0.9999")
+    return kind, number
+
+
+def power_gamma(sigma_rel: float) -> float:
+    """The exponent gamma of EDM2's power-function EMA whose relative width is sigma_rel.
+
+    sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)), i.e. the largest real root of
+    gamma^3 + 7 gamma^2 + (16 - 1/sigma_rel^2) gamma + (12 - 1/sigma_rel^2) = 0."""
+    inv = 1.0 / sigma_rel**2
+    roots = np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv])
+    real = [r.real for r in roots if abs(r.imag) < 1e-9 and r.real > -1]
+    if not real:
+        raise ValueError(f"sigma_rel {sigma_rel} is too wide for a power-function EMA (gamma > -1)")
+    return max(real)
+
+
+def _unit(tensors):
+    """Each tensor divided by its norm (a zero tensor stays zero)."""
+    norms = torch._foreach_norm(tensors)
+    return torch._foreach_div(tensors, [n.clamp_min(1e-30) for n in norms])
+
+
+class WeightAverages:
+    """Several running averages of a model's parameters, updated after every optimizer step."""
+
+    def __init__(self, model, labels=DEFAULT_AVERAGES):
+        self.names = [name for name, _ in model.named_parameters()]
+        self.params = list(model.parameters())
+        self.labels = list(dict.fromkeys(labels))
+        self.kinds = {label: parse_label(label) for label in self.labels}
+        self.gammas = {label: power_gamma(v) for label, (k, v) in self.kinds.items() if k == "power"}
+        with torch.no_grad():
+            raw = [p.detach() for p in self.params]
+            self.tensors = {label: (_unit(raw) if kind == "sphere" else [p.clone() for p in raw])
+                            for label, (kind, _) in self.kinds.items()}
+
+    @torch.no_grad()
+    def update(self, step: int):
+        """Fold in the current weights as those after optimizer step `step` (1 for the first)."""
+        raw = [p.detach() for p in self.params]
+        unit = None
+        for label, (kind, value) in self.kinds.items():
+            if kind == "ema":
+                weight = 1.0 - value
+            elif kind == "power":
+                weight = 1.0 - (1.0 - 1.0 / step) ** (self.gammas[label] + 1)
+            else:
+                weight = 1.0 - value
+                unit = unit if unit is not None else _unit(raw)
+            torch._foreach_lerp_(self.tensors[label], unit if kind == "sphere" else raw, weight)
+
+    def state_dict(self):
+        """Plain data for a checkpoint: {label: {"kind", "value", "tensors": {name: tensor}}}."""
+        def named(tensors):
+            return {n: t.clone() for n, t in zip(self.names, tensors, strict=True)}
+
+        return {label: {"kind": kind, "value": value, "tensors": named(self.tensors[label])}
+                for label, (kind, value) in self.kinds.items()}
+
+    def load_state_dict(self, state):
+        """Restore the averages of a checkpoint; a label it lacks raises KeyError naming it."""
+        for label in self.labels:
+            saved = state[label]["tensors"]
+            for name, tensor in zip(self.names, self.tensors[label], strict=True):
+                tensor.copy_(saved[name])
+
+
+def read_out(average: dict, raw_state: dict) -> dict:
+    """The state dict of one saved average; a sphere average takes each tensor's norm from raw_state."""
+    tensors = average["tensors"]
+    if average["kind"] != "sphere":
+        return {**raw_state, **tensors}
+    out = dict(raw_state)
+    for name, direction in tensors.items():
+        norm = direction.norm()
+        scale = raw_state[name].norm() / norm if norm > 0 else torch.zeros(())
+        out[name] = direction * scale
+    return out
