@@ -18,8 +18,8 @@ import torch
 
 from checkpoint import load_model
 from diffusion import create_diffusion
+from fast import sample_toy
 from models import TOY_MODELS
-from toy_sampler import sample_toy
 
 # Sun et al. 2024 call an activation massive when it is over 100 in magnitude and about 1000x the median.
 MASSIVE_MIN_VALUE = 100.0

@@ -1,16 +1,16 @@
 """DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers") with a switchable normalisation.
 
-The architecture, parameter names and initialisation follow the official implementation, so the published
-checkpoints load with strict=True. The one addition is `norm`: every normalisation of the model (norm1 and
-norm2 of each block, norm_final of the final layer) is built by `make_norm`, the single place where the
-normalisation kinds of this study are defined.
+The architecture, its timm layers (PatchEmbed, Attention, Mlp), parameter names and initialisation follow
+the official implementation, so the published checkpoints load with strict=True. The one addition is
+`norm`: every normalisation of the model (norm1 and norm2 of each block, norm_final of the final layer) is
+built by `make_norm`, the single place where the normalisation kinds of this study are defined.
 """
 
 import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 
 NORM_KINDS = ("layernorm", "none", "rmsnorm", "dyt")
 
@@ -49,120 +49,6 @@ def make_norm(kind: str, hidden_size: int) -> nn.Module:
     if kind == "dyt":
         return DynamicTanh(alpha_init=0.5)
     raise ValueError(f"unknown norm {kind!r}; choose one of: {', '.join(NORM_KINDS)}")
-
-
-# CUDA forms for small shapes (the toy: 4 tokens, 2 input channels, 1 class, batch 2048): the same maths as
-# the generic layers, written so that torch.compile (inductor) generates fused kernels for them. Inductor
-# leaves each batched matmul of attention to cuBLAS as a kernel of its own, lowers the label embedding's
-# backward to an atomic scatter-add (2048 labels onto one row), and calls cuDNN for the patch convolution;
-# in the uncompiled step's profile the embedding backward took 0.13 ms and the convolution's weight
-# gradient 0.10 ms of GPU time (benchmarks/h100_2026-11-26.md). With the three forms the compiled toy step
-# took 1.28 ms on an H100 instead of 1.83, and the plain graph step 2.66 instead of 3.04 (same run, same
-# file). False gives the generic forms everywhere; benchmarks/bench_train.py flips it to time the two
-# against each other. The CPU never takes these forms.
-CUDA_SMALL_FORMS = True
-
-
-# The stacked adaLN matmul (DiT.adaln_all_blocks) copies every adaLN weight into one matrix at each forward:
-# 0.1M values for ToyDiT/1, the only size where it was timed, but 226M (0.9 GB in fp32) for DiT-XL/2. Above
-# this many weights the blocks keep their own matmuls.
-STACKED_ADALN_MAX_NUMEL = 1 << 20
-
-
-def cuda_small_forms(x):
-    """Whether a layer given `x` takes its CUDA form for small shapes (CUDA_SMALL_FORMS, x on CUDA)."""
-    return CUDA_SMALL_FORMS and x.is_cuda
-
-
-class PatchEmbed(nn.Module):
-    """Image to patch tokens by a strided convolution (timm's PatchEmbed, keys x_embedder.proj.*)."""
-
-    def __init__(self, input_size, patch_size, in_channels, hidden_size):
-        super().__init__()
-        self.num_patches = (input_size // patch_size) ** 2
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
-
-    def forward(self, x):
-        if cuda_small_forms(x):
-            return self.forward_as_linear(x)
-        x = self.proj(x)  # (N, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (N, T, D)
-
-    def forward_as_linear(self, x):
-        """The convolution as a Linear over each flattened (C, p, p) patch, tokens row-major: (N, T, D)."""
-        N, C, H, W = x.shape
-        p = self.proj.stride[0]
-        patches = x.reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (N, H/p, W/p, C, p, p)
-        patches = patches.reshape(N, -1, C * p * p)  # (N, T, C * p * p)
-        weight = self.proj.weight.reshape(self.proj.out_channels, -1)  # (D, C * p * p) from (D, C, p, p)
-        return F.linear(patches, weight, self.proj.bias)
-
-
-# Sequences up to this length leave PyTorch's fused attention kernel on CUDA (see `attention`).
-SHORT_SEQUENCE_ON_CUDA = 16
-
-
-def attention(q, k, v):
-    """softmax(q k^T / sqrt(d)) v for q, k, v of shape (N, H, T, d).
-
-    PyTorch's fused kernel, except for short sequences on CUDA: there its memory-efficient kernel (the one
-    for fp32) took 2.4 of the 4.7 ms of GPU time in a toy step (4 tokens, batch 2048, H100), and the explicit
-    matmuls and softmax (`explicit_attention`) cut the step from 4.8 to 3.0 ms, or from 3.6 to 1.8 ms with
-    torch.compile (benchmarks/README.md). With CUDA_SMALL_FORMS (the default), short sequences on CUDA take
-    `broadcast_attention` instead, which inductor turns into fused pointwise and reduction kernels where it
-    leaves the matmuls to cuBLAS (timed together with the other CUDA forms: see CUDA_SMALL_FORMS). On the
-    CPU the fused kernel was the faster one at 4 tokens (~25%, forward and backward)."""
-    if q.shape[-2] <= SHORT_SEQUENCE_ON_CUDA:
-        if cuda_small_forms(q):
-            return broadcast_attention(q, k, v)
-        if q.is_cuda:
-            return explicit_attention(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-def explicit_attention(q, k, v):
-    """softmax(q k^T / sqrt(d)) v as two batched matmuls and a softmax; (N, H, T, d) -> (N, H, T, d)."""
-    weights = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (N, H, T, T)
-    return weights.softmax(-1) @ v
-
-
-def broadcast_attention(q, k, v):
-    """explicit_attention with each matmul as a broadcast product and a sum over T * T * d elements (few
-    tokens only); (N, H, T, d) -> (N, H, T, d)."""
-    weights = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5  # (N, H, T, T)
-    return (weights.softmax(-1).unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)  # (N, H, T, d)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with timm's parameter names (qkv, proj)."""
-
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        N, T, D = x.shape
-        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (N, H, T, d)
-        x = attention(q, k, v)  # (N, H, T, d)
-        x = x.transpose(1, 2).reshape(N, T, D)  # (N, T, D)
-        return self.proj(x)
-
-
-class Mlp(nn.Module):
-    """Two-layer MLP with tanh-approximated GELU, timm's parameter names (fc1, fc2)."""
-
-    def __init__(self, dim, hidden_dim):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 #################################################################################
@@ -219,16 +105,7 @@ class LabelEmbedder(nn.Module):
     def forward(self, labels, train, force_drop_ids=None):
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
-        table = self.embedding_table.weight
-        if cuda_small_forms(labels) and torch.is_grad_enabled() and table.requires_grad:
-            return self.embed_as_matmul(labels)
         return self.embedding_table(labels)  # (N, D)
-
-    def embed_as_matmul(self, labels):
-        """The table's rows as one_hot(labels) @ table, exact in fp32 (TF32 off): its backward is one small
-        matmul instead of a scatter-add of every label onto its row."""
-        table = self.embedding_table.weight  # (rows, D)
-        return F.one_hot(labels, len(table)).to(table.dtype) @ table  # (N, D)
 
 
 #################################################################################
@@ -242,17 +119,16 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, norm="layernorm"):
         super().__init__()
         self.norm1 = make_norm(norm, hidden_size)
-        self.attn = Attention(hidden_size, num_heads=num_heads)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = make_norm(norm, hidden_size)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        mlp_hidden_dim = int(hidden_size * mlp_ratio)
+        approx_gelu = lambda: nn.GELU(approximate="tanh")  # noqa: E731
+        self.mlp = Mlp(in_features=hidden_size, hidden_features=mlp_hidden_dim, act_layer=approx_gelu, drop=0)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x, c, modulation=None):
-        # x (N, T, D) tokens, c (N, D) conditioning; each chunk below is (N, D). `modulation`: this block's
-        # adaLN output (N, 6 D) where the caller computed it (DiT.adaln_all_blocks), else computed here.
-        if modulation is None:
-            modulation = self.adaLN_modulation(c)
-        modulation = modulation.chunk(6, dim=1)
+    def forward(self, x, c):
+        # x (N, T, D) tokens, c (N, D) conditioning; each chunk below is (N, D).
+        modulation = self.adaLN_modulation(c).chunk(6, dim=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -268,10 +144,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x, c, modulation=None):
-        if modulation is None:  # (N, 2 D), as for DiTBlock
-            modulation = self.adaLN_modulation(c)
-        shift, scale = modulation.chunk(2, dim=1)  # each (N, D)
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # each (N, D)
         x = modulate(self.norm_final(x), shift, scale)
         return self.linear(x)  # (N, T, p * p * C_out)
 
@@ -313,7 +187,7 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.norm = norm
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
@@ -373,42 +247,22 @@ class DiT(nn.Module):
         t = self.t_embedder(t)  # (N, D)
         y = self.y_embedder(y, self.training)  # (N, D)
         c = t + y  # (N, D)
-        layers = [*self.blocks, self.final_layer]
-        stacked = cuda_small_forms(x) and self.adaln_weight_numel() <= STACKED_ADALN_MAX_NUMEL
-        mods = self.adaln_all_blocks(c) if stacked else [None] * len(layers)
-        for layer, modulation in zip(layers, mods, strict=True):
-            x = layer(x, c, modulation)  # (N, T, D); the final layer's (N, T, p * p * C_out)
+        for block in self.blocks:
+            x = block(x, c)  # (N, T, D)
+        x = self.final_layer(x, c)  # (N, T, p * p * C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)
 
-    def adaln_linears(self):
-        """The adaLN Linears of every block, then of the final layer."""
-        return [layer.adaLN_modulation[-1] for layer in [*self.blocks, self.final_layer]]
+    def forward_with_cfg(self, x, t, y, cfg_scale, guided_channels=3):
+        """Classifier-free guidance: the batch is [conditional half, unconditional half] of the same x.
 
-    def adaln_weight_numel(self):
-        """How many weights the adaLN Linears of all blocks and the final layer hold together."""
-        return sum(lin.weight.numel() for lin in self.adaln_linears())
-
-    def adaln_stacked(self):
-        """All adaLN weights and biases stacked, blocks then final layer: (K, D), (K,), K = (6 depth + 2) D"""
-        linears = self.adaln_linears()
-        return torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears])
-
-    def adaln_all_blocks(self, c):
-        """Every block's and the final layer's adaLN output, silu(c) W^T + b, as one matmul with the layers'
-        weights stacked (one CUDA form for small shapes: one GEMM instead of depth + 1 in the forward and
-        in each half of the backward); a list of (N, 6 D) per block and (N, 2 D) for the final layer."""
-        weight, bias = self.adaln_stacked()
-        widths = [lin.out_features for lin in self.adaln_linears()]
-        return F.linear(F.silu(c), weight, bias).split(widths, dim=1)
-
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance: the batch is [conditional half, unconditional half] of the same x."""
+        guided_channels=3 is the official sampler, which guides the first 3 output channels "for exact
+        reproducibility" (of its 4 noise channels; for the toy's 2 noise channels, 3 includes a variance
+        channel); None guides exactly the in_channels noise channels."""
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
         model_out = self.forward(combined, t, y)
-        # Guidance on all noise channels; the official code guides only the first 3 of 4 (kept there for
-        # reproducibility of its samples), which would mix in a variance channel for the toy's 2 channels.
-        eps, rest = model_out[:, : self.in_channels], model_out[:, self.in_channels :]
+        split = self.in_channels if guided_channels is None else guided_channels
+        eps, rest = model_out[:, :split], model_out[:, split:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)

@@ -25,10 +25,11 @@ import torch
 from PIL import Image
 
 from checkpoint import OFFICIAL_CHECKPOINTS, CheckpointError, load_model, read_checkpoint
+from data import CONSTANT_RANGE
 from diffusion import create_diffusion
+from fast import sample_toy
 from models import TOY_MODELS
-from toy_sampler import sample_toy
-from train_toy import CONSTANT_RANGE
+from options import add_fast_flag
 
 VAE_SCALE = 0.18215  # latents were scaled by this factor for training (Stable Diffusion's constant)
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -60,20 +61,10 @@ def to_uint8(images):
 
 
 def guided_model(model, cfg_scale, cfg_channels):
-    """The model callable for the sampler: model.forward_with_cfg (all noise channels) or the official 3."""
-    if cfg_channels == "all":
-        return lambda x, t, y: model.forward_with_cfg(x, t, y, cfg_scale)
-
-    def forward_cfg_first3(x, t, y):
-        # Official DiT sample.py guides only channels 0-2 of the 4 eps channels; kept to reproduce its images.
-        half = x[: len(x) // 2]
-        out = model(torch.cat([half, half]), t, y)  # (2N, C_out, H, W)
-        eps, rest = out[:, :3], out[:, 3:]
-        cond, uncond = eps.chunk(2)
-        half_eps = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
-
-    return forward_cfg_first3
+    """The model callable for the sampler: model.forward_with_cfg on the official 3 channels, or "all" of
+    the noise channels."""
+    guided = None if cfg_channels == "all" else 3
+    return lambda x, t, y: model.forward_with_cfg(x, t, y, cfg_scale, guided_channels=guided)
 
 
 def load_vae(name_or_path, device):
@@ -115,7 +106,7 @@ def sample_toy_checkpoint(model, config, args):
     if args.device == "cpu":
         torch.set_num_threads(1)  # 4-token batches: thread hand-offs cost more than they save
     samples = sample_toy(model, diffusion, num_samples, generator=generator, device=args.device,
-                         progress=True)
+                         fast=args.fast, log=print, progress=True)
     samples = samples.double().cpu().numpy()  # (N, C, H, W)
 
     import analysis  # matplotlib is only needed here
@@ -207,9 +198,9 @@ def build_parser():
                         "schedule) for toy models")
     p.add_argument("--cfg-scale", type=float, default=None,
                    help=f"guidance scale (default {DEFAULT_CFG_SCALE}); 1 disables it; latent models only")
-    p.add_argument("--cfg-channels", choices=("all", "3"), default="all",
-                   help="guide all eps channels (models.DiT.forward_with_cfg) or only the first 3 as the "
-                        "official DiT sample.py does")
+    p.add_argument("--cfg-channels", choices=("all", "3"), default="3",
+                   help="guide the first 3 output channels as the official DiT sample.py does (default), or "
+                        "all eps channels")
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
                    help="labels, repeated to --num-samples; default: random labels drawn from --seed")
     p.add_argument("--vae", default=None,
@@ -217,6 +208,7 @@ def build_parser():
                         "or a local folder (default: the -ema one)")
     p.add_argument("--image-size", type=int, default=None,
                    help="checked against the checkpoint (default: taken from it)")
+    add_fast_flag(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda falls back to cpu when no GPU is present")
     p.add_argument("--out", default=None,

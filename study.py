@@ -65,12 +65,12 @@ from analysis import (  # noqa: E402
     run_checkpoints,
 )
 from checkpoint import load_model  # noqa: E402
+from data import CONSTANT_RANGE, DATA_KINDS, rank_batches  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
+from fast import make_optimizer, make_train_step, sample_toy  # noqa: E402
 from models import NORM_KINDS, TOY_MODELS, build_model  # noqa: E402
-from toy_sampler import sample_toy  # noqa: E402
-from train_step import make_optimizer, make_train_step  # noqa: E402
+from options import add_fast_flag  # noqa: E402
 
-DATA_KINDS = train_toy.DATA_KINDS
 ERROR_KEYS = ("mean", "median", "p99", "max")
 
 # Each preset is a complete study configuration; explicit flags override it.
@@ -120,6 +120,7 @@ def parse_args(argv=None):
     parser.add_argument("--dyt-check", action=argparse.BooleanOptionalAction,
                         help="also train dyt with another lr and without adaLN-Zero (seed 0, zeros data)")
     parser.add_argument("--device", help="device for training and sampling (cpu/tiny preset: cpu, gpu: cuda)")
+    add_fast_flag(parser)
     parser.add_argument("--results-dir", default="results/study", help="run folders (default: results/study)")
     parser.add_argument("--res-dir", default="res", help="tables and figures (default: res)")
     args = parser.parse_args(argv)
@@ -193,19 +194,20 @@ def train_run(args, data, norm, seed):
         raise SystemExit(f"error: {folder} holds another or an unfinished run; delete it or pass another "
                          "--results-dir")
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # its log.txt keeps the log
-        train_toy.main([*flags, "--device", args.device, "--results-dir", str(folder)])
+        train_toy.main([*flags, "--device", args.device, "--fast", args.fast, "--results-dir", str(folder)])
     print(f"study: trained {folder}", flush=True)
     return next(folder.glob("*-*")), True
 
 
 @torch.no_grad()
-def fixed_noise_samples(model, num_samples, sampling_steps, sample_seed, device="cpu"):
+def fixed_noise_samples(model, num_samples, sampling_steps, sample_seed, device="cpu", fast="auto"):
     """(N, C, H, W) float64 samples; the generator is reset to sample_seed, so every call shares its noise.
 
     A CPU generator serves every device, so the noise set is the same on a GPU too."""
     diffusion = create_diffusion(str(sampling_steps))
     generator = torch.Generator().manual_seed(sample_seed)
-    samples = sample_toy(model, diffusion, num_samples, generator=generator, device=device)
+    samples = sample_toy(model, diffusion, num_samples, generator=generator, device=device, fast=fast,
+                         log=print)
     return samples.double().cpu().numpy()
 
 
@@ -217,7 +219,7 @@ def checkpoint_rows(samples, data, norm, seed, step):
         if data == "constant" and measure == "abs_x":
             continue  # |x| is no error when the data is not 0
         rows.append(dict(data=data, measure=measure, norm=norm, seed=seed, step=step, **error_stats(errors),
-                         ks_c=ks_uniform(means, *train_toy.CONSTANT_RANGE) if data == "constant" else np.nan))
+                         ks_c=ks_uniform(means, *CONSTANT_RANGE) if data == "constant" else np.nan))
     return rows
 
 
@@ -230,7 +232,7 @@ def measure_run(args, data, norm, seed):
     for step, path in run_checkpoints(run).items():
         model, config = load_model(path, device=args.device, use_ema=args.weights == "ema")
         samples = fixed_noise_samples(model, args.num_samples, args.sampling_steps, args.sample_seed,
-                                      args.device)
+                                      args.device, args.fast)
         rows += checkpoint_rows(samples, data, norm, seed, step)
     # Outliers of the final model on noised inputs of x0 = 0 (which is also a constant image, c = 0).
     generator = torch.Generator().manual_seed(args.sample_seed)
@@ -247,7 +249,7 @@ def dyt_check_run(args, setting):
     """Train dyt (seed 0, zeros data) under one setting in process; returns one row of the DyT table.
 
     train_toy.py has no switch for the initialisation, so this replays its loop with the same seed and the
-    same per-step noise (train_toy.rank_batches); only the setting differs from the study's dyt seed-0 run.
+    same per-step noise (data.rank_batches); only the setting differs from the study's dyt seed-0 run.
     """
     torch.set_num_threads(1)
     lr = args.lr * setting["lr_factor"]
@@ -255,21 +257,22 @@ def dyt_check_run(args, setting):
     model = build_model(args.model, norm="dyt").to(args.device)
     if not setting["adaln_zero"]:
         # Zhu et al. drop adaLN-Zero for DiT: the modulation layers start like every other Linear.
-        for layer in model.adaln_linears():
+        for layer in [b.adaLN_modulation[-1] for b in [*model.blocks, model.final_layer]]:
             nn.init.xavier_uniform_(layer.weight)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = make_optimizer(model.parameters(), lr)
     diffusion = create_diffusion("")
-    step = make_train_step(model, ema, diffusion, optimizer, ema_decay=args.ema_decay)
+    step = make_train_step(model, ema, diffusion, optimizer, ema_decay=args.ema_decay, fast=args.fast,
+                           log=print)
     shape = (model.config["in_channels"], model.config["input_size"], model.config["input_size"])
     x_start = torch.zeros(args.global_batch_size, *shape, device=args.device)  # (B, C, H, W)
     y = torch.zeros(args.global_batch_size, dtype=torch.long, device=args.device)  # (B,)
-    batches = train_toy.rank_batches(0, range(1, args.max_steps + 1), args.global_batch_size, 0, 1,
-                                     diffusion.num_timesteps, shape, args.device)
+    batches = rank_batches(0, range(1, args.max_steps + 1), args.global_batch_size, 0, 1,
+                           diffusion.num_timesteps, shape, args.device)
     losses = torch.stack([step(x_start, t, noise, y) for t, noise in batches]).cpu()  # (max_steps,)
     sampled = ema if args.weights == "ema" else model.eval()
     samples = fixed_noise_samples(sampled, args.num_samples, args.sampling_steps, args.sample_seed,
-                                  args.device)
+                                  args.device, args.fast)
     window = losses[-log_every(args.max_steps):]
     return dyt_row(setting, lr, float(window.mean()), sampled, samples)
 

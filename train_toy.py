@@ -4,19 +4,19 @@
     torchrun --nproc_per_node=8 train_toy.py --norm layernorm         # ranks: NCCL on GPUs, gloo on CPU
     python train_toy.py --norm none --preset cpu                      # shows the effect on a 2-core CPU
     python train_toy.py --resume results/000-ToyDiT-1-none --max-steps 60000   # continue a run
+    python train_toy.py --norm dyt --fast off                         # the plain model, no fast path
 
-Each sample's timestep and noise come from (seed, step, global sample index), never from a per-rank
-stream, so a global batch trains identically on any number of ranks and a resumed run continues exactly.
-A resumed run continues in the folder of its checkpoint and appends to its log.txt.
+Each sample's timestep and noise come from (seed, step, global sample index) (data.py), so a global batch
+trains identically on any number of ranks and a resumed run continues exactly (at the same thread count:
+float sums may round differently with another). A resumed run continues in the folder of its checkpoint
+and appends to its log.txt. Besides the DiT EMA every checkpoint keeps the averages of averaging.py.
 """
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -24,11 +24,11 @@ import torch.distributed as dist
 
 from averaging import DEFAULT_AVERAGES, WeightAverages
 from checkpoint import FORMAT, CheckpointError, load_model, read_checkpoint, save_checkpoint
+from data import DATA_KINDS, rank_batches, training_images
 from diffusion import create_diffusion
-from models import NORM_KINDS, TOY_MODELS, build_model
-from train_step import compile_options, make_optimizer, make_train_step
-
-IMPORTED_AT = time.monotonic()  # splits the start-up time that a command-line run logs
+from fast import compile_options, make_optimizer, make_train_step
+from models import build_model
+from options import Parser, add_fast_flag, add_training_flags, non_negative_int, positive_int
 
 # The study: the DiT recipe (AdamW, constant lr 1e-4, no weight decay, EMA 0.9999) at global batch 2048.
 DEFAULTS = {
@@ -36,15 +36,9 @@ DEFAULTS = {
     "max_steps": 50_000, "ckpt_steps": "10000,50000", "ckpt_every": 0, "log_every": 100, "seed": 0,
     "diffusion_steps": 1000, "data": "zeros",
 }
-# --data constant (the study's experiment beyond x = 0): image i of step s is c * ones with c ~ U[-1, 1]
-# drawn from (seed, step, global sample index), like its noise, so it too is the same on any number of ranks.
-DATA_KINDS = ("zeros", "constant")
-CONSTANT_RANGE = (-1.0, 1.0)
 # The CPU preset trades the study's batch (8x fewer samples per step) and learning rate (10x larger) for a
 # 10x shorter run. Its EMA decay keeps the study's EMA horizon relative to the run length: 5 time constants
-# at the last checkpoint (50k x 1e-4 = 5k x 1e-3) and 1 at the first (10k x 1e-4 = 1k x 1e-3). 5k steps,
-# not 2k: at 2k steps (measured, one seed) the two models' median errors were within 2x of each other and
-# swapped order between EMA and raw weights; by 5k the gap was clear on both.
+# at the last checkpoint (50k x 1e-4 = 5k x 1e-3) and 1 at the first (10k x 1e-4 = 1k x 1e-3).
 PRESETS = {
     "cpu": {"global_batch_size": 256, "lr": 1e-3, "ema_decay": 0.999, "max_steps": 5000,
             "ckpt_steps": "1000,5000", "log_every": 100},
@@ -56,53 +50,33 @@ PRESET_HELP = (
 )
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a user error as one line (no usage block), printed by rank 0 only."""
-
-    def error(self, message):
-        quiet = int(os.environ.get("RANK", "0")) != 0
-        self.exit(2, None if quiet else f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv=None):
     """Flags left out stay None; resolve_config fills them (flags > preset > checkpoint > defaults)."""
-    parser = Parser(prog="train_toy.py", description=__doc__,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def add(flag, help="", **kwargs):
-        default = DEFAULTS[flag[2:].replace("-", "_")]
-        parser.add_argument(flag, default=None, help=f"{help} (default: {default})".strip(), **kwargs)
-
-    add("--model", choices=TOY_MODELS, help="a toy model of models.py; with --resume: the checkpoint's")
-    add("--norm", choices=NORM_KINDS, help="normalisation in every block; with --resume: the checkpoint's")
-    add("--global-batch-size", type=int, help="samples per step summed over all ranks")
-    add("--lr", type=float, help="constant AdamW learning rate, no weight decay")
-    add("--ema-decay", type=float)
-    add("--max-steps", type=int, help="train until this step")
-    add("--ckpt-steps", help="comma-separated steps to save a checkpoint at; the last step is always saved")
-    add("--ckpt-every", type=int, help="also save every N steps; 0 = off")
-    add("--log-every", type=int, help="steps between loss logs; the loss is also checked for NaN/Inf here")
-    add("--seed", type=int)
-    add("--diffusion-steps", type=int, help="diffusion timesteps T (linear schedule, learned sigma)")
-    add("--data", choices=DATA_KINDS, help="zeros: every image is 0; constant: each image is c * ones, "
-        "c ~ U[-1, 1] per sample")
+    parser = Parser(prog="train_toy.py", description=__doc__)
+    add_training_flags(parser, DEFAULTS)
+    parser.add_argument("--ckpt-steps", help="comma-separated steps to save a checkpoint at; the last step "
+                        f"is always saved (default: {DEFAULTS['ckpt_steps']})")
+    parser.add_argument("--ckpt-every", type=non_negative_int, help="also save every N steps; 0 = off "
+                        "(default: 0)")
+    parser.add_argument("--log-every", type=positive_int, help="steps between loss logs; the loss is also "
+                        "checked for NaN/Inf here (default: 100)")
+    parser.add_argument("--diffusion-steps", type=positive_int, help="diffusion timesteps T (linear "
+                        "schedule, learned sigma) (default: 1000)")
+    parser.add_argument("--data", choices=DATA_KINDS, help="zeros: every image is 0; constant: each image "
+                        "is c * ones, c ~ U[-1, 1] per sample (default: zeros)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help=PRESET_HELP)
     parser.add_argument("--results-dir", default="results", help="parent of run folders (default: results)")
     parser.add_argument("--resume", help="a checkpoint file, or a run folder (its latest checkpoint); the "
                         "run continues in the checkpoint's run folder, appending to log.txt")
-    parser.add_argument("--device",
-                        help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
-    # How the CUDA step is built, not what it computes: like --device, not kept in train args or by --resume.
+    add_fast_flag(parser)
+    # How the CUDA step is built, not what it computes: like --device and --fast, not kept by --resume.
     parser.add_argument("--no-compile", action="store_true",
                         help="CUDA only: capture the plain model's step in the CUDA graph instead of the "
-                        "torch.compile'd forward and loss (no compile time; more, smaller kernels); refused "
-                        "on a CPU; not kept by --resume")
+                        "torch.compile'd forward and loss; refused on a CPU; not kept by --resume")
     parser.add_argument("--compile-mode",
-                        help="CUDA only: how the forward and loss are compiled, MODE[+FLAG...] "
-                        "(default: default; max-autotune-no-cudagraphs times Triton GEMM templates against "
-                        "cuBLAS per matmul, minutes of compilation on an H100; +FLAG sets a boolean "
-                        "torch._inductor.config flag, e.g. default+combo_kernels); refused on a CPU; not "
-                        "kept by --resume")
+                        help="CUDA only: how the forward and loss are compiled, MODE[+FLAG...] (default: "
+                        "default; e.g. default+combo_kernels, max-autotune-no-cudagraphs; see "
+                        "docs/performance.md); refused on a CPU; not kept by --resume")
     # Tests only: poison one step's noise with NaN, as a diverging step would, to exercise the NaN stop.
     parser.add_argument("--debug-nan-at-step", type=int, help=argparse.SUPPRESS)
     return parser, parser.parse_args(argv)
@@ -128,15 +102,10 @@ def resolve_config(args, resumed_args):
 
 
 def check_config(parser, cfg, world_size, start_step):
-    """Turn every bad value into a one-line error before anything starts; return the checkpoint steps."""
-    if cfg["global_batch_size"] <= 0 or cfg["global_batch_size"] % world_size:
-        parser.error(f"--global-batch-size {cfg['global_batch_size']} must be a positive multiple of the "
-                     f"world size {world_size}")
-    for key in ("max_steps", "log_every", "diffusion_steps", "lr"):
-        if cfg[key] <= 0:
-            parser.error(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}")
-    if cfg["ckpt_every"] < 0 or not 0 <= cfg["ema_decay"] <= 1:
-        parser.error("--ckpt-every must be >= 0 and --ema-decay in [0, 1]")
+    """Turn every bad combination into a one-line error before anything starts; return the save steps."""
+    if cfg["global_batch_size"] % world_size:
+        parser.error(f"--global-batch-size {cfg['global_batch_size']} must be a multiple of the world size "
+                     f"{world_size}")
     try:
         ckpt_steps = {int(s) for s in str(cfg["ckpt_steps"]).split(",") if s.strip()}
     except ValueError:
@@ -164,18 +133,6 @@ def setup_distributed(device=None):
     return rank, world_size, device
 
 
-def seconds_since_process_start():
-    """Seconds since this process started, from Linux's /proc; None where that cannot be read."""
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # from field 3 (state) on
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in clock ticks
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def new_run_dir(results_dir, model, norm):
     """Create results/<index>-<model>-<norm>/ with the next free index; never reuse an existing folder."""
     results_dir = Path(results_dir)
@@ -190,52 +147,36 @@ def new_run_dir(results_dir, model, norm):
             continue
 
 
-def step_seed(seed, step):
-    """A 63-bit generator seed that depends on (seed, step) only."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:8], "little") >> 1
+def read_resume(parser, args):
+    """(checkpoint path, checkpoint, run folder) of --resume; (None, {}, None) without it."""
+    if not args.resume:
+        return None, {}, None
+    ckpt_path = find_checkpoint(args.resume)
+    if ckpt_path is None:
+        parser.error(f"--resume {args.resume}: no such checkpoint file or run folder with checkpoints")
+    try:
+        ckpt = read_checkpoint(ckpt_path)
+    except CheckpointError as err:
+        parser.error(str(err))
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        parser.error(f"--resume {ckpt_path} is not a checkpoint written by train_toy.py")
+    for key in ("model", "norm"):
+        wanted, found = getattr(args, key), ckpt["config"][key]
+        if wanted is not None and wanted != found:
+            parser.error(f"--resume {ckpt_path} holds {key} {found!r}, not --{key} {wanted!r}")
+    # A checkpoint inside a run folder continues that run (same folder, log.txt appended); one outside any
+    # run folder starts a new run folder under --results-dir.
+    if ckpt_path.parent.name != "checkpoints":
+        return ckpt_path, ckpt, None
+    later = sorted(p.name for p in ckpt_path.parent.glob("*.pt")
+                   if p.stem.isdigit() and int(p.stem) > ckpt["step"])
+    if later:
+        parser.error(f"{ckpt_path.parent} has later checkpoints ({', '.join(later)}) that this run would "
+                     "overwrite; resume from the run folder (its latest checkpoint) instead")
+    return ckpt_path, ckpt, ckpt_path.parent.parent
 
 
-def rank_batches(seed, steps, global_batch, rank, world_size, num_timesteps, shape, device, chunk=100):
-    """Yield this rank's (t, noise) for each step, sliced from the whole global batch drawn from (seed, step).
-
-    Drawn on the CPU (2048 x 8 floats: cheap) and moved to the device `chunk` steps at a time. The next
-    chunk is drawn in a background thread while this one is used: drawn in line, its ~10 ms came right
-    after the log step's host sync had emptied the GPU's queue, and the GPU sat idle through it (an H100
-    ran train_toy.py at 710 steps/s where the same step, fed fixed inputs, ran at 784)."""
-    local = global_batch // world_size
-
-    def draw(start):  # (chunk, b) and (chunk, b, C, H, W)
-        ts, noises = [], []
-        for step in steps[start:start + chunk]:
-            generator = torch.Generator().manual_seed(step_seed(seed, step))
-            t = torch.randint(0, num_timesteps, (global_batch,), generator=generator)  # (B,)
-            noise = torch.randn(global_batch, *shape, generator=generator)  # (B, C, H, W)
-            ts.append(t[rank * local:(rank + 1) * local])
-            noises.append(noise[rank * local:(rank + 1) * local])
-        return torch.stack(ts), torch.stack(noises)
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        starts = range(0, len(steps), chunk)
-        pending = pool.submit(draw, starts[0]) if starts else None
-        for start in starts:
-            ts, noises = pending.result()
-            if start + chunk < len(steps):
-                pending = pool.submit(draw, start + chunk)
-            yield from zip(ts.to(device), noises.to(device), strict=True)
-
-
-def constant_images(seed, step, global_batch, rank, world_size, shape, device):
-    """This rank's slice (b, C, H, W) of the global batch of constant images c * ones of (seed, step)."""
-    # Its own stream (not the noise generator's), so adding it leaves the zeros runs' t and noise unchanged.
-    generator = torch.Generator().manual_seed(step_seed(seed, f"{step}:constant"))
-    low, high = CONSTANT_RANGE
-    c = low + (high - low) * torch.rand(global_batch, generator=generator)  # (B,)
-    local = global_batch // world_size
-    c = c[rank * local:(rank + 1) * local].to(device)  # (b,)
-    return c.view(-1, 1, 1, 1).expand(-1, *shape).contiguous()  # (b, C, H, W)
-
-
-def main(argv=None, log_startup=False):
+def main(argv=None):
     parser, args = parse_args(argv)
     if args.compile_mode is not None:
         if args.no_compile:
@@ -245,36 +186,9 @@ def main(argv=None, log_startup=False):
             compile_options(args.compile_mode)
         except ValueError as error:
             parser.error(f"--compile-mode: {error}")
-
-    # A resume fixes model, norm and (unless given again) every other training value.
-    ckpt_path, ckpt = None, {}
-    if args.resume:
-        ckpt_path = find_checkpoint(args.resume)
-        if ckpt_path is None:
-            parser.error(f"--resume {args.resume}: no such checkpoint file or run folder with checkpoints")
-        try:
-            ckpt = read_checkpoint(ckpt_path)
-        except CheckpointError as err:
-            parser.error(str(err))
-        if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-            parser.error(f"--resume {ckpt_path} is not a checkpoint written by train_toy.py")
-        for key in ("model", "norm"):
-            wanted, found = getattr(args, key), ckpt["config"][key]
-            if wanted is not None and wanted != found:
-                parser.error(f"--resume {ckpt_path} holds {key} {found!r}, not --{key} {wanted!r}")
-    start_step = ckpt.get("step", 0)
-    # A checkpoint inside a run folder continues that run (same folder, log.txt appended); one outside any
-    # run folder starts a new run folder under --results-dir.
-    in_run = ckpt_path is not None and ckpt_path.parent.name == "checkpoints"
-    run_dir = ckpt_path.parent.parent if in_run else None
-    if in_run:
-        later = sorted(p.name for p in ckpt_path.parent.glob("*.pt")
-                       if p.stem.isdigit() and int(p.stem) > start_step)
-        if later:
-            parser.error(f"{ckpt_path.parent} has later checkpoints ({', '.join(later)}) that this run would "
-                         "overwrite; resume from the run folder (its latest checkpoint) instead")
+    ckpt_path, ckpt, run_dir = read_resume(parser, args)
     cfg = resolve_config(args, ckpt.get("train_args", {}))
-    ckpt_steps = check_config(parser, cfg, int(os.environ.get("WORLD_SIZE", "1")), start_step)
+    ckpt_steps = check_config(parser, cfg, int(os.environ.get("WORLD_SIZE", "1")), ckpt.get("step", 0))
     try:
         rank, world_size, device = setup_distributed(args.device)
     except (ValueError, RuntimeError) as err:
@@ -283,36 +197,38 @@ def main(argv=None, log_startup=False):
         if device.type != "cuda" and (args.no_compile or args.compile_mode is not None):
             given = "--no-compile" if args.no_compile else "--compile-mode"
             parser.error(f"{given} applies to the CUDA step only; drop it to train on {device}")
-        train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, device, log_startup)
+        train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, device, log_startup=False):
-    """Build or restore the model, EMA and optimizer, then run the training loop up to cfg['max_steps'].
-    log_startup: log the time from process start (a process that runs this once, from the command line)."""
-    start_step, max_steps, log_every = ckpt.get("step", 0), cfg["max_steps"], cfg["log_every"]
+class RunLog:
+    """log.txt of a run and the console, written by rank 0 only."""
 
-    # Rank 0 alone owns the run folder and writes into it.
-    log_file = None
-    if rank == 0:
-        run_dir = run_dir or new_run_dir(args.results_dir, cfg["model"], cfg["norm"])
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
-        log_file = open(run_dir / "log.txt", "a")
+    def __init__(self, run_dir, rank):
+        self.rank = rank
+        self.file = open(run_dir / "log.txt", "a") if rank == 0 else None
 
-    def log(message):
-        if rank == 0:
+    def __call__(self, message):
+        if self.rank == 0:
             line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
             print(line, flush=True)
-            log_file.write(line + "\n")
-            log_file.flush()
+            self.file.write(line + "\n")
+            self.file.flush()
 
-    def fail(message):
+    def fail(self, message):
         """Stop every rank (all reach this with the same reduced losses); rank 0 says why in one line."""
-        log(message)
-        raise SystemExit(f"error: {message}" if rank == 0 else 1)
+        self(message)
+        raise SystemExit(f"error: {message}" if self.rank == 0 else 1)
 
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def build_training_state(cfg, ckpt, ckpt_path, device, rank):
+    """(model, ema, averages, optimizer), fresh from cfg's seed or restored from the checkpoint."""
     # Model init is the only draw from the global RNG; training noise comes from (seed, step).
     torch.manual_seed(cfg["seed"])
     if ckpt:
@@ -326,45 +242,56 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
     optimizer = make_optimizer(model.parameters(), cfg["lr"])
     if ckpt:
         ema.load_state_dict(ckpt["ema"])
-        if averages is not None:
-            try:
-                averages.load_state_dict(ckpt["averages"])
-            except KeyError:  # a checkpoint from before they were recorded: they start again here
-                averages = WeightAverages(model, DEFAULT_AVERAGES)
+        if averages is not None and "averages" in ckpt:  # (older checkpoints: they start again here)
+            averages.load_state_dict(ckpt["averages"])
         optimizer.load_state_dict(ckpt["opt"])
         for group in optimizer.param_groups:
             group["lr"] = cfg["lr"]  # an explicit --lr on resume wins over the saved one
-            # the fused kernel also for checkpoints saved before it was the default (the same update rule)
-            group["foreach"], group["fused"] = None, True
+            group["foreach"], group["fused"] = None, True  # the fused kernel (the same update rule)
+    return model, ema, averages, optimizer
+
+
+def save(path, step, cfg, model_config, model, ema, averages, optimizer):
+    """One checkpoint: plain data only, so that torch.load(weights_only=True) reads it."""
+    save_checkpoint({"format": FORMAT, "config": model_config, "model": model.state_dict(),
+                     "ema": ema.state_dict(), "averages": averages.state_dict(),
+                     "opt": optimizer.state_dict(), "step": step, "train_args": cfg,
+                     "rng": {"torch": torch.get_rng_state()}}, path)
+
+
+def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, device):
+    """Build or restore the model, EMA, averages and optimizer, then train up to cfg['max_steps']."""
+    start_step, max_steps, log_every = ckpt.get("step", 0), cfg["max_steps"], cfg["log_every"]
+    if rank == 0:  # rank 0 alone owns the run folder and writes into it
+        run_dir = run_dir or new_run_dir(args.results_dir, cfg["model"], cfg["norm"])
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+    log = RunLog(run_dir, rank)
+
+    model, ema, averages, optimizer = build_training_state(cfg, ckpt, ckpt_path, device, rank)
     diffusion = create_diffusion(timestep_respacing="", diffusion_steps=cfg["diffusion_steps"])
     train_step = make_train_step(model, ema, diffusion, optimizer, ema_decay=cfg["ema_decay"],
-                                 world_size=world_size, compile_cuda=not args.no_compile,
-                                 compile_mode=args.compile_mode)
+                                 world_size=world_size, fast=args.fast, compile_cuda=not args.no_compile,
+                                 compile_mode=args.compile_mode, log=log)
     model_config = {"model": cfg["model"], **model.config}
 
     log(f"run folder {run_dir}" + (f", resumed from {ckpt_path} at step {start_step}" if ckpt else ""))
-    step_path = getattr(train_step, "path", "unnamed")
-    compile_mode = (args.compile_mode or "default") if step_path == "cuda-graph-compiled" else None
-    log(f"world size {world_size}, device {device}, step path {step_path}"
-        + (f" (compile mode {compile_mode})" if compile_mode else "") + f", train args {json.dumps(cfg)}")
+    compile_mode = (args.compile_mode or "default") if train_step.path == "cuda-graph-compiled" else None
+    log(f"world size {world_size}, device {device}, step path {train_step.path}"
+        + (f" (compile mode {compile_mode})" if compile_mode else "")
+        + (f" (fast path not used: {train_step.fast_reason})" if train_step.fast_reason else "")
+        + f", train args {json.dumps(cfg)}")
     log(f"model {json.dumps(model_config)}, {sum(p.numel() for p in model.parameters()):,} parameters")
-    started = seconds_since_process_start() if log_startup else None
-    if started is not None:  # compilation comes later, in the first steps
-        setup = time.monotonic() - IMPORTED_AT
-        log(f"{started:.1f} s from process start to the training loop: {started - setup:.1f} s to start "
-            f"Python and import the code, {setup:.1f} s to set up the device, model and step")
     if rank == 0:
         run_config = {"train_args": cfg, "model_config": model_config, "world_size": world_size,
-                      "device": str(device), "step_path": step_path, "compile_mode": compile_mode,
-                      "resumed_from": str(ckpt_path) if ckpt else None,
+                      "device": str(device), "fast": args.fast, "step_path": train_step.path,
+                      "fast_reason": train_step.fast_reason, "compile_mode": compile_mode,
+                      "averages": list(DEFAULT_AVERAGES), "resumed_from": str(ckpt_path) if ckpt else None,
                       "start_step": start_step, "torch": torch.__version__}
         (run_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
 
-    # The data set is one constant image of zeros (or, with --data constant, a constant image per sample)
-    # with class label 0 (one class, no class dropout).
+    # One class (label 0, no class dropout); the images are zeros, or constants with --data constant.
     local_batch = cfg["global_batch_size"] // world_size
     shape = (model.config["in_channels"], model.config["input_size"], model.config["input_size"])
-    x_start = torch.zeros(local_batch, *shape, device=device)  # (b, C, H, W)
     y = torch.zeros(local_batch, dtype=torch.long, device=device)  # (b,)
     steps = range(start_step + 1, max_steps + 1)
     batches = rank_batches(cfg["seed"], steps, cfg["global_batch_size"], rank, world_size,
@@ -379,45 +306,40 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
     for step, (t, noise) in zip(steps, batches, strict=True):
         if step == args.debug_nan_at_step:
             noise = torch.full_like(noise, float("nan"))
-        if cfg["data"] == "constant":
-            x_start = constant_images(cfg["seed"], step, cfg["global_batch_size"], rank, world_size, shape,
-                                      device)
+        x_start = training_images(cfg["data"], cfg["seed"], step, cfg["global_batch_size"], rank, world_size,
+                                  shape, device)  # (b, C, H, W)
         losses[step - last_check - 1] = train_step(x_start, t, noise, y)
         if averages is not None:
             averages.update(step)
+
         every = cfg["ckpt_every"]
-        save = step in ckpt_steps or (every > 0 and step % every == 0) or step == max_steps
-        if step % log_every == 0 or save:
+        is_save = step in ckpt_steps or (every > 0 and step % every == 0) or step == max_steps
+        if step % log_every == 0 or is_save:
             window = losses[:step - last_check]
             if world_size > 1:
                 dist.all_reduce(window)  # sum over ranks
             window = (window / world_size).tolist()  # the only host sync between checks
             bad = [i for i, value in enumerate(window) if not math.isfinite(value)]
             if bad:
-                fail(f"loss is {window[bad[0]]} at step {last_check + 1 + bad[0]}; training stopped, the "
-                     f"last good checkpoint is {last_saved or 'none (none saved yet)'}; resume it with a "
-                     "smaller --lr")
+                log.fail(f"loss is {window[bad[0]]} at step {last_check + 1 + bad[0]}; training stopped, the "
+                         f"last good checkpoint is {last_saved or 'none (none saved yet)'}; resume it with a "
+                         "smaller --lr")
             seconds = time.perf_counter() - tick
             mean = sum(window) / len(window)
             log(f"step {step:07d} | loss {mean:.6f} | steps/s {len(window) / seconds:.2f}")
             last_check, tick = step, time.perf_counter()
-        if save:
+        if is_save:
             if rank == 0:
                 path = run_dir / "checkpoints" / f"{step:07d}.pt"
-                save_checkpoint({"format": FORMAT, "config": model_config,
-                                 "model": model.state_dict(), "ema": ema.state_dict(),
-                                 "opt": optimizer.state_dict(), "step": step, "train_args": cfg,
-                                 "averages": averages.state_dict(),
-                                 "rng": {"torch": torch.get_rng_state()}}, path)
+                save(path, step, cfg, model_config, model, ema, averages, optimizer)
                 log(f"saved {path}")
                 last_saved = path
             if world_size > 1:
                 dist.barrier()
     log(f"done: {len(steps)} steps in {time.perf_counter() - loop_start:.1f} s of training loop "
         "(compilation, warm-up and capture of the first steps and the checkpoint saves included)")
-    if log_file:
-        log_file.close()
+    log.close()
 
 
 if __name__ == "__main__":
-    main(log_startup=True)
+    main()

@@ -1,4 +1,4 @@
-"""Time toy sampling: toy_sampler.sample_toy against the plain diffusion.p_sample_loop.
+"""Time toy sampling: fast.sample_toy against the plain diffusion.p_sample_loop.
 
     python benchmarks/bench_sample.py                     # 100 samples x 1000 ancestral steps, CPU
     python benchmarks/bench_sample.py --threads 1 --repeats 5
@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from diffusion import create_diffusion  # noqa: E402
+from fast import sample_toy  # noqa: E402
 from models import build_model  # noqa: E402
-from toy_sampler import sample_toy  # noqa: E402
 
 
 def trained_like(name, seed=0):
@@ -81,7 +81,7 @@ def main():
     print("| sampler | median s |")
     print("|---|---|")
     print(f"| diffusion.p_sample_loop | {plain_s:.2f} |")
-    print(f"| toy_sampler.sample_toy | {repo_s:.2f} |")
+    print(f"| fast.sample_toy | {repo_s:.2f} |")
     print(f"speed-up: {plain_s / repo_s:.1f}x")
 
 

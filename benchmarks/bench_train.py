@@ -5,9 +5,10 @@
     python benchmarks/bench_train.py --ddp                 # 2 gloo ranks x 1 thread vs 1 rank x 2 threads
     python benchmarks/bench_train.py --profile             # also: the repo step's time per op
     python benchmarks/bench_train.py --device cuda         # CUDA: official-style eager vs both CUDA-graph
-                                                           # steps, each also with models.CUDA_SMALL_FORMS
-                                                           # off: steps/s, 50k-step projection, and a
-                                                           # check of each against the CPU step
+                                                           # steps, each also without the forms for small
+                                                           # shapes (fast/small_shapes.py): steps/s,
+                                                           # 50k-step projection, and a check of each
+                                                           # against the CPU step
     python benchmarks/bench_train.py --device cuda --no-generic \
         --compile-modes default,default+combo_kernels      # the compiled step under two compile settings
 Both steps start from the same weights and see the same inputs; repetitions alternate between them after
@@ -32,10 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from official_style import make_official_step, official_model_from  # noqa: E402, I001
 
-import models  # noqa: E402
+import fast.train_step  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
+from fast import compile_options, make_optimizer, make_train_step  # noqa: E402
 from models import build_model  # noqa: E402
-from train_step import compile_options, make_optimizer, make_train_step  # noqa: E402
 
 
 def model_flops(cfg, batch):
@@ -206,10 +207,8 @@ def profile_cuda_kernels(base_model, inputs, compiled_steps):
     kernels that the plain CUDA graph replays; eager launches add gaps between kernels, not kernel time),
     then each already captured compiled step in `compiled_steps` (name -> step), replaying its graphs.
     A failed profile prints one line and the others go on."""
-    from train_step import make_plain_step
-
     try:
-        _, step = build_steps(base_model, "cuda", make_plain_step)
+        _, step = build_steps(base_model, "cuda", functools.partial(make_train_step, fast="off"))
         for _ in range(3):
             step(*inputs)
         _print_kernels(step, inputs, "the plain step")
@@ -228,7 +227,7 @@ def cuda_config_name(compile_cuda, small_forms, setting):
 
 
 def cuda_configs(args):
-    """(compile_cuda, models.CUDA_SMALL_FORMS, compile setting) of each CUDA-graph step to time."""
+    """(compile_cuda, small-shape forms on, compile setting) of each CUDA-graph step to time."""
     configs = [(False, True, None)] + [(True, True, mode) for mode in args.compile_modes]
     if not args.no_generic:
         configs += [(False, False, None), (True, False, None)]
@@ -237,8 +236,8 @@ def cuda_configs(args):
 
 def bench_cuda(args):
     """The official-style eager step and the CUDA-graph steps (plain model; torch.compile'd forward and
-    loss under each of --compile-modes), without --no-generic each also with models.CUDA_SMALL_FORMS off
-    ("generic forms"), built in this one process: setup time, steps/s and the 50k-step projection; then
+    loss under each of --compile-modes), without --no-generic each also without fast/small_shapes.py's
+    forms ("generic forms"), built in this one process: setup time, steps/s and the 50k-step projection; then
     each graph step with the CUDA forms against the CPU step."""
     base_model = trained_like(args.model, "layernorm")
     cfg = base_model.config
@@ -249,14 +248,14 @@ def bench_cuda(args):
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     official = official_model_from(base_model)
     _, steps["official-style (eager)"] = build_steps(official, "cuda", make_official_step)
-    default_forms = models.CUDA_SMALL_FORMS
+    default_reason = fast.train_step.small_shapes_reason
     for compile_cuda, small_forms, setting in cuda_configs(args):
         t0 = time.perf_counter()
         make = functools.partial(make_train_step, compile_cuda=compile_cuda, compile_mode=setting)
         name = cuda_config_name(compile_cuda, small_forms, setting)
-        # The flag is read while tracing (dynamo guards its value: a new compilation) and while capturing;
-        # the captured graphs replay whatever forms they hold, so it is restored once they exist.
-        models.CUDA_SMALL_FORMS = small_forms
+        # make_train_step asks small_shapes_reason whether the forms apply; the generic steps are told no.
+        if not small_forms:
+            fast.train_step.small_shapes_reason = lambda model: "generic forms (benchmark)"
         try:
             _, step = build_steps(base_model, "cuda", make)
             for _ in range(5):  # 3 eager warm-up steps (compilation in the first), the capture, a replay
@@ -266,7 +265,7 @@ def bench_cuda(args):
             print(f"{name}: FAILED: {type(error).__name__}: {str(error).splitlines()[0]}")
             continue
         finally:
-            models.CUDA_SMALL_FORMS = default_forms
+            fast.train_step.small_shapes_reason = default_reason
         steps[name], setup[name] = step, time.perf_counter() - t0
     for step in steps.values():  # warm-up, then alternate
         _cuda_seconds(step, inputs, 20)
@@ -376,9 +375,9 @@ def main():
                                                               for m in text.split(",")],
                         default=[None], help="CUDA: the compile settings to time, comma-separated (default: "
                         "default; e.g. default,max-autotune-no-cudagraphs,default+combo_kernels: see "
-                        "train_step.compile_options)")
+                        "fast.compile_options)")
     parser.add_argument("--no-generic", action="store_true",
-                        help="CUDA: leave out the steps with models.CUDA_SMALL_FORMS off")
+                        help="CUDA: leave out the steps with the generic forms")
     parser.add_argument("--profile", action="store_true",
                         help="also time the repo step per op (CPU), or per kernel the plain step and "
                              "the compiled steps (CUDA)")

@@ -2,8 +2,8 @@
 # Every check that needs a CUDA GPU, in one command:
 #   bash benchmarks/gpu_check.sh [PYTHON]     (default python3; `make gpu-check` passes the venv's)
 # 1. the CUDA-graph steps (plain and torch.compile'd) against the CPU step, the CUDA-graph sampler against
-#    p_sample_loop (tests/test_train_step.py, tests/test_toy_sampler.py -k cuda), and the one-graph tracing
-#    tests, the model's CUDA forms for small shapes included (tests/test_models.py)
+#    p_sample_loop (tests/test_fast_train_step.py, tests/test_fast_sampler.py -k cuda), and the forms for
+#    small shapes with their one-graph tracing (tests/test_fast_small_shapes.py)
 # 2. benchmarks/bench_train.py --device cuda --profile: official-style eager vs the plain graph step and the
 #    compiled graph step with inductor's defaults and with combo_kernels, 50k-step projection, each against
 #    the CPU step, and the GPU time per kernel of the plain and compiled steps
@@ -11,8 +11,8 @@
 # 4. a real run: train_toy.py through torchrun, one model, 50k steps at batch 2048, with empty inductor and
 #    Triton caches (what a first run costs), timed end to end; its log must name the compiled step path
 # It goes on after a failed part, names each failure, and exits non-zero if any part failed.
-# The whole script last ran at commit 21b3f3e (218 s, benchmarks/h100_2026-11-26.md A1); its parts as they
-# are now ran one by one in B1-B2 there (about 300 s together).
+# Not yet run since the fast/ package replaced train_step.py and toy_sampler.py (no GPU since then); the
+# earlier version's results are in benchmarks/h100_2026-11-26.md.
 set -u
 PY=${1:-python3}
 cd "$(dirname "$0")/.."
@@ -31,8 +31,8 @@ part() {  # part NAME COMMAND...: run it, keep its whole output in $LOGS/NAME.lo
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())"
-part tests "$PY" -m pytest -q -p no:cacheprovider tests/test_train_step.py tests/test_models.py \
-    tests/test_toy_sampler.py -k "cuda or one_graph or small_forms"
+part tests "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_train_step.py tests/test_fast_sampler.py \
+    tests/test_fast_small_shapes.py tests/test_fast_proof.py -k "cuda or graph or small"
 part bench timeout 300 "$PY" benchmarks/bench_train.py --device cuda --profile --no-generic \
     --compile-modes default,default+combo_kernels
 part sample timeout 120 "$PY" benchmarks/bench_sample.py --device cuda --repeats 2

@@ -1,6 +1,6 @@
 """Gaussian diffusion (DDPM / Improved DDPM / DDIM) as the DiT checkpoints were trained with it.
 
-The maths is in ../shared/reference/diffusion.md. Notation inside the maths: x_0 (data), x_t (noised),
+The maths is in docs/diffusion.md. Notation inside the maths: x_0 (data), x_t (noised),
 eps (the Gaussian noise), alpha_bar (cumulative product of 1 - beta). Every schedule quantity is computed
 once in float64 numpy; a (T, K) table of them is cached per (device, dtype) so that pulling the K
 coefficients of a batch of timesteps costs one indexing kernel.
@@ -42,7 +42,7 @@ def get_named_beta_schedule(name: str, num_diffusion_timesteps: int) -> np.ndarr
     raise ValueError(f"unknown noise schedule {name!r}; use 'linear', 'cosine' or 'squaredcos_cap_v2'")
 
 
-class _Coefs(NamedTuple):
+class Coefficients(NamedTuple):
     """Per-sample schedule coefficients, each (N, 1, ..., 1) so that it broadcasts against x."""
     alphas_cumprod: torch.Tensor
     alphas_cumprod_prev: torch.Tensor
@@ -138,27 +138,36 @@ class GaussianDiffusion:
             "fixed_log_variance": fixed_log_variance,
             "ddim_sigma_unit": ddim_sigma_unit,
         }
-        self._table64 = torch.from_numpy(np.stack([columns[f] for f in _Coefs._fields], axis=1))  # (T, K)
+        table = np.stack([columns[f] for f in Coefficients._fields], axis=1)
+        self._table64 = torch.from_numpy(table)  # (T, K)
         self._tables = {}  # (device, dtype) -> the table cast for use there
 
     # ----------------------------------------------------------------------------- coefficient lookup
 
-    def _coefs(self, t: torch.Tensor, x: torch.Tensor) -> _Coefs:
-        """All schedule coefficients at timesteps t, shaped (N, 1, ..., 1) in x's device and dtype."""
+    def coefficients(self, t: torch.Tensor, x: torch.Tensor) -> Coefficients:
+        """Every schedule coefficient at timesteps t, shaped for broadcasting against x.
+
+        :param t: (N,) long timestep indices of this diffusion (respaced ones where respaced).
+        :param x: a tensor of shape (N, ...) whose device and dtype the coefficients take.
+        :return: a named tuple (fields: Coefficients._fields) of (N, 1, ..., 1) tensors, one per coefficient;
+            the float64 table is cast once per (device, dtype) and kept.
+        """
         key = (x.device, x.dtype)
         table = self._tables.get(key)
         if table is None:
             table = self._tables[key] = self._table64.to(device=x.device, dtype=x.dtype)
         rows = table[t]  # (N, K)
-        return _Coefs._make(rows.view(rows.shape[0], rows.shape[1], *(1,) * (x.ndim - 1)).unbind(1))
+        return Coefficients._make(rows.view(rows.shape[0], rows.shape[1], *(1,) * (x.ndim - 1)).unbind(1))
 
-    def _model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        """The timestep values the network is called with (overridden by respacing)."""
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep values the network is called with at this diffusion's indices t (N,).
+
+        The identity here; a SpacedDiffusion maps its respaced indices to the original ones."""
         return t
 
     def _call_model(self, model, x, t, model_kwargs):
         """Run the network and split its output into (mean part, variance part or None)."""
-        out = model(x, self._model_timesteps(t), **(model_kwargs or {}))
+        out = model(x, self.model_timesteps(t), **(model_kwargs or {}))
         channels = x.shape[1]
         if self.model_var_type == "learned_range":
             if out.shape[1] != 2 * channels:
@@ -179,7 +188,7 @@ class GaussianDiffusion:
         :param x_start: (N, C, ...) clean data x_0.
         :param t: (N,) long timestep indices.
         """
-        c = self._coefs(t, x_start)
+        c = self.coefficients(t, x_start)
         variance = (1.0 - c.alphas_cumprod).expand_as(x_start)
         return c.sqrt_alphas_cumprod * x_start, variance, torch.log(variance)
 
@@ -193,7 +202,7 @@ class GaussianDiffusion:
         """
         if noise is None:
             noise = torch.randn_like(x_start)
-        c = self._coefs(t, x_start)
+        c = self.coefficients(t, x_start)
         return c.sqrt_alphas_cumprod * x_start + c.sqrt_one_minus_alphas_cumprod * noise
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
@@ -204,9 +213,9 @@ class GaussianDiffusion:
         :param t: (N,) long timestep indices.
         :return: (mean, variance, log_variance_clipped), each of x_t's shape.
         """
-        return self._q_posterior(x_start, x_t, self._coefs(t, x_t))
+        return self._q_posterior(x_start, x_t, self.coefficients(t, x_t))
 
-    def _q_posterior(self, x_start, x_t, c: _Coefs):
+    def _q_posterior(self, x_start, x_t, c: Coefficients):
         """q_posterior_mean_variance with the coefficients already gathered."""
         mean = c.posterior_mean_coef1 * x_start + c.posterior_mean_coef2 * x_t
         return (mean, c.posterior_variance.expand_as(x_t), c.posterior_log_variance_clipped.expand_as(x_t))
@@ -224,9 +233,9 @@ class GaussianDiffusion:
         :return: dict with "mean", "variance", "log_variance", "pred_xstart", each (N, C, ...).
         """
         mean_out, var_out = self._call_model(model, x, t, model_kwargs)
-        return self._p_from_output(mean_out, var_out, x, self._coefs(t, x), clip_denoised)
+        return self._p_from_output(mean_out, var_out, x, self.coefficients(t, x), clip_denoised)
 
-    def _p_from_output(self, mean_out, var_out, x, c: _Coefs, clip_denoised):
+    def _p_from_output(self, mean_out, var_out, x, c: Coefficients, clip_denoised):
         """p_mean_variance from an already computed network output."""
         if var_out is None:
             variance, log_variance = c.fixed_variance.expand_as(x), c.fixed_log_variance.expand_as(x)
@@ -243,29 +252,18 @@ class GaussianDiffusion:
         mean = c.posterior_mean_coef1 * pred_xstart + c.posterior_mean_coef2 * x
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
 
-    def _predict_eps_from_xstart(self, x_t, pred_xstart, c: _Coefs):
+    def _predict_eps_from_xstart(self, x_t, pred_xstart, c: Coefficients):
         """Invert x_0 = sqrt(1/alpha_bar) x_t - sqrt(1/alpha_bar - 1) eps for eps."""
         return (c.sqrt_recip_alphas_cumprod * x_t - pred_xstart) / c.sqrt_recipm1_alphas_cumprod
 
     # ----------------------------------------------------------------------------- losses
 
-    def _vb_terms_bpd(self, mean_out, var_out, x_start, x_t, c: _Coefs, t):
+    def _vb_terms_bpd(self, mean_out, var_out, x_start, x_t, c: Coefficients, t):
         """Per-sample VB term in bits: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), or the decoder NLL at t=0."""
         true_mean, _, true_log_variance = self._q_posterior(x_start, x_t, c)
         out = self._p_from_output(mean_out, var_out, x_t, c, clip_denoised=False)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"]))
         kl = kl / math.log(2.0)
-        if t.device.type == "cpu" and not torch.compiler.is_compiling():
-            # Only the t = 0 samples (about 1 in 1000) need the decoder NLL, whose log-CDFs cost more than
-            # the rest of the loss together; the same values as the torch.where below. (Not on CUDA:
-            # selecting rows syncs with the host, which CUDA-graph capture forbids; not under
-            # torch.compile, whose graph cannot depend on the number of t = 0 rows.)
-            rows = (t == 0).nonzero(as_tuple=True)[0]
-            if rows.numel() == 0:
-                return kl
-            decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
-                x_start[rows], means=out["mean"][rows], log_scales=0.5 * out["log_variance"][rows]))
-            return kl.index_put((rows,), decoder_nll / math.log(2.0))
         decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
             x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
@@ -289,7 +287,7 @@ class GaussianDiffusion:
         """
         if noise is None:
             noise = torch.randn_like(x_start)
-        c = self._coefs(t, x_start)
+        c = self.coefficients(t, x_start)
         x_t = c.sqrt_alphas_cumprod * x_start + c.sqrt_one_minus_alphas_cumprod * noise
         mean_out, var_out = self._call_model(model, x_t, t, model_kwargs)
         target = noise if self.model_mean_type == "epsilon" else x_start
@@ -336,7 +334,7 @@ class GaussianDiffusion:
         :param generator: optional torch.Generator for the noise draw (on x's device or the CPU).
         :return: dict with "sample" (x_{t-1}) and "pred_xstart".
         """
-        c = self._coefs(t, x)
+        c = self.coefficients(t, x)
         out = self._p_from_output(*self._call_model(model, x, t, model_kwargs), x, c, clip_denoised)
         # eps is recomputed from the (possibly clipped) x_0 so that the two stay consistent.
         eps = self._predict_eps_from_xstart(x, out["pred_xstart"], c)

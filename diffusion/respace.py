@@ -75,7 +75,7 @@ class SpacedDiffusion(GaussianDiffusion):
         self.timestep_map = torch.tensor(kept, dtype=torch.long)  # respaced index -> original index
         self._maps = {}  # device -> timestep_map there
 
-    def _model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Map respaced indices to the original ones the network was trained with."""
         timestep_map = self._maps.get(t.device)
         if timestep_map is None:

@@ -8,6 +8,18 @@ from checkpoint import FORMAT, save_checkpoint
 from models import build_model
 
 
+def randomize(model, seed=0, std=0.1, add=False):
+    """Give every trainable parameter random values N(0, std^2) (add=True: add them), the adaLN-Zero zeros
+    included, so that every branch of the network reaches its output; returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=g) * std
+                p.add_(noise) if add else p.copy_(noise)
+    return model
+
+
 def perturb_zero_init(model, seed=0, std=0.02):
     """adaLN-Zero makes a fresh DiT output exactly 0: give the zero-initialised layers small random values."""
     g = torch.Generator().manual_seed(seed)

@@ -1,7 +1,8 @@
-"""The training step and fused_dit: the hand-written DiT gives the plain model's loss and gradients; EMA;
-all-reduce; loading the C kernels leaves the process's floating-point mode alone."""
+"""fast/train_step.py and fast/fused_dit.py: the hand-written DiT gives the plain model's loss and gradients;
+EMA; all-reduce; loading the C kernels leaves the process's floating-point mode alone."""
 
 import copy
+import functools
 import os
 import shutil
 import tempfile
@@ -10,9 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import fused_dit
-import train_step
 from diffusion import create_diffusion
+from fast import fused_dit, train_step
 from models import NORM_KINDS, build_model
 
 KERNELS = [pytest.param(fused_dit.TorchKernels(), id="torch")]
@@ -78,8 +78,8 @@ def test_fused_model_matches_plain_model(norm, kern):
     perturbed(model)
     states.append(copy.deepcopy(model.state_dict()))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0)
-    plain = train_step.make_plain_step(model, copy.deepcopy(model).requires_grad_(False), diffusion, opt,
-                                       ema_decay=0.99)
+    plain = train_step.make_train_step(model, copy.deepcopy(model).requires_grad_(False), diffusion, opt,
+                                       ema_decay=0.99, fast="off")
     for seed in range(3):
         plain(*toy_batch(48, seed=10 + seed))
     states.append(copy.deepcopy(model.state_dict()))
@@ -281,7 +281,8 @@ def test_other_losses_keep_training_losses():
     # make_train_step falls back to the fused model under training_losses: the plain step's update
     batch = toy_batch(16)
     models = [copy.deepcopy(model) for _ in range(2)]
-    for m, make in zip(models, (train_step.make_train_step, train_step.make_plain_step), strict=True):
+    makes = (train_step.make_train_step, functools.partial(train_step.make_train_step, fast="off"))
+    for m, make in zip(models, makes, strict=True):
         step = make(m, copy.deepcopy(m).requires_grad_(False), kl, torch.optim.SGD(m.parameters(), lr=0.01),
                     ema_decay=0.9)
         step(*batch)
@@ -327,7 +328,7 @@ def test_configs_outside_the_fast_path_fall_back_to_plain():
 def test_step_updates_parameters_and_ema_like_the_plain_step():
     diffusion = create_diffusion("")
     results = []
-    for make in (train_step.make_train_step, train_step.make_plain_step):
+    for make in (train_step.make_train_step, functools.partial(train_step.make_train_step, fast="off")):
         torch.manual_seed(0)
         model = perturbed(build_model("ToyDiT/1", norm="dyt"))
         ema = copy.deepcopy(model).requires_grad_(False)

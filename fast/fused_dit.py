@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .small_shapes import adaln_stacked
+
 MAX_FAST_TOKENS = 64  # the C attention keeps one sample's scores on the stack; more tokens: plain path
 MAX_DEPTH = 64  # the gradient offsets of fused_dit.c's Accs
 NORM_CODES = {"none": 0, "layernorm": 1, "rmsnorm": 2, "dyt": 3}
@@ -688,7 +690,7 @@ def fused_model(model, plan=None, kern=None):
 
     def forward(x_t, t, y):
         c = model.t_embedder(t) + model.y_embedder(y, model.training)  # (N, D)
-        w_mod, b_mod = model.adaln_stacked()
+        w_mod, b_mod = adaln_stacked(model)
         return DiTFunction.apply(plan, kern, x_t.contiguous(), c, model.pos_embed, w_mod, b_mod,
                                  *DiTPlan.weights(model))
 
@@ -718,7 +720,7 @@ class HybridLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, kern, diffusion, x_start, t, noise, c, pos_embed, w_mod, b_mod, *weights):
         silu_c = F.silu(c)  # (N, D)
-        coefs = diffusion._coefs(t, x_start)
+        coefs = diffusion.coefficients(t, x_start)
         x_t = diffusion.q_sample(x_start, t, noise)  # as training_losses draws it
         N = x_start.shape[0]
         vb_weight = diffusion.num_timesteps / 1000.0 if diffusion.loss_type == "rescaled_mse" else 1.0
@@ -751,8 +753,8 @@ def fused_hybrid_loss(model, diffusion, plan=None, kern=None):
         raise ValueError(f"fused_hybrid_loss cannot run here: {reason}")
 
     def loss(x_start, t, noise, y):
-        c = model.t_embedder(diffusion._model_timesteps(t)) + model.y_embedder(y, model.training)  # (N, D)
-        w_mod, b_mod = model.adaln_stacked()
+        c = model.t_embedder(diffusion.model_timesteps(t)) + model.y_embedder(y, model.training)  # (N, D)
+        w_mod, b_mod = adaln_stacked(model)
         return HybridLossFunction.apply(plan, kern, diffusion, x_start.contiguous(), t, noise.contiguous(), c,
                                         model.pos_embed, w_mod, b_mod, *DiTPlan.weights(model))
 

@@ -10,62 +10,111 @@ On CUDA the draws are all made first, in that order, and each step replays one c
 (`index_driven_loop`).
 """
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fused_dit import DiTPlan, default_kernels, dit_forward, keep_freed_memory
+from .fused_dit import DiTPlan, default_kernels, dit_forward, keep_freed_memory
+from .proof import check_sampler_step
+from .small_shapes import adaln_stacked
+
+
+def fast_sampler_reason(model, diffusion, device):
+    """None if the fast sampler has a path for this model, diffusion and device, else why not."""
+    if not (diffusion.model_mean_type == "epsilon" and diffusion.model_var_type == "learned_range"):
+        return "the fast sampler handles eps prediction with a learned-range variance only"
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return None
+    if kind != "cpu":
+        return f"no fast sampler for device {device}"
+    return DiTPlan(model).reason
+
+
+class _CpuSampler:
+    """The CPU fast path for num_samples samples: every step's adaLN vectors and schedule coefficients
+    computed up front, each step's network (and, with the tiled C kernels, its update) in one C call."""
+
+    def __init__(self, model, diffusion, num_samples):
+        self.plan, self.kern = DiTPlan(model), default_kernels()
+        num_steps = diffusion.num_timesteps
+        # The network sees the original timestep index (respacing keeps a map from the respaced one).
+        model_t = diffusion.model_timesteps(torch.arange(num_steps))  # (S,)
+        y = torch.zeros(num_steps, dtype=torch.long)
+        cond = model.t_embedder(model_t) + model.y_embedder(y, model.training)  # (S, D)
+        w_mod, b_mod = adaln_stacked(model)
+        self.mods = torch.addmm(b_mod, F.silu(cond), w_mod.t())  # (S, K): every adaLN vector of every step
+        self.coef = _step_coefficients(diffusion)  # (S, 7) float32, the values p_sample would gather
+        self.pos_embed, self.weights = model.pos_embed, DiTPlan.weights(model)
+        self.c_step = (self.kern.sampler(self.plan, num_samples, model.pos_embed, self.weights)
+                       if hasattr(self.kern, "sampler") else None)
+
+    def step(self, x, z, i):
+        """x_{t-1} from x_t at timestep index i with the draw z; x (N, C, H, W), contiguous, in place."""
+        if self.c_step is not None:  # the network and the update in one C call
+            self.c_step(x, z, self.mods[i:i + 1], self.coef[i])
+            return x
+        out = dit_forward(self.plan, self.kern, x, self.mods[i:i + 1], self.pos_embed, self.weights)
+        x.copy_(_ancestral_step(x, out, self.coef[i].tolist(), z))  # out: (N, 2C, H, W)
+        return x
+
+
+def _one_step(model, diffusion, device):
+    """step(x, i, generator) -> x_{t-1}: one step of the fast path, for fast.proof.check_sampler_step."""
+    if torch.device(device).type == "cuda":
+        def cuda_step(x, i, generator):
+            noise_at = torch.zeros(diffusion.num_timesteps, *x.shape, device=x.device)
+            noise_at[i] = _randn(x.shape, x.device, generator)
+            return index_driven_loop(model, diffusion, x, noise_at, capture=False, start=i, steps=1)
+        return cuda_step
+
+    def cpu_step(x, i, generator):
+        sampler = _CpuSampler(model, diffusion, len(x))
+        return sampler.step(x.contiguous(), _randn(x.shape, x.device, generator), i)
+    return cpu_step
 
 
 @torch.no_grad()
 def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cpu", progress=False,
-               noise=None):
+               noise=None, fast="auto", log=None):
     """Return (num_samples, C, H, W) final samples of p_sample_loop for class label 0.
 
-    On CUDA the loop replays a captured CUDA graph per step (index_driven_loop) and shows no progress bar.
+    fast: "auto" takes the fast path once fast.proof has checked one step of it against diffusion.p_sample
+    with the model as it is; "off" (or a failed check) samples with diffusion.p_sample_loop, and log (a
+    callable; default warnings.warn) gets the reason in one line. On CUDA the loop replays a captured CUDA
+    graph per step (index_driven_loop) and shows no progress bar.
 
     On the CPU fast path this calls fused_dit.keep_freed_memory(), a process-wide glibc setting (freed
     memory stays in the heap instead of going back to the OS after every step)."""
     cfg = model.config
     shape = (num_samples, cfg["in_channels"], cfg["input_size"], cfg["input_size"])
-    y = torch.zeros(num_samples, dtype=torch.long, device=device)
-    learned_range = diffusion.model_mean_type == "epsilon" and diffusion.model_var_type == "learned_range"
-    on = torch.device(device).type
-    if learned_range and on == "cuda":
-        x_T, noise_at = loop_draws(shape, diffusion.num_timesteps, device, generator, noise)
-        return index_driven_loop(model, diffusion, x_T, noise_at, capture=True)
-    plan = DiTPlan(model)
-    if not (learned_range and on == "cpu" and plan.reason is None):
+    reason = "fast='off'" if fast == "off" else fast_sampler_reason(model, diffusion, device)
+    if reason is None:
+        reason = check_sampler_step(lambda m: _one_step(m, diffusion, device), model, diffusion)
+    if reason is not None:
+        if fast != "off":
+            (log or warnings.warn)(f"fast sampler not used: {reason}; sampling with diffusion.p_sample_loop")
+        y = torch.zeros(num_samples, dtype=torch.long, device=device)
         return diffusion.p_sample_loop(model, shape, noise=noise, clip_denoised=False, model_kwargs={"y": y},
                                        device=device, progress=progress, generator=generator)
+    if torch.device(device).type == "cuda":
+        x_T, noise_at = loop_draws(shape, diffusion.num_timesteps, device, generator, noise)
+        return index_driven_loop(model, diffusion, x_T, noise_at, capture=True)
 
-    num_steps = diffusion.num_timesteps
-    # The network sees the original timestep index (respacing keeps a map from the respaced one).
-    model_t = diffusion._model_timesteps(torch.arange(num_steps, device=device))  # (S,)
-    cond = model.t_embedder(model_t) + model.y_embedder(y[:1].expand(num_steps), model.training)  # (S, D)
-    w_mod, b_mod = model.adaln_stacked()
-    mods = torch.addmm(b_mod, F.silu(cond), w_mod.t())  # (S, K): every adaLN vector of every step
-    coef = _step_coefficients(diffusion)  # (S, 7) float32, the values p_sample would gather
-    weights = DiTPlan.weights(model)
-    kern = default_kernels()
+    sampler = _CpuSampler(model, diffusion, num_samples)
     keep_freed_memory()  # each step's few-hundred-kB tensors would otherwise be fresh mmap'ed pages
-
     x = noise.to(device) if noise is not None else _randn(shape, device, generator)
-    steps = range(num_steps - 1, -1, -1)
+    x = x.clone(memory_format=torch.contiguous_format)  # updated in place; never the caller's noise
+    steps = range(diffusion.num_timesteps - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps)
-    if hasattr(kern, "sampler"):  # the network and the update in one C call per step
-        step = kern.sampler(plan, num_samples, model.pos_embed, weights)
-        x = x.clone(memory_format=torch.contiguous_format)  # updated in place; never the caller's noise
-        for i in steps:
-            step(x, _randn(shape, device, generator), mods[i:i + 1], coef[i])
-        return x
     for i in steps:
-        out = dit_forward(plan, kern, x, mods[i:i + 1], model.pos_embed, weights)  # (N, 2C, H, W)
-        z = _randn(shape, device, generator)  # drawn at every step, as p_sample does, even when unused
-        x = _ancestral_step(x, out, coef[i].tolist(), z)
+        # drawn at every step, as p_sample does, even when unused (t = 0)
+        sampler.step(x, _randn(shape, device, generator), i)
     return x
 
 
@@ -94,20 +143,22 @@ def loop_draws(shape, num_steps, device, generator=None, noise=None):
 
 
 @torch.no_grad()
-def index_driven_loop(model, diffusion, x_T, noise_at, *, capture):
+def index_driven_loop(model, diffusion, x_T, noise_at, *, capture, start=None, steps=None):
     """The ancestral loop for class 0 with the timestep index kept on the device, so that one step is one
     fixed sequence of kernels: on CUDA (capture=True) it is captured once in a CUDA graph and replayed for
     every step, instead of ~100 kernel launches per step from Python (100 samples x 1000 steps on an H100:
     0.44 s against 3.34 s for p_sample_loop, benchmarks/h100_2026-11-26.md B2; no progress bar).
     x_T (N, C, H, W); noise_at (S, N, C, H, W), noise_at[i]
     the draw that p_sample uses at timestep i. Returns x_0. capture=False runs the same step eagerly (the
-    CPU tests compare that with p_sample_loop)."""
+    CPU tests compare that with p_sample_loop); start and steps (eager only) run `steps` steps from
+    timestep index `start` instead of the whole loop."""
     num_steps, device = diffusion.num_timesteps, x_T.device
-    model_t = diffusion._model_timesteps(torch.arange(num_steps, device=device))  # (S,)
+    model_t = diffusion.model_timesteps(torch.arange(num_steps, device=device))  # (S,)
     coef = _step_coefficients(diffusion).to(device)  # (S, 7)
     y = torch.zeros(len(x_T), dtype=torch.long, device=device)
     x = x_T.clone(memory_format=torch.contiguous_format)  # updated in place
-    index = torch.full((1,), num_steps - 1, dtype=torch.long, device=device)  # the current timestep
+    first = num_steps - 1 if start is None else start
+    index = torch.full((1,), first, dtype=torch.long, device=device)  # the current timestep
 
     def step():  # kernels only: index_select, never a Python int from the device
         t = model_t.index_select(0, index).expand(len(x))  # (N,)
@@ -116,7 +167,7 @@ def index_driven_loop(model, diffusion, x_T, noise_at, *, capture):
         index.sub_(1)
 
     if not capture:
-        for _ in range(num_steps):
+        for _ in range(first + 1 if steps is None else steps):
             step()
         return x
     side = torch.cuda.Stream(device)  # one warm-up step on a side stream (as capture requires), undone

@@ -14,10 +14,12 @@
 Importing this module changes nothing global; make_train_step's docstring lists what calling it changes.
 """
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
-from fused_dit import (
+from .fused_dit import (
     DiTPlan,
     TiledKernels,
     default_kernels,
@@ -26,6 +28,8 @@ from fused_dit import (
     hybrid_loss_supported,
     keep_freed_memory,
 )
+from .proof import check_loss
+from .small_shapes import small_shape_forward, small_shapes_reason
 
 
 @torch.no_grad()
@@ -105,7 +109,7 @@ def compile_options(setting):
     return {**modes[mode], **dict.fromkeys(flags, True)}
 
 
-def _compiled_loss_fn(diffusion, model, backend="inductor", mode=None):
+def _compiled_loss_fn(diffusion, model, backend="inductor", mode=None, model_fn=None):
     """_loss_fn under torch.compile: one graph or an error (a graph break would hide a host sync), fixed
     shapes (one batch size).
 
@@ -114,15 +118,15 @@ def _compiled_loss_fn(diffusion, model, backend="inductor", mode=None):
     first (tests/test_train_step.py counts the compilations)."""
     param = next(model.parameters())
     t = torch.zeros(1, dtype=torch.long, device=param.device)
-    diffusion._coefs(t, param.new_zeros(1))
-    diffusion._model_timesteps(t)
+    diffusion.coefficients(t, param.new_zeros(1))
+    diffusion.model_timesteps(t)
     options = compile_options(mode) or None  # (other backends take no options)
-    return torch.compile(_loss_fn(diffusion, model), backend=backend, options=options, fullgraph=True,
-                         dynamic=False)
+    return torch.compile(_loss_fn(diffusion, model_fn or model), backend=backend, options=options,
+                         fullgraph=True, dynamic=False)
 
 
 def _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_size, compile_loss,
-                          compile_mode=None):
+                          compile_mode=None, model_fn=None):
     """The step captured in CUDA graphs after 3 eager warm-up steps; replayed for every later step.
 
     With compile_loss, the forward and hybrid loss (and through AOTAutograd their backward) are one
@@ -141,9 +145,9 @@ def _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_siz
         if torch.is_tensor(state.get("step")) and state["step"].device != p.device:
             state["step"] = state["step"].to(p.device)
     if compile_loss:
-        loss_fn = _compiled_loss_fn(diffusion, model, mode=compile_mode)
+        loss_fn = _compiled_loss_fn(diffusion, model, mode=compile_mode, model_fn=model_fn)
     else:
-        loss_fn = _loss_fn(diffusion, model)
+        loss_fn = _loss_fn(diffusion, model_fn or model)
     eager = _make_step(loss_fn, model, ema, optimizer, ema_decay, world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     model_params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -209,54 +213,75 @@ def make_optimizer(params, lr: float):
     return torch.optim.AdamW(params, lr=lr, weight_decay=0, fused=True)
 
 
+FAST_CHOICES = ("auto", "off")
+
+
 def make_train_step(model, ema, diffusion, optimizer, *, ema_decay: float, world_size: int = 1,
-                    compile_cuda: bool = True, compile_mode: str | None = None):
+                    fast: str = "auto", compile_cuda: bool = True, compile_mode: str | None = None, log=None):
     """Return step(x_start, t, noise, y) -> local mean loss (0-dim detached tensor).
 
     Does forward, hybrid loss (diffusion.training_losses semantics), backward, gradient all-reduce (mean over
     ranks via torch.distributed when world_size > 1), optimizer.step(), EMA update of `ema` (a deepcopy of
     model, requires_grad False). The returned function's `path` attribute names the implementation chosen:
     "tiled-cpu" / "fused-cpu" / "torch-cpu" (hand-written DiT, see fused_dit.default_kernels),
-    "cuda-graph-compiled" (compile_cuda, the default), "cuda-graph" or "plain". compile_mode sets how the
-    CUDA step's forward and loss are compiled (see compile_options; None: inductor's defaults;
-    "max-autotune-no-cudagraphs" also times Triton GEMM templates against cuBLAS per matmul shape and
-    fuses pointwise epilogues into them: on an H100 that took 4-43 s per shape, over 226 s in all,
-    benchmarks/h100_2026-11-26.md B1).
+    "cuda-graph-compiled" (compile_cuda, the default), "cuda-graph", or "plain" (the model's own forward
+    and autograd); `fast_reason` says why a fast path was not taken (None when one was).
+
+    fast="auto" takes a fast path only after fast.proof.check_loss has found it to compute the loss and
+    gradients of diffusion.training_losses with the model as it is in memory; otherwise, or with
+    fast="off", the plain step runs, and log (a callable; default warnings.warn) gets the reason in one
+    line. On CUDA the CUDA graph always holds the model's step; what is checked there is the forward for
+    small shapes (fast/small_shapes.py), used only if it passes. compile_mode sets how the CUDA step's
+    forward and loss are compiled (see compile_options; None: inductor's defaults).
 
     Effects beyond the step itself, each made here and nowhere at import (one line each, with the reason):
     - CPU fast path: glibc mallopt keeps freed memory in the heap, process-wide (fused_dit.keep_freed_memory):
-      without it each ToyDiT/1 step (batch 2048, 1 thread) faulted in 7k-19k pages, 12-37 ms of system time,
-      and took ~320 ms instead of ~280 ms (medians of 6 alternated runs).
+      without it each step faulted in thousands of freshly mapped pages (docs/performance.md).
     - CUDA path: the caller's Adam/AdamW is switched to fused=True, capturable=True (graph capture needs
-      capturable; fused is one kernel per step, not measured here), and TF32 is turned off process-wide
-      for cuDNN and matmuls (TF32's ~1e-3 error is the size of the effects the study measures).
+      capturable), and TF32 is turned off process-wide for cuDNN and matmuls (TF32's ~1e-3 error is the
+      size of the effects the study measures).
     The CPU path leaves the optimizer as the caller made it; make_optimizer gives the fused AdamW that
     train_toy.py and study.py use.
     """
+    if fast not in FAST_CHOICES:
+        raise ValueError(f"fast must be one of {', '.join(FAST_CHOICES)}, got {fast!r}")
+    log = log or warnings.warn
     device = next(model.parameters()).device
-    if device.type == "cuda":
+
+    def plain_loss(m):
+        return _loss_fn(diffusion, m)
+
+    if device.type == "cuda" and fast != "off":
+        reason = small_shapes_reason(model)
+        if reason is None:
+            reason = check_loss(lambda m: _loss_fn(diffusion, small_shape_forward(m)), plain_loss, model,
+                                diffusion)
+            if reason is not None:
+                log(f"fast path not used: the forward for small shapes: {reason}; the CUDA graph holds the "
+                    "model's own forward")
+        forward = small_shape_forward(model) if reason is None else None
         step = _make_cuda_graph_step(model, ema, diffusion, optimizer, ema_decay, world_size, compile_cuda,
-                                     compile_mode)
+                                     compile_mode, model_fn=forward)
         step.path = "cuda-graph-compiled" if compile_cuda else "cuda-graph"
+        step.fast_reason = reason
         return step
-    plan = DiTPlan(model)
-    if plan.reason is None:
+    reason = "fast='off'" if fast == "off" else DiTPlan(model).reason
+    if reason is None:
         kern = default_kernels()
-        keep_freed_memory()
-        if isinstance(kern, TiledKernels) and hybrid_loss_supported(diffusion) is None:
-            loss_fn = fused_hybrid_loss(model, diffusion, plan, kern)
-        else:
-            loss_fn = _loss_fn(diffusion, fused_model(model, plan, kern))
-        step = _make_step(loss_fn, model, ema, optimizer, ema_decay, world_size)
-        step.path = kern.name
-        return step
-    step = _make_step(_loss_fn(diffusion, model), model, ema, optimizer, ema_decay, world_size)
-    step.path = "plain"
-    return step
+        hybrid = isinstance(kern, TiledKernels) and hybrid_loss_supported(diffusion) is None
 
+        def fast_loss(m):
+            if hybrid:
+                return fused_hybrid_loss(m, diffusion, DiTPlan(m), kern)
+            return _loss_fn(diffusion, fused_model(m, DiTPlan(m), kern))
 
-def make_plain_step(model, ema, diffusion, optimizer, *, ema_decay: float, world_size: int = 1):
-    """make_train_step's contract with the model's own forward and autograd (the reference path)."""
-    step = _make_step(_loss_fn(diffusion, model), model, ema, optimizer, ema_decay, world_size)
-    step.path = "plain"
+        reason = check_loss(fast_loss, plain_loss, model, diffusion)
+        if reason is None:
+            keep_freed_memory()
+            step = _make_step(fast_loss(model), model, ema, optimizer, ema_decay, world_size)
+            step.path, step.fast_reason = kern.name, None
+            return step
+        log(f"fast path not used: {reason}; training with the model's own forward and autograd")
+    step = _make_step(plain_loss(model), model, ema, optimizer, ema_decay, world_size)
+    step.path, step.fast_reason = "plain", reason
     return step

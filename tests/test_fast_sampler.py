@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from diffusion import create_diffusion
+from fast.sampler import index_driven_loop, loop_draws, sample_toy
 from models import build_model
-from toy_sampler import index_driven_loop, loop_draws, sample_toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

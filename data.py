@@ -1,0 +1,66 @@
+"""What the toy models train on: the data kinds, and each step's timesteps and noise.
+
+Everything a step draws comes from (seed, step, global sample index), never from a per-rank stream, so
+a global batch trains identically on any number of ranks and a resumed run continues exactly.
+"""
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+# zeros: every image is exactly 0 (the original study). constant: image i of step s is c * ones with
+# c ~ U[CONSTANT_RANGE] drawn from (seed, step, i), so the network has to carry the data's scale too.
+DATA_KINDS = ("zeros", "constant")
+CONSTANT_RANGE = (-1.0, 1.0)
+
+
+def step_seed(seed, step):
+    """A 63-bit generator seed that depends on (seed, step) only."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:8], "little") >> 1
+
+
+def rank_batches(seed, steps, global_batch, rank, world_size, num_timesteps, shape, device, chunk=100):
+    """Yield this rank's (t, noise) for each step, sliced from the whole global batch drawn from (seed, step).
+
+    Drawn on the CPU (2048 x 8 floats: cheap) and moved to the device `chunk` steps at a time, the next
+    chunk drawn in a background thread meanwhile (drawn in line, it left a GPU idle after every host sync).
+    """
+    local = global_batch // world_size
+
+    def draw(start):  # (chunk, b) and (chunk, b, C, H, W)
+        ts, noises = [], []
+        for step in steps[start:start + chunk]:
+            generator = torch.Generator().manual_seed(step_seed(seed, step))
+            t = torch.randint(0, num_timesteps, (global_batch,), generator=generator)  # (B,)
+            noise = torch.randn(global_batch, *shape, generator=generator)  # (B, C, H, W)
+            ts.append(t[rank * local:(rank + 1) * local])
+            noises.append(noise[rank * local:(rank + 1) * local])
+        return torch.stack(ts), torch.stack(noises)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        starts = range(0, len(steps), chunk)
+        pending = pool.submit(draw, starts[0]) if starts else None
+        for start in starts:
+            ts, noises = pending.result()
+            if start + chunk < len(steps):
+                pending = pool.submit(draw, start + chunk)
+            yield from zip(ts.to(device), noises.to(device), strict=True)
+
+
+def constant_images(seed, step, global_batch, rank, world_size, shape, device):
+    """This rank's slice (b, C, H, W) of the global batch of constant images c * ones of (seed, step)."""
+    # Its own stream (not the noise generator's), so adding it leaves the zeros runs' t and noise unchanged.
+    generator = torch.Generator().manual_seed(step_seed(seed, f"{step}:constant"))
+    low, high = CONSTANT_RANGE
+    c = low + (high - low) * torch.rand(global_batch, generator=generator)  # (B,)
+    local = global_batch // world_size
+    c = c[rank * local:(rank + 1) * local].to(device)  # (b,)
+    return c.view(-1, 1, 1, 1).expand(-1, *shape).contiguous()  # (b, C, H, W)
+
+
+def training_images(kind, seed, step, global_batch, rank, world_size, shape, device):
+    """This rank's (b, C, H, W) training images of step `step` for data kind `kind`."""
+    if kind == "constant":
+        return constant_images(seed, step, global_batch, rank, world_size, shape, device)
+    return torch.zeros(global_batch // world_size, *shape, device=device)
