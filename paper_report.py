@@ -1,0 +1,258 @@
+"""paper.py report: the tables, figures and predictions' outcome of the paper-schedule study, recomputed
+from the per-run files under res/paper/runs/ (whatever runs and checkpoints they hold, n said everywhere).
+
+Writes, beside runs/: errors.csv, weights.csv, rms.csv (every run's rows together), results.md (the tables),
+error_vs_step.png, averages_at_last_step.png, writer_norms.png, and the outcome under prediction.md.
+"""
+
+import csv
+import datetime
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from averaging import DEFAULT_AVERAGES  # noqa: E402
+
+WEIGHTS = ("raw", "ema", *DEFAULT_AVERAGES)
+# Averages by how far back they reach at 50k steps (the std of their weighting, in steps): EMA d ~ 1/(1-d),
+# a power EMA sigma_rel x 50k. The sphere EMA reaches as far as the DiT EMA.
+REACH = {"raw": 0, "ema_0.999": 1000, "ema_0.9995": 2000, "power_0.05": 2500, "power_0.10": 5000,
+         "ema": 10_000, "sphere_0.9999": 10_000}
+LABEL = {"raw": "raw", "ema": "EMA 0.9999 (DiT)", "ema_0.999": "EMA 0.999", "ema_0.9995": "EMA 0.9995",
+         "power_0.05": "power EMA 0.05", "power_0.10": "power EMA 0.10", "sphere_0.9999": "sphere EMA 0.9999"}
+COLOURS = {"layernorm": "tab:red", "none": "tab:blue"}
+
+
+def gather(res_dir, name):
+    """Every run's rows of runs/<run>/<name>.csv, numbers converted."""
+    rows = []
+    for path in sorted(Path(res_dir).glob(f"runs/*/{name}.csv")):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                text = ("norm", "weights", "tensor")
+                row = {k: v if k in text else float(v) for k, v in row.items()}
+                ints = {k: int(row[k]) for k in ("seed", "step", "block", "timestep") if k in row}
+                rows.append({**row, **ints})
+    return rows
+
+
+def write_csv(rows, path):
+    if rows:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def by_seed(rows, norm, weights, step, key):
+    """{seed: value} of one cell."""
+    return {int(r["seed"]): r[key] for r in rows
+            if r["norm"] == norm and r["weights"] == weights and r["step"] == step}
+
+
+def spread(values):
+    """'median [min, max] (n)' of the values over seeds."""
+    v = np.asarray(list(values), dtype=float)
+    if v.size == 0:
+        return "-"
+    if v.size == 1:
+        return f"{v[0]:.2e} (n=1)"
+    return f"{np.median(v):.2e} [{v.min():.2e}, {v.max():.2e}] (n={v.size})"
+
+
+def bootstrap_ratio(res_dir, weights, stat, draws=2000, seed=0):
+    """(ratio, low, high): layernorm / none of the seed median of `stat` (median or max of |x|) at the last
+    step, with a 95% interval from resampling seeds and, within each seed, samples. None without data."""
+    pixels = {}
+    for path in sorted(Path(res_dir).glob("runs/*/pixels.npz")):
+        norm = path.parent.name.rsplit("-seed", 1)[0]
+        with np.load(path) as f:
+            if weights in f:
+                pixels.setdefault(norm, []).append(f[weights])  # (N, P) per seed
+    if not pixels.get("layernorm") or not pixels.get("none"):
+        return None
+    fn = np.median if stat == "median" else np.max
+    rng = np.random.default_rng(seed)
+
+    def value(runs, resample):
+        if resample:
+            runs = [runs[i] for i in rng.integers(0, len(runs), len(runs))]
+            runs = [r[rng.integers(0, len(r), len(r))] for r in runs]
+        return np.median([fn(r) for r in runs])
+
+    ratio = value(pixels["layernorm"], False) / value(pixels["none"], False)
+    draws = [value(pixels["layernorm"], True) / value(pixels["none"], True) for _ in range(draws)]
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return ratio, low, high, len(pixels["layernorm"]), len(pixels["none"])
+
+
+def error_table(rows, step):
+    lines = ["| weights | layernorm | none |", "|---|---|---|"]
+    for weights in sorted(WEIGHTS, key=REACH.get):
+        cells = [spread(by_seed(rows, n, weights, step, "median").values()) for n in ("layernorm", "none")]
+        lines.append(f"| {LABEL[weights]} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def plot_error_vs_step(rows, path):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for ax, weights in zip(axes, ("raw", "ema", "sphere_0.9999"), strict=True):
+        for norm, colour in COLOURS.items():
+            steps = sorted({r["step"] for r in rows if r["norm"] == norm and r["weights"] == weights})
+            cells = [list(by_seed(rows, norm, weights, s, "median").values()) for s in steps]
+            if not steps:
+                continue
+            n = max(len(c) for c in cells)
+            ax.plot(steps, [np.median(c) for c in cells], color=colour, marker="o", ms=3,
+                    label=f"{norm} (seeds: {n})")
+            if n > 1:
+                ax.fill_between(steps, [min(c) for c in cells], [max(c) for c in cells], color=colour,
+                                alpha=0.2)
+        ax.set(title=LABEL[weights], xlabel="training step", yscale="log")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("median |x| of 1000 samples (seed median; band: min-max over seeds)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_averages(rows, step, path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    order = sorted(WEIGHTS, key=lambda w: (REACH[w], w.startswith("sphere")))
+    for norm, colour in COLOURS.items():
+        cells = [list(by_seed(rows, norm, w, step, "median").values()) for w in order]
+        if not any(cells):
+            continue
+        x = np.arange(len(order))
+        ax.plot(x, [np.median(c) if c else np.nan for c in cells], color=colour, marker="o",
+                label=f"{norm} (seeds: {max(len(c) for c in cells)})")
+        for xi, c in zip(x, cells, strict=True):
+            if len(c) > 1:
+                ax.vlines(xi, min(c), max(c), color=colour, alpha=0.4)
+    ax.set_xticks(np.arange(len(order)), [LABEL[w] for w in order], rotation=30, ha="right")
+    ax.set(yscale="log", ylabel="median |x| (seed median, min-max)",
+           title=f"Weights averaged how, at step {step:,}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_writer_norms(weight_rows, path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for norm, colour in COLOURS.items():
+        for weights, style in (("raw", "-"), ("ema", "--"), ("sphere_0.9999", ":")):
+            cell = [r for r in weight_rows if r["norm"] == norm and r["weights"] == weights
+                    and r["tensor"] == "writers"]
+            steps = sorted({r["step"] for r in cell})
+            if steps:
+                ax.plot(steps, [np.median([r["l2"] for r in cell if r["step"] == s]) for s in steps],
+                        style, color=colour, label=f"{norm}, {LABEL[weights]}")
+    ax.set(xlabel="training step", ylabel="norm of all residual-stream writers (seed median)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(args):
+    res = Path(args.res_dir)
+    errors, weights, rms = (gather(res, name) for name in ("errors", "weights", "rms"))
+    if not errors:
+        raise SystemExit(f"paper.py: error: no measurements under {res / 'runs'}; run paper.py measure first")
+    for rows, name in ((errors, "errors"), (weights, "weights"), (rms, "rms")):
+        write_csv(rows, res / f"{name}.csv")
+    last = max(r["step"] for r in errors)
+    plot_error_vs_step(errors, res / "error_vs_step.png")
+    plot_averages(errors, last, res / "averages_at_last_step.png")
+    plot_writer_norms(weights, res / "writer_norms.png")
+    lines = [f"# Paper-schedule study: {len({(r['norm'], r['seed']) for r in errors})} runs measured",
+             "", f"Made by `python paper.py report` from res/paper/runs/ on {datetime.date.today()}.",
+             f"Median |x| at step {last:,}: seed median [min, max] (n seeds).", "",
+             *error_table(errors, last), ""]
+    lines += ["Ratio layernorm / none at the last step, 95% bootstrap interval over seeds and samples:", "",
+              "| weights | median | max |", "|---|---|---|"]
+    for w in ("raw", "ema", "sphere_0.9999"):
+        cells = []
+        for stat in ("median", "max"):
+            b = bootstrap_ratio(res, w, stat)
+            cells.append("-" if b is None else f"{b[0]:.2f} [{b[1]:.2f}, {b[2]:.2f}] (seeds {b[3]}/{b[4]})")
+        lines.append(f"| {LABEL[w]} | {cells[0]} | {cells[1]} |")
+    verdicts = outcome(errors, weights, last)
+    lines += ["", "The predictions (prediction.md) against these numbers:", "", *verdicts]
+    (res / "results.md").write_text("\n".join(lines) + "\n")
+    if (res / "prediction.md").is_file():
+        append_outcome(res / "prediction.md", verdicts)
+    print("\n".join(lines))
+
+
+def _median(rows, norm, weights, step, key="median"):
+    values = list(by_seed(rows, norm, weights, step, key).values())
+    return (float(np.median(values)), len(values)) if values else (np.nan, 0)
+
+
+def _writer_norm(weight_rows, norm, weights, step):
+    values = [r["l2"] for r in weight_rows if r["norm"] == norm and r["weights"] == weights
+              and r["tensor"] == "writers" and r["step"] == step]
+    return float(np.median(values)) if values else np.nan
+
+
+def outcome(errors, weight_rows, last):
+    """One line per prediction of prediction.md: holds / fails / not testable, with its numbers."""
+    med = {(n, w): _median(errors, n, w, last) for n in COLOURS for w in WEIGHTS}
+    mx = {n: _median(errors, n, "raw", last, "max")[0] for n in COLOURS}
+    seeds = {n: by_seed(errors, n, "ema", last, "median") for n in COLOURS}
+    lines = []
+
+    def say(name, holds, numbers):
+        verdict = "not testable" if holds is None else ("holds" if holds else "fails")
+        lines.append(f"- {name} {verdict}: {numbers}")
+
+    if all(seeds.values()):
+        ln, no = seeds["layernorm"].values(), seeds["none"].values()
+        say("C1", min(ln) > 1e-3 and max(no) < 1e-3, f"EMA medians layernorm {sorted(map(float, ln))}, "
+            f"none {sorted(map(float, no))}")
+        ratio, tail = med["layernorm", "raw"][0] / med["none", "raw"][0], mx["layernorm"] / mx["none"]
+        say("C2", 0.5 <= ratio <= 2 and tail > 2, f"raw median ratio {ratio:.2f}, raw max ratio {tail:.2f}")
+    else:
+        say("C1", None, "needs both norms at the last step")
+        say("C2", None, "needs both norms at the last step")
+    first = 10_000 if any(r["step"] == 10_000 for r in weight_rows) else min(r["step"] for r in weight_rows)
+    change = {n: _writer_norm(weight_rows, n, "raw", last) / _writer_norm(weight_rows, n, "raw", first) - 1
+              for n in COLOURS}
+    say("M1", abs(change["layernorm"]) > 0.1 and abs(change["layernorm"]) > abs(change["none"]),
+        f"writer norm change {first:,} -> {last:,}: layernorm {change['layernorm']:+.1%}, none "
+        f"{change['none']:+.1%}")
+    lag = {n: _writer_norm(weight_rows, n, "ema", last) / _writer_norm(weight_rows, n, "raw", last) - 1
+           for n in COLOURS}
+    say("M2", abs(lag["layernorm"]) > 0.05 and abs(lag["none"]) < 0.05,
+        f"EMA / raw writer norm - 1 at {last:,}: layernorm {lag['layernorm']:+.1%}, none {lag['none']:+.1%}")
+    averages = [w for w in WEIGHTS if w != "raw"]
+    best = {n: min(averages, key=lambda w, n=n: med[n, w][0]) for n in COLOURS}
+    gain = {n: med[n, "ema"][0] / med[n, best[n]][0] for n in COLOURS}
+    say("M3", REACH[best["layernorm"]] < REACH["ema"] and gain["layernorm"] >= 3 and gain["none"] <= 2,
+        f"best average layernorm {LABEL[best['layernorm']]} ({gain['layernorm']:.1f}x better than EMA "
+        f"0.9999), none {LABEL[best['none']]} ({gain['none']:.1f}x)")
+    ln = {w: med["layernorm", w][0] for w in ("ema", "sphere_0.9999", "raw")}
+    closed = np.log(ln["ema"] / ln["sphere_0.9999"]) / np.log(ln["ema"] / ln["raw"])
+    moved = med["none", "sphere_0.9999"][0] / med["none", "ema"][0]
+    say("R1", bool(closed >= 0.5 and 0.5 <= moved <= 2),
+        f"sphere EMA closes {closed:.0%} of layernorm's EMA gap (log scale); for none it moves the median "
+        f"{moved:.2f}x against EMA 0.9999")
+    n = {k: len(v) for k, v in seeds.items()}
+    note = " (preliminary: fewer than 3 seeds per norm)" if min(n.values()) < 3 else ""
+    return [f"At step {last:,}, seeds: layernorm {n['layernorm']}, none {n['none']}{note}.", "", *lines]
+
+
+def append_outcome(path, lines):
+    """Replace what follows '## Outcome' in the prediction file; the predictions above stay as written."""
+    text = Path(path).read_text()
+    head = text.split("## Outcome", 1)[0]
+    Path(path).write_text(head + "## Outcome\n\n" + "\n".join(lines) + "\n")
