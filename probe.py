@@ -278,7 +278,8 @@ EXAMPLES = """examples (each needs the weights; the hub ids download on first us
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLES,
+    parser = argparse.ArgumentParser(description="Residual-stream statistics after every block of a "
+                                     "diffusers DiT, PixArt, SD3 or Flux transformer.", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a diffusers transformer folder, a pipeline folder, or a hub id")
     parser.add_argument("--timesteps", default="250,500,750",
@@ -301,6 +302,8 @@ def main(argv=None):
         timesteps = [int(t) for t in args.timesteps.split(",")]
     except ValueError:
         parser.error(f"--timesteps {args.timesteps}: give comma-separated integers, e.g. 250,500,750")
+    if args.batch_size < 1 or args.text_length < 1:
+        parser.error("--batch-size and --text-length must be at least 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         model = load_transformer(args.model, device=device, dtype=getattr(torch, args.dtype))
