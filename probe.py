@@ -42,9 +42,16 @@ def family_of(model) -> str:
     return name
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def load_transformer(path_or_id, *, device="cpu", dtype=torch.float32, download=True):
     """A diffusers transformer of a probed family from a folder (or a pipeline folder) or a hub id, in eval
-    mode; a DiT set to compute the official DiT function."""
+    mode; a DiT set to compute the official DiT function. dtype: a torch dtype or a name in DTYPES."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     folder = diffusers_folder(path_or_id, download)
     if folder is None:
         raise CheckpointError(f"{path_or_id} is not a diffusers model folder or hub id; pass the folder of a "
@@ -137,14 +144,16 @@ def probe_inputs(model, timestep, *, batch_size=1, class_label=0, text="zeros", 
 
 
 def _to_model(inputs, model):
-    """Tensors (also inside dicts) moved to the model's device, floating ones cast to its dtype."""
-    def move(v):
+    """Tensors (also inside dicts) moved to the model's device, floating ones cast to its dtype except the
+    timestep and guidance, which the pipelines pass in float32."""
+    def move(v, key):
         if isinstance(v, dict):
-            return {k: move(x) for k, x in v.items()}
+            return {k: move(x, k) for k, x in v.items()}
         if not torch.is_tensor(v):
             return v
-        return v.to(model.device, model.dtype if v.is_floating_point() else v.dtype)
-    return {k: move(v) for k, v in inputs.items()}
+        cast = v.is_floating_point() and key not in ("timestep", "guidance")
+        return v.to(model.device, model.dtype if cast else v.dtype)
+    return {k: move(v, k) for k, v in inputs.items()}
 
 
 #################################################################################
@@ -255,6 +264,8 @@ def evenly(count, most):
     """At most `most` indices of range(count), evenly spaced, first and last included."""
     if count <= most:
         return list(range(count))
+    if most < 2:
+        return [count - 1][:most]
     return sorted({round(i * (count - 1) / (most - 1)) for i in range(most)})
 
 
@@ -292,7 +303,7 @@ def main(argv=None):
     parser.add_argument("--latent-size", type=int, default=None,
                         help="latent height = width (default: the config's sample size; Flux "
                         f"{FLUX_LATENT_SIZE})")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="weights and inputs (default: float32)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     parser.add_argument("--seed", type=int, default=0, help="seed of latents, noise and text (default: 0)")
@@ -306,7 +317,7 @@ def main(argv=None):
         parser.error("--batch-size and --text-length must be at least 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
-        model = load_transformer(args.model, device=device, dtype=getattr(torch, args.dtype))
+        model = load_transformer(args.model, device=device, dtype=args.dtype)
         runs, inputs = probe(model, timesteps, batch_size=args.batch_size, class_label=args.class_label,
                              text=args.text, text_length=args.text_length, latent_size=args.latent_size,
                              seed=args.seed)

@@ -121,3 +121,14 @@ def test_pixart_alpha_size_and_aspect_conditions_are_given():
     inputs, _ = probe.probe_inputs(model.eval(), 300, batch_size=2, text_length=3)
     assert inputs["added_cond_kwargs"]["resolution"].tolist() == [[32.0, 32.0]] * 2  # 4 latents = 32 pixels
     assert probe.capture_streams(model, inputs)["image"][0][1].shape == (2, 4, 24)
+
+
+def test_evenly_spaced_layers_and_bfloat16(folders):
+    assert probe.evenly(57, 5) == [0, 14, 28, 42, 56] and probe.evenly(3, 28) == [0, 1, 2]
+    assert probe.evenly(10, 1) == [9] and probe.evenly(10, 0) == []
+    model = probe.load_transformer(folders["flux"], dtype="bfloat16")
+    inputs, _ = probe.probe_inputs(model, 500, text_length=5, latent_size=4)
+    assert inputs["hidden_states"].dtype == torch.bfloat16 and inputs["timestep"].dtype == torch.float32
+    assert probe.capture_streams(model, inputs)["image"][-1][1].dtype == torch.float32  # stored as float32
+    with pytest.raises(ValueError, match="choose one of float32, bfloat16, float16"):
+        probe.load_transformer(folders["flux"], dtype="fp8")
