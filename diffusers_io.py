@@ -179,12 +179,17 @@ def _dit_config(folder, cfg, state_dict):
     )
     ours = Path(folder) / STUDY_CONFIG
     if ours.is_file():  # exported by this repository: its own name and class dropout travel along
-        saved = json.loads(ours.read_text()).get("config", {})
+        try:
+            saved = json.loads(ours.read_text())["config"]
+            name, dropout = saved["model"], saved["class_dropout_prob"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"cannot read {ours} ({_first_line(e)}); delete it to load the folder as a "
+                                  "plain diffusers DiT") from None
         differing = [k for k in DIT_KWARGS if k != "class_dropout_prob" and saved.get(k) != config[k]]
         if differing:
             raise CheckpointError(f"{ours} disagrees with config.json on {', '.join(differing)}; delete "
                                   f"{STUDY_CONFIG} if config.json is the one to trust")
-        return {"model": saved["model"], **config, "class_dropout_prob": saved["class_dropout_prob"]}
+        return {"model": name, **config, "class_dropout_prob": dropout}
     return {"model": registry_name(config), **config}
 
 
@@ -219,8 +224,9 @@ def from_diffusers_state_dict(state_dict, config, source="the folder") -> dict:
                         f"{source}: block {i}'s copy of {theirs}.{suffix} differs from block 0's; models.DiT "
                         "has one timestep/class embedder, so only folders whose copies agree can be loaded")
             out[f"{ours}.{suffix}"] = copies[0]
-    if config["class_dropout_prob"] == 0 and "y_embedder.embedding_table.weight" in out:
-        out["y_embedder.embedding_table.weight"] = out["y_embedder.embedding_table.weight"][:-1]  # null row
+    table = out.get("y_embedder.embedding_table.weight")
+    if config["class_dropout_prob"] == 0 and table is not None and len(table) == config["num_classes"] + 1:
+        out["y_embedder.embedding_table.weight"] = table[:-1]  # the null row that diffusers always has
     for i in range(depth):
         prefix = f"transformer_blocks.{i}"
         for ours, theirs in PER_BLOCK.items():
@@ -374,7 +380,8 @@ def compare_with_diffusers(path_or_id, *, batch_size=4, seed=0, download=True) -
     for block in theirs.transformer_blocks:
         block.norm1.emb.time_proj.downscale_freq_shift = 0
     result["shift_0"] = gap()
-    result["official"] = (use_official_dit_function(theirs), gap())[1]
+    use_official_dit_function(theirs)
+    result["official"] = gap()
     return result
 
 

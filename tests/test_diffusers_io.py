@@ -143,6 +143,9 @@ def test_model_export_keeps_registry_name(tmp_path):
     save_model(model, "ToyDiT-XS/1", tmp_path / "ckpt.pt")
     out = diffusers_io.export_diffusers(model, tmp_path / "exported")
     assert load_model(out)[1]["model"] == "ToyDiT-XS/1"
+    (out / diffusers_io.STUDY_CONFIG).write_text("{")
+    with pytest.raises(CheckpointError, match="delete it to load the folder as a plain diffusers DiT"):
+        load_model(out)
     (out / diffusers_io.STUDY_CONFIG).unlink()  # a plain diffusers folder: named from the registry
     assert load_model(out)[1] == load_model(tmp_path / "ckpt.pt")[1]
 
