@@ -106,8 +106,9 @@ def pick_tokens(num_tokens_total, k, seed):
     return sorted(torch.randperm(num_tokens_total, generator=g)[:k].tolist())
 
 
-def plot_token_embeddings(outputs, tokens, *, sample=0, stats=None, title=""):
-    """|value| against channel index, one small panel per (layer, token); rows share a y-axis per layer."""
+def plot_token_embeddings(outputs, tokens, *, sample=0, stats=None, title="", layer_labels=None):
+    """|value| against channel index, one small panel per (layer, token); rows share a y-axis per layer.
+    layer_labels name the rows (default: block 0, 1, ...)."""
     depth, ncol = len(outputs), len(tokens)
     fig, axes = plt.subplots(depth, ncol, figsize=(2.4 * ncol + 1.2, 0.95 * depth + 0.8), sharex=True,
                              sharey="row", squeeze=False)
@@ -118,7 +119,7 @@ def plot_token_embeddings(outputs, tokens, *, sample=0, stats=None, title=""):
             ax.tick_params(labelsize=6)
             if layer == 0:
                 ax.set_title(f"token {token}", fontsize=8)
-        label = f"block {layer}"
+        label = f"block {layer if layer_labels is None else layer_labels[layer]}"
         if stats is not None:
             label += f"\nmax {stats[layer]['top1']:.3g}\nx{stats[layer]['ratio']:.3g} med"
         axes[layer, 0].set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")

@@ -4,7 +4,8 @@ Three formats are read, always with torch.load(weights_only=True):
 - this repository's own: {"format": "dit-norm-study/1", "config": {"model": name, **DiT kwargs}, "model",
   "ema", "opt", "step", "train_args", "rng"}; the config (norm included) comes from the checkpoint;
 - the official published checkpoints: a plain state dict;
-- the official training script's: {"model", "ema", "opt", "args"} with an argparse.Namespace as args.
+- the official training script's: {"model", "ema", "opt", "args"} with an argparse.Namespace as args;
+- a diffusers DiTTransformer2DModel folder (config.json + safetensors), read by diffusers_io.py.
 Official checkpoints are norm="layernorm" by definition; their architecture is inferred from tensor shapes.
 """
 
@@ -228,10 +229,22 @@ def load_model(
     weights: "ema", "raw" or a saved average's label (see averaging.py); None means use_ema's choice.
 
     norm / model, when given, are checks: a checkpoint of another kind raises CheckpointError instead of
-    silently computing a different function (norm changes no state-dict key).
+    silently computing a different function (norm changes no state-dict key). A folder written by diffusers'
+    DiTTransformer2DModel.save_pretrained (or a hub id "org/name" of one) loads too, as the official DiT
+    function (diffusers_io.py; use_ema does not apply there).
     """
-    path = _resolve(path_or_name, download)
-    config, state_dict = _unpack(read_checkpoint(path), use_ema, weights)
+    from diffusers_io import diffusers_folder, read_diffusers_dit  # late: diffusers_io builds on this module
+
+    folder = diffusers_folder(path_or_name, download)  # a diffusers DiT folder (local or hub id), or None
+    if folder is not None:
+        if weights not in (None, "ema"):
+            raise CheckpointError(f"{folder} is a diffusers folder: it holds one set of weights, not "
+                                  f"{weights!r}; drop the weights request")
+        path = folder
+        config, state_dict = read_diffusers_dit(folder)
+    else:
+        path = _resolve(path_or_name, download)
+        config, state_dict = _unpack(read_checkpoint(path), use_ema, weights)
     if norm is not None and norm != config["norm"]:
         raise CheckpointError(
             f"{path} holds a norm={config['norm']} model, not norm={norm}; drop the norm request or pass "

@@ -66,3 +66,43 @@ def make_vae(path):
                         layers_per_block=1, latent_channels=4, norm_num_groups=2, sample_size=32)
     vae.save_pretrained(path)
     return Path(path)
+
+
+def make_diffusers_dit(path=None, seed=0, norm_eps=1e-6, num_layers=2, **config):
+    """A tiny random DiTTransformer2DModel (4x4x4 latents, patch 2, 32 wide, 10 classes) whose per-block
+    timestep/class embedder copies agree, as in a converted checkpoint; saved with save_pretrained if path."""
+    from diffusers import DiTTransformer2DModel
+
+    config = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, sample_size=4,
+                  patch_size=2, num_embeds_ada_norm=10, norm_eps=norm_eps, num_layers=num_layers, **config)
+    model = randomize(DiTTransformer2DModel(**config), seed, std=0.3)
+    embedder = model.transformer_blocks[0].norm1.emb.state_dict()
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(embedder)
+    if path is not None:
+        model.save_pretrained(path)
+    return model.eval()
+
+
+def make_diffusers_transformers(root):
+    """Tiny random DiT, PixArt, SD3 and Flux transformers saved under root; {family: folder}."""
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+
+    common = dict(num_attention_heads=2, attention_head_dim=16)
+    models = {
+        "pixart": PixArtTransformer2DModel(in_channels=4, out_channels=8, num_layers=2, sample_size=4,
+                                           patch_size=2, cross_attention_dim=32, caption_channels=24,
+                                           **common),
+        "sd3": SD3Transformer2DModel(sample_size=4, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                     joint_attention_dim=24, caption_projection_dim=32,
+                                     pooled_projection_dim=12, pos_embed_max_size=8, **common),
+        "flux": FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                       joint_attention_dim=24, pooled_projection_dim=12, guidance_embeds=True,
+                                       axes_dims_rope=(4, 6, 6), **common),
+    }
+    folders = {"dit": Path(root) / "dit"}
+    make_diffusers_dit(folders["dit"])
+    for i, (family, model) in enumerate(models.items(), start=1):
+        folders[family] = Path(root) / family
+        randomize(model, seed=i, std=0.1).save_pretrained(folders[family])
+    return folders

@@ -117,3 +117,9 @@ def test_noised_inputs_toy_data_is_zero():
     assert 0.5 < x_t.std().item() < 1.5 and math.isfinite(x_t.sum().item())
     with pytest.raises(ValueError, match="out of range"):
         analysis.noised_inputs(config, 10, 1)
+
+
+def test_token_plot_rows_take_given_labels():
+    outputs = [torch.randn(1, 4, 8)] * 2
+    fig = analysis.plot_token_embeddings(outputs, [0, 1], layer_labels=["double 0", "single 0"])
+    assert [fig.axes[i].get_ylabel() for i in (0, 2)] == ["block double 0", "block single 0"]

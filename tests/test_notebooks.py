@@ -4,7 +4,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from builders import make_latent_checkpoint, make_toy_runs, save_model
+from builders import make_diffusers_transformers, make_latent_checkpoint, make_toy_runs, save_model
 
 import reproduce
 from models import build_model
@@ -48,16 +48,30 @@ def test_reproduce_skip_train_runs_both_notebooks(tmp_path):
     assert (tmp_path / "results" / "notebooks" / "TokenEmbeddingsViz.ipynb").is_file()
 
 
-def test_token_notebook_skips_unavailable_pretrained_model(tmp_path):
+def test_token_notebook_skips_unavailable_pretrained_model_and_probes_diffusers_models(tmp_path):
     runs = make_toy_runs(tmp_path / "results")
+    folders = make_diffusers_transformers(tmp_path / "transformers")  # one kernel for both: ~7 s each
+    out = tmp_path / "res"
     nb = reproduce.execute_notebook(ROOT / "TokenEmbeddingsViz.ipynb", dict(
-        checkpoint=str(tmp_path / "missing.pt"), out_dir=str(tmp_path / "res"),
+        checkpoint=str(tmp_path / "missing.pt"), out_dir=str(out),
         toy_layernorm=str(runs["layernorm"] / "checkpoints" / "0000010.pt"),
-        toy_none=str(runs["none"] / "checkpoints" / "0000020.pt")))
-    assert "SKIPPED the pretrained model" in reproduce.notebook_text(nb)
-    assert not (tmp_path / "res" / "dit_token_embeddings_viz.png").exists()
-    assert (tmp_path / "res" / "toydit_token_embeddings_none.png").is_file()
-    assert "ToyDiT-XS/1 norm=layernorm" in (tmp_path / "res" / "token_outliers.md").read_text()
+        toy_none=str(runs["none"] / "checkpoints" / "0000020.pt"), class_label=3,
+        diffusers_models=[str(f) for f in folders.values()] + [str(tmp_path / "missing")],
+        diffusers_timesteps=[100], diffusers_latent_size=4, plot_layers=2))
+    text = reproduce.notebook_text(nb)
+    assert "SKIPPED the pretrained model" in text and f"SKIPPED {tmp_path / 'missing'}" in text
+    assert not (out / "dit_token_embeddings_viz.png").exists()
+    assert (out / "toydit_token_embeddings_none.png").is_file()
+    tables = (out / "token_outliers.md").read_text()
+    assert "ToyDiT-XS/1 norm=layernorm" in tables
+    for family, streams in (("dit", ["image"]), ("pixart", ["image"]), ("sd3", ["text", "image"]),
+                            ("flux", ["text", "image"])):
+        for stream in streams:
+            assert (out / f"diffusers_{family}_{stream}_token_embeddings.png").stat().st_size > 0
+    assert tables.count("text embeddings: ZEROS stand-in (no text encoder run)") == 3  # PixArt, SD3, Flux
+    assert "**dit (DiTTransformer2DModel): N(0,1) latents noised by DDPM's q_sample to t=100,500, class 3" \
+        in tables
+    assert "| image | single 1 |" in tables  # Flux's last single-stream block
 
 
 def test_skip_train_without_runs_is_one_line_error(tmp_path):
@@ -123,3 +137,4 @@ def test_bad_given_runs_are_one_line_errors(tmp_path, args, message):
     message = message.replace("{none}", str(given["none"]))
     assert str(e.value.code).startswith("error: ") and message in str(e.value.code)
     assert "\n" not in str(e.value.code)
+
