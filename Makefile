@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: reproduce test study paper-cpu bench gpu-check clean-venv
+.PHONY: reproduce test study paper paper-cpu bench gpu-check gpu-paper clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,3 +47,15 @@ paper-cpu: $(VENV)/.installed
 	$(PY) reproduce.py --layernorm-run $$(echo $(PAPER)/zeros-layernorm-seed0/*-ToyDiT-1-layernorm) \
 		--none-run $$(echo $(PAPER)/zeros-none-seed0/*-ToyDiT-1-none) --steps 10000,50000 \
 		--results-dir $(PAPER) --out-dir res/paper_cpu --pretrained ''
+
+# The paper-schedule study with seeds (res/paper/): train or resume layernorm and none, seeds 0-2, two runs
+# at a time with one thread each (about 1 h per pair on 2 idle cores), measure every checkpoint, report.
+# Interrupted runs resume where their last checkpoint left off.
+paper: $(VENV)/.installed
+	$(PY) paper.py train $(ARGS)
+	$(PY) paper.py measure $(ARGS)
+	$(PY) paper.py report $(ARGS)
+
+# On a CUDA machine: the CUDA checks and the whole paper-schedule study (benchmarks/gpu_paper.sh)
+gpu-paper: $(VENV)/.installed
+	bash benchmarks/gpu_paper.sh $(PY)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The CUDA path's checks and the paper-schedule study on one GPU, in one command (~10 min planned):
+#   bash benchmarks/gpu_paper.sh [PYTHON] [OUT]        (default python3 and ./gpu_out)
+# 1. the CUDA tests: the CUDA-graph steps against the CPU step, the CUDA-graph sampler against
+#    p_sample_loop, the forms for small shapes and their proof (tests/test_fast_*.py -k cuda)
+# 2. paper.py train --device cuda: layernorm and none, seeds 0-2, six runs side by side on the GPU
+# 3. paper.py measure --device cuda, then report: res/paper/ as the CPU makes it, from the GPU's runs
+# Everything it prints goes to OUT/gpu_paper.log as well; OUT/res_paper.tar.gz holds res/paper/ (commit its
+# runs/ files with the log, saying which device made them). Not yet run on a GPU.
+set -u
+PY=${1:-python3}
+OUT=${2:-gpu_out}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_paper.log") 2>&1
+failed=()
+part() {  # part NAME COMMAND...: run it, say how long it took and whether it failed
+    local name=$1 start=$SECONDS rc; shift
+    echo "== $name: $*"
+    "$@"
+    rc=$?
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+    if ((rc)); then failed+=("$name"); fi
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+"$PY" -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())"
+part tests timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_train_step.py \
+    tests/test_fast_sampler.py tests/test_fast_small_shapes.py tests/test_fast_proof.py -k "cuda or graph"
+runs=$(mktemp -d)
+part train timeout 420 "$PY" paper.py train --device cuda --seeds 0,1,2 --jobs 6 --results-dir "$runs"
+grep -h "step path" "$runs"/*/*/log.txt | head -2
+part measure timeout 300 "$PY" paper.py measure --device cuda --seeds 0,1,2 --jobs 3 --results-dir "$runs"
+part report "$PY" paper.py report
+tar czf "$OUT/res_paper.tar.gz" res/paper
+if ((${#failed[@]})); then
+    echo "FAILED: ${failed[*]}"
+    exit 1
+fi
+echo "all parts passed"
