@@ -21,13 +21,8 @@ def randomize(model, seed=0, std=0.1, add=False):
 
 
 def perturb_zero_init(model, seed=0, std=0.02):
-    """adaLN-Zero makes a fresh DiT output exactly 0: give the zero-initialised layers small random values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN_modulation" in name or name.startswith("final_layer.linear"):
-                p.add_(std * torch.randn(p.shape, generator=g))
-    return model
+    """adaLN-Zero makes a fresh DiT output exactly 0: move every weight a little off its initial value."""
+    return randomize(model, seed, std=std, add=True)
 
 
 def save_model(model, name, path, step=0, train_args=None):

@@ -4,6 +4,7 @@ from pathlib import PurePosixPath
 
 import pytest
 import torch
+from builders import randomize
 
 import checkpoint
 from checkpoint import (
@@ -21,13 +22,7 @@ from models import build_model
 
 def randomized(name="ToyDiT-XS/1", seed=0, **overrides):
     """A registry model whose every trainable parameter is random (adaLN-Zero would make outputs 0)."""
-    model = build_model(name, **overrides)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return randomize(build_model(name, **overrides), seed)
 
 
 def ours(model, ema, name="ToyDiT-XS/1"):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from builders import randomize
 
 from diffusion import create_diffusion
 from fast.sampler import index_driven_loop, loop_draws, sample_toy
@@ -13,12 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def trained_like(name, norm="layernorm", seed=0, **overrides):
     """A toy model with every weight moved off its adaLN-Zero initialisation (its output is not zero)."""
     torch.manual_seed(seed)
-    model = build_model(name, norm=norm, **overrides).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.01)
-    return model
+    return randomize(build_model(name, norm=norm, **overrides).eval(), seed, std=0.01, add=True)
 
 
 def plain(model, diffusion, n, **kwargs):

@@ -10,6 +10,7 @@ import tempfile
 import pytest
 import torch
 import torch.multiprocessing as mp
+from builders import randomize
 
 from diffusion import create_diffusion
 from fast import fused_dit, train_step
@@ -37,12 +38,7 @@ def toy_batch(n, seed=0):
 
 def perturbed(model, scale=0.05, seed=1):
     """Move every weight (the adaLN-Zero zeros and dyt alphas included) off its initial value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
+    return randomize(model, seed, std=scale, add=True)
 
 
 def loss_and_grads(model, model_fn, diffusion, batch):

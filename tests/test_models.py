@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import randomize
 
 import models
 from models import (
@@ -23,16 +24,6 @@ from models import (
 # The official DiT-XL/2 256x256 checkpoint's keys and shapes (a fact of the published file).
 REFERENCE_TSV = Path(__file__).resolve().parent / "data" / "dit_xl2_256_state_dict.tsv"
 OFFICIAL = [name for name in DiT_models if name.startswith("DiT-")]
-
-
-def randomize(model, seed=0, std=0.1):
-    """Overwrite every trainable parameter (adaLN-Zero ones included) so outputs are non-trivial."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def toy(norm="layernorm", **overrides):
