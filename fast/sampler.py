@@ -86,7 +86,7 @@ def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cp
     callable; default warnings.warn) gets the reason in one line. On CUDA the loop replays a captured CUDA
     graph per step (index_driven_loop) and shows no progress bar.
 
-    On the CPU fast path this calls fused_dit.keep_freed_memory(), a process-wide glibc setting (freed
+    On the CPU fast path this calls kernels.keep_freed_memory(), a process-wide glibc setting (freed
     memory stays in the heap instead of going back to the OS after every step)."""
     cfg = model.config
     shape = (num_samples, cfg["in_channels"], cfg["input_size"], cfg["input_size"])

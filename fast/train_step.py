@@ -223,7 +223,7 @@ def make_train_step(model, ema, diffusion, optimizer, *, ema_decay: float, world
     Does forward, hybrid loss (diffusion.training_losses semantics), backward, gradient all-reduce (mean over
     ranks via torch.distributed when world_size > 1), optimizer.step(), EMA update of `ema` (a deepcopy of
     model, requires_grad False). The returned function's `path` attribute names the implementation chosen:
-    "tiled-cpu" / "fused-cpu" / "torch-cpu" (hand-written DiT, see fused_dit.default_kernels),
+    "tiled-cpu" / "fused-cpu" / "torch-cpu" (hand-written DiT, see kernels.default_kernels),
     "cuda-graph-compiled" (compile_cuda, the default), "cuda-graph", or "plain" (the model's own forward
     and autograd); `fast_reason` says why a fast path was not taken (None when one was).
 
@@ -235,7 +235,7 @@ def make_train_step(model, ema, diffusion, optimizer, *, ema_decay: float, world
     forward and loss are compiled (see compile_options; None: inductor's defaults).
 
     Effects beyond the step itself, each made here and nowhere at import (one line each, with the reason):
-    - CPU fast path: glibc mallopt keeps freed memory in the heap, process-wide (fused_dit.keep_freed_memory):
+    - CPU fast path: glibc mallopt keeps freed memory in the heap, process-wide (kernels.keep_freed_memory):
       without it each step faulted in thousands of freshly mapped pages (docs/performance.md).
     - CUDA path: the caller's Adam/AdamW is switched to fused=True, capturable=True (graph capture needs
       capturable), and TF32 is turned off process-wide for cuDNN and matmuls (TF32's ~1e-3 error is the
