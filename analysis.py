@@ -180,15 +180,15 @@ def run_setup(run_dir):
     return setup
 
 
-def all_runs(results_dir, norm, model="ToyDiT/1"):
-    """Run folders <index>-<model>-<norm> with checkpoints anywhere under results_dir, oldest first (by the
-    time their first checkpoint was written)."""
-    pattern = f"*-{model.replace('/', '-')}-{norm}"
+def all_runs(results_dir, norm, model=None):
+    """Run folders <index>-<model>-<norm> (any model if None) with checkpoints anywhere under results_dir,
+    oldest first (by the time their first checkpoint was written)."""
+    pattern = f"*-{model.replace('/', '-')}-{norm}" if model else f"*-{norm}"
     runs = [p for p in Path(results_dir).rglob(pattern) if run_checkpoints(p)]
     return sorted(runs, key=lambda p: (min(c.stat().st_mtime for c in run_checkpoints(p).values()), str(p)))
 
 
-def find_run_pair(results_dir="results", layernorm_run="", none_run="", model="ToyDiT/1"):
+def find_run_pair(results_dir="results", layernorm_run="", none_run="", model=None):
     """(layernorm run, none run) trained with the same configuration but the norm; ValueError otherwise.
 
     A run that is not given is the newest one under results_dir whose configuration matches the other run
@@ -205,8 +205,8 @@ def find_run_pair(results_dir="results", layernorm_run="", none_run="", model="T
                   for norm, run in given.items()}
     missing = [norm for norm, runs in candidates.items() if not runs]
     if missing:
-        raise FileNotFoundError(f"no {model} run for norm {' or '.join(missing)} under {results_dir}; run "
-                         "make reproduce (or train_toy.py), or set the run folders")
+        raise FileNotFoundError(f"no {model or 'toy'} run for norm {' or '.join(missing)} under "
+                                f"{results_dir}; run make reproduce (or train_toy.py) or set the run folders")
     anchor = "none" if none_run and not layernorm_run else "layernorm"
     other = "none" if anchor == "layernorm" else "layernorm"
     first = candidates[anchor][0]

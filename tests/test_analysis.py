@@ -131,7 +131,7 @@ def test_find_run_pair_matches_configurations_and_names_both_otherwise(tmp_path)
     assert analysis.find_run_pair(tmp_path, model="ToyDiT-XS/1") == (runs["layernorm"], runs["none"])
     with pytest.raises(ValueError, match=r"trained differently \(train_args.seed|seed None vs 1"):
         analysis.find_run_pair(tmp_path, none_run=other, layernorm_run=runs["layernorm"])
-    with pytest.raises(FileNotFoundError, match="no ToyDiT/1 run for norm layernorm or none"):
+    with pytest.raises(FileNotFoundError, match="no toy run for norm layernorm or none"):
         analysis.find_run_pair(tmp_path / "empty")
     assert analysis.paired_steps(runs.values()) == [10, 20]
     with pytest.raises(ValueError, match=r"they share \[10, 20\]"):
