@@ -1,6 +1,7 @@
 """reproduce.py and both notebooks, headless with papermill, on tiny runs and checkpoints; no network."""
 
 import json
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -46,7 +47,13 @@ def test_reproduce_tiny_trains_seeds_runs_both_notebooks_and_compares(tmp_path, 
     assert "**DiT-S/2" in results and "CPU:" in results
     assert (first / "notebooks" / "TokenEmbeddingsViz.ipynb").is_file()
 
-    # Again, the runs reused: the same numbers, all inside the reference's seed ranges.
+    # Again, with the first call's study tables and no notebooks (seconds): all inside the reference's ranges.
+    def same_study(cmd):
+        weights, dest = cmd[cmd.index("--weights") + 1], Path(cmd[cmd.index("--res-dir") + 1])
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(record / "seeds" / ("raw" if weights == "raw" else "") / "study_errors.csv", dest)
+
+    monkeypatch.setattr(reproduce, "run_command", same_study)
     monkeypatch.setattr(reproduce, "execute_notebook", lambda *a, **k: nbformat.v4.new_notebook())
     second = tmp_path / "second"
     (second / "runs").parent.mkdir()
