@@ -1,11 +1,14 @@
-# Two commands do everything on a fresh machine:
-#   make reproduce   set up .venv, train both toy models, run both notebooks, write res/
-#   make test        set up .venv, run ruff and the test suite
+# On a fresh machine (each target sets up .venv from requirements*.txt first):
+#   make reproduce   3 seeds of both toy models, the headline, both notebooks; writes results/reproduce/
+#                    and compares the headline with the committed res/reproduce/ (ARGS=--refresh-res
+#                    rewrites res/reproduce/: maintainers only)
+#   make notebooks   open both notebooks in JupyterLab (this environment's kernel)
+#   make test        ruff and the test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: reproduce test study paper paper-cpu bench gpu-check gpu-paper clean-venv
+.PHONY: reproduce notebooks test study paper paper-cpu bench gpu-check gpu-paper clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +18,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 reproduce: $(VENV)/.installed
 	$(PY) reproduce.py $(ARGS)
+
+# ARGS are jupyter lab's, e.g. ARGS="--no-browser --port 8890"
+notebooks: $(VENV)/.installed
+	$(VENV)/bin/jupyter lab $(ARGS) ToyDiT_visualization.ipynb TokenEmbeddingsViz.ipynb
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -46,7 +53,7 @@ paper-cpu: $(VENV)/.installed
 	$(PY) $(PAPER_STUDY) --weights raw --results-dir $(PAPER) --res-dir res/paper_cpu/raw
 	$(PY) reproduce.py --layernorm-run $$(echo $(PAPER)/zeros-layernorm-seed0/*-ToyDiT-1-layernorm) \
 		--none-run $$(echo $(PAPER)/zeros-none-seed0/*-ToyDiT-1-none) --steps 10000,50000 \
-		--results-dir $(PAPER) --out-dir res/paper_cpu --pretrained ''
+		--results-dir $(PAPER) --out-dir res/paper_cpu --refresh-res --pretrained ''
 
 # The paper-schedule study with seeds (res/paper/): train or resume layernorm and none, seeds 0-2, two runs
 # at a time with one thread each (about 1 h per pair on 2 idle cores), measure every checkpoint, report.

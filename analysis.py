@@ -10,13 +10,14 @@ Two questions are asked of a trained DiT here:
 
 import contextlib
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from checkpoint import load_model
+from checkpoint import load_model, read_checkpoint
 from diffusion import create_diffusion
 from fast import sample_toy
 from models import TOY_MODELS
@@ -166,6 +167,74 @@ def checkpoint_at(run_dir, step=None):
     return ckpts[step]
 
 
+# train_args that say how a run was saved or logged, not what it trained: runs may differ in these and pair.
+NOT_TRAINING_KEYS = ("norm", "ckpt_steps", "ckpt_every", "log_every", "preset")
+
+
+def run_setup(run_dir):
+    """What a run trained, from its last checkpoint: the model config and train_args, norm left out."""
+    checkpoint = read_checkpoint(checkpoint_at(run_dir))
+    setup = {f"model.{k}": v for k, v in checkpoint["config"].items() if k != "norm"}
+    train_args = checkpoint.get("train_args") or {}
+    setup.update({k: v for k, v in train_args.items() if k not in NOT_TRAINING_KEYS})
+    return setup
+
+
+def all_runs(results_dir, norm, model=None):
+    """Run folders <index>-<model>-<norm> (any model if None) with checkpoints anywhere under results_dir,
+    oldest first (by the time their first checkpoint was written)."""
+    pattern = f"*-{model.replace('/', '-')}-{norm}" if model else f"*-{norm}"
+    runs = [p for p in Path(results_dir).rglob(pattern) if run_checkpoints(p)]
+    return sorted(runs, key=lambda p: (min(c.stat().st_mtime for c in run_checkpoints(p).values()), str(p)))
+
+
+def find_run_pair(results_dir="results", layernorm_run="", none_run="", model=None):
+    """(layernorm run, none run) trained with the same configuration but the norm; ValueError otherwise.
+
+    A run that is not given is the newest one under results_dir whose configuration matches the other run
+    (for two missing runs: the newest LayerNorm run); FileNotFoundError when there is none of a norm. Two
+    runs that differ in anything but the norm (seed, length, batch, ...) are not a comparison of the norm:
+    ValueError naming both and the settings that differ.
+    """
+    given = {"layernorm": layernorm_run, "none": none_run}
+    for norm, run in given.items():
+        if run and not run_checkpoints(run):
+            raise ValueError(f"{run} holds no checkpoints/<step>.pt; pass a run folder of train_toy.py "
+                             f"--norm {norm}")
+    candidates = {norm: ([Path(run)] if run else all_runs(results_dir, norm, model)[::-1])
+                  for norm, run in given.items()}
+    missing = [norm for norm, runs in candidates.items() if not runs]
+    if missing:
+        raise FileNotFoundError(f"no {model or 'toy'} run for norm {' or '.join(missing)} under "
+                                f"{results_dir}; run make reproduce (or train_toy.py) or set the run folders")
+    anchor = "none" if none_run and not layernorm_run else "layernorm"
+    other = "none" if anchor == "layernorm" else "layernorm"
+    first = candidates[anchor][0]
+    wanted = run_setup(first)
+    for run in candidates[other]:
+        if run_setup(run) == wanted:
+            return (first, run) if anchor == "layernorm" else (run, first)
+    closest = candidates[other][0]
+    theirs = run_setup(closest)
+    differ = sorted(k for k in set(wanted) | set(theirs) if wanted.get(k) != theirs.get(k))
+    shown = ", ".join(f"{k} {wanted.get(k)} vs {theirs.get(k)}" for k in differ[:4])
+    raise ValueError(f"{first} and {closest} were trained differently ({shown}); pass two runs that differ "
+                     "only in the norm")
+
+
+def paired_steps(runs, steps=None):
+    """The checkpoint steps to compare: `steps` (all saved by every run), or by default the first and last
+    step that every run saved; ValueError naming what the runs share."""
+    common = sorted(set.intersection(*(set(run_checkpoints(r)) for r in runs)))
+    if not common:
+        raise ValueError(f"{' and '.join(map(str, runs))} share no checkpoint step")
+    if not steps:
+        return sorted({common[0], common[-1]})
+    if not set(steps) <= set(common):
+        raise ValueError(f"steps {sorted(steps)} are not all saved by both runs; they share {common}")
+    return sorted(set(steps))
+
+
 def step_label(step):
     """10000 -> '10k', 2500 -> '2.5k', 500 -> '500'."""
     return f"{step / 1000:g}k" if step >= 1000 else str(step)
@@ -273,7 +342,9 @@ def plot_toy_scatter(samples_by_label, title=""):
         ax.grid(True, linewidth=0.3)
         ax.tick_params(axis="x", labelrotation=35, labelsize=8)
     num_points = len(next(iter(all_pairs.values())))
-    fig.suptitle(f"{title}\n{num_points} pixel values per panel (target: exactly 0); grey band: linear part "
-                 f"|x| < {linthresh:.0e}", fontsize=9)
+    caption = (f"{num_points} pixel values per panel (target: exactly 0); grey band: linear part "
+               f"|x| < {linthresh:.0e}")
+    width = int(11 * fig.get_figwidth())  # characters of 9-point text that fit across the figure
+    fig.suptitle("\n".join(textwrap.wrap(title, width) + textwrap.wrap(caption, width)), fontsize=9)
     fig.tight_layout()
     return fig

@@ -12,12 +12,23 @@ from fast import FAST_CHOICES
 from models import NORM_KINDS, TOY_MODELS
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help of the scripts: their docstring examples as written, and each default the help does not give."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not hidden and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that keeps the description's layout (its examples) and reports a user error as one line
-    (no usage block), printed by rank 0 only under torchrun."""
+    """argparse with HelpFormatter that reports a user error as one line (no usage block), printed by
+    rank 0 only under torchrun."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):

@@ -1,12 +1,15 @@
-"""Sample a trained DiT.
+"""Sample a trained DiT: toy models to error statistics, latent models to an image grid.
 
 Toy checkpoints (ToyDiT, 2x2x2 images): N seeded samples saved as .npz, error statistics printed,
 optionally the 2-D pixel scatter. The error is |x| for a model trained on constant-zero data (the default
 of train_toy.py), and |x - mean(x)|, each pixel's distance from its own sample's mean (the nearest constant
 image), for one trained with --data constant, whose sample means should follow U[-1, 1] (their
-Kolmogorov-Smirnov distance to it is printed too).
+Kolmogorov-Smirnov distance to it is printed too). --ckpt takes a checkpoint file or a run folder (its
+last checkpoint, or the one at --step); --weights raw samples the training weights instead of their EMA.
 
-    python sample.py --ckpt results/000-ToyDiT-1-layernorm/checkpoints/0010000.pt --scatter toy.png
+    python sample.py --ckpt results/reproduce/runs/zeros-none-seed0/000-ToyDiT-1-none --scatter toy.png
+    python sample.py --ckpt results/reproduce/runs/zeros-none-seed0/000-ToyDiT-1-none --step 1000 \
+        --weights raw --num-samples 1000
 
 Latent DiTs (the official DiT-XL/2 by name, downloaded on first use, or a path; or a latent checkpoint
 of this repository): classifier-free guidance, decoded with the Stable Diffusion VAE, saved as a grid.
@@ -14,7 +17,6 @@ of this repository): classifier-free guidance, decoded with the Stable Diffusion
     python sample.py --ckpt DiT-XL-2-256x256.pt --class-labels 207 360 387 974 --num-sampling-steps 50
 """
 
-import argparse
 import math
 import sys
 import time
@@ -24,12 +26,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from analysis import checkpoint_at
 from checkpoint import OFFICIAL_CHECKPOINTS, CheckpointError, load_model, read_checkpoint
 from data import CONSTANT_RANGE
 from diffusion import create_diffusion
 from fast import sample_toy
 from models import TOY_MODELS
-from options import add_fast_flag
+from options import Parser, add_fast_flag
 
 VAE_SCALE = 0.18215  # latents were scaled by this factor for training (Stable Diffusion's constant)
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -77,7 +80,7 @@ def load_vae(name_or_path, device):
                           "with --vae")
     try:
         return AutoencoderKL.from_pretrained(str(Path(name_or_path).expanduser()) if looks_local
-                                             else name_or_path, low_cpu_mem_usage=False).to(device).eval()
+                                             else name_or_path).to(device).eval()
     except Exception as e:  # diffusers raises OSError, ValueError, HTTP errors ... all mean "cannot load"
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise SampleError(f"cannot load the VAE {name_or_path!r} ({first}); "
@@ -119,19 +122,23 @@ def sample_toy_checkpoint(model, config, args):
         stats["ks_c"] = analysis.ks_uniform(samples.reshape(len(samples), -1).mean(1), *CONSTANT_RANGE)
     else:
         label, stats = "|x|", analysis.error_stats(errors["abs_x"])
-    out = Path(args.out or f"results/samples/{Path(args.ckpt).stem}-{config['norm']}-seed{args.seed}.npz")
+    weights = "" if args.weights == "ema" else f"-{args.weights}"
+    out = Path(args.out or f"results/samples/{Path(args.ckpt).stem}-{config['norm']}{weights}-seed{args.seed}"
+               ".npz")
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, samples=samples, seed=args.seed, ckpt=str(args.ckpt), num_sampling_steps=steps, data=data,
              error=label, **stats)
-    print(f"{config['model']} norm={config['norm']} ({data} data): {num_samples} samples, {steps} steps, "
-          f"seed {args.seed}")
+    print(f"{config['model']} norm={config['norm']} ({data} data), {args.weights} weights: {num_samples} "
+          f"samples, {steps} steps, seed {args.seed}")
     print(f"{label} mean {stats['mean']:.3e}  median {stats['median']:.3e}  max {stats['max']:.3e}"
           + (f"  ({stats['nonfinite']} non-finite values left out)" if stats["nonfinite"] else ""))
     if data == "constant":
         print(f"sample means vs U{list(CONSTANT_RANGE)}: Kolmogorov-Smirnov distance {stats['ks_c']:.3f}")
     print(f"saved {out}")
     if args.scatter:
-        fig = analysis.plot_toy_scatter({f"norm={config['norm']}": samples}, title=str(args.ckpt))
+        ckpt = Path(args.ckpt)
+        title = f"{ckpt.parent.parent.name}/{ckpt.name}, {args.weights} weights, {steps} sampling steps"
+        fig = analysis.plot_toy_scatter({f"norm={config['norm']}": samples}, title=title)
         Path(args.scatter).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.scatter, dpi=150)
         print(f"saved {args.scatter}")
@@ -185,14 +192,41 @@ def sample_latent_checkpoint(model, config, args):
     print(f"saved {out}")
 
 
+def resolve_checkpoint(args):
+    """The checkpoint file to load: --ckpt itself, or a run folder's checkpoint at --step (default: its last).
+
+    --weights raw needs a file that holds both weights; the published official checkpoints are EMA only."""
+    path = Path(args.ckpt)
+    if path.is_dir():
+        folder = path if (path / "checkpoints").is_dir() else path.parent
+        if not (folder / "checkpoints").is_dir():
+            raise SampleError(f"{args.ckpt} is a folder without checkpoints/<step>.pt; pass a run folder of "
+                              "train_toy.py or a checkpoint file")
+        path = checkpoint_at(folder, args.step)
+    elif args.step is not None:
+        raise SampleError("--step picks a checkpoint of a run folder; drop it or pass the run folder as "
+                          "--ckpt")
+    if args.weights == "raw":
+        checkpoint = read_checkpoint(path) if path.is_file() else {}
+        if not (isinstance(checkpoint.get("model"), dict) and checkpoint.get("ema") is not None):
+            raise SampleError(f"{args.ckpt} holds one set of weights only (the published official ones are "
+                              "the EMA); drop --weights raw or pass a training checkpoint")
+    return path
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    summary, details = __doc__.split("\n\n", 1)
+    p = Parser(description=summary, epilog="details and examples:\n" + details)
     p.add_argument("--ckpt", required=True,
-                   help=f"checkpoint path or an official name (downloaded): {', '.join(OFFICIAL_CHECKPOINTS)}"
-                   )
+                   help="checkpoint file, run folder of train_toy.py, or an official name (downloaded): "
+                   f"{', '.join(OFFICIAL_CHECKPOINTS)}")
+    p.add_argument("--step", type=int, default=None,
+                   help="with a run folder as --ckpt: the checkpoint step (default: the run's last)")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                   help="the EMA weights (what DiT samples with) or the raw training weights")
     p.add_argument("--num-samples", type=int, default=None,
                    help="default: 100 for toy models; the number of --class-labels (or 8) for latent models")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and of random labels")
     p.add_argument("--num-sampling-steps", type=int, default=None,
                    help="respaced steps; default 250 for latent models (as DiT), 1000 (the full training "
                         "schedule) for toy models")
@@ -229,12 +263,13 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     try:
-        model, config = load_model(args.ckpt, device=args.device)
+        args.ckpt = str(resolve_checkpoint(args))
+        model, config = load_model(args.ckpt, device=args.device, use_ema=args.weights == "ema")
         if config["model"] in TOY_MODELS:
             sample_toy_checkpoint(model, config, args)
         else:
             sample_latent_checkpoint(model, config, args)
-    except (CheckpointError, SampleError) as e:
+    except (CheckpointError, SampleError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"done in {time.perf_counter() - start:.1f} s")
 

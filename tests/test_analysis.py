@@ -123,3 +123,27 @@ def test_token_plot_rows_take_given_labels():
     outputs = [torch.randn(1, 4, 8)] * 2
     fig = analysis.plot_token_embeddings(outputs, [0, 1], layer_labels=["double 0", "single 0"])
     assert [fig.axes[i].get_ylabel() for i in (0, 2)] == ["block double 0", "block single 0"]
+
+
+def test_find_run_pair_matches_configurations_and_names_both_otherwise(tmp_path):
+    from builders import save_model
+
+    runs = make_toy_runs(tmp_path / "a" / "nested")  # found below results_dir too
+    assert analysis.find_run_pair(tmp_path, model="ToyDiT-XS/1") == (runs["layernorm"], runs["none"])
+    # a newer no-norm run with another seed is skipped: the pair is the one trained alike
+    other = tmp_path / "b" / "001-ToyDiT-XS-1-none"
+    save_model(build_model("ToyDiT-XS/1", norm="none"), "ToyDiT-XS/1", other / "checkpoints" / "0000020.pt",
+               train_args={"seed": 1, "log_every": 5})
+    assert analysis.find_run_pair(tmp_path, model="ToyDiT-XS/1") == (runs["layernorm"], runs["none"])
+    with pytest.raises(ValueError, match=r"trained differently \(train_args.seed|seed None vs 1"):
+        analysis.find_run_pair(tmp_path, none_run=other, layernorm_run=runs["layernorm"])
+    with pytest.raises(FileNotFoundError, match="no toy run for norm layernorm or none"):
+        analysis.find_run_pair(tmp_path / "empty")
+    assert analysis.paired_steps(runs.values()) == [10, 20]
+    with pytest.raises(ValueError, match=r"they share \[10, 20\]"):
+        analysis.paired_steps(runs.values(), [30])
+
+
+def test_scatter_title_is_wrapped_to_the_figure():
+    fig = analysis.plot_toy_scatter({"a": np.full((2, 2, 2, 2), 1e-3)}, title="x" * 30 + " " + "y" * 200)
+    assert len(fig._suptitle.get_text().splitlines()) >= 3

@@ -116,3 +116,49 @@ def test_bad_input_exit_code_without_traceback(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_run_folder_step_and_raw_weights(files, tmp_path, capsys):
+    run = files["toy"].parent.parent  # a run folder with checkpoints at steps 10 and 20
+    common = ["--num-samples", "4", "--num-sampling-steps", "5"]
+    sample.main(["--ckpt", str(run), *common, "--out", str(tmp_path / "last.npz")])
+    assert str(np.load(tmp_path / "last.npz")["ckpt"]).endswith("0000020.pt")  # the run's last checkpoint
+    sample.main(["--ckpt", str(run), "--step", "10", "--weights", "raw", *common,
+                 "--out", str(tmp_path / "r.npz")])
+    assert str(np.load(tmp_path / "r.npz")["ckpt"]).endswith("0000010.pt")
+    assert "raw weights" in capsys.readouterr().out
+
+
+def test_raw_weights_of_the_toy_checkpoint_differ_from_its_ema(tmp_path):
+    raw, ema = (perturb_zero_init(build_model("ToyDiT-XS/1"), seed=s) for s in (1, 2))
+    ckpt = save_model(raw, "ToyDiT-XS/1", tmp_path / "c.pt")
+    state = torch.load(ckpt, weights_only=True)
+    state["ema"] = ema.state_dict()
+    torch.save(state, ckpt)
+    for weights in ("ema", "raw"):
+        sample.main(["--ckpt", str(ckpt), "--weights", weights, "--num-samples", "3",
+                     "--num-sampling-steps", "4", "--out", str(tmp_path / f"{weights}.npz")])
+    assert not np.allclose(np.load(tmp_path / "ema.npz")["samples"], np.load(tmp_path / "raw.npz")["samples"])
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("empty_folder", "is a folder without checkpoints/<step>.pt"),
+    ("missing_step", "has no checkpoint at step 30"),
+    ("step_with_file", "--step picks a checkpoint of a run folder"),
+    ("raw_of_plain_state_dict", "holds one set of weights only"),
+])
+def test_bad_folder_or_weights_is_one_line(files, tmp_path, case, expected):
+    (tmp_path / "empty").mkdir()
+    plain = tmp_path / "plain.pt"
+    torch.save(build_model("ToyDiT-XS/1").state_dict(), plain)
+    run = files["toy"].parent.parent
+    argv = {
+        "empty_folder": ["--ckpt", str(tmp_path / "empty")],
+        "missing_step": ["--ckpt", str(run), "--step", "30"],
+        "step_with_file": ["--ckpt", str(files["toy"]), "--step", "10"],
+        "raw_of_plain_state_dict": ["--ckpt", str(plain), "--weights", "raw"],
+    }[case]
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv + ["--num-sampling-steps", "2", "--out", str(tmp_path / "x")])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and expected in message and "\n" not in message
