@@ -432,7 +432,7 @@ class TiledKernels(CKernels):
         return (losses, *dmod, self._with_alpha_grads(plan, grads, dalpha, weights))
 
     def sampler(self, plan, N, pos_embed, weights):
-        """step(x, z, mods, coef): one ancestral step of toy_sampler, x (N, C, H, W) in place, in one C call.
+        """step(x, z, mods, coef): one ancestral step (fast/sampler.py), x (N, C, H, W) in place, one C call.
 
         The arguments of the network are prepared once; each step only points them at its adaLN row."""
         self._sync_threads()

@@ -115,7 +115,7 @@ def _compiled_loss_fn(diffusion, model, backend="inductor", mode=None, model_fn=
 
     The diffusion fills its lookup tables for a device on first use; filled inside the traced call, they
     change what dynamo guards on, and the second call compiled everything again. They are filled here
-    first (tests/test_train_step.py counts the compilations)."""
+    first (tests/test_fast_train_step.py counts the compilations)."""
     param = next(model.parameters())
     t = torch.zeros(1, dtype=torch.long, device=param.device)
     diffusion.coefficients(t, param.new_zeros(1))
