@@ -254,7 +254,11 @@ def _unpack(checkpoint, use_ema, weights=None, norm=None, source="the checkpoint
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"expected a dict, found {type(checkpoint).__name__}; pass a DiT checkpoint")
     if checkpoint.get("format") == FORMAT:
-        lacking = [key for key in ("config", "model") if not isinstance(checkpoint.get(key), dict)]
+        weights = weights or ("ema" if use_ema else "raw")
+        # The EMA falls back to the raw weights when there is none; an average is read out against them.
+        uses_ema = weights == "ema" and checkpoint.get("ema") is not None
+        needed = ["config", "ema" if uses_ema else "model"]
+        lacking = [key for key in needed if not isinstance(checkpoint.get(key), dict)]
         if lacking:
             raise CheckpointError(f"{source} lacks its {' and '.join(lacking)}; pass a complete checkpoint "
                                   "written by train_toy.py")
@@ -264,7 +268,6 @@ def _unpack(checkpoint, use_ema, weights=None, norm=None, source="the checkpoint
             # Guessing e.g. the norm would silently compute a different function than the one trained.
             missing = ", ".join(missing)
             raise CheckpointError(f"checkpoint config lacks {missing}; re-save it with the full model.config")
-        weights = weights or ("ema" if use_ema else "raw")
         if weights == "raw" or (weights == "ema" and checkpoint.get("ema") is None):
             return config, checkpoint["model"]
         if weights == "ema":

@@ -236,12 +236,15 @@ def test_stale_temporary_files_are_removed_on_the_next_save(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted([alive, "notes.tmp", "0000040.pt"])
 
 
-def test_a_checkpoint_lacking_its_weights_is_one_error(tmp_path):
+def test_a_checkpoint_lacking_parts_is_one_error(tmp_path):
     ckpt = ours(randomized(), randomized())
-    del ckpt["model"]
-    torch.save(ckpt, tmp_path / "no_model.pt")
+    torch.save({k: v for k, v in ckpt.items() if k != "model"}, tmp_path / "no_model.pt")
     with pytest.raises(CheckpointError, match="no_model.pt lacks its model; pass a complete checkpoint"):
-        load_model(tmp_path / "no_model.pt")
+        load_model(tmp_path / "no_model.pt", use_ema=False)
+    load_model(tmp_path / "no_model.pt")  # the EMA alone still samples
+    torch.save({k: v for k, v in ckpt.items() if k != "config"}, tmp_path / "no_config.pt")
+    with pytest.raises(CheckpointError, match="no_config.pt lacks its config; pass a complete checkpoint"):
+        load_model(tmp_path / "no_config.pt")
 
 
 def test_the_diffusion_comes_from_the_checkpoint():
