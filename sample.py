@@ -254,6 +254,10 @@ def main(argv=None):
     except OSError as e:  # an output that cannot be written (a full disk, a read-only folder)
         parser.fail(f"cannot write {e.filename or args.out} ({e.strerror or e}); free space or pass another "
                     "--out")
+    except (MemoryError, RuntimeError) as e:  # too many samples for this machine; anything else is a bug
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate" not in str(e):
+            raise
+        parser.fail(f"out of memory on {args.device} ({type(e).__name__}); pass a smaller --num-samples")
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 
