@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from checkpoint import load_model, read_checkpoint
+from checkpoint import diffusion_of, load_for_sampling, read_checkpoint
 from diffusion import create_diffusion
 from fast import sample_toy
 from models import TOY_MODELS
@@ -241,16 +241,16 @@ def step_label(step):
 
 
 @torch.no_grad()
-def sample_checkpoint(path, num_samples=100, *, seed=0, device="cpu", num_sampling_steps=1000,
+def sample_checkpoint(path, num_samples=100, *, seed=0, device="cpu", num_sampling_steps=None,
                       progress=False, norm=None, use_ema=True):
     """Load a toy checkpoint and return (num_samples, C, H, W) float64 numpy samples and the model config.
 
-    The full 1000-step schedule (the training one) is the default; the generator is seeded the same way for
-    every checkpoint, so all models start from the same noise. `norm`, if given, must be the checkpoint's.
-    `use_ema=False` samples the raw training weights instead of their EMA.
+    The checkpoint's own diffusion, all of its steps (the training schedule), is the default; the generator
+    is seeded the same way for every checkpoint, so all models start from the same noise. `norm`, if given,
+    must be the checkpoint's. `use_ema=False` samples the raw training weights instead of their EMA.
     """
-    model, config = load_model(path, norm=norm, device=device, use_ema=use_ema)
-    diffusion = create_diffusion(str(num_sampling_steps))
+    model, config, train_args = load_for_sampling(path, norm=norm, device=device, use_ema=use_ema)
+    diffusion = diffusion_of(train_args, num_sampling_steps)  # the checkpoint's own diffusion
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = sample_toy(model, diffusion, num_samples, generator=generator, device=device, progress=progress)
     return samples.double().cpu().numpy(), config

@@ -7,6 +7,11 @@ Three formats are read, always with torch.load(weights_only=True):
 - the official training script's: {"model", "ema", "opt", "args"} with an argparse.Namespace as args;
 - a diffusers DiTTransformer2DModel folder (config.json + safetensors), read by diffusers_io.py.
 Official checkpoints are norm="layernorm" by definition; their architecture is inferred from tensor shapes.
+A plain state dict of another architecture (a toy model's `state_dict()`) does not say its norm: the
+caller gives it. The diffusion a checkpoint samples with is the one it was trained with (`diffusion_of`).
+
+Nothing non-finite is written: save_checkpoint refuses weights (model, EMA, averages) with a NaN or an
+infinity, before it opens a file.
 """
 
 import argparse
@@ -19,7 +24,8 @@ from pathlib import Path
 import torch
 
 from averaging import read_out
-from models import DiT, DiT_models
+from diffusion import create_diffusion
+from models import NORM_KINDS, TOY_MODELS, DiT, DiT_models
 
 FORMAT = "dit-norm-study/1"
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
@@ -35,17 +41,80 @@ class CheckpointError(Exception):
     """A checkpoint cannot be read or does not fit the request; the message says what to do."""
 
 
+class DownloadError(CheckpointError):
+    """An official checkpoint could not be downloaded (a failure, not a bad request)."""
+
+
 def _first_line(error):
     """The first line of an exception's message (PyTorch's are often many lines long)."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
+def nonfinite_parts(obj: dict) -> list[str]:
+    """Which weights of a checkpoint hold a NaN or an infinity: "model", "ema", "averages/<label>"."""
+    groups = {key: obj.get(key) for key in ("model", "ema")}
+    averages = obj.get("averages")
+    if isinstance(averages, dict):
+        groups.update({f"averages/{label}": (average or {}).get("tensors")
+                       for label, average in averages.items() if isinstance(average, dict)})
+    bad = []
+    for name, tensors in groups.items():
+        floats = [t for t in (tensors or {}).values() if torch.is_tensor(t) and t.is_floating_point()]
+        if floats and not torch.stack([torch.isfinite(t).all() for t in floats]).all():
+            bad.append(name)
+    return bad
+
+
+def _umask():
+    """The process's umask (os has no getter: set it and put it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# The temporary file of a save names its process: .<name>.<pid>.<random>.tmp (older ones: no pid).
+_TEMP = re.compile(r"^\..+?\.(?:(\d+)\.)?[A-Za-z0-9_]{8}\.tmp$")
+
+
+def _remove_stale_temps(folder):
+    """Delete the temporary files that saves killed mid-write left in folder (their process is gone)."""
+    for tmp in folder.glob(".*.tmp"):
+        match = _TEMP.match(tmp.name)
+        if not match:
+            continue
+        pid = int(match.group(1)) if match.group(1) else None
+        if pid is not None and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # its writer still runs
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError):
+                continue
+        tmp.unlink(missing_ok=True)
+
+
+def _private_temp(folder, name, suffix):
+    """(fd, path) of a new temporary file in folder with the permissions of a plain open(): 0666 & ~umask
+    (mkstemp's are 0600, which made checkpoints unreadable to the group while the logs were 0644)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=suffix)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
 def save_checkpoint(obj: dict, path) -> None:
-    """Write obj atomically: a temporary file in the same folder, fsync, then os.replace."""
+    """Write obj atomically: a temporary file in the same folder, fsync, then os.replace.
+
+    Refuses (CheckpointError, nothing written) weights that are not finite; removes the temporary files
+    of earlier saves that were killed mid-write."""
+    bad = nonfinite_parts(obj)
+    if bad:
+        raise CheckpointError(f"not saving {path}: its {', '.join(bad)} weights are not finite")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temps(path.parent)
+    fd, tmp = _private_temp(path.parent, path.name, ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -92,7 +161,7 @@ def download_official(name, root="pretrained_models") -> Path:
         return dest
     url = OFFICIAL_CHECKPOINTS[name][1]
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{name}.", suffix=".part")
+    fd, tmp = _private_temp(dest.parent, name, ".part")
     os.close(fd)
     try:
         _fetch(url, tmp)
@@ -102,7 +171,7 @@ def download_official(name, root="pretrained_models") -> Path:
         if not isinstance(e, Exception):
             raise
         reason = _first_line(e)
-        raise CheckpointError(f"download of {url} failed ({reason}); download it manually to {dest}") from e
+        raise DownloadError(f"download of {url} failed ({reason}); download it manually to {dest}") from e
     return dest
 
 
@@ -166,21 +235,40 @@ def _same_arch(arch, config):
     return all(arch[k] == config[k] for k in ("depth", "hidden_size", "patch_size"))
 
 
-def _unpack(checkpoint, use_ema, weights=None):
+def is_official_architecture(config) -> bool:
+    """Whether an inferred config is one the official DiT code trains: a non-toy registry model on the SD
+    VAE's 4 latent channels with a learned sigma and MLP ratio 4 (and so, by definition, LayerNorm)."""
+    return (config["model"] not in TOY_MODELS and config["in_channels"] == 4 and config["learn_sigma"]
+            and config["mlp_ratio"] == 4.0)
+
+
+def _is_state_dict(value):
+    return isinstance(value, dict) and bool(value) and all(torch.is_tensor(v) for v in value.values())
+
+
+def _unpack(checkpoint, use_ema, weights=None, norm=None, source="the checkpoint"):
     """(config with "model" name, state dict) of a checkpoint in any of the three formats.
 
     weights (this repository's format only): "ema", "raw" or the label of a saved average (averaging.py);
-    None: "ema" if use_ema else "raw"."""
+    None: "ema" if use_ema else "raw". norm: the norm of a plain state dict that is no official
+    architecture (which does not store it); for the other formats only a check, made by load_model."""
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"expected a dict, found {type(checkpoint).__name__}; pass a DiT checkpoint")
     if checkpoint.get("format") == FORMAT:
+        weights = weights or ("ema" if use_ema else "raw")
+        # The EMA falls back to the raw weights when there is none; an average is read out against them.
+        uses_ema = weights == "ema" and checkpoint.get("ema") is not None
+        needed = ["config", "ema" if uses_ema else "model"]
+        lacking = [key for key in needed if not isinstance(checkpoint.get(key), dict)]
+        if lacking:
+            raise CheckpointError(f"{source} lacks its {' and '.join(lacking)}; pass a complete checkpoint "
+                                  "written by train_toy.py")
         config = dict(checkpoint["config"])
         missing = [k for k in ("model", *DIT_KWARGS) if k not in config]
         if missing:
             # Guessing e.g. the norm would silently compute a different function than the one trained.
             missing = ", ".join(missing)
             raise CheckpointError(f"checkpoint config lacks {missing}; re-save it with the full model.config")
-        weights = weights or ("ema" if use_ema else "raw")
         if weights == "raw" or (weights == "ema" and checkpoint.get("ema") is None):
             return config, checkpoint["model"]
         if weights == "ema":
@@ -192,8 +280,20 @@ def _unpack(checkpoint, use_ema, weights=None):
         return config, read_out(averages[weights], checkpoint["model"])
     if weights not in (None, "ema", "raw"):
         raise CheckpointError(f"an official checkpoint holds no {weights!r} weights; use ema or raw")
-    if "x_embedder.proj.weight" in checkpoint:  # official published: a plain (EMA) state dict
-        return infer_official_config(checkpoint), checkpoint
+    if "x_embedder.proj.weight" in checkpoint:  # a plain state dict: official published, or a model's own
+        if not _is_state_dict(checkpoint):
+            raise CheckpointError(f"{source} holds non-tensor values beside its weights; pass a state dict")
+        config = infer_official_config(checkpoint)
+        if not is_official_architecture(config):
+            # A toy model's state_dict() is no official checkpoint: its norm leaves no trace in the keys.
+            if norm is None:
+                raise CheckpointError(
+                    f"{source} is a plain state dict of a {config['model']} model, no official DiT "
+                    f"architecture, so its norm is not known; give it (load_model(norm=...), "
+                    f"sample.py --norm), one of {', '.join(NORM_KINDS)}"
+                )
+            config["norm"] = norm
+        return config, checkpoint
     if isinstance(checkpoint.get("model"), dict) and "args" in checkpoint:  # official training script
         wants_ema = (weights or ("ema" if use_ema else "raw")) == "ema"
         key = "ema" if wants_ema and isinstance(checkpoint.get("ema"), dict) else "model"
@@ -233,6 +333,22 @@ def load_model(
     DiTTransformer2DModel.save_pretrained (or a hub id "org/name" of one) loads too, as the official DiT
     function (diffusers_io.py; use_ema does not apply there).
     """
+    path, config, state_dict, checkpoint = _read(path_or_name, download, use_ema, weights, norm)
+    return _build(path, config, state_dict, why=_layernorm_why(checkpoint), norm=norm, model=model,
+                  device=device)
+
+
+def _layernorm_why(checkpoint):
+    """Why a checkpoint's norm is layernorm without its saying so ("" for ours, which store it)."""
+    if checkpoint is None:
+        return " (a diffusers DiT: layernorm by definition)"
+    if checkpoint.get("format") != FORMAT:
+        return " (an official DiT architecture: layernorm by definition)"
+    return ""
+
+
+def _read(path_or_name, download, use_ema, weights, norm):
+    """(path, config, state dict, the checkpoint read or None for a diffusers folder) of any source."""
     from diffusers_io import diffusers_folder, read_diffusers_dit  # late: diffusers_io builds on this module
 
     folder = diffusers_folder(path_or_name, download)  # a diffusers DiT folder (local or hub id), or None
@@ -240,15 +356,18 @@ def load_model(
         if weights not in (None, "ema"):
             raise CheckpointError(f"{folder} is a diffusers folder: it holds one set of weights, not "
                                   f"{weights!r}; drop the weights request")
-        path = folder
-        config, state_dict = read_diffusers_dit(folder)
-    else:
-        path = _resolve(path_or_name, download)
-        config, state_dict = _unpack(read_checkpoint(path), use_ema, weights)
+        return (folder, *read_diffusers_dit(folder), None)
+    path = _resolve(path_or_name, download)
+    checkpoint = read_checkpoint(path)
+    return (path, *_unpack(checkpoint, use_ema, weights, norm=norm, source=path), checkpoint)
+
+
+def _build(path, config, state_dict, *, why, norm, model, device):
+    """load_model's work on a config and state dict read from path (why: _layernorm_why's note)."""
     if norm is not None and norm != config["norm"]:
         raise CheckpointError(
-            f"{path} holds a norm={config['norm']} model, not norm={norm}; drop the norm request or pass "
-            f"a checkpoint trained with norm={norm}"
+            f"{path} holds a norm={config['norm']} model{why}, not norm={norm}; drop the norm request "
+            f"or pass a checkpoint trained with norm={norm}"
         )
     if model is not None and model != config["model"]:
         raise CheckpointError(
@@ -266,3 +385,44 @@ def load_model(
     net.load_state_dict(state_dict, strict=True, assign=True)
     net = net.to(device).eval()
     return net, {**net.config, "model": config["model"]}
+
+
+def diffusion_of(train_args, num_sampling_steps=None):
+    """The diffusion a checkpoint was trained with, respaced to num_sampling_steps (None: all its steps).
+
+    train_args: the checkpoint's (load_for_sampling returns them; {} for an official checkpoint).
+    train_toy.py records T in train_args["diffusion_steps"] (always the linear schedule); the official
+    checkpoints, and ours from before that flag, are DiT's 1000-step linear schedule. CheckpointError when
+    num_sampling_steps does not fit T."""
+    steps = train_args.get("diffusion_steps", 1000)
+    if not isinstance(steps, int) or steps < 1:
+        raise CheckpointError(f"the checkpoint's train_args hold diffusion_steps {steps!r}, not a step "
+                              "count; pass a checkpoint written by train_toy.py")
+    num_sampling_steps = steps if num_sampling_steps is None else num_sampling_steps
+    problem = check_sampling_steps(num_sampling_steps, steps)
+    if problem:
+        raise CheckpointError(f"this checkpoint's diffusion: {problem}")
+    return create_diffusion(str(num_sampling_steps), diffusion_steps=steps)
+
+
+def check_sampling_steps(steps, num_timesteps):
+    """None if `steps` evenly respaced steps fit a diffusion of num_timesteps steps, else what to pass."""
+    if not 1 <= steps <= num_timesteps:
+        return f"{steps} sampling steps do not fit a {num_timesteps}-step diffusion; pass 1 to " \
+               f"{num_timesteps}"
+    return None
+
+
+def load_for_sampling(path_or_name, *, download=True, **load_kwargs):
+    """load_model plus the checkpoint's train_args (for diffusion_of and the data kind), from one read.
+
+    Returns (model, config, train_args): the dict train_toy.py saved, {} for an official checkpoint.
+    load_kwargs: those of load_model."""
+    kwargs = {"norm": None, "model": None, "use_ema": True, "weights": None, "device": "cpu", **load_kwargs}
+    path, config, state_dict, checkpoint = _read(path_or_name, download, kwargs["use_ema"], kwargs["weights"],
+                                                 kwargs["norm"])
+    ours = isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT
+    model, config = _build(path, config, state_dict, why=_layernorm_why(checkpoint), norm=kwargs["norm"],
+                           model=kwargs["model"], device=kwargs["device"])
+    train_args = checkpoint.get("train_args") if ours else None
+    return model, config, dict(train_args) if isinstance(train_args, dict) else {}

@@ -1,15 +1,24 @@
 """Command-line pieces shared by train_toy.py, study.py, paper.py and sample.py: one definition per flag.
 
 Every value is checked where it enters: the argparse `type` functions below turn a bad value into one
-line that says what to do (exit status 2), before any work starts.
+line that says what to do (exit status 2), before any work starts; the checks that need more than one
+value (sampling steps against the diffusion's, a device against the machine, a folder against the disk)
+are the functions at the end, which return what is wrong (or None) for the caller's parser.error.
 """
 
 import argparse
 import math
 import os
+from pathlib import Path
 
+import torch
+
+from diffusion import get_named_beta_schedule
 from fast import FAST_CHOICES
 from models import NORM_KINDS, TOY_MODELS
+
+# Longer than this is no setting of the study (DiT: 1000); the schedule's arrays grow with T.
+MAX_DIFFUSION_STEPS = 100_000
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -32,8 +41,14 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
+        """A usage error: one line, exit status 2."""
         quiet = int(os.environ.get("RANK", "0")) != 0
         self.exit(2, None if quiet else f"{self.prog}: error: {message}\n")
+
+    def fail(self, message):
+        """A failure of a valid request (a write, a download): one line, exit status 1."""
+        quiet = int(os.environ.get("RANK", "0")) != 0
+        self.exit(1, None if quiet else f"{self.prog}: error: {message}\n")
 
 
 def _number(kind, text, check, what):
@@ -67,6 +82,42 @@ def unit_interval(text):
     return _number(float, text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
+def finite_float(text):
+    return _number(float, text, math.isfinite, "a finite number")
+
+
+def diffusion_steps(text):
+    """A T whose linear schedule (rescaled from DiT's T = 1000) keeps every beta below 1: T = 1 or T > 20."""
+    def fits(steps):
+        if not 1 <= steps <= MAX_DIFFUSION_STEPS:
+            return False
+        betas = get_named_beta_schedule("linear", steps)  # beta_T = 0.02 * 1000 / T: 1 at T = 20
+        return bool(((betas > 0) & (betas < 1)).all())  # beta = 1 leaves alpha_bar = 0: 1/0 in the maths
+
+    return _number(int, text, fits, f"a diffusion length the linear schedule can take (1, or 21 to "
+                   f"{MAX_DIFFUSION_STEPS}; DiT's is 1000)")
+
+
+def step_list(text):
+    """Comma-separated positive steps, e.g. "10000,50000"; returned as given (it is saved as text)."""
+    parts = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive steps "
+                                         "(e.g. 10000,50000)")
+    return text
+
+
+def device(text):
+    """cpu, cuda or cuda:N, as text; whether this machine has it is check_device's question."""
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda") or (parsed.type == "cpu" and parsed.index):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N")
+    return text
+
+
 def add_fast_flag(parser):
     parser.add_argument("--fast", choices=FAST_CHOICES, default="auto",
                         help="auto: use the fast path (fast/) once it has been checked against models.py and "
@@ -90,5 +141,44 @@ def add_training_flags(parser, defaults, *, suppress=False):
     add("--ema-decay", "decay of the EMA that DiT samples with", type=unit_interval)
     add("--max-steps", "train until this step", type=positive_int)
     add("--seed", "model initialisation and every draw of training", type=seed)
-    parser.add_argument("--device",
+    parser.add_argument("--device", type=device,
                         help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
+
+
+def check_device(text):
+    """None if this machine has the device `text` (cpu, cuda, cuda:N), else what to pass instead."""
+    wanted = torch.device(text)
+    if wanted.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "CUDA is not available here; use --device cpu"
+    if wanted.index is not None and wanted.index >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. cuda:" \
+               f"{torch.cuda.device_count() - 1}"
+    return None
+
+
+def check_timestep(timestep, num_timesteps):
+    """None if `timestep` is one of a num_timesteps-step diffusion's (0 .. T-1), else what to pass."""
+    if not 0 <= timestep < num_timesteps:
+        return f"{timestep} is no timestep of a {num_timesteps}-step diffusion; pass 0 to {num_timesteps - 1}"
+    return None
+
+
+def check_folder(path):
+    """None if `path` is a folder, or can become one, that this process can write into; else why not."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder; pass a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} cannot be written (permission denied); pass a folder you can write to"
+    return None
+
+
+def check_output_file(path):
+    """None if a file can be written at `path` (its folder may not exist yet), else why not."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a folder; pass a file name"
+    return check_folder(path.parent)

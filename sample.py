@@ -27,17 +27,32 @@ import torch
 from PIL import Image
 
 from analysis import checkpoint_at
-from checkpoint import OFFICIAL_CHECKPOINTS, CheckpointError, load_model, read_checkpoint
+from checkpoint import (
+    OFFICIAL_CHECKPOINTS,
+    CheckpointError,
+    DownloadError,
+    diffusion_of,
+    load_for_sampling,
+    read_checkpoint,
+)
 from data import CONSTANT_RANGE
-from diffusion import create_diffusion
 from fast import sample_toy
-from models import TOY_MODELS
-from options import Parser, add_fast_flag
+from models import NORM_KINDS, TOY_MODELS
+from options import (
+    Parser,
+    add_fast_flag,
+    check_device,
+    check_output_file,
+    device,
+    finite_float,
+    positive_int,
+    seed,
+)
 
 VAE_SCALE = 0.18215  # latents were scaled by this factor for training (Stable Diffusion's constant)
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 DEFAULT_CFG_SCALE = 4.0
-DEFAULT_STEPS = {"toy": 1000, "latent": 250}
+DEFAULT_STEPS = {"toy": None, "latent": 250}  # None: every step of the checkpoint's own diffusion
 
 
 class SampleError(Exception):
@@ -95,7 +110,7 @@ def check_labels(labels, num_classes):
 
 
 @torch.no_grad()
-def sample_toy_checkpoint(model, config, args):
+def sample_toy_checkpoint(model, config, train_args, args):
     """Toy path: samples -> .npz, printed error statistics, optional scatter png."""
     if args.vae is not None or args.image_size is not None or args.cfg_scale is not None:
         raise SampleError(f"{args.ckpt} is a toy {config['model']} checkpoint (2x2x2 data, no VAE, "
@@ -103,8 +118,8 @@ def sample_toy_checkpoint(model, config, args):
     if args.class_labels:
         check_labels(args.class_labels, config["num_classes"])
     num_samples = args.num_samples or 100
-    steps = args.num_sampling_steps or DEFAULT_STEPS["toy"]
-    diffusion = create_diffusion(str(steps))
+    diffusion = diffusion_of(train_args, args.num_sampling_steps or DEFAULT_STEPS["toy"])
+    steps = diffusion.num_timesteps
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     if args.device == "cpu":
         torch.set_num_threads(1)  # 4-token batches: thread hand-offs cost more than they save
@@ -115,7 +130,7 @@ def sample_toy_checkpoint(model, config, args):
     import analysis  # matplotlib is only needed here
 
     # the data the model was trained on (train_toy.py --data); checkpoints without it are zeros runs
-    data = (read_checkpoint(args.ckpt).get("train_args") or {}).get("data", "zeros")
+    data = train_args.get("data", "zeros")
     errors = analysis.pixel_errors(samples)
     if data == "constant":
         label, stats = "|x - mean(x)|", analysis.error_stats(errors["dev_const"])
@@ -145,7 +160,7 @@ def sample_toy_checkpoint(model, config, args):
 
 
 @torch.no_grad()
-def sample_latent_checkpoint(model, config, args):
+def sample_latent_checkpoint(model, config, train_args, args):
     """Latent path: guided samples decoded by the VAE -> image grid png."""
     if args.scatter:
         raise SampleError("--scatter plots toy samples; drop it for a latent model")
@@ -166,10 +181,9 @@ def sample_latent_checkpoint(model, config, args):
     cfg_scale = DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     if cfg_scale != 1.0 and config["class_dropout_prob"] == 0:
         raise SampleError(f"{args.ckpt} was trained without class dropout (no null class); use --cfg-scale 1")
-    vae = load_vae(args.vae or DEFAULT_VAE, args.device)  # before sampling: fail fast
-
     steps = args.num_sampling_steps or DEFAULT_STEPS["latent"]
-    diffusion = create_diffusion(str(steps))
+    diffusion = diffusion_of(train_args, steps)
+    vae = load_vae(args.vae or DEFAULT_VAE, args.device)  # before sampling: fail fast
     size = config["input_size"]
     z = torch.randn(n, 4, size, size, generator=g, device=args.device)  # (N, 4, h, w)
     y = torch.tensor(labels, device=args.device)
@@ -216,21 +230,21 @@ def resolve_checkpoint(args):
 
 def build_parser():
     summary, details = __doc__.split("\n\n", 1)
-    p = Parser(description=summary, epilog="details and examples:\n" + details)
+    p = Parser(prog="sample.py", description=summary, epilog="details and examples:\n" + details)
     p.add_argument("--ckpt", required=True,
                    help="checkpoint file, run folder of train_toy.py, or an official name (downloaded): "
                    f"{', '.join(OFFICIAL_CHECKPOINTS)}")
-    p.add_argument("--step", type=int, default=None,
+    p.add_argument("--step", type=positive_int, default=None,
                    help="with a run folder as --ckpt: the checkpoint step (default: the run's last)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema",
                    help="the EMA weights (what DiT samples with) or the raw training weights")
-    p.add_argument("--num-samples", type=int, default=None,
+    p.add_argument("--num-samples", type=positive_int, default=None,
                    help="default: 100 for toy models; the number of --class-labels (or 8) for latent models")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise and of random labels")
-    p.add_argument("--num-sampling-steps", type=int, default=None,
-                   help="respaced steps; default 250 for latent models (as DiT), 1000 (the full training "
-                        "schedule) for toy models")
-    p.add_argument("--cfg-scale", type=float, default=None,
+    p.add_argument("--seed", type=seed, default=0, help="seed of the noise and of random labels")
+    p.add_argument("--num-sampling-steps", type=positive_int, default=None,
+                   help="respaced steps of the checkpoint's own diffusion (at most its length); default 250 "
+                        "for latent models (as DiT), all of them (the full training schedule) for toy models")
+    p.add_argument("--cfg-scale", type=finite_float, default=None,
                    help=f"guidance scale (default {DEFAULT_CFG_SCALE}); 1 disables it; latent models only")
     p.add_argument("--cfg-channels", choices=("all", "3"), default="3",
                    help="guide the first 3 output channels as the official DiT sample.py does (default), or "
@@ -240,10 +254,13 @@ def build_parser():
     p.add_argument("--vae", default=None,
                    help=f"AutoencoderKL: a Hugging Face name ({DEFAULT_VAE} or stabilityai/sd-vae-ft-mse) "
                         "or a local folder (default: the -ema one)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=positive_int, default=None,
                    help="checked against the checkpoint (default: taken from it)")
     add_fast_flag(p)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--norm", choices=NORM_KINDS, default=None,
+                   help="checked against the checkpoint; needed only for a plain state dict of no "
+                        "official DiT architecture (a toy model's state_dict()): it does not store its norm")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda falls back to cpu when no GPU is present")
     p.add_argument("--out", default=None,
                    help="output .npz (toy) or .png grid (latent); default under results/samples/")
@@ -252,25 +269,38 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.num_samples is not None and args.num_samples < 1:
-        raise SystemExit("error: --num-samples must be at least 1")
-    if args.num_sampling_steps is not None and not 1 <= args.num_sampling_steps <= 1000:
-        raise SystemExit("error: --num-sampling-steps must be between 1 and 1000")
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device; sampling on cpu", file=sys.stderr)
         args.device = "cpu"
+    if check_device(args.device):
+        parser.error(f"--device {args.device}: {check_device(args.device)}")
+    for flag, path in (("--out", args.out), ("--scatter", args.scatter)):
+        if path is not None and check_output_file(path):
+            parser.error(f"{flag} {path}: {check_output_file(path)}")
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     try:
         args.ckpt = str(resolve_checkpoint(args))
-        model, config = load_model(args.ckpt, device=args.device, use_ema=args.weights == "ema")
+        # The steps and schedule of the diffusion come from the checkpoint (diffusion_of), never a default.
+        model, config, train_args = load_for_sampling(args.ckpt, norm=args.norm, device=args.device,
+                                                      use_ema=args.weights == "ema")
         if config["model"] in TOY_MODELS:
-            sample_toy_checkpoint(model, config, args)
+            sample_toy_checkpoint(model, config, train_args, args)
         else:
-            sample_latent_checkpoint(model, config, args)
+            sample_latent_checkpoint(model, config, train_args, args)
+    except DownloadError as e:
+        parser.fail(str(e))
     except (CheckpointError, SampleError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+        parser.error(str(e))
+    except OSError as e:  # an output that cannot be written (a full disk, a read-only folder)
+        parser.fail(f"cannot write {e.filename or args.out} ({e.strerror or e}); free space or pass another "
+                    "--out")
+    except (MemoryError, RuntimeError) as e:  # too many samples for this machine; anything else is a bug
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate" not in str(e):
+            raise
+        parser.fail(f"out of memory on {args.device} ({type(e).__name__}); pass a smaller --num-samples")
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 

@@ -40,6 +40,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -64,14 +65,27 @@ from analysis import (  # noqa: E402
     pixel_errors,
     run_checkpoints,
 )
-from checkpoint import load_model  # noqa: E402
+from checkpoint import check_sampling_steps, diffusion_of, load_for_sampling  # noqa: E402
 from data import CONSTANT_RANGE, DATA_KINDS, rank_batches  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from fast import make_optimizer, make_train_step, sample_toy  # noqa: E402
 from models import NORM_KINDS, TOY_MODELS, build_model  # noqa: E402
-from options import add_fast_flag  # noqa: E402
+from options import (  # noqa: E402
+    Parser,
+    add_fast_flag,
+    check_device,
+    check_folder,
+    check_timestep,
+    device,
+    positive_float,
+    positive_int,
+    seed,
+    unit_interval,
+)
 
 ERROR_KEYS = ("mean", "median", "p99", "max")
+# Every run trains on train_toy.py's default diffusion (DiT's 1000 steps); sampling respaces it.
+DIFFUSION_STEPS = train_toy.DEFAULTS["diffusion_steps"]
 
 # Each preset is a complete study configuration; explicit flags override it.
 PRESETS = {
@@ -94,32 +108,35 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    """Flags left out take the preset's value (default preset: cpu)."""
-    parser = argparse.ArgumentParser(prog="study.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Flags left out take the preset's value (default preset: cpu). Every value is checked here, before
+    any run starts (train_toy.py's own checks then never fire half-way through a study)."""
+    parser = Parser(prog="study.py", description=__doc__)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--model", choices=TOY_MODELS)
     parser.add_argument("--norms", help=f"comma-separated subset of {','.join(NORM_KINDS)}")
     parser.add_argument("--data", help=f"comma-separated subset of {','.join(DATA_KINDS)}")
-    parser.add_argument("--seeds", type=int, help="number of seeds per variant (seeds 0..N-1)")
-    parser.add_argument("--global-batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--ema-decay", type=float)
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--num-checkpoints", type=int, help="checkpoints per run, evenly spaced")
-    parser.add_argument("--num-samples", type=int, help="samples per checkpoint")
-    parser.add_argument("--sampling-steps", type=int, help="ancestral DDPM steps (respaced from 1000)")
-    parser.add_argument("--sample-seed", type=int, default=0, help="the fixed noise set (default: 0)")
+    parser.add_argument("--seeds", type=positive_int, help="number of seeds per variant (seeds 0..N-1)")
+    parser.add_argument("--global-batch-size", type=positive_int)
+    parser.add_argument("--lr", type=positive_float)
+    parser.add_argument("--ema-decay", type=unit_interval)
+    parser.add_argument("--max-steps", type=positive_int)
+    parser.add_argument("--num-checkpoints", type=positive_int, help="checkpoints per run, evenly spaced")
+    parser.add_argument("--num-samples", type=positive_int, help="samples per checkpoint")
+    parser.add_argument("--sampling-steps", type=positive_int,
+                        help=f"ancestral DDPM steps (respaced from the runs' {DIFFUSION_STEPS})")
+    parser.add_argument("--sample-seed", type=seed, default=0, help="the fixed noise set (default: 0)")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema",
                         help="which weights of each checkpoint sample, and of the final models' outlier "
                         "ratios and the DyT check: the EMA (what DiT samples with, the default) or the raw "
                         "training weights")
     parser.add_argument("--outlier-timestep", type=int, default=100,
                         help="timestep of the noised inputs for the outlier ratio (default: 100)")
-    parser.add_argument("--jobs", type=int, help="runs trained and sampled in parallel, 1 thread each")
+    parser.add_argument("--jobs", type=positive_int,
+                        help="runs trained and sampled in parallel, 1 thread each")
     parser.add_argument("--dyt-check", action=argparse.BooleanOptionalAction,
                         help="also train dyt with another lr and without adaLN-Zero (seed 0, zeros data)")
-    parser.add_argument("--device", help="device for training and sampling (cpu/tiny preset: cpu, gpu: cuda)")
+    parser.add_argument("--device", type=device,
+                        help="device for training and sampling (cpu/tiny preset: cpu, gpu: cuda)")
     add_fast_flag(parser)
     parser.add_argument("--results-dir", default="results/study", help="run folders (default: results/study)")
     parser.add_argument("--res-dir", default="res", help="tables and figures (default: res)")
@@ -127,18 +144,23 @@ def parse_args(argv=None):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.norms = [n.strip() for n in args.norms.split(",") if n.strip()]
-    args.data = [d.strip() for d in args.data.split(",") if d.strip()]
+    # A repeated entry is one variant, not two (it would count its seeds twice, and two jobs would train
+    # into one run folder at once).
+    args.norms = list(dict.fromkeys(n.strip() for n in args.norms.split(",") if n.strip()))
+    args.data = list(dict.fromkeys(d.strip() for d in args.data.split(",") if d.strip()))
     if not args.norms or set(args.norms) - set(NORM_KINDS):
         parser.error(f"--norms must be a comma-separated subset of {','.join(NORM_KINDS)}")
     if not args.data or set(args.data) - set(DATA_KINDS):
         parser.error(f"--data must be a comma-separated subset of {','.join(DATA_KINDS)}")
-    for key in ("seeds", "global_batch_size", "max_steps", "num_checkpoints", "num_samples",
-                "sampling_steps", "jobs"):
-        if getattr(args, key) <= 0:
-            parser.error(f"--{key.replace('_', '-')} must be positive")
     if args.num_checkpoints > args.max_steps:
         parser.error("--num-checkpoints must not exceed --max-steps")
+    problems = [("--sampling-steps", check_sampling_steps(args.sampling_steps, DIFFUSION_STEPS)),
+                ("--outlier-timestep", check_timestep(args.outlier_timestep, DIFFUSION_STEPS)),
+                ("--device", check_device(args.device)),
+                ("--results-dir", check_folder(args.results_dir)), ("--res-dir", check_folder(args.res_dir))]
+    for flag, problem in problems:
+        if problem:
+            parser.error(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: {problem}")
     return parser, args
 
 
@@ -179,32 +201,70 @@ def train_flags(args, data, norm, seed):
     return flags + (["--data", data] if data != "zeros" else [])
 
 
-def train_run(args, data, norm, seed):
-    """Train one run with train_toy.py, or reuse a finished run with the same flags: (folder, trained)."""
-    folder = Path(args.results_dir) / f"{data}-{norm}-seed{seed}"
+def run_folder(args, data, norm, seed):
+    """The folder of one (data, norm, seed) run; train_toy.py makes its run folder inside."""
+    return Path(args.results_dir) / f"{data}-{norm}-seed{seed}"
+
+
+def saved_train_args(run):
+    """train_args of a run folder's config.json, or None if it has none (a start that failed before it)."""
+    try:
+        return json.loads((run / "config.json").read_text())["train_args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_state(args, data, norm, seed):
+    """("reuse", run folder) of a finished run with the same flags, ("train", half-made run folders to
+    remove first), or ("refuse", why): decided for every run before any of them starts."""
+    folder = run_folder(args, data, norm, seed)
+    if folder.exists() and not folder.is_dir():
+        return "refuse", f"{folder} is a file; delete it or pass another --results-dir"
     flags = train_flags(args, data, norm, seed)
     wanted = {k[2:].replace("-", "_"): v for k, v in zip(flags[0::2], flags[1::2], strict=True)}
     wanted.setdefault("data", "zeros")
+    half_made = []
     for run in sorted(folder.glob("*-*")):
-        saved = json.loads((run / "config.json").read_text())["train_args"]
-        same = all(str(saved.get(k, "zeros" if k == "data" else None)) == v for k, v in wanted.items())
+        saved = saved_train_args(run)
+        if saved is None and run.is_dir() and not run_checkpoints(run):
+            half_made.append(run)  # no config.json and no checkpoint: a start that failed
+            continue
+        same = saved is not None and all(str(saved.get(k, "zeros" if k == "data" else None)) == v
+                                         for k, v in wanted.items())
         if same and args.max_steps in run_checkpoints(run):
-            return run, False
-    if folder.exists() and any(folder.iterdir()):
-        raise SystemExit(f"error: {folder} holds another or an unfinished run; delete it or pass another "
-                         "--results-dir")
+            return "reuse", run
+    others = [p for p in folder.iterdir() if p not in half_made] if folder.is_dir() else []
+    if others:
+        return "refuse", (f"{folder} holds another or an unfinished run; delete it or pass another "
+                          "--results-dir")
+    return "train", half_made
+
+
+def train_run(args, data, norm, seed):
+    """Train one run with train_toy.py, or reuse a finished run with the same flags: (folder, trained)."""
+    folder = run_folder(args, data, norm, seed)
+    state, detail = run_state(args, data, norm, seed)
+    if state == "reuse":
+        return detail, False
+    if state == "refuse":
+        raise SystemExit(f"error: {detail}")
+    for run in detail:
+        shutil.rmtree(run)  # half-made by a failed start: replaced by this run
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # its log.txt keeps the log
-        train_toy.main([*flags, "--device", args.device, "--fast", args.fast, "--results-dir", str(folder)])
+        train_toy.main([*train_flags(args, data, norm, seed), "--device", args.device, "--fast", args.fast,
+                        "--results-dir", str(folder)])
     print(f"study: trained {folder}", flush=True)
     return next(folder.glob("*-*")), True
 
 
 @torch.no_grad()
-def fixed_noise_samples(model, num_samples, sampling_steps, sample_seed, device="cpu", fast="auto"):
+def fixed_noise_samples(model, num_samples, sampling_steps, sample_seed, device="cpu", fast="auto",
+                        train_args=None):
     """(N, C, H, W) float64 samples; the generator is reset to sample_seed, so every call shares its noise.
 
-    A CPU generator serves every device, so the noise set is the same on a GPU too."""
-    diffusion = create_diffusion(str(sampling_steps))
+    The diffusion is the one of train_args (the checkpoint's; None: DiT's 1000 steps), respaced to
+    sampling_steps. A CPU generator serves every device, so the noise set is the same on a GPU too."""
+    diffusion = diffusion_of(train_args or {}, sampling_steps)
     generator = torch.Generator().manual_seed(sample_seed)
     samples = sample_toy(model, diffusion, num_samples, generator=generator, device=device, fast=fast,
                          log=print)
@@ -230,9 +290,9 @@ def measure_run(args, data, norm, seed):
     run, trained = train_run(args, data, norm, seed)
     rows = []
     for step, path in run_checkpoints(run).items():
-        model, config = load_model(path, device=args.device, use_ema=args.weights == "ema")
+        model, config, train_args = load_for_sampling(path, device=args.device, use_ema=args.weights == "ema")
         samples = fixed_noise_samples(model, args.num_samples, args.sampling_steps, args.sample_seed,
-                                      args.device, args.fast)
+                                      args.device, args.fast, train_args=train_args)
         rows += checkpoint_rows(samples, data, norm, seed, step)
     # Outliers of the final model on noised inputs of x0 = 0 (which is also a constant image, c = 0).
     generator = torch.Generator().manual_seed(args.sample_seed)
@@ -543,6 +603,11 @@ def main(argv=None):
     if args.dyt_check and ("dyt" not in args.norms or "zeros" not in args.data):
         parser.error("--dyt-check compares with the study's dyt run: it needs dyt in --norms and zeros in "
                      "--data (or pass --no-dyt-check)")
+    refused = [detail for d in args.data for n in args.norms for s in range(args.seeds)
+               if (state := run_state(args, d, n, s))[0] == "refuse" for detail in state[1:]]
+    if refused:  # before any run starts, not after hours of the others
+        parser.fail(refused[0] + (f" (and {len(refused) - 1} more run folders like it)" if len(refused) > 1
+                                  else ""))
     res_dir = Path(args.res_dir)
     res_dir.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python study.py", *(sys.argv[1:] if argv is None else argv)])

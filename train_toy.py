@@ -7,9 +7,11 @@
     python train_toy.py --norm dyt --fast off                         # the plain model, no fast path
 
 Each sample's timestep and noise come from (seed, step, global sample index) (data.py), so a global batch
-trains identically on any number of ranks and a resumed run continues exactly (at the same thread count:
-float sums may round differently with another). A resumed run continues in the folder of its checkpoint
-and appends to its log.txt. Besides the DiT EMA every checkpoint keeps the averages of averaging.py.
+trains identically on any number of ranks and a resumed run continues exactly, bit for bit, at the same
+thread count (torch.get_num_threads(), e.g. OMP_NUM_THREADS): with another, float sums may round
+differently. A resumed run continues in the folder of its checkpoint and appends to its log.txt. Besides
+the DiT EMA every checkpoint keeps the averages of averaging.py. A run folder appears only once the model
+is built and the step is ready, and no checkpoint with a NaN or an infinity in its weights is ever saved.
 """
 import argparse
 import copy
@@ -23,12 +25,22 @@ import torch
 import torch.distributed as dist
 
 from averaging import DEFAULT_AVERAGES, WeightAverages
-from checkpoint import FORMAT, CheckpointError, load_model, read_checkpoint, save_checkpoint
+from checkpoint import FORMAT, CheckpointError, load_model, nonfinite_parts, read_checkpoint, save_checkpoint
 from data import DATA_KINDS, rank_batches, training_images
 from diffusion import create_diffusion
 from fast import compile_options, make_optimizer, make_train_step
 from models import build_model
-from options import Parser, add_fast_flag, add_training_flags, non_negative_int, positive_int
+from options import (
+    Parser,
+    add_fast_flag,
+    add_training_flags,
+    check_device,
+    check_folder,
+    diffusion_steps,
+    non_negative_int,
+    positive_int,
+    step_list,
+)
 
 # The study: the DiT recipe (AdamW, constant lr 1e-4, no weight decay, EMA 0.9999) at global batch 2048.
 DEFAULTS = {
@@ -54,13 +66,13 @@ def parse_args(argv=None):
     """Flags left out stay None; resolve_config fills them (flags > preset > checkpoint > defaults)."""
     parser = Parser(prog="train_toy.py", description=__doc__)
     add_training_flags(parser, DEFAULTS)
-    parser.add_argument("--ckpt-steps", help="comma-separated steps to save a checkpoint at; the last step "
-                        f"is always saved (default: {DEFAULTS['ckpt_steps']})")
+    parser.add_argument("--ckpt-steps", type=step_list, help="comma-separated steps to save a checkpoint at; "
+                        f"the last step is always saved (default: {DEFAULTS['ckpt_steps']})")
     parser.add_argument("--ckpt-every", type=non_negative_int, help="also save every N steps; 0 = off "
                         "(default: 0)")
     parser.add_argument("--log-every", type=positive_int, help="steps between loss logs; the loss is also "
                         "checked for NaN/Inf here (default: 100)")
-    parser.add_argument("--diffusion-steps", type=positive_int, help="diffusion timesteps T (linear "
+    parser.add_argument("--diffusion-steps", type=diffusion_steps, help="diffusion timesteps T (linear "
                         "schedule, learned sigma) (default: 1000)")
     parser.add_argument("--data", choices=DATA_KINDS, help="zeros: every image is 0; constant: each image "
                         "is c * ones, c ~ U[-1, 1] per sample (default: zeros)")
@@ -160,6 +172,9 @@ def read_resume(parser, args):
         parser.error(str(err))
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         parser.error(f"--resume {ckpt_path} is not a checkpoint written by train_toy.py")
+    problem = resume_problem(ckpt)
+    if problem:
+        parser.error(f"--resume {ckpt_path} {problem}")
     for key in ("model", "norm"):
         wanted, found = getattr(args, key), ckpt["config"][key]
         if wanted is not None and wanted != found:
@@ -176,8 +191,33 @@ def read_resume(parser, args):
     return ckpt_path, ckpt, ckpt_path.parent.parent
 
 
+# What a checkpoint needs to continue a run, and the type of each part.
+RESUME_PARTS = {"config": dict, "model": dict, "ema": dict, "opt": dict, "step": int, "train_args": dict,
+                "rng": dict}
+
+
+def resume_problem(ckpt):
+    """Why a checkpoint of this format cannot continue a run (lacking or non-finite parts), or None."""
+    lacking = [key for key, kind in RESUME_PARTS.items() if not isinstance(ckpt.get(key), kind)]
+    if not lacking and not torch.is_tensor(ckpt["rng"].get("torch")):
+        lacking = ["rng['torch']"]
+    if lacking:
+        return (f"lacks {', '.join(lacking)}: it can be sampled but not resumed; resume from a checkpoint "
+                "that train_toy.py wrote")
+    bad = nonfinite_parts(ckpt)
+    if bad:
+        return (f"holds non-finite {', '.join(bad)} weights (a diverged run); resume from an earlier "
+                "checkpoint with a smaller --lr")
+    return None
+
+
 def main(argv=None):
     parser, args = parse_args(argv)
+    problem = check_folder(args.results_dir) if not args.resume else None
+    if problem:
+        parser.error(f"--results-dir {args.results_dir}: {problem}")
+    if args.device is not None and check_device(args.device):
+        parser.error(f"--device {args.device}: {check_device(args.device)}")
     if args.compile_mode is not None:
         if args.no_compile:
             parser.error("--compile-mode sets how torch.compile builds the step and --no-compile skips "
@@ -187,6 +227,8 @@ def main(argv=None):
         except ValueError as error:
             parser.error(f"--compile-mode: {error}")
     ckpt_path, ckpt, run_dir = read_resume(parser, args)
+    if ckpt and run_dir is None and check_folder(args.results_dir):
+        parser.error(f"--results-dir {args.results_dir}: {check_folder(args.results_dir)}")
     cfg = resolve_config(args, ckpt.get("train_args", {}))
     ckpt_steps = check_config(parser, cfg, int(os.environ.get("WORLD_SIZE", "1")), ckpt.get("step", 0))
     try:
@@ -198,24 +240,48 @@ def main(argv=None):
             given = "--no-compile" if args.no_compile else "--compile-mode"
             parser.error(f"{given} applies to the CUDA step only; drop it to train on {device}")
         train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, device)
+    except CheckpointError as err:  # the resumed training state does not fit: refused before any write
+        parser.error(str(err))
+    except OSError as err:  # the run folder or its log cannot be written
+        where = err.filename or args.results_dir
+        raise SystemExit(f"error: cannot write {where} ({err.strerror or err}); free space or pass a "
+                         "--results-dir you can write to") from None
+    except (MemoryError, RuntimeError) as err:  # a batch that does not fit; anything else is a bug
+        if not isinstance(err, (MemoryError, torch.OutOfMemoryError)) and "can't allocate" not in str(err):
+            raise
+        raise SystemExit(f"error: out of memory on {device} ({type(err).__name__}); pass a smaller "
+                         "--global-batch-size") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 class RunLog:
-    """log.txt of a run and the console, written by rank 0 only."""
+    """log.txt of a run and the console, written by rank 0 only. Lines logged before the run folder exists
+    (open) are printed at once and written to log.txt when it opens."""
 
-    def __init__(self, run_dir, rank):
-        self.rank = rank
-        self.file = open(run_dir / "log.txt", "a") if rank == 0 else None
+    def __init__(self, rank):
+        self.rank, self.file, self.pending = rank, None, []
+
+    def open(self, run_dir):
+        if self.rank == 0:
+            self.file = open(run_dir / "log.txt", "a")
+            self.file.writelines(self.pending)
+            self.file.flush()
+            self.pending = []
 
     def __call__(self, message):
         if self.rank == 0:
             line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
             print(line, flush=True)
-            self.file.write(line + "\n")
-            self.file.flush()
+            if self.file is None:
+                self.pending.append(line + "\n")
+                return
+            try:
+                self.file.write(line + "\n")
+                self.file.flush()
+            except OSError:  # a full disk: the console still has the line, and fail() still says why
+                pass
 
     def fail(self, message):
         """Stop every rank (all reach this with the same reduced losses); rank 0 says why in one line."""
@@ -241,10 +307,16 @@ def build_training_state(cfg, ckpt, ckpt_path, device, rank):
     averages = WeightAverages(model, DEFAULT_AVERAGES) if rank == 0 else None
     optimizer = make_optimizer(model.parameters(), cfg["lr"])
     if ckpt:
-        ema.load_state_dict(ckpt["ema"])
-        if averages is not None and "averages" in ckpt:  # (older checkpoints: they start again here)
-            averages.load_state_dict(ckpt["averages"])
-        optimizer.load_state_dict(ckpt["opt"])
+        try:
+            ema.load_state_dict(ckpt["ema"])
+            if averages is not None and "averages" in ckpt:  # (older checkpoints: they start again here)
+                averages.load_state_dict(ckpt["averages"])
+            optimizer.load_state_dict(ckpt["opt"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"--resume {ckpt_path}: its EMA, averages or optimizer state do not fit "
+                                  f"the model ({type(err).__name__}: {reason}); resume from a complete "
+                                  "checkpoint of the same run") from None
         for group in optimizer.param_groups:
             group["lr"] = cfg["lr"]  # an explicit --lr on resume wins over the saved one
             group["foreach"], group["fused"] = None, True  # the fused kernel (the same update rule)
@@ -252,47 +324,58 @@ def build_training_state(cfg, ckpt, ckpt_path, device, rank):
 
 
 def save(path, step, cfg, model_config, model, ema, averages, optimizer):
-    """One checkpoint: plain data only, so that torch.load(weights_only=True) reads it."""
-    save_checkpoint({"format": FORMAT, "config": model_config, "model": model.state_dict(),
-                     "ema": ema.state_dict(), "averages": averages.state_dict(),
-                     "opt": optimizer.state_dict(), "step": step, "train_args": cfg,
-                     "rng": {"torch": torch.get_rng_state()}}, path)
+    """One checkpoint: plain data only, so that torch.load(weights_only=True) reads it. Returns None, or
+    why nothing was written (weights that are not finite, a failed write)."""
+    ckpt = {"format": FORMAT, "config": model_config, "model": model.state_dict(), "ema": ema.state_dict(),
+            "averages": averages.state_dict(), "opt": optimizer.state_dict(), "step": step, "train_args": cfg,
+            "rng": {"torch": torch.get_rng_state()}}
+    bad = nonfinite_parts(ckpt)
+    if bad:
+        # The loss of this step was finite, but its update was not (e.g. lr / (1 - beta1) overflows float32).
+        return (f"the {', '.join(bad)} weights are not finite after step {step}, so nothing was saved; "
+                "training stopped", "resume it with a smaller --lr")
+    try:
+        save_checkpoint(ckpt, path)
+    except OSError as err:
+        return (f"cannot write {path} ({err.strerror or err}); training stopped",
+                "free space (or fix the folder) and resume it")
+    return None
 
 
 def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, device):
     """Build or restore the model, EMA, averages and optimizer, then train up to cfg['max_steps']."""
     start_step, max_steps, log_every = ckpt.get("step", 0), cfg["max_steps"], cfg["log_every"]
-    if rank == 0:  # rank 0 alone owns the run folder and writes into it
-        run_dir = run_dir or new_run_dir(args.results_dir, cfg["model"], cfg["norm"])
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
-    log = RunLog(run_dir, rank)
-
+    log = RunLog(rank)
+    # Everything that can fail at the start comes before the run folder, so that a failed start leaves none.
     model, ema, averages, optimizer = build_training_state(cfg, ckpt, ckpt_path, device, rank)
     diffusion = create_diffusion(timestep_respacing="", diffusion_steps=cfg["diffusion_steps"])
     train_step = make_train_step(model, ema, diffusion, optimizer, ema_decay=cfg["ema_decay"],
                                  world_size=world_size, fast=args.fast, compile_cuda=not args.no_compile,
                                  compile_mode=args.compile_mode, log=log)
     model_config = {"model": cfg["model"], **model.config}
-
-    log(f"run folder {run_dir}" + (f", resumed from {ckpt_path} at step {start_step}" if ckpt else ""))
     compile_mode = (args.compile_mode or "default") if train_step.path == "cuda-graph-compiled" else None
-    log(f"world size {world_size}, device {device}, step path {train_step.path}"
-        + (f" (compile mode {compile_mode})" if compile_mode else "")
-        + (f" (fast path not used: {train_step.fast_reason})" if train_step.fast_reason else "")
-        + f", train args {json.dumps(cfg)}")
-    log(f"model {json.dumps(model_config)}, {sum(p.numel() for p in model.parameters()):,} parameters")
-    if rank == 0:
+    # One class (label 0, no class dropout); the images are zeros, or constants with --data constant.
+    local_batch = cfg["global_batch_size"] // world_size
+    shape = (model.config["in_channels"], model.config["input_size"], model.config["input_size"])
+    y = torch.zeros(local_batch, dtype=torch.long, device=device)  # (b,)
+    if rank == 0:  # rank 0 alone owns the run folder and writes into it; config.json first
+        run_dir = run_dir or new_run_dir(args.results_dir, cfg["model"], cfg["norm"])
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
         run_config = {"train_args": cfg, "model_config": model_config, "world_size": world_size,
                       "device": str(device), "fast": args.fast, "step_path": train_step.path,
                       "fast_reason": train_step.fast_reason, "compile_mode": compile_mode,
                       "averages": list(DEFAULT_AVERAGES), "resumed_from": str(ckpt_path) if ckpt else None,
                       "start_step": start_step, "torch": torch.__version__}
         (run_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+        log.open(run_dir)
 
-    # One class (label 0, no class dropout); the images are zeros, or constants with --data constant.
-    local_batch = cfg["global_batch_size"] // world_size
-    shape = (model.config["in_channels"], model.config["input_size"], model.config["input_size"])
-    y = torch.zeros(local_batch, dtype=torch.long, device=device)  # (b,)
+    log(f"run folder {run_dir}" + (f", resumed from {ckpt_path} at step {start_step}" if ckpt else ""))
+    log(f"world size {world_size}, device {device}, step path {train_step.path}"
+        + (f" (compile mode {compile_mode})" if compile_mode else "")
+        + (f" (fast path not used: {train_step.fast_reason})" if train_step.fast_reason else "")
+        + f", train args {json.dumps(cfg)}")
+    log(f"model {json.dumps(model_config)}, {sum(p.numel() for p in model.parameters()):,} parameters")
+
     steps = range(start_step + 1, max_steps + 1)
     batches = rank_batches(cfg["seed"], steps, cfg["global_batch_size"], rank, world_size,
                            diffusion.num_timesteps, shape, device)
@@ -300,7 +383,8 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
     # Losses stay on the device between checks (no per-step host sync). A check, at every log step and
     # before every save, all-reduces the per-step losses since the last check and stops at the first
     # non-finite one: the message names the exact step, and a non-finite model is never saved.
-    losses = torch.zeros(log_every, device=device)  # (log_every,) local mean loss per step
+    # (window,) local mean loss per step; a check comes at least every log_every steps and at the last one.
+    losses = torch.zeros(min(log_every, max_steps - start_step), device=device)
     last_check, last_saved, tick = start_step, ckpt_path, time.perf_counter()
     loop_start = tick
     for step, (t, noise) in zip(steps, batches, strict=True):
@@ -320,7 +404,7 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
                 dist.all_reduce(window)  # sum over ranks
             window = (window / world_size).tolist()  # the only host sync between checks
             bad = [i for i, value in enumerate(window) if not math.isfinite(value)]
-            if bad:
+            if bad:  # every checkpoint saved (or resumed from) is finite, so last_saved is a good one
                 log.fail(f"loss is {window[bad[0]]} at step {last_check + 1 + bad[0]}; training stopped, the "
                          f"last good checkpoint is {last_saved or 'none (none saved yet)'}; resume it with a "
                          "smaller --lr")
@@ -329,13 +413,21 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
             log(f"step {step:07d} | loss {mean:.6f} | steps/s {len(window) / seconds:.2f}")
             last_check, tick = step, time.perf_counter()
         if is_save:
+            problem = None
             if rank == 0:
                 path = run_dir / "checkpoints" / f"{step:07d}.pt"
-                save(path, step, cfg, model_config, model, ema, averages, optimizer)
-                log(f"saved {path}")
-                last_saved = path
-            if world_size > 1:
-                dist.barrier()
+                problem = save(path, step, cfg, model_config, model, ema, averages, optimizer)
+                if problem is None:
+                    log(f"saved {path}")
+                    last_saved = path
+            if world_size > 1:  # every rank learns whether rank 0 saved; also the barrier after the save
+                failed = torch.tensor([problem is not None], dtype=torch.int32, device=device)
+                dist.all_reduce(failed)
+                problem = problem or (("rank 0 could not save", "") if failed.item() else None)
+            if problem:
+                what, advice = problem
+                log.fail(f"{what}, the last good checkpoint is {last_saved or 'none (none saved yet)'}"
+                         + (f"; {advice}" if last_saved else ""))
     log(f"done: {len(steps)} steps in {time.perf_counter() - loop_start:.1f} s of training loop "
         "(compilation, warm-up and capture of the first steps and the checkpoint saves included)")
     log.close()

@@ -1,5 +1,7 @@
 import argparse
+import math
 import os
+import stat
 from pathlib import PurePosixPath
 
 import pytest
@@ -71,10 +73,39 @@ def test_mismatched_norm_or_model_is_refused(tmp_path):
         load_model(path, norm="layernorm")
     with pytest.raises(CheckpointError, match="ToyDiT-XS/1 model, not ToyDiT/1"):
         load_model(path, model="ToyDiT/1")
-    official = tmp_path / "official.pt"
-    torch.save(randomized().state_dict(), official)
-    with pytest.raises(CheckpointError, match="norm=layernorm model, not norm=none"):
-        load_model(official, norm="none")
+
+
+
+def official_shapes(name="DiT-S/8", **overrides):
+    """The state dict of an official architecture, on the meta device (no 33M random weights to write)."""
+    with torch.device("meta"):
+        return build_model(name, **overrides).state_dict()
+
+
+def test_an_official_architecture_is_layernorm_and_says_why(tmp_path, monkeypatch):
+    path = tmp_path / "official.pt"
+    path.write_bytes(b"")  # read_checkpoint is replaced below: only the path must exist
+    monkeypatch.setattr(checkpoint, "read_checkpoint", lambda p: official_shapes(input_size=8))
+    with pytest.raises(CheckpointError, match=r"norm=layernorm model \(an official DiT architecture: "
+                       r"layernorm by definition\), not norm=none"):
+        load_model(path, norm="none")
+
+
+def test_a_plain_toy_state_dict_needs_its_norm(tmp_path):
+    """A toy model's own state_dict() is no official checkpoint: it was read as LayerNorm (its outputs then
+    52% off for norm="none"), and an explicit norm="none" was refused as "not norm=none"."""
+    model = randomized(norm="none").eval()
+    path = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(CheckpointError, match="plain state dict of a ToyDiT-XS/1 model, no official DiT "
+                       "architecture, so its norm is not known; give it"):
+        load_model(path)
+    loaded, config = load_model(path, norm="none")
+    assert config == {**model.config, "model": "ToyDiT-XS/1"} and config["norm"] == "none"
+    assert torch.equal(outputs(loaded), outputs(model))
+    as_layernorm, _ = load_model(path, norm="layernorm")  # what the old code silently built
+    off = (outputs(as_layernorm) - outputs(model)).norm() / outputs(model).norm()
+    assert off > 0.1, off
 
 
 def test_config_without_norm_is_refused(tmp_path):
@@ -85,11 +116,12 @@ def test_config_without_norm_is_refused(tmp_path):
         load_model(tmp_path / "old.pt")
 
 
-def test_official_plain_state_dict(tmp_path):
-    # A null row (num_classes 3 + 1) and a 4x4 input: both must be recovered from the shapes alone.
+def test_plain_state_dict_config_from_shapes(tmp_path):
+    # A null row (num_classes 3 + 1) and a 4x4 input: both must be recovered from the shapes alone (the norm,
+    # which leaves no trace there, is given: a toy architecture is no official one).
     model = randomized(num_classes=3, class_dropout_prob=0.1, input_size=4).eval()
     torch.save(model.state_dict(), tmp_path / "plain.pt")
-    loaded, config = load_model(tmp_path / "plain.pt")
+    loaded, config = load_model(tmp_path / "plain.pt", norm="layernorm")
     assert config == {**model.config, "model": "ToyDiT-XS/1"}
     assert torch.equal(outputs(loaded), outputs(model))
 
@@ -160,6 +192,65 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
 
+def test_nonfinite_weights_are_never_written(tmp_path):
+    model = randomized()
+    good = ours(model, model)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(good, path)
+    for part in ("model", "ema"):
+        bad = {**good, part: {k: torch.full_like(v, math.inf) if k == "pos_embed" else v
+                              for k, v in good[part].items()}}
+        with pytest.raises(CheckpointError, match=f"not saving .*: its {part} weights are not finite"):
+            save_checkpoint(bad, tmp_path / f"{part}.pt")
+    average = {"kind": "ema", "value": 0.9, "tensors": {"pos_embed": torch.full((3,), math.nan)}}
+    with pytest.raises(CheckpointError, match="its averages/ema_0.9 weights are not finite"):
+        save_checkpoint({**good, "averages": {"ema_0.9": average}}, tmp_path / "averages.pt")
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # nothing written, not even a temporary file
+
+
+def test_checkpoints_have_the_permissions_of_the_logs(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint({"step": 1}, tmp_path / "a.pt")
+        os.umask(0o027)
+        save_checkpoint({"step": 1}, tmp_path / "b.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.pt").st_mode) == 0o644  # was 0600 (mkstemp's)
+    assert stat.S_IMODE(os.stat(tmp_path / "b.pt").st_mode) == 0o640
+
+
+def test_stale_temporary_files_are_removed_on_the_next_save(tmp_path):
+    gone = int(open("/proc/sys/kernel/pid_max").read()) + 1 if os.path.exists("/proc/sys/kernel/pid_max") \
+        else 2**22 + 1  # no process has this id
+    stale = [f".0000010.pt.{gone}.abcd_123.tmp", ".0000020.pt.k2j4h5g6.tmp"]  # a killed save; an older one
+    alive = f".0000030.pt.{os.getppid()}.zzzz9999.tmp"  # its writer still runs
+    for name in [*stale, alive, "notes.tmp"]:
+        (tmp_path / name).write_bytes(b"half a checkpoint")
+    save_checkpoint({"step": 40}, tmp_path / "0000040.pt")
+    assert sorted(os.listdir(tmp_path)) == sorted([alive, "notes.tmp", "0000040.pt"])
+
+
+def test_a_checkpoint_lacking_parts_is_one_error(tmp_path):
+    ckpt = ours(randomized(), randomized())
+    torch.save({k: v for k, v in ckpt.items() if k != "model"}, tmp_path / "no_model.pt")
+    with pytest.raises(CheckpointError, match="no_model.pt lacks its model; pass a complete checkpoint"):
+        load_model(tmp_path / "no_model.pt", use_ema=False)
+    load_model(tmp_path / "no_model.pt")  # the EMA alone still samples
+    torch.save({k: v for k, v in ckpt.items() if k != "config"}, tmp_path / "no_config.pt")
+    with pytest.raises(CheckpointError, match="no_config.pt lacks its config; pass a complete checkpoint"):
+        load_model(tmp_path / "no_config.pt")
+
+
+def test_the_diffusion_comes_from_the_checkpoint():
+    assert checkpoint.diffusion_of({}).num_timesteps == 1000  # official ones, and ours from before the flag
+    short = checkpoint.diffusion_of({"diffusion_steps": 100})
+    assert short.num_timesteps == 100 and short.betas[-1] == pytest.approx(0.2)  # 0.02 * 1000 / 100
+    assert checkpoint.diffusion_of({"diffusion_steps": 100}, 10).num_timesteps == 10
+    with pytest.raises(CheckpointError, match="200 sampling steps do not fit a 100-step diffusion; pass 1"):
+        checkpoint.diffusion_of({"diffusion_steps": 100}, 200)
+
+
 def test_download_failure_is_a_checkpoint_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     calls = []
@@ -191,5 +282,5 @@ def test_download_success_goes_to_pretrained_models(tmp_path, monkeypatch):
     path = download_official("DiT-XL-2-512x512.pt", root=tmp_path / "pretrained_models")
     assert path == tmp_path / "pretrained_models" / "DiT-XL-2-512x512.pt"
     assert os.listdir(path.parent) == ["DiT-XL-2-512x512.pt"]
-    loaded, _ = load_model(path)
+    loaded, _ = load_model(path, norm="layernorm")  # a toy stands in for the official weights: give its norm
     assert torch.equal(outputs(loaded), outputs(model.eval()))

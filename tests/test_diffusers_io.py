@@ -87,7 +87,8 @@ def test_foreign_and_broken_folders_are_one_line_errors(tmp_path, dit_folder):
         with pytest.raises(CheckpointError, match=message) as e:
             load_model(tmp_path / name)
         assert "\n" not in str(e.value)
-    with pytest.raises(CheckpointError, match="norm=layernorm model, not norm=none"):
+    why = r"\(a diffusers DiT: layernorm by definition\)"
+    with pytest.raises(CheckpointError, match=f"norm=layernorm model {why}, not norm=none"):
         load_model(dit_folder, norm="none")
 
 

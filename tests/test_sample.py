@@ -11,6 +11,8 @@ from builders import make_latent_checkpoint, make_toy_runs, make_vae, perturb_ze
 from PIL import Image
 
 import sample
+from diffusion import create_diffusion
+from fast import sample_toy
 from models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +97,7 @@ def test_image_grid_layout():
     ("bad_vae", "pass a local folder with --vae"),
     ("no_vae_folder", "not found"),
 ])
-def test_bad_input_is_one_line(files, tmp_path, case, expected):
+def test_bad_input_is_one_line(files, tmp_path, capsys, case, expected):
     (tmp_path / "not_a_vae").mkdir()
     argv = {
         "missing": ["--ckpt", str(tmp_path / "nope.pt")],
@@ -107,8 +109,73 @@ def test_bad_input_is_one_line(files, tmp_path, case, expected):
     }[case]
     with pytest.raises(SystemExit) as e:
         sample.main(argv + ["--num-sampling-steps", "2", "--out", str(tmp_path / "x")])
-    message = str(e.value.code)
-    assert message.startswith("error: ") and expected in message and "\n" not in message
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and line.startswith("sample.py: error: ") and expected in line
+
+
+def test_a_toy_samples_on_its_own_schedule(tmp_path, capsys):
+    """A model trained with --diffusion-steps 100 was sampled on DiT's T = 1000, silently."""
+    model = perturb_zero_init(build_model("ToyDiT-XS/1"), seed=5).eval()
+    ckpt = save_model(model, "ToyDiT-XS/1", tmp_path / "t100.pt", train_args={"diffusion_steps": 100})
+    sample.main(["--ckpt", str(ckpt), "--num-samples", "6", "--out", str(tmp_path / "s.npz")])
+    assert "6 samples, 100 steps" in capsys.readouterr().out
+    own = sample_toy(model, create_diffusion("", diffusion_steps=100), 6,
+                     generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npz")["samples"], own.double().numpy())
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(ckpt), "--num-sampling-steps", "200", "--out", str(tmp_path / "x.npz")])
+    assert e.value.code == 2
+    assert "200 sampling steps do not fit a 100-step diffusion; pass 1 to 100" in capsys.readouterr().err
+
+
+def test_a_plain_toy_state_dict_samples_with_the_norm_given(tmp_path, capsys):
+    model = perturb_zero_init(build_model("ToyDiT-XS/1", norm="none"), seed=6).eval()
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    argv = ["--ckpt", str(tmp_path / "plain.pt"), "--num-samples", "4", "--num-sampling-steps", "5"]
+    with pytest.raises(SystemExit) as e:
+        sample.main([*argv, "--out", str(tmp_path / "a.npz")])
+    assert e.value.code == 2 and "its norm is not known; give it" in capsys.readouterr().err
+    sample.main([*argv, "--norm", "none", "--out", str(tmp_path / "b.npz")])
+    own = sample_toy(model, create_diffusion("5"), 4, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npz")["samples"], own.double().numpy())
+
+
+@pytest.mark.parametrize("flags, expected, status", [
+    (["--device", "tpu"], "argument --device: 'tpu' is not a device; use cpu, cuda or cuda:N", 2),
+    (["--seed", str(2**64)], "argument --seed: '18446744073709551616' is not a seed in [0, 2^63)", 2),
+    (["--num-samples", "abc"], "argument --num-samples: 'abc' is not a positive integer", 2),  # no usage
+    (["--num-samples", "0"], "'0' is not a positive integer", 2),
+    (["--out", "{tmp}/afile/x.npz"], "afile is a file, not a folder; pass a folder", 2),
+    (["--out", "{tmp}"], "is a folder; pass a file name", 2),
+    (["--scatter", "{tmp}/afile/x.png"], "--scatter", 2),
+    (["--ckpt", "{tmp}/no_config.pt"], "no_config.pt lacks its config; pass a complete checkpoint", 2),
+    (["--ckpt", "{tmp}/afile"], "cannot read", 2),
+])
+def test_more_bad_input_is_one_line(files, tmp_path, capsys, flags, expected, status):
+    (tmp_path / "afile").write_text("not a folder\n")
+    ckpt = torch.load(files["toy"], weights_only=True)
+    torch.save({k: v for k, v in ckpt.items() if k != "config"}, tmp_path / "no_config.pt")
+    argv = ["--ckpt", str(files["toy"]), "--num-sampling-steps", "2", "--out", str(tmp_path / "x.npz"),
+            *(flag.replace("{tmp}", str(tmp_path)) for flag in flags)]
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == status and line.startswith("sample.py: error: ") and expected in line, line
+
+
+def test_a_write_failure_is_one_line_with_status_1(files, tmp_path, capsys, monkeypatch):
+    def full_disk(path, **arrays):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(sample.np, "savez", full_disk)
+    out = tmp_path / "x.npz"
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(files["toy"]), "--num-sampling-steps", "2", "--out", str(out)])
+    err = capsys.readouterr().err  # the sampler's progress, then the one line
+    line = err.strip().splitlines()[-1]
+    assert e.value.code == 1 and "Traceback" not in err
+    assert line == f"sample.py: error: cannot write {out} (No space left on device); free space or pass " \
+        "another --out"
 
 
 def test_bad_input_exit_code_without_traceback(tmp_path):
@@ -147,7 +214,7 @@ def test_raw_weights_of_the_toy_checkpoint_differ_from_its_ema(tmp_path):
     ("step_with_file", "--step picks a checkpoint of a run folder"),
     ("raw_of_plain_state_dict", "holds one set of weights only"),
 ])
-def test_bad_folder_or_weights_is_one_line(files, tmp_path, case, expected):
+def test_bad_folder_or_weights_is_one_line(files, tmp_path, case, expected, capsys):
     (tmp_path / "empty").mkdir()
     plain = tmp_path / "plain.pt"
     torch.save(build_model("ToyDiT-XS/1").state_dict(), plain)
@@ -160,5 +227,6 @@ def test_bad_folder_or_weights_is_one_line(files, tmp_path, case, expected):
     }[case]
     with pytest.raises(SystemExit) as e:
         sample.main(argv + ["--num-sampling-steps", "2", "--out", str(tmp_path / "x")])
-    message = str(e.value.code)
-    assert message.startswith("error: ") and expected in message and "\n" not in message
+    message = capsys.readouterr().err
+    assert e.value.code == 2 and message.startswith("sample.py: error: ") and expected in message
+    assert message.count("\n") == 1

@@ -142,3 +142,53 @@ def test_bad_flags_exit_with_a_message(flags, tmp_path, capsys):
         study.main([*flags, "--results-dir", str(tmp_path), "--res-dir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_repeated_entries_are_one_variant():
+    # --norms layernorm,layernorm reported 4 seeds where there were 2, every row twice, and with --jobs 2
+    # two jobs trained into one run folder at once.
+    _, args = study.parse_args(["--preset", "tiny", "--norms", "layernorm,none,layernorm", "--data",
+                                "zeros,zeros", "--jobs", "2"])
+    assert args.norms == ["layernorm", "none"] and args.data == ["zeros"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sampling-steps", "2000"], "--sampling-steps 2000: 2000 sampling steps do not fit a 1000-step"),
+    (["--outlier-timestep", "1000"], "--outlier-timestep 1000: 1000 is no timestep of a 1000-step diffusion"),
+    (["--outlier-timestep", "-1"], "pass 0 to 999"),
+    (["--lr", "inf"], "argument --lr: 'inf' is not a finite number > 0"),  # was train_toy.py's, after a file
+    (["--ema-decay", "2"], "argument --ema-decay: '2' is not a number in [0, 1]"),
+    (["--sample-seed", str(2**64)], "is not a seed in [0, 2^63)"),
+    (["--jobs", "0"], "argument --jobs: '0' is not a positive integer"),
+    (["--device", "tpu"], "argument --device: 'tpu' is not a device"),
+    (["--results-dir", "{tmp}/afile"], "--results-dir"),
+    (["--res-dir", "{tmp}/afile/res"], "afile is a file, not a folder"),
+    (["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),  # was a usage block first
+])
+def test_every_value_is_checked_before_any_run(flags, message, tmp_path, capsys, monkeypatch):
+    def must_not_run(args):
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr(study, "run_all", must_not_run)
+    (tmp_path / "afile").write_text("a file, not a folder\n")
+    argv = ["--preset", "tiny", "--results-dir", str(tmp_path / "runs"), "--res-dir", str(tmp_path / "res"),
+            *(flag.replace("{tmp}", str(tmp_path)) for flag in flags)]
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(argv)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and line.startswith("study.py: error: ") and message in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written
+
+
+def test_a_half_made_run_folder_is_replaced(tmp_path):
+    """A start that failed before config.json (the code before this change made its folder first) made
+    every later study in that results dir crash with FileNotFoundError."""
+    runs = tmp_path / "runs"
+    half_made = runs / "zeros-layernorm-seed0" / "000-ToyDiT-XS-1-layernorm"
+    (half_made / "checkpoints").mkdir(parents=True)
+    (half_made / "log.txt").write_text("")
+    study.main(["--preset", "tiny", "--norms", "layernorm", "--data", "zeros", "--seeds", "1",
+                "--num-samples", "8", "--results-dir", str(runs), "--res-dir", str(tmp_path / "res")])
+    (run,) = (runs / "zeros-layernorm-seed0").iterdir()
+    assert (run / "config.json").is_file() and sorted(analysis.run_checkpoints(run)) == [10, 20]
+    assert len(read_csv(tmp_path / "res" / "study_errors.csv")) == 2 * 2  # 2 checkpoints x 2 measures

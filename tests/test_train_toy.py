@@ -1,6 +1,7 @@
 """train_toy.py on CPU with gloo: world-size invariance, exact resume, NaN stop, one-line errors, learning."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -140,12 +141,35 @@ def test_bad_input_from_the_command_line(tmp_path):
     assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
+@pytest.fixture(scope="module")
+def broken(straight, tmp_path_factory):
+    """Files a user may pass by mistake: a checkpoint without its optimizer state, one with NaN weights (as
+    the code before this check saved), a text file, and a file where a folder belongs."""
+    folder = tmp_path_factory.mktemp("broken")
+    ckpt = read_checkpoint(straight / "checkpoints" / "0000020.pt")
+    torch.save({k: v for k, v in ckpt.items() if k != "opt"}, folder / "no_opt.pt")
+    nan = {k: torch.full_like(v, math.nan) for k, v in ckpt["model"].items()}
+    torch.save({**ckpt, "model": nan}, folder / "nan.pt")
+    (folder / "afile").write_text("a file, not a folder\n")
+    return folder
+
+
 @pytest.mark.parametrize("args, env, message", [
     (["--norm", "groupnorm"], {}, "argument --norm: invalid choice"),
     (["--global-batch-size", "15"], {"WORLD_SIZE": "2"}, "multiple of the world size 2"),
     (["--max-steps", "0"], {}, "--max-steps: '0' is not a positive integer"),
     (["--lr", "1e39"], {}, "--lr: '1e39' is not a finite number > 0"),
-    (["--ckpt-steps", "10k"], {}, "--ckpt-steps must be comma-separated integers"),
+    (["--ckpt-steps", "10k"], {}, "--ckpt-steps: '10k' is not a comma-separated list of positive steps"),
+    (["--ckpt-steps", "0,-5", "--max-steps", "2"], {}, "'0,-5' is not a comma-separated list of positive"),
+    # A schedule the diffusion cannot take (beta >= 1), or one whose arrays would not fit in memory.
+    (["--diffusion-steps", "10", "--max-steps", "2"], {}, "not a diffusion length the linear schedule"),
+    (["--diffusion-steps", "1000001", "--max-steps", "2"], {}, "(1, or 21 to 100000; DiT's is 1000)"),
+    (["--device", "tpu"], {}, "--device: 'tpu' is not a device; use cpu, cuda or cuda:N"),
+    (["--results-dir", "{broken}/afile"], {}, "afile is a file, not a folder; pass a folder"),
+    (["--results-dir", "{broken}/afile/runs"], {}, "afile is a file, not a folder; pass a folder"),
+    (["--resume", "{broken}/no_opt.pt", "--max-steps", "30"], {}, "lacks opt: it can be sampled but not"),
+    (["--resume", "{broken}/nan.pt", "--max-steps", "30"], {},
+     "holds non-finite model weights (a diverged run); resume from an earlier checkpoint"),
     (["--resume", "no/such/run"], {}, "no such checkpoint file or run folder"),
     (["--resume", "{run}", "--norm", "none"], {}, "holds norm 'layernorm', not --norm 'none'"),
     (["--resume", "{run}", "--model", "ToyDiT/1"], {}, "holds model 'ToyDiT-XS/1', not --model 'ToyDiT/1'"),
@@ -158,18 +182,77 @@ def test_bad_input_from_the_command_line(tmp_path):
     (["--device", "cpu", "--no-compile"], {}, "--no-compile applies to the CUDA step only; drop it"),
     (["--device", "cpu", "--compile-mode", "default"], {}, "--compile-mode applies to the CUDA step only"),
 ])
-def test_bad_input_is_one_line(straight, tmp_path, monkeypatch, capsys, args, env, message):
+def test_bad_input_is_one_line(straight, broken, tmp_path, monkeypatch, capsys, args, env, message):
     for key in DIST_ENV:
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    argv = ["--results-dir", str(tmp_path), *(arg.replace("{run}", str(straight)) for arg in args)]
+    argv = ["--results-dir", str(tmp_path),
+            *(arg.replace("{run}", str(straight)).replace("{broken}", str(broken)) for arg in args)]
     with pytest.raises(SystemExit) as exit_info:
         train_toy.main(argv)
     assert exit_info.value.code not in (0, None)
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert message in line
     assert not list(tmp_path.iterdir())  # no run folder for a refused run
+
+
+def in_process(monkeypatch, argv):
+    """train_toy.main(argv) as one process would run it (no torchrun variables); its SystemExit, if any."""
+    for key in DIST_ENV:
+        monkeypatch.delenv(key, raising=False)
+    try:
+        train_toy.main(argv)
+    except SystemExit as stop:
+        return stop
+    return None
+
+
+def test_nonfinite_weights_are_never_saved_nor_called_good(tmp_path, monkeypatch):
+    """lr 1e38 is finite, but AdamW's first step size lr / (1 - beta1) is inf in float32: step 1's loss is
+    finite, its update is not. The code before this check saved that NaN model (exit 0 with --max-steps 1;
+    with --ckpt-every 1 the NaN stop of step 2 then called it "the last good checkpoint")."""
+    flags = [*SMALL, "--lr", "1e38", "--results-dir", str(tmp_path)]
+    stop = in_process(monkeypatch, [*flags, "--max-steps", "3", "--ckpt-every", "1"])
+    assert stop is not None and stop.code.startswith("error: the model, ema") and "step 1, so nothing was" \
+        " saved" in stop.code and stop.code.endswith("the last good checkpoint is none (none saved yet)")
+    assert not list(tmp_path.rglob("*.pt"))
+    stop = in_process(monkeypatch, [*flags, "--max-steps", "1"])
+    assert stop is not None and "not finite after step 1" in stop.code and not list(tmp_path.rglob("*.pt"))
+
+
+def test_a_write_failure_is_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
+    def full_disk(obj, path):
+        if Path(path).name == "0000004.pt":
+            raise OSError(28, "No space left on device", str(path))
+        real_save(obj, path)
+
+    real_save = train_toy.save_checkpoint
+    monkeypatch.setattr(train_toy, "save_checkpoint", full_disk)
+    stop = in_process(monkeypatch, [*SMALL, "--max-steps", "6", "--ckpt-every", "2", "--results-dir",
+                                    str(tmp_path)])
+    checkpoints = only_run(tmp_path) / "checkpoints"
+    assert stop is not None and stop.code == (
+        f"error: cannot write {checkpoints / '0000004.pt'} (No space left on device); training stopped, the "
+        f"last good checkpoint is {checkpoints / '0000002.pt'}; free space (or fix the folder) and resume it")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["0000002.pt"]
+
+
+def test_a_failed_start_leaves_no_run_folder(tmp_path, monkeypatch):
+    def broken_step(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the fast path is being checked
+
+    monkeypatch.setattr(train_toy, "make_train_step", broken_step)
+    with pytest.raises(KeyboardInterrupt):
+        in_process(monkeypatch, [*SMALL, "--max-steps", "2", "--results-dir", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_a_log_interval_beyond_the_run_trains(tmp_path, monkeypatch):
+    # The loss buffer was log_every long: --log-every 10**12 asked for 4 TB before the first step.
+    assert in_process(monkeypatch, [*SMALL, "--max-steps", "3", "--log-every", str(10**12), "--results-dir",
+                                    str(tmp_path)]) is None
+    assert "step 0000003 | loss" in (only_run(tmp_path) / "log.txt").read_text()
 
 
 def test_training_lowers_the_loss(tmp_path):
