@@ -489,6 +489,12 @@ def band_plot(ax, groups, y_of):
     ax.grid(True, which="both", linewidth=0.3)
 
 
+def seed_note(rows):
+    """What a figure's lines and bands are: a band only where there is more than one seed."""
+    seeds = len({r["seed"] for r in rows})
+    return " (one seed)" if seeds == 1 else f" (line: median over {seeds} seeds; band: min-max over seeds)"
+
+
 def plot_error_vs_step(rows, path, weights="ema"):
     """Median, 99th percentile and max error against training step; columns: data and error measure."""
     panels = list(grouped(rows, "data", "measure"))
@@ -503,8 +509,8 @@ def plot_error_vs_step(rows, path, weights="ema"):
             ax.set_title(f"{data} data: {stat} of {MEASURE_LABELS[measure]}", fontsize=9)
         axes[-1, col].set_xlabel("training step")
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(RAW_LABEL.get(weights, "") + "Sample error against training step (line: median over seeds; "
-                 "band: min-max over seeds)", fontsize=10)
+    fig.suptitle(RAW_LABEL.get(weights, "") + "Sample error against training step" + seed_note(rows),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -524,8 +530,7 @@ def plot_outlier_ratio(outliers, path, timestep, weights="ema"):
     axes[0, 0].set_ylabel("top-1 / median abs value")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(RAW_LABEL.get(weights, "") + "Outliers in the residual stream of the final models\n(inputs: "
-                 "x0 = 0 noised to "
-                 f"t = {timestep}; line: median over seeds; band: min-max over seeds)", fontsize=9)
+                 f"x0 = 0 noised to t = {timestep})" + seed_note(outliers), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
