@@ -63,6 +63,8 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=positive_int, default=2, help="runs at a time, 1 thread each "
                         "(default: 2)")
     parser.add_argument("--device", default="cpu", help="train and sample here (default: cpu)")
+    parser.add_argument("--steps", help="measure: only these comma-separated checkpoint steps (default: "
+                        "every checkpoint not yet measured)")
     add_fast_flag(parser)
     parser.add_argument("--results-dir", default="results/paper", help="run folders with the checkpoints "
                         "(default: results/paper)")
@@ -74,6 +76,10 @@ def parse_args(argv=None):
         args.seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    try:
+        args.steps = None if args.steps is None else {int(s) for s in args.steps.split(",") if s.strip()}
+    except ValueError:
+        parser.error(f"--steps must be comma-separated integers, got {args.steps!r}")
     if not args.norms or not args.seeds or min(args.seeds) < 0:
         parser.error("--norms and --seeds need at least one entry each (seeds >= 0)")
     args.cfg = PRESETS[args.preset]
@@ -202,7 +208,7 @@ def measure_run(args, norm, seed):
     cfg, measured = args.cfg, []
     diffusion = create_diffusion(str(cfg["sampling_steps"]))
     for step, path in sorted(run_checkpoints(run).items()):
-        if step in done or step == 0:
+        if step in done or step == 0 or (args.steps is not None and step not in args.steps):
             continue
         key = dict(norm=norm, seed=seed, step=step)
         raw, config = load_model(path, weights="raw", device=args.device)

@@ -211,7 +211,10 @@ def outcome(errors, weight_rows, last):
     seeds = {n: by_seed(errors, n, "ema", last, "median") for n in COLOURS}
     lines = []
 
-    def say(name, holds, numbers):
+    def say(name, holds, numbers, *inputs):
+        """holds: True/False, or None when it cannot be decided; any NaN input makes it not testable."""
+        if any(not np.isfinite(v) for v in inputs):
+            holds, numbers = None, numbers + " (a value is missing: that checkpoint or norm is not measured)"
         verdict = "not testable" if holds is None else ("holds" if holds else "fails")
         lines.append(f"- {name} {verdict}: {numbers}")
 
@@ -229,23 +232,24 @@ def outcome(errors, weight_rows, last):
               for n in COLOURS}
     say("M1", abs(change["layernorm"]) > 0.1 and abs(change["layernorm"]) > abs(change["none"]),
         f"writer norm change {first:,} -> {last:,}: layernorm {change['layernorm']:+.1%}, none "
-        f"{change['none']:+.1%}")
+        f"{change['none']:+.1%}", *change.values())
     lag = {n: _writer_norm(weight_rows, n, "ema", last) / _writer_norm(weight_rows, n, "raw", last) - 1
            for n in COLOURS}
     say("M2", abs(lag["layernorm"]) > 0.05 and abs(lag["none"]) < 0.05,
-        f"EMA / raw writer norm - 1 at {last:,}: layernorm {lag['layernorm']:+.1%}, none {lag['none']:+.1%}")
+        f"EMA / raw writer norm - 1 at {last:,}: layernorm {lag['layernorm']:+.1%}, none {lag['none']:+.1%}",
+        *lag.values())
     averages = [w for w in WEIGHTS if w != "raw"]
     best = {n: min(averages, key=lambda w, n=n: med[n, w][0]) for n in COLOURS}
     gain = {n: med[n, "ema"][0] / med[n, best[n]][0] for n in COLOURS}
     say("M3", REACH[best["layernorm"]] < REACH["ema"] and gain["layernorm"] >= 3 and gain["none"] <= 2,
         f"best average layernorm {LABEL[best['layernorm']]} ({gain['layernorm']:.1f}x better than EMA "
-        f"0.9999), none {LABEL[best['none']]} ({gain['none']:.1f}x)")
+        f"0.9999), none {LABEL[best['none']]} ({gain['none']:.1f}x)", *gain.values())
     ln = {w: med["layernorm", w][0] for w in ("ema", "sphere_0.9999", "raw")}
     closed = np.log(ln["ema"] / ln["sphere_0.9999"]) / np.log(ln["ema"] / ln["raw"])
     moved = med["none", "sphere_0.9999"][0] / med["none", "ema"][0]
     say("R1", bool(closed >= 0.5 and 0.5 <= moved <= 2),
         f"sphere EMA closes {closed:.0%} of layernorm's EMA gap (log scale); for none it moves the median "
-        f"{moved:.2f}x against EMA 0.9999")
+        f"{moved:.2f}x against EMA 0.9999", closed, moved)
     n = {k: len(v) for k, v in seeds.items()}
     note = " (preliminary: fewer than 3 seeds per norm)" if min(n.values()) < 3 else ""
     return [f"At step {last:,}, seeds: layernorm {n['layernorm']}, none {n['none']}{note}.", "", *lines]

@@ -67,6 +67,9 @@ def test_measure_is_incremental_and_train_resumes(study, tmp_path):
     before = (res / "runs" / "layernorm-seed0" / "errors.csv").read_text()
     paper.main(["measure", *flags])  # nothing new to measure
     assert (res / "runs" / "layernorm-seed0" / "errors.csv").read_text() == before
+    partial = tmp_path / "partial"
+    paper.main(["measure", *TINY, "--results-dir", str(runs), "--res-dir", str(partial), "--steps", "20"])
+    assert {r["step"] for r in rows(partial / "runs" / "none-seed0" / "errors.csv")} == {"20"}
     assert paper.train_command(paper.parse_args(["train", *flags]), "none", 0) is None  # finished
     # An unfinished run resumes from its last checkpoint.
     copy = tmp_path / "runs"
