@@ -124,14 +124,14 @@ def add_fast_flag(parser):
                         "diffusion/ as they are; off: always the plain research code (default: auto)")
 
 
-def add_training_flags(parser, defaults, *, suppress=False):
+def add_training_flags(parser, defaults):
     """--model, --norm, --global-batch-size, --lr, --ema-decay, --max-steps, --seed, --device: train_toy.py's
     definitions. defaults: the value shown in --help for each; the flags themselves default to None, so
-    that the caller can tell a flag given from one left out (suppress: no default shown)."""
+    that the caller can tell a flag given from one left out."""
 
     def add(flag, help, **kwargs):
         key = flag[2:].replace("-", "_")
-        shown = "" if suppress or key not in defaults else f" (default: {defaults[key]})"
+        shown = "" if key not in defaults else f" (default: {defaults[key]})"
         parser.add_argument(flag, default=None, help=help + shown, **kwargs)
 
     add("--model", "a toy model of models.py", choices=TOY_MODELS)
