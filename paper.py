@@ -2,6 +2,7 @@
 
     python paper.py train --seeds 0,1,2 --jobs 2       # train (or resume) layernorm and none, 1 thread each
     python paper.py measure --jobs 2                   # sample and measure every checkpoint not yet measured
+    python paper.py measure --stats-only               # weight norms and residual RMS only (seconds each)
     python paper.py report                             # tables, figures and the predictions' outcome
     python paper.py measure --preset tiny --results-dir /tmp/p --res-dir /tmp/r    # what the tests run
 
@@ -65,6 +66,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", help="train and sample here (default: cpu)")
     parser.add_argument("--steps", help="measure: only these comma-separated checkpoint steps (default: "
                         "every checkpoint not yet measured)")
+    parser.add_argument("--stats-only", action="store_true", help="measure: only the weight and "
+                        "residual-stream statistics (weights.csv, rms.csv), without sampling: seconds per "
+                        "checkpoint; a later measure without it adds the errors")
     add_fast_flag(parser)
     parser.add_argument("--results-dir", default="results/paper", help="run folders with the checkpoints "
                         "(default: results/paper)")
@@ -195,7 +199,8 @@ def write_rows(path, rows):
 
 
 def measure_run(args, norm, seed):
-    """Measure every checkpoint of one run not yet in its errors.csv; returns the steps measured."""
+    """Measure every checkpoint of one run not yet measured: its errors (unless --stats-only) and its
+    weight and residual-stream statistics, each once; returns the steps measured."""
     torch.set_num_threads(1)
     run = run_folder(args.results_dir, norm, seed)
     if run is None:
@@ -204,36 +209,44 @@ def measure_run(args, norm, seed):
     out.mkdir(parents=True, exist_ok=True)
     files = {name: out / f"{name}.csv" for name in ("errors", "weights", "rms")}
     tables = {name: read_rows(path) for name, path in files.items()}
-    done = {int(r["step"]) for r in tables["errors"]}
+    done = {name: {int(r["step"]) for r in rows} for name, rows in tables.items()}
     cfg, measured = args.cfg, []
     diffusion = create_diffusion(str(cfg["sampling_steps"]))
     for step, path in sorted(run_checkpoints(run).items()):
-        if step in done or step == 0 or (args.steps is not None and step not in args.steps):
+        if step == 0 or (args.steps is not None and step not in args.steps):
+            continue
+        sample = not args.stats_only and step not in done["errors"]
+        stats = step not in done["weights"] or step not in done["rms"]
+        if not (sample or stats):
             continue
         key = dict(norm=norm, seed=seed, step=step)
         raw, config = load_model(path, weights="raw", device=args.device)
         pixels = {}
         for weights in WEIGHTS:
             model = raw if weights == "raw" else load_model(path, weights=weights, device=args.device)[0]
-            generator = torch.Generator().manual_seed(0)  # the fixed noise set
-            samples = sample_toy(model, diffusion, cfg["num_samples"], generator=generator,
-                                 device=args.device, fast=args.fast, log=print)
-            samples = samples.double().cpu().numpy()
-            pixels[weights] = np.abs(samples).reshape(len(samples), -1).astype(np.float32)  # (N, C H W)
-            stats = error_stats(samples)
-            tables["errors"].append({**key, "weights": weights, **{k: stats[k] for k in ("median", "p99",
-                                                                                      "max", "mean")}})
-            stats_rows = weight_rows(model.cpu(), raw.cpu())
-            tables["weights"] += [{**key, "weights": weights, **r} for r in stats_rows]
-            tables["rms"] += [{**key, "weights": weights, **r} for r in rms_rows(model.cpu(), config,
-                                                                                 cfg["rms_batch"])]
+            if sample:
+                generator = torch.Generator().manual_seed(0)  # the fixed noise set
+                samples = sample_toy(model, diffusion, cfg["num_samples"], generator=generator,
+                                     device=args.device, fast=args.fast, log=print)
+                samples = samples.double().cpu().numpy()
+                pixels[weights] = np.abs(samples).reshape(len(samples), -1).astype(np.float32)  # (N, C H W)
+                errors = error_stats(samples)
+                tables["errors"].append({**key, "weights": weights,
+                                         **{k: errors[k] for k in ("median", "p99", "max", "mean")}})
+            if stats:
+                tables["weights"] += [{**key, "weights": weights, **r} for r in weight_rows(model.cpu(),
+                                                                                            raw.cpu())]
+                tables["rms"] += [{**key, "weights": weights, **r} for r in rms_rows(model.cpu(), config,
+                                                                                     cfg["rms_batch"])]
         for name, path_ in files.items():
-            write_rows(path_, tables[name])
-        if step == cfg["max_steps"]:
+            if tables[name]:
+                write_rows(path_, sorted(tables[name], key=lambda r: int(r["step"])))  # stable: by step
+        if sample and step == cfg["max_steps"]:
             np.savez_compressed(out / "pixels.npz", step=step, **pixels)
         (out / "run.json").write_text(json.dumps(run_info(run), indent=2) + "\n")
         measured.append(step)
-        print(f"paper: measured {norm} seed {seed} step {step}", flush=True)
+        what = "statistics" if not sample else ("errors" if not stats else "errors and statistics")
+        print(f"paper: measured {norm} seed {seed} step {step} ({what})", flush=True)
     return measured
 
 

@@ -144,22 +144,86 @@ def plot_averages(rows, step, path):
     plt.close(fig)
 
 
+def writer_norms(weight_rows, norm, weights):
+    """{step: {seed: norm of all residual-stream writers}} of one norm and weights kind."""
+    out = {}
+    for r in weight_rows:
+        if r["norm"] == norm and r["weights"] == weights and r["tensor"] == "writers":
+            out.setdefault(r["step"], {})[r["seed"]] = r["l2"]
+    return out
+
+
 def plot_writer_norms(weight_rows, path):
     fig, ax = plt.subplots(figsize=(7, 4))
     for norm, colour in COLOURS.items():
         for weights, style in (("raw", "-"), ("ema", "--"), ("sphere_0.9999", ":")):
-            cell = [r for r in weight_rows if r["norm"] == norm and r["weights"] == weights
-                    and r["tensor"] == "writers"]
-            steps = sorted({r["step"] for r in cell})
-            if steps:
-                ax.plot(steps, [np.median([r["l2"] for r in cell if r["step"] == s]) for s in steps],
-                        style, color=colour, label=f"{norm}, {LABEL[weights]}")
-    ax.set(xlabel="training step", ylabel="norm of all residual-stream writers (seed median)")
+            cells = writer_norms(weight_rows, norm, weights)
+            steps = sorted(cells)
+            if not steps:
+                continue
+            values = [list(cells[s].values()) for s in steps]
+            n = max(len(v) for v in values)
+            ax.plot(steps, [np.median(v) for v in values], style, color=colour,
+                    label=f"{norm}, {LABEL[weights]} (seeds: {n})")
+            if n > 1 and weights == "raw":
+                ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=colour,
+                                alpha=0.2)
+    ax.set(xlabel="training step", ylabel="norm of all residual-stream writers")
+    ax.set_title("seed median; band: min-max over seeds (raw)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def writer_table(weight_rows, step):
+    """Per averaged weights kind at `step`: its writer norm against raw's and its cosine to raw's."""
+    lines = ["| weights | layernorm: norm / raw - 1 | layernorm: cosine to raw | none: norm / raw - 1 | "
+             "none: cosine to raw |", "|---|---|---|---|---|"]
+    for weights in sorted(WEIGHTS, key=REACH.get):
+        if weights == "raw":
+            continue
+        cells = []
+        for norm in COLOURS:
+            mine = {r["seed"]: r for r in weight_rows if r["norm"] == norm and r["weights"] == weights
+                    and r["tensor"] == "writers" and r["step"] == step}
+            raw = writer_norms(weight_rows, norm, "raw").get(step, {})
+            lag = [mine[s]["l2"] / raw[s] - 1 for s in mine if s in raw]
+            cos = [mine[s]["cosine_to_raw"] for s in mine]
+            cells += [_signed(lag), _plain(cos)]
+        lines.append(f"| {LABEL[weights]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def rms_table(rms_rows, step):
+    """The residual stream's RMS after each block (raw weights, seed median) at `step`, per timestep."""
+    cells = {}
+    for r in rms_rows:
+        if r["weights"] == "raw" and r["step"] == step:
+            cells.setdefault((r["norm"], r["timestep"], r["block"]), []).append(r["rms"])
+    if not cells:
+        return []
+    blocks = sorted({b for _, _, b in cells})
+    lines = ["| norm | t | " + " | ".join(f"block {b}" for b in blocks) + " |",
+             "|---|---|" + "---|" * len(blocks)]
+    for norm in COLOURS:
+        for t in sorted({t for n, t, _ in cells if n == norm}):
+            values = [f"{np.median(cells[norm, t, b]):.3g}" if (norm, t, b) in cells else "-" for b in blocks]
+            lines.append(f"| {norm} | {t} | " + " | ".join(values) + " |")
+    return lines
+
+
+def _signed(values):
+    return "-" if not values else f"{np.median(values):+.2%} (n={len(values)})"
+
+
+def _values(values):
+    return "[" + ", ".join(f"{v:.2e}" for v in sorted(values)) + "]"
+
+
+def _plain(values):
+    return "-" if not values else f"{np.median(values):.4f} (n={len(values)})"
 
 
 def report(args):
@@ -185,6 +249,10 @@ def report(args):
             b = bootstrap_ratio(res, w, stat)
             cells.append("-" if b is None else f"{b[0]:.2f} [{b[1]:.2f}, {b[2]:.2f}] (seeds {b[3]}/{b[4]})")
         lines.append(f"| {LABEL[w]} | {cells[0]} | {cells[1]} |")
+    lines += ["", f"Averaged weights against the raw ones at step {last:,} (all residual-stream writers "
+              "together; seed median):", "", *writer_table(weights, last)]
+    lines += ["", f"RMS of the residual stream after each block at step {last:,} (raw weights, x_0 = 0 "
+              "noised to timestep t; seed median):", "", *rms_table(rms, last)]
     verdicts = outcome(errors, weights, last)
     lines += ["", "The predictions (prediction.md) against these numbers:", "", *verdicts]
     (res / "results.md").write_text("\n".join(lines) + "\n")
@@ -198,10 +266,13 @@ def _median(rows, norm, weights, step, key="median"):
     return (float(np.median(values)), len(values)) if values else (np.nan, 0)
 
 
-def _writer_norm(weight_rows, norm, weights, step):
-    values = [r["l2"] for r in weight_rows if r["norm"] == norm and r["weights"] == weights
-              and r["tensor"] == "writers" and r["step"] == step]
-    return float(np.median(values)) if values else np.nan
+def _writer_ratio(weight_rows, norm, weights, step, base_weights, base_step):
+    """Seed median of (writer norm of weights at step) / (writer norm of base_weights at base_step) - 1,
+    over the seeds that have both, and how many those are; NaN when none has."""
+    mine, base = writer_norms(weight_rows, norm, weights).get(step, {}), \
+        writer_norms(weight_rows, norm, base_weights).get(base_step, {})
+    values = [mine[s] / base[s] - 1 for s in mine if s in base]
+    return (float(np.median(values)) if values else np.nan), len(values)
 
 
 def outcome(errors, weight_rows, last):
@@ -220,21 +291,20 @@ def outcome(errors, weight_rows, last):
 
     if all(seeds.values()):
         ln, no = seeds["layernorm"].values(), seeds["none"].values()
-        say("C1", min(ln) > 1e-3 and max(no) < 1e-3, f"EMA medians layernorm {sorted(map(float, ln))}, "
-            f"none {sorted(map(float, no))}")
+        say("C1", min(ln) > 1e-3 and max(no) < 1e-3, f"EMA medians layernorm {_values(ln)}, none "
+            f"{_values(no)}")
         ratio, tail = med["layernorm", "raw"][0] / med["none", "raw"][0], mx["layernorm"] / mx["none"]
         say("C2", 0.5 <= ratio <= 2 and tail > 2, f"raw median ratio {ratio:.2f}, raw max ratio {tail:.2f}")
     else:
         say("C1", None, "needs both norms at the last step")
         say("C2", None, "needs both norms at the last step")
     first = 10_000 if any(r["step"] == 10_000 for r in weight_rows) else min(r["step"] for r in weight_rows)
-    change = {n: _writer_norm(weight_rows, n, "raw", last) / _writer_norm(weight_rows, n, "raw", first) - 1
-              for n in COLOURS}
+    ratios = {n: _writer_ratio(weight_rows, n, "raw", last, "raw", first) for n in COLOURS}
+    change, n_change = ({n: r[i] for n, r in ratios.items()} for i in (0, 1))
     say("M1", abs(change["layernorm"]) > 0.1 and abs(change["layernorm"]) > abs(change["none"]),
-        f"writer norm change {first:,} -> {last:,}: layernorm {change['layernorm']:+.1%}, none "
-        f"{change['none']:+.1%}", *change.values())
-    lag = {n: _writer_norm(weight_rows, n, "ema", last) / _writer_norm(weight_rows, n, "raw", last) - 1
-           for n in COLOURS}
+        f"writer norm change {first:,} -> {last:,} (raw, seed median): layernorm {change['layernorm']:+.1%} "
+        f"(n={n_change['layernorm']}), none {change['none']:+.1%} (n={n_change['none']})", *change.values())
+    lag = {n: _writer_ratio(weight_rows, n, "ema", last, "raw", last)[0] for n in COLOURS}
     say("M2", abs(lag["layernorm"]) > 0.05 and abs(lag["none"]) < 0.05,
         f"EMA / raw writer norm - 1 at {last:,}: layernorm {lag['layernorm']:+.1%}, none {lag['none']:+.1%}",
         *lag.values())

@@ -80,6 +80,19 @@ def test_measure_is_incremental_and_train_resumes(study, tmp_path):
     assert cmd[cmd.index("--resume") + 1] == str(run)
 
 
+def test_stats_only_measures_the_statistics_once_and_a_later_measure_adds_the_errors(study, tmp_path):
+    runs, res, _ = study
+    flags = [*TINY, "--results-dir", str(runs), "--res-dir", str(tmp_path)]
+    paper.main(["measure", "--stats-only", *flags])
+    mine, full = tmp_path / "runs" / "none-seed0", res / "runs" / "none-seed0"
+    assert not (mine / "errors.csv").exists()
+    assert rows(mine / "weights.csv") == rows(full / "weights.csv")
+    assert rows(mine / "rms.csv") == rows(full / "rms.csv")
+    paper.main(["measure", *flags])
+    for name in ("errors", "weights", "rms"):  # each measured once, as a measure in one go gives
+        assert rows(mine / f"{name}.csv") == rows(full / f"{name}.csv")
+
+
 def test_report_appends_the_outcome_below_the_unchanged_predictions(study):
     _, res, _ = study
     written = (ROOT / "res" / "paper" / "prediction.md").read_text().split("## Outcome")[0]
