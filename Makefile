@@ -56,7 +56,7 @@ paper-cpu: $(VENV)/.installed
 		--results-dir $(PAPER) --out-dir res/paper_cpu --refresh-res --pretrained ''
 
 # The paper-schedule study with seeds (res/paper/): train or resume layernorm and none, seeds 0-2, two runs
-# at a time with one thread each (about 1 h per pair on 2 idle cores), measure every checkpoint, report.
+# at a time with one thread each (about 1 h 40 min per pair on 2 idle cores), measure every checkpoint, report.
 # Interrupted runs resume where their last checkpoint left off.
 paper: $(VENV)/.installed
 	$(PY) paper.py train $(ARGS)
