@@ -3,6 +3,7 @@
     python paper.py train --seeds 0,1,2 --jobs 2       # train (or resume) layernorm and none, 1 thread each
     python paper.py measure --jobs 2                   # sample and measure every checkpoint not yet measured
     python paper.py measure --stats-only               # weight norms and residual RMS only (seconds each)
+    python paper.py perturb --seeds 1                  # exploratory: the last checkpoint's sharpness
     python paper.py report                             # tables, figures and the predictions' outcome
     python paper.py measure --preset tiny --results-dir /tmp/p --res-dir /tmp/r    # what the tests run
 
@@ -19,6 +20,7 @@ every block on noised inputs. The last step's |x| values are kept (pixels.npz) f
 number rests on; its outcome is appended to --res-dir/prediction.md (written before the first measurement).
 """
 
+import copy
 import csv
 import json
 import math
@@ -55,7 +57,7 @@ PRESETS = {
 
 def parse_args(argv=None):
     parser = Parser(prog="paper.py", description=__doc__)
-    parser.add_argument("command", choices=("train", "measure", "report"))
+    parser.add_argument("command", choices=("train", "measure", "perturb", "report"))
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                         help="paper: the schedule of the claim; tiny: seconds, for the tests "
                         "(default: paper)")
@@ -266,9 +268,60 @@ def measure(args):
             print(f"paper: {norm} seed {seed}: {len(steps)} new checkpoint(s) measured")
 
 
+#################################################################################
+#                   Sharpness (exploratory, after the outcome)                  #
+#################################################################################
+
+PERTURB_TOWARD = "ema_0.999"
+PERTURB_ALPHAS = (0.25, 0.5, 1.0)
+
+
+def perturb_run(args, norm, seed):
+    """The last checkpoint's errors at raw + alpha d, for d the step from the raw weights to PERTURB_TOWARD
+    and for d a random direction with the same norm per tensor: does an average hurt because it averages,
+    or because any step of its size hurts? Written once to runs/<run>/perturb.csv; returns its rows."""
+    torch.set_num_threads(1)
+    run, step = run_folder(args.results_dir, norm, seed), args.cfg["max_steps"]
+    path = run_checkpoints(run).get(step) if run is not None else None
+    out = Path(args.res_dir) / "runs" / f"{norm}-seed{seed}" / "perturb.csv"
+    if path is None or out.is_file():
+        return []
+    raw, _ = load_model(path, weights="raw", device=args.device)
+    toward = dict(load_model(path, weights=PERTURB_TOWARD, device=args.device)[0].named_parameters())
+    generator = torch.Generator().manual_seed(1)
+    steps = {}
+    for name, p in raw.named_parameters():
+        d = (toward[name] - p).detach()
+        r = torch.randn(d.shape, generator=generator).to(d)
+        steps[name] = {f"toward {PERTURB_TOWARD}": d, "random": r * (d.norm() / r.norm())}
+    diffusion, rows = create_diffusion(str(args.cfg["sampling_steps"])), []
+    for direction in (f"toward {PERTURB_TOWARD}", "random"):
+        for alpha in PERTURB_ALPHAS:
+            model = copy.deepcopy(raw)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.add_(steps[name][direction], alpha=alpha)
+            samples = sample_toy(model, diffusion, args.cfg["num_samples"], generator=torch.Generator()
+                                 .manual_seed(0), device=args.device, fast=args.fast, log=print)
+            stats = error_stats(samples.double().cpu().numpy())
+            rows.append(dict(norm=norm, seed=seed, step=step, direction=direction, alpha=alpha,
+                             **{k: stats[k] for k in ("median", "p99", "max")}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_rows(out, rows)
+    print(f"paper: perturbed {norm} seed {seed} step {step}", flush=True)
+    return rows
+
+
+def perturb(args):
+    jobs = [(n, s) for n in args.norms for s in args.seeds]
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        list(pool.map(perturb_run, [args] * len(jobs), [n for n, _ in jobs], [s for _, s in jobs]))
+
+
 def main(argv=None):
     args = parse_args(argv)
-    {"train": train, "measure": measure, "report": paper_report.report}[args.command](args)
+    commands = {"train": train, "measure": measure, "perturb": perturb, "report": paper_report.report}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def gather(res_dir, name):
     for path in sorted(Path(res_dir).glob(f"runs/*/{name}.csv")):
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
-                text = ("norm", "weights", "tensor")
+                text = ("norm", "weights", "tensor", "direction")
                 row = {k: v if k in text else float(v) for k, v in row.items()}
                 ints = {k: int(row[k]) for k in ("seed", "step", "block", "timestep") if k in row}
                 rows.append({**row, **ints})
@@ -214,6 +214,18 @@ def rms_table(rms_rows, step):
     return lines
 
 
+def perturb_table(perturbed, errors, step):
+    lines = ["| d | alpha | layernorm | none |", "|---|---|---|---|"]
+    raw = [spread(by_seed(errors, n, "raw", step, "median").values()) for n in COLOURS]
+    lines.append(f"| (raw weights) | 0 | {raw[0]} | {raw[1]} |")
+    for direction in sorted({r["direction"] for r in perturbed}, reverse=True):
+        for alpha in sorted({r["alpha"] for r in perturbed}):
+            cells = [spread([r["median"] for r in perturbed if r["norm"] == n and r["direction"] == direction
+                             and r["alpha"] == alpha and r["step"] == step]) for n in COLOURS]
+            lines.append(f"| {direction} | {alpha:g} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def _signed(values):
     return "-" if not values else f"{np.median(values):+.2%} (n={len(values)})"
 
@@ -253,6 +265,13 @@ def report(args):
               "together; seed median):", "", *writer_table(weights, last)]
     lines += ["", f"RMS of the residual stream after each block at step {last:,} (raw weights, x_0 = 0 "
               "noised to timestep t; seed median):", "", *rms_table(rms, last)]
+    perturbed = gather(res, "perturb")
+    if perturbed:
+        write_csv(perturbed, res / "perturb.csv")
+        lines += ["", f"Exploratory, after the outcome (`paper.py perturb`): median |x| at step {last:,} of "
+                  "the raw weights plus alpha times a step d: d = EMA 0.999 - raw, or a random direction "
+                  "with the same norm per tensor (seed median [min, max]):", "",
+                  *perturb_table(perturbed, errors, last)]
     verdicts = outcome(errors, weights, last)
     lines += ["", "The predictions (prediction.md) against these numbers:", "", *verdicts]
     (res / "results.md").write_text("\n".join(lines) + "\n")

@@ -93,6 +93,25 @@ def test_stats_only_measures_the_statistics_once_and_a_later_measure_adds_the_er
         assert rows(mine / f"{name}.csv") == rows(full / f"{name}.csv")
 
 
+def test_perturb_steps_from_the_raw_weights_toward_the_average_and_at_random(study, tmp_path):
+    runs, res, _ = study
+    shutil.copytree(res / "runs", tmp_path / "runs")
+    flags = [*TINY, "--results-dir", str(runs), "--res-dir", str(tmp_path)]
+    paper.main(["perturb", *flags])
+    perturbed = rows(tmp_path / "runs" / "none-seed0" / "perturb.csv")
+    assert {(r["direction"], float(r["alpha"])) for r in perturbed} == {
+        (d, a) for d in ("toward ema_0.999", "random") for a in paper.PERTURB_ALPHAS}
+    # The full step toward the average is the average, up to float round-off.
+    (full,) = [r for r in perturbed if r["direction"] == "toward ema_0.999" and r["alpha"] == "1.0"]
+    (average,) = [r for r in rows(res / "runs" / "none-seed0" / "errors.csv")
+                  if r["step"] == "20" and r["weights"] == "ema_0.999"]
+    assert float(full["median"]) == pytest.approx(float(average["median"]), rel=1e-4)
+    (random,) = [r for r in perturbed if r["direction"] == "random" and r["alpha"] == "1.0"]
+    assert random["median"] != full["median"]
+    paper.main(["report", *flags])
+    assert "| random | 0.5 |" in (tmp_path / "results.md").read_text()
+
+
 def test_report_appends_the_outcome_below_the_unchanged_predictions(study):
     _, res, _ = study
     written = (ROOT / "res" / "paper" / "prediction.md").read_text().split("## Outcome")[0]
