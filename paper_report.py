@@ -108,13 +108,13 @@ def plot_error_vs_step(rows, path):
                 continue
             n = max(len(c) for c in cells)
             ax.plot(steps, [np.median(c) for c in cells], color=colour, marker="o", ms=3,
-                    label=f"{norm} (seeds: {n})")
+                    label=f"{norm} (seeds: {_count([len(c) for c in cells])})")
             if n > 1:
                 ax.fill_between(steps, [min(c) for c in cells], [max(c) for c in cells], color=colour,
                                 alpha=0.2)
         ax.set(title=LABEL[weights], xlabel="training step", yscale="log")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("median |x| of 1000 samples (seed median; band: min-max over seeds)")
+    axes[0].set_ylabel("median |x| (seed median; band: seed min-max)")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -164,7 +164,7 @@ def plot_writer_norms(weight_rows, path):
             values = [list(cells[s].values()) for s in steps]
             n = max(len(v) for v in values)
             ax.plot(steps, [np.median(v) for v in values], style, color=colour,
-                    label=f"{norm}, {LABEL[weights]} (seeds: {n})")
+                    label=f"{norm}, {LABEL[weights]} (seeds: {_count([len(v) for v in values])})")
             if n > 1 and weights == "raw":
                 ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=colour,
                                 alpha=0.2)
@@ -224,6 +224,11 @@ def perturb_table(perturbed, errors, step):
                              and r["alpha"] == alpha and r["step"] == step]) for n in COLOURS]
             lines.append(f"| {direction} | {alpha:g} | {cells[0]} | {cells[1]} |")
     return lines
+
+
+def _count(ns):
+    """'2', or '1-2' when steps rest on different numbers of seeds."""
+    return f"{min(ns)}" if min(ns) == max(ns) else f"{min(ns)}-{max(ns)}"
 
 
 def _signed(values):
