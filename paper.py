@@ -67,7 +67,7 @@ def parse_args(argv=None):
                         "(default: 2)")
     parser.add_argument("--device", default="cpu", help="train and sample here (default: cpu)")
     parser.add_argument("--steps", help="measure: only these comma-separated checkpoint steps (default: "
-                        "every checkpoint not yet measured)")
+                        "every checkpoint not yet measured); perturb: these (default: the last)")
     parser.add_argument("--stats-only", action="store_true", help="measure: only the weight and "
                         "residual-stream statistics (weights.csv, rms.csv), without sampling: seconds per "
                         "checkpoint; a later measure without it adds the errors")
@@ -277,39 +277,44 @@ PERTURB_ALPHAS = (0.25, 0.5, 1.0)
 
 
 def perturb_run(args, norm, seed):
-    """The last checkpoint's errors at raw + alpha d, for d the step from the raw weights to PERTURB_TOWARD
-    and for d a random direction with the same norm per tensor: does an average hurt because it averages,
-    or because any step of its size hurts? Written once to runs/<run>/perturb.csv; returns its rows."""
+    """Errors at raw + alpha d, for d the step from the raw weights to PERTURB_TOWARD and for d a random
+    direction with the same norm per tensor: does an average hurt because it averages, or because any step
+    of its size hurts? At the last checkpoint, or at --steps; each step once, into runs/<run>/perturb.csv."""
     torch.set_num_threads(1)
-    run, step = run_folder(args.results_dir, norm, seed), args.cfg["max_steps"]
-    path = run_checkpoints(run).get(step) if run is not None else None
-    out = Path(args.res_dir) / "runs" / f"{norm}-seed{seed}" / "perturb.csv"
-    if path is None or out.is_file():
+    run = run_folder(args.results_dir, norm, seed)
+    if run is None:
         return []
-    raw, _ = load_model(path, weights="raw", device=args.device)
-    toward = dict(load_model(path, weights=PERTURB_TOWARD, device=args.device)[0].named_parameters())
-    generator = torch.Generator().manual_seed(1)
-    steps = {}
-    for name, p in raw.named_parameters():
-        d = (toward[name] - p).detach()
-        r = torch.randn(d.shape, generator=generator).to(d)
-        steps[name] = {f"toward {PERTURB_TOWARD}": d, "random": r * (d.norm() / r.norm())}
-    diffusion, rows = create_diffusion(str(args.cfg["sampling_steps"])), []
-    for direction in (f"toward {PERTURB_TOWARD}", "random"):
-        for alpha in PERTURB_ALPHAS:
-            model = copy.deepcopy(raw)
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.add_(steps[name][direction], alpha=alpha)
-            samples = sample_toy(model, diffusion, args.cfg["num_samples"], generator=torch.Generator()
-                                 .manual_seed(0), device=args.device, fast=args.fast, log=print)
-            stats = error_stats(samples.double().cpu().numpy())
-            rows.append(dict(norm=norm, seed=seed, step=step, direction=direction, alpha=alpha,
-                             **{k: stats[k] for k in ("median", "p99", "max")}))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_rows(out, rows)
-    print(f"paper: perturbed {norm} seed {seed} step {step}", flush=True)
-    return rows
+    out = Path(args.res_dir) / "runs" / f"{norm}-seed{seed}" / "perturb.csv"
+    rows = read_rows(out)
+    done = {int(r["step"]) for r in rows}
+    wanted = args.steps if args.steps is not None else {args.cfg["max_steps"]}
+    diffusion, new = create_diffusion(str(args.cfg["sampling_steps"])), []
+    for step, path in sorted(run_checkpoints(run).items()):
+        if step not in wanted or step in done:
+            continue
+        raw, _ = load_model(path, weights="raw", device=args.device)
+        toward = dict(load_model(path, weights=PERTURB_TOWARD, device=args.device)[0].named_parameters())
+        generator = torch.Generator().manual_seed(1)
+        steps = {}
+        for name, p in raw.named_parameters():
+            d = (toward[name] - p).detach()
+            r = torch.randn(d.shape, generator=generator).to(d)
+            steps[name] = {f"toward {PERTURB_TOWARD}": d, "random": r * (d.norm() / r.norm())}
+        for direction in (f"toward {PERTURB_TOWARD}", "random"):
+            for alpha in PERTURB_ALPHAS:
+                model = copy.deepcopy(raw)
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        p.add_(steps[name][direction], alpha=alpha)
+                samples = sample_toy(model, diffusion, args.cfg["num_samples"], generator=torch.Generator()
+                                     .manual_seed(0), device=args.device, fast=args.fast, log=print)
+                stats = error_stats(samples.double().cpu().numpy())
+                new.append(dict(norm=norm, seed=seed, step=step, direction=direction, alpha=alpha,
+                                **{k: stats[k] for k in ("median", "p99", "max")}))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_rows(out, sorted(rows + new, key=lambda r: int(r["step"])))
+        print(f"paper: perturbed {norm} seed {seed} step {step}", flush=True)
+    return new
 
 
 def perturb(args):

@@ -226,6 +226,26 @@ def perturb_table(perturbed, errors, step):
     return lines
 
 
+def perturb_steps_table(perturbed, errors):
+    toward = sorted(d for d in {r["direction"] for r in perturbed} if d != "random")[0]
+    columns = [("raw", None, None), (f"{toward} x0.25", toward, 0.25), ("random x1", "random", 1.0)]
+    lines = ["| step | " + " | ".join(f"{n}: {c}" for n in COLOURS for c, _, _ in columns) + " |",
+             "|---|" + "---|" * (len(COLOURS) * len(columns))]
+    for step in sorted({r["step"] for r in perturbed}):
+        cells = []
+        for norm in COLOURS:
+            for _, direction, alpha in columns:
+                if direction is None:
+                    values = by_seed(errors, norm, "raw", step, "median").values()
+                else:
+                    values = [r["median"] for r in perturbed if r["norm"] == norm and r["step"] == step
+                              and r["direction"] == direction and r["alpha"] == alpha]
+                values = list(values)
+                cells.append(f"{np.median(values):.2e} ({len(values)})" if values else "-")
+        lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _count(ns):
     """'2', or '1-2' when steps rest on different numbers of seeds."""
     return f"{min(ns)}" if min(ns) == max(ns) else f"{min(ns)}-{max(ns)}"
@@ -277,6 +297,9 @@ def report(args):
                   "the raw weights plus alpha times a step d: d = EMA 0.999 - raw, or a random direction "
                   "with the same norm per tensor (seed median [min, max]):", "",
                   *perturb_table(perturbed, errors, last)]
+        if len({r["step"] for r in perturbed}) > 1:
+            lines += ["", "The same at every perturbed checkpoint (median |x|; seed median, n seeds):", "",
+                      *perturb_steps_table(perturbed, errors)]
     verdicts = outcome(errors, weights, last)
     lines += ["", "The predictions (prediction.md) against these numbers:", "", *verdicts]
     (res / "results.md").write_text("\n".join(lines) + "\n")

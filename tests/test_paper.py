@@ -108,8 +108,12 @@ def test_perturb_steps_from_the_raw_weights_toward_the_average_and_at_random(stu
     assert float(full["median"]) == pytest.approx(float(average["median"]), rel=1e-4)
     (random,) = [r for r in perturbed if r["direction"] == "random" and r["alpha"] == "1.0"]
     assert random["median"] != full["median"]
+    paper.main(["perturb", *flags, "--steps", "10,20"])  # adds step 10, keeps step 20's rows
+    both = rows(tmp_path / "runs" / "none-seed0" / "perturb.csv")
+    assert [r for r in both if r["step"] == "20"] == perturbed and len(both) == 2 * len(perturbed)
     paper.main(["report", *flags])
-    assert "| random | 0.5 |" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "| random | 0.5 |" in text and "| 10 | " in text
 
 
 def test_report_appends_the_outcome_below_the_unchanged_predictions(study):
