@@ -216,7 +216,7 @@ def rms_table(rms_rows, step):
 
 def perturb_table(perturbed, errors, step):
     lines = ["| d | alpha | layernorm | none |", "|---|---|---|---|"]
-    raw = [spread(by_seed(errors, n, "raw", step, "median").values()) for n in COLOURS]
+    raw = [spread(_raw_of_perturbed(perturbed, errors, n, step)) for n in COLOURS]
     lines.append(f"| (raw weights) | 0 | {raw[0]} | {raw[1]} |")
     for direction in sorted({r["direction"] for r in perturbed}, reverse=True):
         for alpha in sorted({r["alpha"] for r in perturbed}):
@@ -236,7 +236,7 @@ def perturb_steps_table(perturbed, errors):
         for norm in COLOURS:
             for _, direction, alpha in columns:
                 if direction is None:
-                    values = by_seed(errors, norm, "raw", step, "median").values()
+                    values = _raw_of_perturbed(perturbed, errors, norm, step)
                 else:
                     values = [r["median"] for r in perturbed if r["norm"] == norm and r["step"] == step
                               and r["direction"] == direction and r["alpha"] == alpha]
@@ -244,6 +244,12 @@ def perturb_steps_table(perturbed, errors):
                 cells.append(f"{np.median(values):.2e} ({len(values)})" if values else "-")
         lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _raw_of_perturbed(perturbed, errors, norm, step):
+    """The raw weights' median errors at `step` of the seeds that were perturbed there."""
+    seeds = {r["seed"] for r in perturbed if r["norm"] == norm and r["step"] == step}
+    return [v for s, v in by_seed(errors, norm, "raw", step, "median").items() if s in seeds]
 
 
 def _count(ns):
