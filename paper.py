@@ -190,13 +190,13 @@ def read_rows(path):
 
 
 def write_rows(path, rows):
-    """All rows to a csv, atomically (a temporary file, then a rename)."""
+    """All rows to a csv, in order of step (stable), atomically (a temporary file, then a rename)."""
     path = Path(path)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(sorted(rows, key=lambda r: int(r["step"])))
     tmp.replace(path)
 
 
@@ -242,7 +242,7 @@ def measure_run(args, norm, seed):
                                                                                      cfg["rms_batch"])]
         for name, path_ in files.items():
             if tables[name]:
-                write_rows(path_, sorted(tables[name], key=lambda r: int(r["step"])))  # stable: by step
+                write_rows(path_, tables[name])
         if sample and step == cfg["max_steps"]:
             np.savez_compressed(out / "pixels.npz", step=step, **pixels)
         (out / "run.json").write_text(json.dumps(run_info(run), indent=2) + "\n")
@@ -259,13 +259,17 @@ def run_info(run):
     return {k: config.get(k) for k in keep}
 
 
-def measure(args):
+def each_run(args, fn):
+    """fn(args, norm, seed) for every (norm, seed), --jobs processes at a time; [((norm, seed), result)]."""
     jobs = [(n, s) for n in args.norms for s in args.seeds]
-    norms, seeds = [n for n, _ in jobs], [s for _, s in jobs]
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        for (norm, seed), steps in zip(jobs, pool.map(measure_run, [args] * len(jobs), norms, seeds),
-                                       strict=True):
-            print(f"paper: {norm} seed {seed}: {len(steps)} new checkpoint(s) measured")
+        results = pool.map(fn, [args] * len(jobs), [n for n, _ in jobs], [s for _, s in jobs])
+        return list(zip(jobs, results, strict=True))
+
+
+def measure(args):
+    for (norm, seed), steps in each_run(args, measure_run):
+        print(f"paper: {norm} seed {seed}: {len(steps)} new checkpoint(s) measured")
 
 
 #################################################################################
@@ -312,15 +316,13 @@ def perturb_run(args, norm, seed):
                 new.append(dict(norm=norm, seed=seed, step=step, direction=direction, alpha=alpha,
                                 **{k: stats[k] for k in ("median", "p99", "max")}))
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_rows(out, sorted(rows + new, key=lambda r: int(r["step"])))
+        write_rows(out, rows + new)
         print(f"paper: perturbed {norm} seed {seed} step {step}", flush=True)
     return new
 
 
 def perturb(args):
-    jobs = [(n, s) for n in args.norms for s in args.seeds]
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        list(pool.map(perturb_run, [args] * len(jobs), [n for n, _ in jobs], [s for _, s in jobs]))
+    each_run(args, perturb_run)
 
 
 def main(argv=None):

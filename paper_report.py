@@ -144,12 +144,13 @@ def plot_averages(rows, step, path):
     plt.close(fig)
 
 
-def writer_norms(weight_rows, norm, weights):
-    """{step: {seed: norm of all residual-stream writers}} of one norm and weights kind."""
+def writer_norms(weight_rows, norm, weights, key="l2"):
+    """{step: {seed: key}} of all residual-stream writers together, of one norm and weights kind; key: their
+    norm "l2" or their "cosine_to_raw"."""
     out = {}
     for r in weight_rows:
         if r["norm"] == norm and r["weights"] == weights and r["tensor"] == "writers":
-            out.setdefault(r["step"], {})[r["seed"]] = r["l2"]
+            out.setdefault(r["step"], {})[r["seed"]] = r[key]
     return out
 
 
@@ -186,12 +187,9 @@ def writer_table(weight_rows, step):
             continue
         cells = []
         for norm in COLOURS:
-            mine = {r["seed"]: r for r in weight_rows if r["norm"] == norm and r["weights"] == weights
-                    and r["tensor"] == "writers" and r["step"] == step}
-            raw = writer_norms(weight_rows, norm, "raw").get(step, {})
-            lag = [mine[s]["l2"] / raw[s] - 1 for s in mine if s in raw]
-            cos = [mine[s]["cosine_to_raw"] for s in mine]
-            cells += [_signed(lag), _plain(cos)]
+            lag = _writer_ratio(weight_rows, norm, weights, step, "raw", step)
+            cos = writer_norms(weight_rows, norm, weights, "cosine_to_raw").get(step, {}).values()
+            cells += ["-" if not lag[1] else f"{lag[0]:+.2%} (n={lag[1]})", _plain(list(cos))]
         lines.append(f"| {LABEL[weights]} | " + " | ".join(cells) + " |")
     return lines
 
@@ -220,8 +218,7 @@ def perturb_table(perturbed, errors, step):
     lines.append(f"| (raw weights) | 0 | {raw[0]} | {raw[1]} |")
     for direction in sorted({r["direction"] for r in perturbed}, reverse=True):
         for alpha in sorted({r["alpha"] for r in perturbed}):
-            cells = [spread([r["median"] for r in perturbed if r["norm"] == n and r["direction"] == direction
-                             and r["alpha"] == alpha and r["step"] == step]) for n in COLOURS]
+            cells = [spread(_perturbed(perturbed, n, step, direction, alpha)) for n in COLOURS]
             lines.append(f"| {direction} | {alpha:g} | {cells[0]} | {cells[1]} |")
     return lines
 
@@ -235,15 +232,17 @@ def perturb_steps_table(perturbed, errors):
         cells = []
         for norm in COLOURS:
             for _, direction, alpha in columns:
-                if direction is None:
-                    values = _raw_of_perturbed(perturbed, errors, norm, step)
-                else:
-                    values = [r["median"] for r in perturbed if r["norm"] == norm and r["step"] == step
-                              and r["direction"] == direction and r["alpha"] == alpha]
-                values = list(values)
+                values = (_raw_of_perturbed(perturbed, errors, norm, step) if direction is None
+                          else _perturbed(perturbed, norm, step, direction, alpha))
                 cells.append(f"{np.median(values):.2e} ({len(values)})" if values else "-")
         lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _perturbed(perturbed, norm, step, direction, alpha):
+    """The median errors of one perturbation, a value per seed."""
+    return [r["median"] for r in perturbed if r["norm"] == norm and r["step"] == step
+            and r["direction"] == direction and r["alpha"] == alpha]
 
 
 def _raw_of_perturbed(perturbed, errors, norm, step):
@@ -255,10 +254,6 @@ def _raw_of_perturbed(perturbed, errors, norm, step):
 def _count(ns):
     """'2', or '1-2' when steps rest on different numbers of seeds."""
     return f"{min(ns)}" if min(ns) == max(ns) else f"{min(ns)}-{max(ns)}"
-
-
-def _signed(values):
-    return "-" if not values else f"{np.median(values):+.2%} (n={len(values)})"
 
 
 def _values(values):
@@ -322,8 +317,8 @@ def _median(rows, norm, weights, step, key="median"):
 def _writer_ratio(weight_rows, norm, weights, step, base_weights, base_step):
     """Seed median of (writer norm of weights at step) / (writer norm of base_weights at base_step) - 1,
     over the seeds that have both, and how many those are; NaN when none has."""
-    mine, base = writer_norms(weight_rows, norm, weights).get(step, {}), \
-        writer_norms(weight_rows, norm, base_weights).get(base_step, {})
+    mine = writer_norms(weight_rows, norm, weights).get(step, {})
+    base = writer_norms(weight_rows, norm, base_weights).get(base_step, {})
     values = [mine[s] / base[s] - 1 for s in mine if s in base]
     return (float(np.median(values)) if values else np.nan), len(values)
 
@@ -353,7 +348,8 @@ def outcome(errors, weight_rows, last):
         say("C2", None, "needs both norms at the last step")
     first = 10_000 if any(r["step"] == 10_000 for r in weight_rows) else min(r["step"] for r in weight_rows)
     ratios = {n: _writer_ratio(weight_rows, n, "raw", last, "raw", first) for n in COLOURS}
-    change, n_change = ({n: r[i] for n, r in ratios.items()} for i in (0, 1))
+    change = {n: value for n, (value, _) in ratios.items()}
+    n_change = {n: count for n, (_, count) in ratios.items()}
     say("M1", abs(change["layernorm"]) > 0.1 and abs(change["layernorm"]) > abs(change["none"]),
         f"writer norm change {first:,} -> {last:,} (raw, seed median): layernorm {change['layernorm']:+.1%} "
         f"(n={n_change['layernorm']}), none {change['none']:+.1%} (n={n_change['none']})", *change.values())
