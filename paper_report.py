@@ -187,9 +187,9 @@ def writer_table(weight_rows, step):
             continue
         cells = []
         for norm in COLOURS:
-            lag = _writer_ratio(weight_rows, norm, weights, step, "raw", step)
+            lag, n = _writer_ratio(weight_rows, norm, weights, step, "raw", step)
             cos = writer_norms(weight_rows, norm, weights, "cosine_to_raw").get(step, {}).values()
-            cells += ["-" if not lag[1] else f"{lag[0]:+.2%} (n={lag[1]})", _plain(list(cos))]
+            cells += ["-" if not n else f"{lag:+.2%} (n={n})", _plain(list(cos))]
         lines.append(f"| {LABEL[weights]} | " + " | ".join(cells) + " |")
     return lines
 
