@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
-from options import Parser  # noqa: E402
+from ditnorm.options import Parser  # noqa: E402
 
 SWITCHED = "#f28e2b"  # the norms that models.make_norm builds
 PLAIN = "#dfe7f2"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (
+from ditnorm.checkpoint import (
     DIT_KWARGS,
     FORMAT,
     OFFICIAL_CHECKPOINTS,

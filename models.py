@@ -301,35 +301,52 @@ def get_1d_sincos_pos_embed(embed_dim, pos):
 # dropout, so there is no null row and the label embedding is a learned constant.
 TOY_DEFAULTS = dict(input_size=2, patch_size=1, in_channels=2, num_classes=1, class_dropout_prob=0.0,
                     learn_sigma=True)
+# MNIST (28x28, one channel, 10 classes) in pixel space, with the official recipe's class dropout for
+# classifier-free guidance; patch 4 gives 7x7 = 49 tokens.
+MNIST_DEFAULTS = dict(input_size=28, in_channels=1, num_classes=10, class_dropout_prob=0.1, learn_sigma=True)
 
 
-def _config(**arch):
-    """A registry entry: DiT with `arch` as defaults, any constructor kwarg overridable."""
+def _entry(name, **arch):
+    """A registry function `name`: DiT with `arch` as defaults, any constructor kwarg overridable."""
 
-    def build(**overrides):
-        return DiT(**{**arch, **overrides})
+    def build(**kwargs):
+        return DiT(**{**arch, **kwargs})
 
+    build.__name__ = build.__qualname__ = name
     build.arch = arch  # lets the checkpoint loader match an architecture without building a model
     return build
 
 
+DiT_XL_2 = _entry("DiT_XL_2", depth=28, hidden_size=1152, patch_size=2, num_heads=16)
+DiT_XL_4 = _entry("DiT_XL_4", depth=28, hidden_size=1152, patch_size=4, num_heads=16)
+DiT_XL_8 = _entry("DiT_XL_8", depth=28, hidden_size=1152, patch_size=8, num_heads=16)
+DiT_L_2 = _entry("DiT_L_2", depth=24, hidden_size=1024, patch_size=2, num_heads=16)
+DiT_L_4 = _entry("DiT_L_4", depth=24, hidden_size=1024, patch_size=4, num_heads=16)
+DiT_L_8 = _entry("DiT_L_8", depth=24, hidden_size=1024, patch_size=8, num_heads=16)
+DiT_B_2 = _entry("DiT_B_2", depth=12, hidden_size=768, patch_size=2, num_heads=12)
+DiT_B_4 = _entry("DiT_B_4", depth=12, hidden_size=768, patch_size=4, num_heads=12)
+DiT_B_8 = _entry("DiT_B_8", depth=12, hidden_size=768, patch_size=8, num_heads=12)
+DiT_S_2 = _entry("DiT_S_2", depth=12, hidden_size=384, patch_size=2, num_heads=6)
+DiT_S_4 = _entry("DiT_S_4", depth=12, hidden_size=384, patch_size=4, num_heads=6)
+DiT_S_8 = _entry("DiT_S_8", depth=12, hidden_size=384, patch_size=8, num_heads=6)
+ToyDiT_1 = _entry("ToyDiT_1", **TOY_DEFAULTS, depth=4, hidden_size=64, num_heads=4)
+ToyDiT_XS_1 = _entry("ToyDiT_XS_1", **TOY_DEFAULTS, depth=2, hidden_size=32, num_heads=2)
+MnistDiT_XS_4 = _entry("MnistDiT_XS_4", **MNIST_DEFAULTS, depth=4, hidden_size=64, num_heads=4, patch_size=4)
+MnistDiT_S_4 = _entry("MnistDiT_S_4", **MNIST_DEFAULTS, depth=6, hidden_size=128, num_heads=4, patch_size=4)
+MnistDiT_B_4 = _entry("MnistDiT_B_4", **MNIST_DEFAULTS, depth=8, hidden_size=256, num_heads=4, patch_size=4)
+MnistDiT_L_4 = _entry("MnistDiT_L_4", **MNIST_DEFAULTS, depth=12, hidden_size=384, num_heads=6, patch_size=4)
+
 DiT_models = {
-    "DiT-XL/2": _config(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
-    "DiT-XL/4": _config(depth=28, hidden_size=1152, patch_size=4, num_heads=16),
-    "DiT-XL/8": _config(depth=28, hidden_size=1152, patch_size=8, num_heads=16),
-    "DiT-L/2": _config(depth=24, hidden_size=1024, patch_size=2, num_heads=16),
-    "DiT-L/4": _config(depth=24, hidden_size=1024, patch_size=4, num_heads=16),
-    "DiT-L/8": _config(depth=24, hidden_size=1024, patch_size=8, num_heads=16),
-    "DiT-B/2": _config(depth=12, hidden_size=768, patch_size=2, num_heads=12),
-    "DiT-B/4": _config(depth=12, hidden_size=768, patch_size=4, num_heads=12),
-    "DiT-B/8": _config(depth=12, hidden_size=768, patch_size=8, num_heads=12),
-    "DiT-S/2": _config(depth=12, hidden_size=384, patch_size=2, num_heads=6),
-    "DiT-S/4": _config(depth=12, hidden_size=384, patch_size=4, num_heads=6),
-    "DiT-S/8": _config(depth=12, hidden_size=384, patch_size=8, num_heads=6),
-    "ToyDiT/1": _config(**TOY_DEFAULTS, depth=4, hidden_size=64, num_heads=4),
-    "ToyDiT-XS/1": _config(**TOY_DEFAULTS, depth=2, hidden_size=32, num_heads=2),
+    "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
+    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
+    "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
+    "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
+    "ToyDiT/1": ToyDiT_1, "ToyDiT-XS/1": ToyDiT_XS_1,
+    "MnistDiT-XS/4": MnistDiT_XS_4, "MnistDiT-S/4": MnistDiT_S_4,
+    "MnistDiT-B/4": MnistDiT_B_4, "MnistDiT-L/4": MnistDiT_L_4,
 }
 TOY_MODELS = ("ToyDiT/1", "ToyDiT-XS/1")
+MNIST_MODELS = ("MnistDiT-XS/4", "MnistDiT-S/4", "MnistDiT-B/4", "MnistDiT-L/4")
 
 
 def build_model(name: str, **overrides) -> DiT:

@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import paper_report
-from analysis import capture_block_outputs, error_stats, noised_inputs, run_checkpoints
-from averaging import DEFAULT_AVERAGES
-from checkpoint import load_model
 from diffusion import create_diffusion
+from ditnorm import paper_report
+from ditnorm.analysis import capture_block_outputs, error_stats, noised_inputs, run_checkpoints
+from ditnorm.averaging import DEFAULT_AVERAGES
+from ditnorm.checkpoint import load_model
+from ditnorm.options import Parser, add_fast_flag, positive_int
 from fast import sample_toy
-from options import Parser, add_fast_flag, positive_int
 
 ROOT = Path(__file__).resolve().parent
 WEIGHTS = ("raw", "ema", *DEFAULT_AVERAGES)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-import analysis
-from checkpoint import CheckpointError, _first_line
 from diffusers_io import diffusers_folder, read_config, use_official_dit_function
 from diffusion import create_diffusion
+from ditnorm import analysis
+from ditnorm.checkpoint import CheckpointError, _first_line
 
 # diffusers class: ((attribute holding a list of blocks, label prefix), ...), and the streams a block returns
 FAMILIES = {

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-import analysis
-from checkpoint import CheckpointError, load_model
 from diagram import plot_dit_block
-from options import Parser
+from ditnorm import analysis
+from ditnorm.checkpoint import CheckpointError, load_model
+from ditnorm.options import Parser
 
 ROOT = Path(__file__).resolve().parent
 NORMS = ("layernorm", "none")

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from analysis import checkpoint_at
-from checkpoint import (
+from ditnorm.analysis import checkpoint_at
+from ditnorm.checkpoint import (
     OFFICIAL_CHECKPOINTS,
     CheckpointError,
     DownloadError,
@@ -35,10 +35,8 @@ from checkpoint import (
     load_for_sampling,
     read_checkpoint,
 )
-from data import CONSTANT_RANGE
-from fast import sample_toy
-from models import NORM_KINDS, TOY_MODELS
-from options import (
+from ditnorm.data import CONSTANT_RANGE
+from ditnorm.options import (
     Parser,
     add_fast_flag,
     check_device,
@@ -48,6 +46,8 @@ from options import (
     positive_int,
     seed,
 )
+from fast import sample_toy
+from models import NORM_KINDS, TOY_MODELS
 
 VAE_SCALE = 0.18215  # latents were scaled by this factor for training (Stable Diffusion's constant)
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -127,7 +127,7 @@ def sample_toy_checkpoint(model, config, train_args, args):
                          fast=args.fast, log=print, progress=True)
     samples = samples.double().cpu().numpy()  # (N, C, H, W)
 
-    import analysis  # matplotlib is only needed here
+    from ditnorm import analysis  # matplotlib is only needed here
 
     # the data the model was trained on (train_toy.py --data); checkpoints without it are zeros runs
     data = train_args.get("data", "zeros")

@@ -56,7 +56,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import train_toy  # noqa: E402
-from analysis import (  # noqa: E402
+from diffusion import create_diffusion  # noqa: E402
+from ditnorm.analysis import (  # noqa: E402
     capture_block_outputs,
     error_stats,
     ks_uniform,
@@ -65,12 +66,9 @@ from analysis import (  # noqa: E402
     pixel_errors,
     run_checkpoints,
 )
-from checkpoint import check_sampling_steps, diffusion_of, load_for_sampling  # noqa: E402
-from data import CONSTANT_RANGE, DATA_KINDS, rank_batches  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
-from fast import make_optimizer, make_train_step, sample_toy  # noqa: E402
-from models import NORM_KINDS, TOY_MODELS, build_model  # noqa: E402
-from options import (  # noqa: E402
+from ditnorm.checkpoint import check_sampling_steps, diffusion_of, load_for_sampling  # noqa: E402
+from ditnorm.data import CONSTANT_RANGE, DATA_KINDS, rank_batches  # noqa: E402
+from ditnorm.options import (  # noqa: E402
     Parser,
     add_fast_flag,
     check_device,
@@ -82,6 +80,8 @@ from options import (  # noqa: E402
     seed,
     unit_interval,
 )
+from fast import make_optimizer, make_train_step, sample_toy  # noqa: E402
+from models import NORM_KINDS, TOY_MODELS, build_model  # noqa: E402
 
 ERROR_KEYS = ("mean", "median", "p99", "max")
 # Every run trains on train_toy.py's default diffusion (DiT's 1000 steps); sampling respaces it.

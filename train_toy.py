@@ -24,13 +24,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from averaging import DEFAULT_AVERAGES, WeightAverages
-from checkpoint import FORMAT, CheckpointError, load_model, nonfinite_parts, read_checkpoint, save_checkpoint
-from data import DATA_KINDS, rank_batches, training_images
 from diffusion import create_diffusion
-from fast import compile_options, make_optimizer, make_train_step
-from models import build_model
-from options import (
+from ditnorm.averaging import DEFAULT_AVERAGES, WeightAverages
+from ditnorm.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    load_model,
+    nonfinite_parts,
+    read_checkpoint,
+    save_checkpoint,
+)
+from ditnorm.data import DATA_KINDS, rank_batches, training_images
+from ditnorm.options import (
     Parser,
     add_fast_flag,
     add_training_flags,
@@ -41,6 +46,8 @@ from options import (
     positive_int,
     step_list,
 )
+from fast import compile_options, make_optimizer, make_train_step
+from models import build_model
 
 # The study: the DiT recipe (AdamW, constant lr 1e-4, no weight decay, EMA 0.9999) at global batch 2048.
 DEFAULTS = {

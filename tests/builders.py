@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import FORMAT, save_checkpoint
+from ditnorm.checkpoint import FORMAT, save_checkpoint
 from models import build_model
 
 

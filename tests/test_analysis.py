@@ -7,8 +7,8 @@ import pytest
 import torch
 from builders import make_toy_runs, perturb_zero_init
 
-import analysis
-from checkpoint import CheckpointError
+from ditnorm import analysis
+from ditnorm.checkpoint import CheckpointError
 from models import build_model
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from builders import randomize
 
-import averaging
+from ditnorm import averaging
 from models import build_model
 
 

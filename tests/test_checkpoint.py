@@ -8,8 +8,8 @@ import pytest
 import torch
 from builders import randomize
 
-import checkpoint
-from checkpoint import (
+from ditnorm import checkpoint
+from ditnorm.checkpoint import (
     FORMAT,
     OFFICIAL_CHECKPOINTS,
     CheckpointError,

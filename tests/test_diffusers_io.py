@@ -8,7 +8,7 @@ import torch
 from builders import make_diffusers_dit, make_latent_checkpoint, make_toy_runs, save_model
 
 import diffusers_io
-from checkpoint import CheckpointError, load_model
+from ditnorm.checkpoint import CheckpointError, load_model
 from models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import paper
-from checkpoint import load_model
+from ditnorm.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--seeds", "0", "--jobs", "2"]

@@ -4,9 +4,9 @@ import pytest
 import torch
 from builders import make_diffusers_transformers
 
-import analysis
 import probe
-from checkpoint import CheckpointError, load_model
+from ditnorm import analysis
+from ditnorm.checkpoint import CheckpointError, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

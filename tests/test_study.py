@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-import analysis
 import study
-from checkpoint import load_model
+from ditnorm import analysis
+from ditnorm.checkpoint import load_model
 from models import build_model
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
 import train_toy
-from checkpoint import CheckpointError, load_model, read_checkpoint
 from diffusion import create_diffusion
+from ditnorm import data
+from ditnorm.checkpoint import CheckpointError, load_model, read_checkpoint
 from models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from checkpoint import diffusion_of, load_for_sampling, read_checkpoint
 from diffusion import create_diffusion
+from ditnorm.checkpoint import diffusion_of, load_for_sampling, read_checkpoint
 from fast import sample_toy
 from models import TOY_MODELS
 

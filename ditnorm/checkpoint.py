@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from averaging import read_out
 from diffusion import create_diffusion
+from ditnorm.averaging import read_out
 from models import NORM_KINDS, TOY_MODELS, DiT, DiT_models
 
 FORMAT = "dit-norm-study/1"

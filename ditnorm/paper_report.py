@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from averaging import DEFAULT_AVERAGES  # noqa: E402
+from ditnorm.averaging import DEFAULT_AVERAGES  # noqa: E402
 
 WEIGHTS = ("raw", "ema", *DEFAULT_AVERAGES)
 # Averages by how far back they reach at 50k steps (the std of their weighting, in steps): EMA d ~ 1/(1-d),
