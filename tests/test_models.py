@@ -264,4 +264,13 @@ def test_models_py_holds_no_device_or_speed_code():
     for word in ("is_cuda", "device.type", "cuda", "torch.compile", "CUDA_", "global "):
         assert word not in source, word
     constants = {name for name in vars(models) if name.isupper()}
-    assert constants == {"NORM_KINDS", "TOY_DEFAULTS", "TOY_MODELS"}
+    assert constants == {"NORM_KINDS", "TOY_DEFAULTS", "TOY_MODELS", "MNIST_DEFAULTS", "MNIST_MODELS"}
+
+
+def test_the_official_registry_names_import():
+    """`from models import DiT_XL_2` works as in the official code, and the registry holds those functions."""
+    from models import DiT_S_8, DiT_XL_2
+
+    assert models.DiT_models["DiT-XL/2"] is DiT_XL_2 and DiT_XL_2.__name__ == "DiT_XL_2"
+    model = DiT_S_8(input_size=16, depth=1)  # the official kwargs still override
+    assert model.config["patch_size"] == 8 and model.config["depth"] == 1 and model.config["hidden_size"] == 384
