@@ -55,8 +55,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-import train_toy  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
+from ditnorm import trainer as train_toy  # noqa: E402
 from ditnorm.analysis import (  # noqa: E402
     capture_block_outputs,
     error_stats,
