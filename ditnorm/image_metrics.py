@@ -1,0 +1,195 @@
+"""What the MNIST study measures of one image DiT, with nothing downloaded.
+
+- nll: the held-out negative log-likelihood bound in bits/dim (diffusion.calc_bpd_loop), conditioned on
+  each image's class; the terms t = 0..10 exact, the rest a stratified estimate that is unbiased.
+- precision: the denoiser itself, not sampled chains: its x_0 prediction at one small t on fresh noisy
+  copies of the held-out images, as fixed quantiles of the error on the background pixels (exactly -1 in
+  the data) and the fraction of pixels that land on a wrong 8-bit level. A sampled chain ends on this
+  prediction at t = 0, so this is the error that decides the last level of every sample.
+- samples: class-conditional ancestral samples (respaced), scored by this repository's digit classifier
+  (ditnorm/classifier.py): the Fréchet distance of its features to the training images', and accuracy.
+- probe: the residual stream after every block on the held-out images at a few timesteps, with the same
+  top-1/median as the toys' (analysis.outlier_stats), plus which channel leads each token and how much of
+  each token's variance (what LayerNorm divides by) its top channels hold.
+- ablation: zero one block's recurring top channels and compare the held-out loss with zeroing as many
+  random channels.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from ditnorm import analysis
+from ditnorm.classifier import embed, frechet_distance, gaussian_fit
+from ditnorm.images import to_pixels
+
+# The probe's timesteps as fractions of T: t = 10, 100, 500, 900 of DiT's 1000.
+PROBE_FRACTIONS = (0.01, 0.1, 0.5, 0.9)
+# Log-spaced error bins from 1e-7 to 100 (beyond: the last bin): quantiles to 0.5%.
+ERROR_EDGES = np.concatenate([[0.0], np.geomspace(1e-7, 100.0, 4000), [np.inf]])
+
+
+def _batches(n, batch):
+    return [slice(s, min(s + batch, n)) for s in range(0, n, batch)]
+
+
+@torch.no_grad()
+def nll(model, diffusion, x, y, *, strata=20, seed=0, batch=250):
+    """Mean held-out bound in bits/dim and its standard error over images: {"nll_bpd", "nll_se", "n"}."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = diffusion.bound_strata(strata, generator)
+    totals = []
+    for rows in _batches(len(x), batch):
+        out = diffusion.calc_bpd_loop(model, x[rows], model_kwargs={"y": y[rows]}, timesteps=chosen,
+                                      generator=generator)
+        totals.append(out["total_bpd"])
+    total = torch.cat(totals)
+    return {"nll_bpd": total.mean().item(), "nll_se": (total.std() / math.sqrt(len(total))).item(),
+            "n": len(total)}
+
+
+def histogram_quantile(counts, q):
+    """The q-quantile of values binned on ERROR_EDGES (the upper edge of the bin that reaches q)."""
+    cumulative = np.cumsum(counts)
+    index = int(np.searchsorted(cumulative, q * cumulative[-1], side="left"))
+    return float(ERROR_EDGES[min(index + 1, len(ERROR_EDGES) - 1)])
+
+
+@torch.no_grad()
+def precision(model, diffusion, x, y, *, timestep=0, num_inputs=10_000, seed=0, batch=500):
+    """The denoiser's x_0 prediction at `timestep` on num_inputs fresh noisy copies of the images x.
+
+    Returns background p50 / p99.9 of |x0_pred - x0| (fixed quantiles, not a maximum; unclipped, since
+    clipping would zero every error below -1 and hide half of them), the fraction of background and of
+    all pixels that quantise (clipped and rounded, as an image shows them) to another 8-bit level than
+    the data's, and the counts they rest on."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = np.zeros(len(ERROR_EDGES) - 1, dtype=np.int64)
+    wrong_bg = wrong_all = pixels_bg = pixels_all = inputs = 0
+    levels = to_pixels(x)
+    while inputs < num_inputs:
+        for rows in _batches(len(x), batch):
+            x0 = x[rows]
+            n = min(x0.shape[0], num_inputs - inputs)
+            if n <= 0:
+                break
+            x0, label, level = x0[:n], y[rows][:n], levels[rows][:n]
+            t = torch.full((n,), timestep, dtype=torch.long)
+            noise = torch.randn(x0.shape, generator=generator)
+            x_t = diffusion.q_sample(x0, t, noise=noise)
+            pred = diffusion.p_mean_variance(model, x_t, t, model_kwargs={"y": label})["pred_xstart"]
+            error = (pred - x0).abs()
+            background = x0 == -1
+            counts += np.histogram(error[background].numpy(), ERROR_EDGES)[0]
+            wrong = to_pixels(pred) != level
+            wrong_bg += int(wrong[background].sum())
+            wrong_all += int(wrong.sum())
+            pixels_bg += int(background.sum())
+            pixels_all += wrong.numel()
+            inputs += n
+    return {"timestep": timestep, "bg_p50": histogram_quantile(counts, 0.5),
+            "bg_p999": histogram_quantile(counts, 0.999), "bg_wrong_level": wrong_bg / pixels_bg,
+            "all_wrong_level": wrong_all / pixels_all, "inputs": inputs, "bg_pixels": pixels_bg}
+
+
+@torch.no_grad()
+def samples(model, diffusion, per_class, *, num_classes=10, seed=0, batch=500):
+    """(images (N, C, H, W) in [-1, 1], labels (N,)): per_class ancestral samples of every class, drawn
+    with clip_denoised (pixel data) from one seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    c, s = model.config["in_channels"], model.config["input_size"]
+    out = [diffusion.p_sample_loop(model, (rows.stop - rows.start, c, s, s), clip_denoised=True,
+                                   model_kwargs={"y": labels[rows]}, generator=generator)
+           for rows in _batches(len(labels), batch)]
+    return torch.cat(out), labels
+
+
+def sample_scores(classifier, images, labels, reference_fit):
+    """{"fid": Fréchet distance of the classifier's features to reference_fit, "accuracy", "n"}."""
+    features, predicted = embed(classifier, images)
+    return {"fid": frechet_distance(gaussian_fit(features.numpy()), reference_fit),
+            "accuracy": (predicted == labels).double().mean().item(), "n": len(labels)}
+
+
+@torch.no_grad()
+def capture(model, diffusion, x, y, fractions=PROBE_FRACTIONS, seed=0):
+    """The residual stream after every block over the images x at t = fraction * T for each fraction:
+    depth tensors (len(fractions) * N, T, D), from one seeded noise draw per timestep."""
+    generator = torch.Generator().manual_seed(seed)
+    per_block = None
+    for timestep in (int(f * diffusion.num_timesteps) for f in fractions):
+        t = torch.full((len(x),), timestep, dtype=torch.long)
+        x_t = diffusion.q_sample(x, t, noise=torch.randn(x.shape, generator=generator))
+        outputs = analysis.capture_block_outputs(model, x_t, t, y)
+        per_block = [[h] for h in outputs] if per_block is None else [p + [h] for p, h in
+                                                                       zip(per_block, outputs, strict=True)]
+    return [torch.cat(p) for p in per_block]
+
+
+def stream_stats(h):
+    """Statistics of one block's residual stream h (N, T, D): analysis.outlier_stats' top-1, median,
+    top-1/median and massive; the 3 channels with the largest peaks; the channel that leads (holds the
+    largest |value| of) most tokens and the share it leads; and the median share of a token's variance
+    about its mean (what LayerNorm divides by) in its top 1 and top 4 channels."""
+    row = analysis.outlier_stats([h])[0]
+    del row["layer"]
+    a = h.abs()
+    peaks = a.amax(dim=(0, 1))  # (D,)
+    leaders = torch.bincount(a.argmax(dim=-1).flatten(), minlength=h.shape[-1])  # (D,)
+    centred = (h - h.mean(dim=-1, keepdim=True)) ** 2  # (N, T, D)
+    total = centred.sum(dim=-1).clamp_min(1e-30)  # (N, T)
+    top = torch.topk(centred, k=min(4, h.shape[-1]), dim=-1).values  # (N, T, 4)
+    row.update(top_channels=torch.topk(peaks, k=min(3, len(peaks))).indices.tolist(),
+               lead_channel=int(leaders.argmax()), lead_share=(leaders.max() / leaders.sum()).item(),
+               var_top1=(top[..., 0] / total).median().item(), var_top4=(top.sum(-1) / total).median().item())
+    return row
+
+
+def recurring_channels(h, k=2):
+    """The k channels that lead the most tokens of h (N, T, D)."""
+    leaders = torch.bincount(h.abs().argmax(dim=-1).flatten(), minlength=h.shape[-1])
+    return torch.topk(leaders, k=k).indices.tolist()
+
+
+@torch.no_grad()
+def heldout_loss(model, diffusion, x, y, *, draws=2, seed=0, batch=500):
+    """The eps MSE of the training loss on the held-out images, at `draws` fixed (t, noise) per image."""
+    generator = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for _ in range(draws):
+        for rows in _batches(len(x), batch):
+            x0 = x[rows]
+            t = torch.randint(0, diffusion.num_timesteps, (len(x0),), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            mse = diffusion.training_losses(model, x0, t, model_kwargs={"y": y[rows]}, noise=noise)["mse"]
+            total, count = total + mse.sum().item(), count + len(x0)
+    return total / count
+
+
+def ablation(model, diffusion, x, y, block, channels, *, random_draws=8, seed=0):
+    """The held-out loss with block `block`'s output channels zeroed: the given ones, and as many random
+    ones (mean over random_draws). {"base", "top", "random", "top_rise", "random_rise", "channels"}."""
+
+    def loss_without(zeroed):
+        def hook(_module, _inputs, out):
+            out = out.clone()
+            out[..., zeroed] = 0
+            return out
+
+        handle = model.blocks[block].register_forward_hook(hook)
+        try:
+            return heldout_loss(model, diffusion, x, y, seed=seed)
+        finally:
+            handle.remove()
+
+    base = heldout_loss(model, diffusion, x, y, seed=seed)
+    top = loss_without(list(channels))
+    generator = torch.Generator().manual_seed(seed + 1)
+    width = model.config["hidden_size"]
+    randoms = [loss_without(torch.randperm(width, generator=generator)[:len(channels)].tolist())
+               for _ in range(random_draws)]
+    random = float(np.mean(randoms))
+    return {"block": block, "channels": list(channels), "base": base, "top": top, "random": random,
+            "top_rise": top - base, "random_rise": random - base}

