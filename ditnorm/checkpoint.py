@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -150,6 +151,14 @@ def _container_problem(path):
     return None
 
 
+def _load_failure(error):
+    """The gist of a torch.load failure, whose messages run to paragraphs of advice."""
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+    line = unpickler.group(1) if unpickler else str(error).strip().split("\n")[0]
+    line = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", line)  # c10's source location
+    return f"{type(error).__name__}: {line.split('. ')[0].strip()}"
+
+
 def read_checkpoint(path) -> dict:
     """torch.load on CPU with weights_only=True; only argparse.Namespace (official args) is allow-listed.
 
@@ -161,7 +170,9 @@ def read_checkpoint(path) -> dict:
         raise CheckpointError(f"cannot read {path}: it {problem}, so no PyTorch checkpoint; pass a "
                               "checkpoint file written by torch.save")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # Said of any pickle of protocol > 2, before the unpickler refuses or reads it: not for the user.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:  # a file too large for this machine is no damaged one
         raise
@@ -173,7 +184,7 @@ def read_checkpoint(path) -> dict:
                 f"{path} holds a {refused.group(1)} object, not plain data; re-save it with tensors, "
                 "numbers, strings and dicts only"
             ) from None
-        reason = _first_line(e)
+        reason = _load_failure(e)
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({reason}); pass a complete "
                               "checkpoint written by torch.save") from None
 
