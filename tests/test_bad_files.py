@@ -95,6 +95,9 @@ def make_files(folder):
     paths["diffusers folder with a text config"] = folder / "diffusers"
     paths["diffusers folder with a text config"].mkdir()
     (folder / "diffusers" / "config.json").write_text("hello world\n")
+    paths["diffusers folder with a list for its config"] = folder / "diffusers_list"
+    paths["diffusers folder with a list for its config"].mkdir()
+    (folder / "diffusers_list" / "config.json").write_text("[1, 2]\n")
     good.unlink()
     return paths
 
@@ -141,7 +144,8 @@ KINDS = ["text", "noise", "noise after a pickle header", "noise after a zip head
          "checkpoint with a broken record", "torch.save of a list", "torch.save of a tensor",
          "torch.save of a foreign dict", "checkpoint of another model", "checkpoint with a garbled config",
          "checkpoint with non-tensor weights", "checkpoint of a none-norm model", "empty folder",
-         "run folder with a text checkpoint", "diffusers folder with a text config"]
+         "run folder with a text checkpoint", "diffusers folder with a text config",
+         "diffusers folder with a list for its config"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
