@@ -115,10 +115,15 @@ def diffusers_folder(path_or_id, download=True) -> Path | None:
 def read_config(folder) -> dict:
     """config.json of a diffusers model folder."""
     try:
-        return json.loads((Path(folder) / "config.json").read_text())
+        config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {folder}/config.json ({_first_line(e)}); pass a folder written "
                               "by save_pretrained") from None
+    if not isinstance(config, dict):
+        found = type(config).__name__
+        raise CheckpointError(f"{folder}/config.json holds a {found}, not a model config; pass a folder "
+                              "written by save_pretrained")
+    return config
 
 
 def read_weights(folder) -> dict:

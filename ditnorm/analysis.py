@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from diffusion import create_diffusion
-from ditnorm.checkpoint import diffusion_of, load_for_sampling, read_checkpoint
+from ditnorm.checkpoint import FORMAT, CheckpointError, diffusion_of, load_for_sampling, read_checkpoint
 from fast import sample_toy
 from models import TOY_MODELS
 
@@ -173,9 +173,15 @@ NOT_TRAINING_KEYS = ("norm", "ckpt_steps", "ckpt_every", "log_every", "preset")
 
 def run_setup(run_dir):
     """What a run trained, from its last checkpoint: the model config and train_args, norm left out."""
-    checkpoint = read_checkpoint(checkpoint_at(run_dir))
+    path = checkpoint_at(run_dir)
+    checkpoint = read_checkpoint(path)
+    if not (isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT
+            and isinstance(checkpoint.get("config"), dict)):
+        raise CheckpointError(f"{path} is no checkpoint written by train_toy.py (no {FORMAT} config); pass "
+                              "run folders of train_toy.py")
     setup = {f"model.{k}": v for k, v in checkpoint["config"].items() if k != "norm"}
-    train_args = checkpoint.get("train_args") or {}
+    train_args = checkpoint.get("train_args")
+    train_args = train_args if isinstance(train_args, dict) else {}
     setup.update({k: v for k, v in train_args.items() if k not in NOT_TRAINING_KEYS})
     return setup
 

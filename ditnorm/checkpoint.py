@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,6 +34,10 @@ OFFICIAL_CHECKPOINTS = {
     "DiT-XL-2-256x256.pt": (256, OFFICIAL_URL.format(name="DiT-XL-2-256x256.pt")),
     "DiT-XL-2-512x512.pt": (512, OFFICIAL_URL.format(name="DiT-XL-2-512x512.pt")),
 }
+# The types a checkpoint's config must hold (checked before a model is built from it).
+CONFIG_TYPES = {"model": str, "input_size": int, "patch_size": int, "in_channels": int, "hidden_size": int,
+                "depth": int, "num_heads": int, "mlp_ratio": (int, float), "class_dropout_prob": (int, float),
+                "num_classes": int, "learn_sigma": bool, "norm": str}
 DIT_KWARGS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
               "class_dropout_prob", "num_classes", "learn_sigma", "norm")
 
@@ -127,23 +132,61 @@ def save_checkpoint(obj: dict, path) -> None:
         raise
 
 
-def read_checkpoint(path) -> dict:
-    """torch.load on CPU with weights_only=True; only argparse.Namespace (official args) is allow-listed."""
+def _container_problem(path):
+    """Why path cannot be a torch.save file (a folder, empty, neither a zip nor a pickle), or None."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder"
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        reason = e.strerror or e
+        raise CheckpointError(f"cannot read {path} ({reason}); pass a checkpoint file you can read") from None
+    if not head:
+        return "is empty"
+    # torch.save writes a zip archive ("PK"); its legacy format is a pickle of protocol 2 or later (0x80).
+    if head != b"PK" and head[0] != 0x80:
+        return "is neither a zip archive nor a pickle"
+    return None
+
+
+def _load_failure(error):
+    """The gist of a torch.load failure, whose messages run to paragraphs of advice."""
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+    line = unpickler.group(1) if unpickler else str(error).strip().split("\n")[0]
+    line = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", line)  # c10's source location
+    return f"{type(error).__name__}: {line.split('. ')[0].strip()}"
+
+
+def read_checkpoint(path) -> dict:
+    """torch.load on CPU with weights_only=True; only argparse.Namespace (official args) is allow-listed.
+
+    Whatever cannot be read is a CheckpointError naming the file: torch.load's unpickler and zip reader raise
+    any exception type on a damaged or foreign file (KeyError for a text file), so the parse itself is caught
+    whole; nothing else is inside that try."""
+    problem = _container_problem(path)
+    if problem:
+        raise CheckpointError(f"cannot read {path}: it {problem}, so no PyTorch checkpoint; pass a "
+                              "checkpoint file written by torch.save")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # Said of any pickle of protocol > 2, before the unpickler refuses or reads it: not for the user.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except MemoryError:  # a file too large for this machine is no damaged one
+        raise
+    except Exception as e:  # foreign data: any failure of its parse is the file's, not a bug here
         # PyTorch's message is a paragraph; the one fact worth a line is which global it refused.
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if refused:
+        if isinstance(e, pickle.UnpicklingError) and refused:
             raise CheckpointError(
                 f"{path} holds a {refused.group(1)} object, not plain data; re-save it with tensors, "
                 "numbers, strings and dicts only"
             ) from None
-        raise CheckpointError(f"cannot read {path} (not a PyTorch checkpoint); pass a complete one") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        reason = _first_line(e)
-        raise CheckpointError(f"cannot read {path} ({reason}); pass a complete PyTorch checkpoint") from None
+        reason = _load_failure(e)
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({reason}); pass a complete "
+                              "checkpoint written by torch.save") from None
 
 
 def _fetch(url, dst):
@@ -246,6 +289,15 @@ def _is_state_dict(value):
     return isinstance(value, dict) and bool(value) and all(torch.is_tensor(v) for v in value.values())
 
 
+def _tensors(state_dict, source, part):
+    """state_dict if it maps names to tensors, else CheckpointError naming the part of source."""
+    if not (isinstance(state_dict, dict) and all(isinstance(k, str) and torch.is_tensor(v)
+                                                 for k, v in state_dict.items())):
+        raise CheckpointError(f"{source}: its {part} weights are no state dict (names to tensors); pass a "
+                              "checkpoint written by train_toy.py")
+    return state_dict
+
+
 def _unpack(checkpoint, use_ema, weights=None, norm=None, source="the checkpoint"):
     """(config with "model" name, state dict) of a checkpoint in any of the three formats.
 
@@ -253,7 +305,8 @@ def _unpack(checkpoint, use_ema, weights=None, norm=None, source="the checkpoint
     None: "ema" if use_ema else "raw". norm: the norm of a plain state dict that is no official
     architecture (which does not store it); for the other formats only a check, made by load_model."""
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"expected a dict, found {type(checkpoint).__name__}; pass a DiT checkpoint")
+        found = type(checkpoint).__name__
+        raise CheckpointError(f"{source} holds a {found}, not a checkpoint's dict; pass a DiT checkpoint")
     if checkpoint.get("format") == FORMAT:
         weights = weights or ("ema" if use_ema else "raw")
         # The EMA falls back to the raw weights when there is none; an average is read out against them.
@@ -268,16 +321,32 @@ def _unpack(checkpoint, use_ema, weights=None, norm=None, source="the checkpoint
         if missing:
             # Guessing e.g. the norm would silently compute a different function than the one trained.
             missing = ", ".join(missing)
-            raise CheckpointError(f"checkpoint config lacks {missing}; re-save it with the full model.config")
+            raise CheckpointError(f"{source}: checkpoint config lacks {missing}; re-save it with the full "
+                                  "model.config")
+        wrong = [k for k, kinds in CONFIG_TYPES.items()
+                 if not isinstance(config[k], kinds) or isinstance(config[k], bool) != (kinds is bool)]
+        if wrong:
+            wrong = ", ".join(wrong[:3])
+            raise CheckpointError(f"{source}: checkpoint config holds {wrong} of the wrong type; pass a "
+                                  "checkpoint written by train_toy.py")
         if weights == "raw" or (weights == "ema" and checkpoint.get("ema") is None):
-            return config, checkpoint["model"]
+            return config, _tensors(checkpoint["model"], source, "model")
         if weights == "ema":
-            return config, checkpoint["ema"]
+            return config, _tensors(checkpoint["ema"], source, "ema")
         averages = checkpoint.get("averages") or {}
+        if not isinstance(averages, dict):
+            raise CheckpointError(f"{source} holds averages that are no dict; pass a checkpoint written by "
+                                  "train_toy.py")
         if weights not in averages:
             saved = ", ".join(["ema", "raw", *averages])
             raise CheckpointError(f"this checkpoint holds no {weights!r} weights; choose one of: {saved}")
-        return config, read_out(averages[weights], checkpoint["model"])
+        average = averages[weights]
+        if not isinstance(average, dict):
+            raise CheckpointError(f"{source}: its {weights!r} average is no dict; pass a checkpoint written "
+                                  "by train_toy.py")
+        tensors = _tensors(average.get("tensors"), source, weights)
+        raw = _tensors(checkpoint["model"], source, "model")
+        return config, read_out({**average, "tensors": tensors}, raw)
     if weights not in (None, "ema", "raw"):
         raise CheckpointError(f"an official checkpoint holds no {weights!r} weights; use ema or raw")
     if "x_embedder.proj.weight" in checkpoint:  # a plain state dict: official published, or a model's own
@@ -297,11 +366,11 @@ def _unpack(checkpoint, use_ema, weights=None, norm=None, source="the checkpoint
     if isinstance(checkpoint.get("model"), dict) and "args" in checkpoint:  # official training script
         wants_ema = (weights or ("ema" if use_ema else "raw")) == "ema"
         key = "ema" if wants_ema and isinstance(checkpoint.get("ema"), dict) else "model"
-        return infer_official_config(checkpoint[key], checkpoint["args"]), checkpoint[key]
-    raise CheckpointError(
-        f"unrecognised checkpoint (top-level keys: {', '.join(map(str, list(checkpoint)[:6]))}); "
-        f"expected the {FORMAT} format or an official DiT checkpoint"
-    )
+        state_dict = _tensors(checkpoint[key], source, key)
+        return infer_official_config(state_dict, checkpoint["args"]), state_dict
+    keys = ", ".join(map(str, list(checkpoint)[:6]))
+    raise CheckpointError(f"{source} is no checkpoint this code reads (top-level keys: {keys}); expected the "
+                          f"{FORMAT} format or an official DiT checkpoint")
 
 
 def _check_keys(model, state_dict, source):

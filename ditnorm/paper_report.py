@@ -27,17 +27,70 @@ LABEL = {"raw": "raw", "ema": "EMA 0.9999 (DiT)", "ema_0.999": "EMA 0.999", "ema
 COLOURS = {"layernorm": "tab:red", "none": "tab:blue"}
 
 
+# The columns paper.py measure (and perturb) write into runs/<run>/<name>.csv; the report reads them.
+COLUMNS = {"errors": ("norm", "seed", "step", "weights", "median", "p99", "max", "mean"),
+           "weights": ("norm", "seed", "step", "weights", "tensor", "l2", "cosine_to_raw"),
+           "rms": ("norm", "seed", "step", "weights", "timestep", "block", "rms"),
+           "perturb": ("norm", "seed", "step", "direction", "alpha", "median", "p99", "max")}
+TEXT = ("norm", "weights", "tensor", "direction")
+
+
+def unreadable(path, reason):
+    """The one line a measured file that cannot be read ends the report with."""
+    return SystemExit(f"paper.py: error: cannot read {path} ({reason}); delete it and run paper.py measure "
+                      "(or perturb) again to rewrite it")
+
+
+def _gist(error):
+    """An exception's type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def read_table(path, name):
+    """The rows of one run's <name>.csv, numbers converted; SystemExit naming the file if it is not one."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            lacking = [c for c in COLUMNS[name] if c not in (reader.fieldnames or ())]
+            rows = [] if lacking else list(reader)
+        if lacking:
+            raise unreadable(path, f"no {', '.join(lacking[:3])} column")
+        out = []
+        for i, row in enumerate(rows, start=2):
+            if None in row or None in row.values():
+                more = "more" if None in row else "fewer"
+                raise unreadable(path, f"line {i} has {more} cells than the header")
+            unknown = [f"{k} {row[k]!r}" for k, known in (("norm", COLOURS), ("weights", WEIGHTS))
+                       if k in row and row[k] not in known]
+            if unknown:
+                unknown = " and ".join(unknown)
+                raise unreadable(path, f"line {i} has {unknown}, which paper.py does not measure")
+            row = {k: v if k in TEXT else float(v) for k, v in row.items()}
+            out.append({**row, **{k: int(row[k]) for k in ("seed", "step", "block", "timestep") if k in row}})
+        return out
+    except Exception as e:  # foreign data: any failure of its parse is the file's (OSError, csv.Error, ...)
+        raise unreadable(path, _gist(e)) from None
+
+
 def gather(res_dir, name):
     """Every run's rows of runs/<run>/<name>.csv, numbers converted."""
-    rows = []
-    for path in sorted(Path(res_dir).glob(f"runs/*/{name}.csv")):
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                text = ("norm", "weights", "tensor", "direction")
-                row = {k: v if k in text else float(v) for k, v in row.items()}
-                ints = {k: int(row[k]) for k in ("seed", "step", "block", "timestep") if k in row}
-                rows.append({**row, **ints})
-    return rows
+    paths = sorted(Path(res_dir).glob(f"runs/*/{name}.csv"))
+    return [row for path in paths for row in read_table(path, name)]
+
+
+def read_pixels(res_dir):
+    """{norm: [{weights: (N, P) |x| of one seed}]} of runs/<run>/pixels.npz; SystemExit naming a bad file."""
+    pixels = {}
+    for path in sorted(Path(res_dir).glob("runs/*/pixels.npz")):
+        norm = path.parent.name.rsplit("-seed", 1)[0]
+        try:
+            with np.load(path) as f:
+                arrays = {k: f[k] for k in f.files}
+        except Exception as e:  # foreign data, as in read_table
+            raise unreadable(path, _gist(e)) from None
+        pixels.setdefault(norm, []).append(arrays)
+    return pixels
 
 
 def write_csv(rows, path):
@@ -67,12 +120,8 @@ def spread(values):
 def bootstrap_ratio(res_dir, weights, stat, draws=2000, seed=0):
     """(ratio, low, high): layernorm / none of the seed median of `stat` (median or max of |x|) at the last
     step, with a 95% interval from resampling seeds and, within each seed, samples. None without data."""
-    pixels = {}
-    for path in sorted(Path(res_dir).glob("runs/*/pixels.npz")):
-        norm = path.parent.name.rsplit("-seed", 1)[0]
-        with np.load(path) as f:
-            if weights in f:
-                pixels.setdefault(norm, []).append(f[weights])  # (N, P) per seed
+    pixels = {norm: [seed[weights] for seed in seeds if weights in seed]  # (N, P) per seed
+              for norm, seeds in read_pixels(res_dir).items()}
     if not pixels.get("layernorm") or not pixels.get("none"):
         return None
     fn = np.median if stat == "median" else np.max
@@ -266,7 +315,9 @@ def _plain(values):
 
 def report(args):
     res = Path(args.res_dir)
-    errors, weights, rms = (gather(res, name) for name in ("errors", "weights", "rms"))
+    # Every measured file is read before anything is written: a bad one leaves the report as it was.
+    errors, weights, rms, perturbed = (gather(res, name) for name in ("errors", "weights", "rms", "perturb"))
+    read_pixels(res)
     if not errors:
         raise SystemExit(f"paper.py: error: no measurements under {res / 'runs'}; run paper.py measure first")
     for rows, name in ((errors, "errors"), (weights, "weights"), (rms, "rms")):
@@ -291,7 +342,6 @@ def report(args):
               "together; seed median):", "", *writer_table(weights, last)]
     lines += ["", f"RMS of the residual stream after each block at step {last:,} (raw weights, x_0 = 0 "
               "noised to timestep t; seed median):", "", *rms_table(rms, last)]
-    perturbed = gather(res, "perturb")
     if perturbed:
         write_csv(perturbed, res / "perturb.csv")
         lines += ["", f"Exploratory, after the outcome (`paper.py perturb`): median |x| at step {last:,} of "

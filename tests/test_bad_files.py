@@ -1,0 +1,198 @@
+"""Files that are not what an entry point reads (issue 26): every reader answers them in one line.
+
+Each kind of file is fed to each reader of a checkpoint, a run folder or a diffusers folder: train_toy.py
+--resume, sample.py --ckpt, diffusers_io.py export, probe.py, load_model and analysis.find_run_pair. Each must
+give one line naming the file, a non-zero exit (a CheckpointError for the library functions), no traceback,
+and write nothing.
+"""
+
+import json
+import pickle
+import random
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from builders import perturb_zero_init, save_model
+
+import diffusers_io
+import probe
+import sample
+import train_toy
+from ditnorm import analysis
+from ditnorm.checkpoint import FORMAT, CheckpointError, load_model, save_checkpoint
+from models import build_model
+
+TOY = "ToyDiT-XS/1"
+
+
+def resumable(model, name=TOY, state_dict=None):
+    """A checkpoint with every part train_toy.py needs to resume (the weights: state_dict, or the model's)."""
+    weights = model.state_dict() if state_dict is None else state_dict
+    return {"format": FORMAT, "config": {"model": name, **model.config}, "model": weights, "ema": weights,
+            "opt": {}, "step": 5, "train_args": {}, "rng": {"torch": torch.get_rng_state()}}
+
+
+def zip_with(path, members):
+    """A zip archive at path holding members {name: bytes}."""
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def make_files(folder):
+    """{kind: path} of the bad inputs, written into folder."""
+    folder.mkdir()
+    toy = perturb_zero_init(build_model(TOY, norm="layernorm"))
+    good = save_model(toy, TOY, folder / "good.pt")  # only a source for the damaged ones below
+    data = good.read_bytes()
+    noise = random.Random(0).randbytes(4096)
+    files = {
+        "text": b"hello world\n",
+        "noise": b"\x01" + noise,
+        "noise after a pickle header": b"\x80\x02" + noise,
+        "noise after a zip header": b"PK" + noise,
+        "empty": b"",
+        "truncated checkpoint": data[: len(data) // 2],
+        "json": json.dumps({"format": FORMAT, "config": {}}).encode(),
+        "plain pickle": pickle.dumps({"model": {"w": [1.0, 2.0]}}, protocol=4),
+        "pickle of an object": pickle.dumps(Path("x"), protocol=4),
+    }
+    paths = {}
+    for i, (kind, content) in enumerate(files.items()):
+        paths[kind] = folder / f"{i:02d}.pt"
+        paths[kind].write_bytes(content)
+    paths["zip of other content"] = folder / "zip.pt"
+    zip_with(paths["zip of other content"], {"notes.txt": b"hello world\n"})
+    with zipfile.ZipFile(good) as z:  # a checkpoint whose pickle record is text
+        members = {n: (b"hello world\n" if n.endswith("data.pkl") else z.read(n)) for n in z.namelist()}
+    paths["checkpoint with a broken record"] = folder / "broken_record.pt"
+    zip_with(paths["checkpoint with a broken record"], members)
+    for kind, obj in {"torch.save of a list": [1, 2], "torch.save of a tensor": torch.ones(3),
+                      "torch.save of a foreign dict": {"weights": torch.ones(3)}}.items():
+        paths[kind] = folder / f"{kind.split()[-1]}.pt"
+        torch.save(obj, paths[kind])
+    bigger = build_model(TOY, norm="layernorm", hidden_size=64, num_heads=2)
+    paths["checkpoint of another model"] = folder / "other_model.pt"  # config says XS, weights are wider
+    torch.save(resumable(toy, state_dict=bigger.state_dict()), paths["checkpoint of another model"])
+    config = {**resumable(toy)["config"], "depth": "2"}
+    paths["checkpoint with a garbled config"] = folder / "garbled_config.pt"
+    torch.save({**resumable(toy), "config": config}, paths["checkpoint with a garbled config"])
+    paths["checkpoint with non-tensor weights"] = folder / "non_tensor.pt"
+    torch.save({**resumable(toy), "model": {"w": 1}, "ema": {"w": 1}},
+               paths["checkpoint with non-tensor weights"])
+    # Every entry point below asks for a layernorm model: a good norm="none" checkpoint does not fit it.
+    none = perturb_zero_init(build_model(TOY, norm="none"))
+    paths["checkpoint of a none-norm model"] = folder / "none.pt"
+    save_checkpoint(resumable(none), paths["checkpoint of a none-norm model"])
+    paths["empty folder"] = folder / "empty_folder"
+    paths["empty folder"].mkdir()
+    paths["run folder with a text checkpoint"] = folder / "000-run"
+    (folder / "000-run" / "checkpoints").mkdir(parents=True)
+    (folder / "000-run" / "checkpoints" / "0000010.pt").write_bytes(b"hello world\n")
+    paths["diffusers folder with a text config"] = folder / "diffusers"
+    paths["diffusers folder with a text config"].mkdir()
+    (folder / "diffusers" / "config.json").write_text("hello world\n")
+    paths["diffusers folder with a list for its config"] = folder / "diffusers_list"
+    paths["diffusers folder with a list for its config"].mkdir()
+    (folder / "diffusers_list" / "config.json").write_text("[1, 2]\n")
+    good.unlink()
+    return paths
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    return make_files(tmp_path_factory.mktemp("bad") / "inputs")
+
+
+@pytest.fixture(scope="module")
+def none_run(tmp_path_factory):
+    """A good run folder of a norm="none" toy model: the partner of a bad run in find_run_pair."""
+    run = tmp_path_factory.mktemp("runs") / "000-ToyDiT-XS-1-none"
+    save_model(perturb_zero_init(build_model(TOY, norm="none")), TOY, run / "checkpoints" / "0000010.pt", 10)
+    return run
+
+
+def tree(folder):
+    """Every path under folder with its size (what an entry point might have written)."""
+    return {str(p.relative_to(folder)): p.stat().st_size if p.is_file() else None for p in folder.rglob("*")}
+
+
+def call_script(main, argv):
+    """(exit status, stderr's lines) of a script's main(argv) that must exit; SystemExit("...") prints its
+    text to stderr as Python does."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    code = e.value.code
+    return (1, [code]) if isinstance(code, str) else (code, None)
+
+
+ENTRY_POINTS = {
+    "train_toy.py --resume": (train_toy.main, lambda f, out: ["--resume", f, "--norm", "layernorm",
+                                                             "--results-dir", str(out / "res"),
+                                                             "--max-steps", "9"]),
+    "sample.py --ckpt": (sample.main, lambda f, out: ["--ckpt", f, "--norm", "layernorm",
+                                                      "--num-samples", "2", "--num-sampling-steps", "2",
+                                                      "--out", str(out / "s.npz")]),
+    "diffusers_io.py export": (diffusers_io.main, lambda f, out: ["export", f, str(out / "exported")]),
+    "probe.py": (probe.main, lambda f, out: [f, "--device", "cpu", "--out", str(out / "probe.md")]),
+}
+KINDS = ["text", "noise", "noise after a pickle header", "noise after a zip header", "empty",
+         "truncated checkpoint", "json", "plain pickle", "pickle of an object", "zip of other content",
+         "checkpoint with a broken record", "torch.save of a list", "torch.save of a tensor",
+         "torch.save of a foreign dict", "checkpoint of another model", "checkpoint with a garbled config",
+         "checkpoint with non-tensor weights", "checkpoint of a none-norm model", "empty folder",
+         "run folder with a text checkpoint", "diffusers folder with a text config",
+         "diffusers folder with a list for its config"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_a_bad_file_is_one_line_on_every_entry_point(bad_files, tmp_path, capsys, entry, kind):
+    main, argv = ENTRY_POINTS[entry]
+    path = bad_files[kind]
+    inputs = tree(path.parent)
+    with warnings.catch_warnings(record=True) as warned:  # a warning would be more lines on stderr
+        warnings.simplefilter("always")
+        status, lines = call_script(main, argv(str(path), tmp_path))
+    assert not warned, [str(w.message)[:200] for w in warned]
+    captured = capsys.readouterr()
+    lines = lines if lines is not None else captured.err.strip().splitlines()
+    assert status != 0 and len(lines) == 1, (status, captured.err)
+    assert "Traceback" not in captured.err and "Traceback" not in captured.out
+    assert path.name in lines[0] or entry == "train_toy.py --resume" and kind.startswith("run folder"), lines
+    assert not list(tmp_path.iterdir()), "an output was written"
+    assert tree(path.parent) == inputs, "an input was changed"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_model_raises_one_checkpoint_error(bad_files, kind):
+    with pytest.raises(CheckpointError) as e:
+        load_model(bad_files[kind], norm="layernorm")
+    assert "\n" not in str(e.value) and bad_files[kind].name in str(e.value), str(e.value)
+
+
+# find_run_pair reads a run's setup (config and train_args) from its last checkpoint, not its weights.
+UNREADABLE = KINDS[:KINDS.index("checkpoint of another model")]
+
+
+@pytest.mark.parametrize("kind", UNREADABLE)
+def test_find_run_pair_raises_one_checkpoint_error(bad_files, none_run, tmp_path, kind):
+    run = tmp_path / "000-ToyDiT-XS-1-layernorm"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "0000010.pt").write_bytes(bad_files[kind].read_bytes())
+    with pytest.raises(CheckpointError) as e:
+        analysis.find_run_pair(layernorm_run=run, none_run=none_run)
+    assert "\n" not in str(e.value) and "0000010.pt" in str(e.value), str(e.value)
+
+
+def test_a_bug_inside_the_loader_still_shows_its_traceback(bad_files, monkeypatch):
+    """Only the parse of the file is caught: an error of this repository's code after it is not reworded."""
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr("ditnorm.checkpoint._check_keys", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        load_model(bad_files["checkpoint of another model"])
