@@ -113,7 +113,7 @@ def _per_seed(pixels, fn):
     return {norm: [fn(pixels[norm][s]) for s in sorted(pixels[norm])] for norm in NORMS}
 
 
-def rank_test_rows(res_dir, weights_kinds=("raw", "ema")):
+def rank_test_rows(res_dir, weights_kinds=("raw", "ema", "ema_0.999", "sphere_0.9999")):
     """Per weights kind and statistic of |x| at the last step: the seeds' values, the seed-median ratio
     and the exact one-sided rank test of LayerNorm > none (list of dicts)."""
     stats = {"median": np.median, "p90": lambda a: np.quantile(a, 0.9), "p99": lambda a: np.quantile(a, 0.99),
