@@ -19,6 +19,7 @@ import torch
 
 from diffusion import create_diffusion
 from ditnorm.checkpoint import FORMAT, CheckpointError, diffusion_of, load_for_sampling, read_checkpoint
+from ditnorm.stats import fixed_quantiles
 from fast import sample_toy
 from models import TOY_MODELS
 
@@ -275,6 +276,54 @@ def error_stats(samples):
     return dict(mean=float(finite.mean()), median=float(np.median(finite)),
                 p99=float(np.percentile(finite, 99)), max=float(finite.max()),
                 nonfinite=int(a.size - finite.size))
+
+
+@torch.no_grad()
+def denoiser_x0(model, diffusion, x_t, t, class_label=0):
+    """The denoiser's prediction of x_0 from x_t at timestep indices t (N,) of `diffusion`: the same
+    p_mean_variance (predicted eps -> x_0) that every sampling step uses."""
+    y = torch.full((x_t.shape[0],), class_label, dtype=torch.long, device=x_t.device)
+    return diffusion.p_mean_variance(model, x_t, t, model_kwargs=dict(y=y))["pred_xstart"]
+
+
+def denoiser_x0_errors(model, diffusion, *, timesteps=(0, 1, 5, 10), num_inputs=100_000, seed=0, data="zeros",
+                       batch=8192, device="cpu"):
+    """{t: (num_inputs * C*H*W,) float64 errors of the denoiser's x_0 prediction} on fresh inputs.
+
+    Each input is a toy image x_0 noised to t with q_sample; x_0 and the noise come from a generator
+    seeded with `seed`, the same draws at every t. The error of a pixel is |x0_pred| on zero data and
+    |x0_pred - mean of its image's x0_pred| on constant data (train_toy.py --data constant), the
+    definitions of pixel_errors for sampled images. Unlike a sampled chain, whose final value is this
+    prediction at t = 0 on the chain's own last input, the inputs here are exact draws of q(x_t | x_0).
+    """
+    if data not in ("zeros", "constant"):
+        raise ValueError(f"data must be 'zeros' or 'constant', got {data!r}")
+    config = model.config
+    shape = (config["in_channels"], config["input_size"], config["input_size"])
+    errors = {}
+    for timestep in timesteps:
+        generator = torch.Generator().manual_seed(seed)
+        parts = []
+        for start in range(0, num_inputs, batch):
+            n = min(batch, num_inputs - start)
+            if data == "zeros":
+                x_start = torch.zeros(n, *shape)
+            else:
+                x_start = (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1).expand(n, *shape)
+            noise = torch.randn(n, *shape, generator=generator)
+            t = torch.full((n,), int(timestep), dtype=torch.long)
+            x_t = diffusion.q_sample(x_start, t, noise=noise)  # (n, C, H, W)
+            pred = denoiser_x0(model, diffusion, x_t.to(device), t.to(device)).double().cpu().numpy()
+            parts.append(pixel_errors(pred)["abs_x" if data == "zeros" else "dev_const"].ravel())
+        errors[int(timestep)] = np.concatenate(parts)
+    return errors
+
+
+def denoiser_x0_error(model, diffusion, *, quantiles=(0.5, 0.99, 0.999), **kwargs):
+    """{t: {"p50": ..., "p99": ..., "p99.9": ...}}: fixed quantiles of denoiser_x0_errors(model, diffusion,
+    **kwargs) over all pixels of all inputs. A quantile, unlike the maximum, does not grow with num_inputs."""
+    errors = denoiser_x0_errors(model, diffusion, **kwargs)
+    return {t: fixed_quantiles(e, quantiles) for t, e in errors.items()}
 
 
 def pixel_errors(samples):

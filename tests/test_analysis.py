@@ -7,6 +7,7 @@ import pytest
 import torch
 from builders import make_toy_runs, perturb_zero_init
 
+from diffusion import create_diffusion
 from ditnorm import analysis
 from ditnorm.checkpoint import CheckpointError
 from models import build_model
@@ -147,3 +148,42 @@ def test_find_run_pair_matches_configurations_and_names_both_otherwise(tmp_path)
 def test_scatter_title_is_wrapped_to_the_figure():
     fig = analysis.plot_toy_scatter({"a": np.full((2, 2, 2, 2), 1e-3)}, title="x" * 30 + " " + "y" * 200)
     assert len(fig._suptitle.get_text().splitlines()) >= 3
+
+
+def test_sampled_chain_ends_at_the_denoisers_x0_prediction_at_t0():
+    """The last ancestral step adds no noise and its posterior mean is x0_pred itself (alpha_bar_prev = 1),
+    so a sample is the denoiser's x_0 prediction at t = 0 on the chain's last input."""
+    model = tiny_toy()
+    diffusion = create_diffusion("")
+    steps = list(diffusion.p_sample_loop_progressive(model, (16, 2, 2, 2), model_kwargs=dict(y=torch.zeros(
+        16, dtype=torch.long)), generator=torch.Generator().manual_seed(0)))
+    last_input, final = steps[-2]["sample"], steps[-1]["sample"]
+    x0 = analysis.denoiser_x0(model, diffusion, last_input, torch.zeros(16, dtype=torch.long))
+    torch.testing.assert_close(final, x0, rtol=1e-6, atol=1e-9)
+    # and the sampled error is this x0's |x|, the direct statistic's error at t = 0 on that input
+    np.testing.assert_allclose(analysis.pixel_errors(final.double().numpy())["abs_x"],
+                               np.abs(x0.double().numpy()).reshape(16, -1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("data", ["zeros", "constant"])
+def test_denoiser_error_quantiles_are_fixed_the_max_grows(data):
+    model, diffusion = tiny_toy(), create_diffusion("")
+    kwargs = dict(timesteps=(0, 10), data=data, batch=10_000)  # whole batches: the small set is a prefix
+    small = analysis.denoiser_x0_errors(model, diffusion, num_inputs=10_000, **kwargs)
+    large = analysis.denoiser_x0_errors(model, diffusion, num_inputs=100_000, **kwargs)
+    for t in (0, 10):
+        assert small[t].shape == (10_000 * 8,) and large[t].shape == (100_000 * 8,)
+        np.testing.assert_array_equal(small[t], large[t][:80_000])  # the same draws, extended
+        q_small, q_large = analysis.fixed_quantiles(small[t]), analysis.fixed_quantiles(large[t])
+        assert q_large["p50"] == pytest.approx(q_small["p50"], rel=0.03)
+        assert q_large["p99"] == pytest.approx(q_small["p99"], rel=0.05)
+        assert large[t].max() > small[t].max()  # a maximum only grows with more inputs
+    summary = analysis.denoiser_x0_error(model, diffusion, timesteps=(0,), num_inputs=1000, data=data)
+    assert list(summary) == [0] and list(summary[0]) == ["p50", "p99", "p99.9"]
+    if data == "constant":  # the distance from the image's own mean: zero for a constant prediction
+        assert (large[0].reshape(-1, 8).min(axis=1) >= 0).all()
+
+
+def test_denoiser_error_needs_a_known_data_kind():
+    with pytest.raises(ValueError, match="zeros"):
+        analysis.denoiser_x0_errors(tiny_toy(), create_diffusion(""), data="ones", num_inputs=4)

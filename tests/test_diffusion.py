@@ -389,3 +389,72 @@ def test_progressive_loop_yields_every_step_and_passes_kwargs():
     assert len(steps) == 4 and all(set(s) == {"sample", "pred_xstart"} for s in steps)
     assert all(k["cfg_scale"] == 4.0 and k["y"].tolist() == [0, 1] for k in spy.kwargs)
     assert not steps[-1]["sample"].requires_grad and torch.is_grad_enabled()
+
+
+# ----------------------------------------------------------------------------- departures from official code
+# Each test measures one departure listed in docs/diffusion.md against the official form, rewritten here from
+# its formula, and prints the size (pytest -s tests/test_diffusion.py -k official).
+
+
+def tanh_normal_cdf(z):
+    """The official code's approximation of the standard normal CDF (GELU's tanh form)."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
+
+
+def official_decoder_log_likelihood(x, means, log_scales):
+    """The decoder log-likelihood with tanh_normal_cdf, every probability floored at 1e-12, as officially."""
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = tanh_normal_cdf(inv_std * (x - means + 1 / 255))
+    cdf_min = tanh_normal_cdf(inv_std * (x - means - 1 / 255))
+    return torch.where(x < -0.999, torch.log(cdf_plus.clamp(min=1e-12)),
+                       torch.where(x > 0.999, torch.log((1 - cdf_min).clamp(min=1e-12)),
+                                   torch.log((cdf_plus - cdf_min).clamp(min=1e-12))))
+
+
+def decoder_scales():
+    """log std of the t = 0 decoder of the 1000-step linear schedule, over the learned range's span."""
+    d = create_diffusion("")
+    low, high = math.log(d.posterior_variance[1]), math.log(d.betas[0])
+    return 0.5 * torch.linspace(low, high, 5, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("data", ["toy zeros", "pixel centres"])
+def test_official_decoder_cdf_difference_in_bits(data):
+    x = torch.zeros(1) if data == "toy zeros" else torch.linspace(-1, 1, 256)
+    x = x.double()[:, None, None]
+    offsets = torch.linspace(-0.03, 0.03, 601, dtype=torch.float64)[None, :, None]  # up to 4 std
+    scales = decoder_scales()[None, None, :]
+    means = (x + offsets).clamp(-1, 1)
+    exact = discretized_gaussian_log_likelihood(x, means, scales) / math.log(2)
+    official = official_decoder_log_likelihood(x, means, scales) / math.log(2)
+    within = (offsets.abs() <= 2 * scales.exp()).expand_as(exact)  # the mean within 2 std of the data
+    diff = (exact - official).abs()
+    print(f"\n{data}: decoder log-likelihood, exact CDF vs tanh approximation: max |difference| "
+          f"{diff[within].max():.2e} bits with the mean within 2 std of x, {diff.max():.2e} bits up to 4 std")
+    assert 1e-5 < diff[within].max() < 1e-2
+
+
+def official_space_timesteps(num_timesteps, count):
+    """One section of the official spacing: the stride accumulated in floating point."""
+    stride = (num_timesteps - 1) / (count - 1) if count > 1 else 1
+    kept, position = [], 0.0
+    for _ in range(count):
+        kept.append(round(position))
+        position += stride
+    return set(kept)
+
+
+def test_official_respacing_same_steps():
+    differ = [n for n in range(1, 1001) if space_timesteps(1000, [n]) != official_space_timesteps(1000, n)]
+    common = [n for n in (10, 25, 50, 100, 250, 500, 1000) if n in differ]
+    print(f"\nrespacing T = 1000 into 1..1000 steps: {len(differ)} counts keep other steps than officially "
+          f"(first: {differ[:6]}); of 10, 25, 50, 100, 250, 500, 1000: {common or 'none'}")
+    assert not common and len(differ) > 0
+
+
+def test_official_cosine_schedule_same_betas():
+    f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    loop = np.array([min(1 - f((i + 1) / 1000) / f(i / 1000), 0.999) for i in range(1000)])
+    diff = np.abs(get_named_beta_schedule("cosine", 1000) - loop).max()
+    print(f"\ncosine schedule, T = 1000: max |beta difference| {diff:.2e} (vectorised vs per-step loop)")
+    assert diff < 1e-12

@@ -1,0 +1,78 @@
+"""ditnorm.stats: the exact rank test, fixed quantiles, and the committed res/paper/statistics.md."""
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from ditnorm.stats import fixed_quantiles, paper_statistics, rank_test
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_complete_separation_3_vs_3_gives_p_one_in_twenty():
+    test = rank_test([4.0, 5.0, 6.0], [1.0, 2.0, 3.0])
+    assert (test.u, test.n1, test.n2) == (9.0, 3, 3)
+    assert test.p == pytest.approx(1 / 20, abs=1e-15)
+
+
+def test_eight_of_nine_pairs_gives_p_one_in_ten():
+    # 2.5 < 3 is the one pair out of order; the splits with U >= 8 are the complete one and this one.
+    test = rank_test([2.5, 5.0, 6.0], [1.0, 2.0, 3.0])
+    assert test.u == 8.0
+    assert test.p == pytest.approx(2 / 20, abs=1e-15)
+
+
+def test_wrong_direction_is_not_significant():
+    test = rank_test([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert (test.u, test.p) == (0.0, 1.0)
+
+
+def test_ties_count_one_half_and_enter_the_null_distribution():
+    # all equal: every split has U = n1 n2 / 2, so P(U >= observed) = 1
+    assert rank_test([1.0, 1.0], [1.0, 1.0]) == (2.0, 1.0, 2, 2)
+    # one tie across the groups: U = 3 + 0.5; p is the share of the 6 splits of {2, 3, 1, 2} with U >= 3.5
+    test = rank_test([2.0, 3.0], [1.0, 2.0])
+    assert test.u == 3.5
+    pooled = [2.0, 3.0, 1.0, 2.0]
+    splits = itertools.combinations(range(4), 2)
+    us = [sum((a > b) + 0.5 * (a == b) for a in [pooled[i] for i in c]
+              for b in [pooled[j] for j in range(4) if j not in c]) for c in splits]
+    assert test.p == pytest.approx(np.mean([u >= 3.5 for u in us]))
+
+
+@pytest.mark.parametrize("n1,n2", [(3, 3), (3, 4), (5, 2), (6, 6)])
+def test_agrees_with_scipy_exact_without_ties(n1, n2):
+    rng = np.random.default_rng(n1 * 10 + n2)
+    for _ in range(5):
+        x, y = rng.normal(size=n1) + rng.uniform(0, 2), rng.normal(size=n2)
+        ours = rank_test(x, y)
+        theirs = scipy.stats.mannwhitneyu(x, y, alternative="greater", method="exact")
+        assert ours.u == pytest.approx(theirs.statistic)
+        assert ours.p == pytest.approx(theirs.pvalue, rel=1e-12)
+
+
+def test_empty_group_raises():
+    with pytest.raises(ValueError, match="both groups"):
+        rank_test([], [1.0])
+
+
+def test_fixed_quantiles_names_and_values():
+    q = fixed_quantiles(np.arange(1001.0))
+    assert q == {"p50": 500.0, "p99": 990.0, "p99.9": 999.0}
+    assert np.isnan(fixed_quantiles([np.nan])["p50"])
+
+
+def test_committed_statistics_are_what_the_function_writes():
+    committed = (ROOT / "res/paper/statistics.md").read_text()
+    assert paper_statistics(ROOT / "res/paper") == committed
+
+
+def test_issue_numbers_recompute_from_the_committed_files():
+    text = (ROOT / "res/paper/statistics.md").read_text()
+    # raw medians and both maxima separate completely; EMA medians order 8 of 9 pairs
+    assert "| raw | median |" in text and "| 4.24 | 9 of 9 | 0.050 | 3 vs 3 |" in text
+    assert "| 8.73 | 9 of 9 | 0.050 |" in text and "| 7.88 | 9 of 9 | 0.050 |" in text
+    assert "| 4.51 | 8 of 9 | 0.100 |" in text
