@@ -1,11 +1,10 @@
-"""paper.py report: the tables, figures and predictions' outcome of the paper-schedule study, recomputed
-from the per-run files under res/paper/runs/ (whatever runs and checkpoints they hold, n said everywhere).
+"""The report of the paper preset: the tables, figures and predictions' outcome of the paper-schedule study,
+recomputed from the per-run files under runs/ (whatever runs and checkpoints they hold, n said everywhere).
 
 Writes, beside runs/: errors.csv, weights.csv, rms.csv (every run's rows together), results.md (the tables),
 error_vs_step.png, averages_at_last_step.png, writer_norms.png, and the outcome under prediction.md.
 """
 
-import csv
 import datetime
 from pathlib import Path
 
@@ -15,9 +14,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ditnorm.averaging import DEFAULT_AVERAGES  # noqa: E402
+from ditnorm.measures import PAPER_WEIGHTS as WEIGHTS  # noqa: E402
+from ditnorm.records import savefig_atomic, write_atomic, write_rows  # noqa: E402
+from ditnorm.reports import gather  # noqa: E402
 
-WEIGHTS = ("raw", "ema", *DEFAULT_AVERAGES)
 # Averages by how far back they reach at 50k steps (the std of their weighting, in steps): EMA d ~ 1/(1-d),
 # a power EMA sigma_rel x 50k. The sphere EMA reaches as far as the DiT EMA.
 REACH = {"raw": 0, "ema_0.999": 1000, "ema_0.9995": 2000, "power_0.05": 2500, "power_0.10": 5000,
@@ -25,27 +25,6 @@ REACH = {"raw": 0, "ema_0.999": 1000, "ema_0.9995": 2000, "power_0.05": 2500, "p
 LABEL = {"raw": "raw", "ema": "EMA 0.9999 (DiT)", "ema_0.999": "EMA 0.999", "ema_0.9995": "EMA 0.9995",
          "power_0.05": "power EMA 0.05", "power_0.10": "power EMA 0.10", "sphere_0.9999": "sphere EMA 0.9999"}
 COLOURS = {"layernorm": "tab:red", "none": "tab:blue"}
-
-
-def gather(res_dir, name):
-    """Every run's rows of runs/<run>/<name>.csv, numbers converted."""
-    rows = []
-    for path in sorted(Path(res_dir).glob(f"runs/*/{name}.csv")):
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                text = ("norm", "weights", "tensor", "direction")
-                row = {k: v if k in text else float(v) for k, v in row.items()}
-                ints = {k: int(row[k]) for k in ("seed", "step", "block", "timestep") if k in row}
-                rows.append({**row, **ints})
-    return rows
-
-
-def write_csv(rows, path):
-    if rows:
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
 
 
 def by_seed(rows, norm, weights, step, key):
@@ -117,7 +96,7 @@ def plot_error_vs_step(rows, path):
     axes[0].set_ylabel("median |x| (seed median; band: seed min-max)")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    savefig_atomic(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -140,7 +119,7 @@ def plot_averages(rows, step, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    savefig_atomic(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -174,7 +153,7 @@ def plot_writer_norms(weight_rows, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    savefig_atomic(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -264,19 +243,19 @@ def _plain(values):
     return "-" if not values else f"{np.median(values):.4f} (n={len(values)})"
 
 
-def report(args):
-    res = Path(args.res_dir)
-    errors, weights, rms = (gather(res, name) for name in ("errors", "weights", "rms"))
+def report(preset, res, options):
+    errors, weights, rms = (_seeds(gather(res, name), options) for name in ("errors", "weights", "rms"))
     if not errors:
-        raise SystemExit(f"paper.py: error: no measurements under {res / 'runs'}; run paper.py measure first")
+        raise SystemExit(f"error: no measurements under {res / 'runs'}; run experiment.py measure first")
     for rows, name in ((errors, "errors"), (weights, "weights"), (rms, "rms")):
-        write_csv(rows, res / f"{name}.csv")
+        write_rows(res / f"{name}.csv", rows)
     last = max(r["step"] for r in errors)
     plot_error_vs_step(errors, res / "error_vs_step.png")
     plot_averages(errors, last, res / "averages_at_last_step.png")
     plot_writer_norms(weights, res / "writer_norms.png")
     lines = [f"# Paper-schedule study: {len({(r['norm'], r['seed']) for r in errors})} runs measured",
-             "", f"Made by `python paper.py report` from res/paper/runs/ on {datetime.date.today()}.",
+             "", f"Made by `python experiment.py report --preset {options['preset']}` from "
+             f"{res.parent.name}/{res.name}/runs/ on {datetime.date.today()}.",
              f"Median |x| at step {last:,}: seed median [min, max] (n seeds).", "",
              *error_table(errors, last), ""]
     lines += ["Ratio layernorm / none at the last step, 95% bootstrap interval over seeds and samples:", "",
@@ -291,22 +270,28 @@ def report(args):
               "together; seed median):", "", *writer_table(weights, last)]
     lines += ["", f"RMS of the residual stream after each block at step {last:,} (raw weights, x_0 = 0 "
               "noised to timestep t; seed median):", "", *rms_table(rms, last)]
-    perturbed = gather(res, "perturb")
+    perturbed = _seeds(gather(res, "perturb"), options)
     if perturbed:
-        write_csv(perturbed, res / "perturb.csv")
-        lines += ["", f"Exploratory, after the outcome (`paper.py perturb`): median |x| at step {last:,} of "
-                  "the raw weights plus alpha times a step d: d = EMA 0.999 - raw, or a random direction "
-                  "with the same norm per tensor (seed median [min, max]):", "",
+        write_rows(res / "perturb.csv", perturbed)
+        lines += ["", "Exploratory, after the outcome (the preset's perturb_steps): median |x| at step "
+                  f"{last:,} of the raw weights plus alpha times a step d: d = EMA 0.999 - raw, or a random "
+                  "direction with the same norm per tensor (seed median [min, max]):", "",
                   *perturb_table(perturbed, errors, last)]
         if len({r["step"] for r in perturbed}) > 1:
             lines += ["", "The same at every perturbed checkpoint (median |x|; seed median, n seeds):", "",
                       *perturb_steps_table(perturbed, errors)]
     verdicts = outcome(errors, weights, last)
     lines += ["", "The predictions (prediction.md) against these numbers:", "", *verdicts]
-    (res / "results.md").write_text("\n".join(lines) + "\n")
+    write_atomic(res / "results.md", "\n".join(lines) + "\n")
     if (res / "prediction.md").is_file():
         append_outcome(res / "prediction.md", verdicts)
     print("\n".join(lines))
+
+
+def _seeds(rows, options):
+    """The rows of the seeds asked for (all of the grid's by default)."""
+    seeds = {cfg["seed"] for _, cfg in options["runs"]}
+    return [r for r in rows if r["seed"] in seeds]
 
 
 def _median(rows, norm, weights, step, key="median"):
@@ -378,4 +363,4 @@ def append_outcome(path, lines):
     """Replace what follows '## Outcome' in the prediction file; the predictions above stay as written."""
     text = Path(path).read_text()
     head = text.split("## Outcome", 1)[0]
-    Path(path).write_text(head + "## Outcome\n\n" + "\n".join(lines) + "\n")
+    write_atomic(path, head + "## Outcome\n\n" + "\n".join(lines) + "\n")
