@@ -241,11 +241,15 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y):
-        """x (N, C, H, W) noisy input, t (N,) timesteps, y (N,) labels -> (N, C_out, H, W)."""
+    def forward(self, x, t, y, force_drop_ids=None):
+        """x (N, C, H, W) noisy input, t (N,) timesteps, y (N,) labels -> (N, C_out, H, W).
+
+        force_drop_ids (N,), 1 where the label is replaced by the null class, is the official
+        LabelEmbedder's argument passed through (the official forward draws the drop itself): the trainer
+        draws it from (seed, step) so that a batch trains the same on any number of ranks."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         t = self.t_embedder(t)  # (N, D)
-        y = self.y_embedder(y, self.training)  # (N, D)
+        y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = t + y  # (N, D)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)

@@ -307,6 +307,88 @@ class GaussianDiffusion:
                 vb = vb * (self.num_timesteps / 1000.0)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
+    # ----------------------------------------------------------------------------- likelihood
+
+    def prior_bpd(self, x_start):
+        """KL(q(x_T | x_0) || N(0, I)) per sample, in bits per dimension: the bound's prior term.
+
+        :param x_start: (N, C, ...) clean data x_0.
+        :return: (N,) tensor.
+        """
+        t = torch.full((x_start.shape[0],), self.num_timesteps - 1, dtype=torch.long, device=x_start.device)
+        mean, _, log_variance = self.q_mean_variance(x_start, t)
+        return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
+
+    @torch.no_grad()
+    def vb_terms_bpd(self, model, x_start, t, noise=None, model_kwargs=None):
+        """The bound's term at each sample's timestep t, in bits per dimension: KL(q(x_{t-1} | x_t, x_0) ||
+        p(x_{t-1} | x_t)) for t > 0 and the discretised decoder's -log p(x_0 | x_1) at t = 0.
+
+        :param model: callable model(x_t, t, **model_kwargs) -> (N, C or 2C, ...).
+        :param x_start: (N, C, ...) data on the 256 levels of [-1, 1] (the decoder's bins).
+        :param t: (N,) long timestep indices.
+        :param noise: optional eps for x_t; standard normal when None.
+        :return: (N,) tensor.
+        """
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        c = self.coefficients(t, x_start)
+        x_t = c.sqrt_alphas_cumprod * x_start + c.sqrt_one_minus_alphas_cumprod * noise
+        mean_out, var_out = self._call_model(model, x_t, t, model_kwargs)
+        return self._vb_terms_bpd(mean_out, var_out, x_start, x_t, c, t)
+
+    @torch.no_grad()
+    def calc_bpd_loop(self, model, x_start, model_kwargs=None, timesteps=None, generator=None):
+        """The variational bound on -log p(x_0) in bits per dimension: prior + sum over t of the VB terms.
+
+        With timesteps=None every term is computed (num_timesteps network calls per batch). Otherwise
+        `timesteps` is a sorted list of K indices, one from each of K strata [s_k, s_{k+1}) that split
+        1..T-1 (t = 0, the decoder, is always computed exactly): each stratum's sum is estimated as its
+        size times its one term, an estimate of the bound that is unbiased when each index is drawn
+        uniformly from its stratum (see bound_strata).
+
+        :param model: callable model(x_t, t, **model_kwargs) -> (N, C or 2C, ...).
+        :param x_start: (N, C, ...) data on the 256 levels of [-1, 1].
+        :param model_kwargs: extra keyword arguments for the model, e.g. dict(y=labels).
+        :param timesteps: None, or the (strata, drawn index) pairs of bound_strata.
+        :param generator: torch.Generator for the noise of each term (None: the global one).
+        :return: dict of (N,) tensors: "total_bpd", "prior_bpd", "decoder_bpd" (t = 0) and
+            "vb_bpd" (the terms over t > 0, summed or estimated).
+        """
+        n = x_start.shape[0]
+
+        def term(t_index):
+            t = torch.full((n,), t_index, dtype=torch.long, device=x_start.device)
+            noise = torch.randn(x_start.shape, generator=generator, dtype=x_start.dtype).to(x_start.device)
+            return self.vb_terms_bpd(model, x_start, t, noise=noise, model_kwargs=model_kwargs)
+
+        decoder = term(0)
+        if timesteps is None:
+            strata = [((t, t + 1), t) for t in range(1, self.num_timesteps)]
+        else:
+            strata = timesteps
+        vb = torch.zeros(n, dtype=torch.float64, device=x_start.device)
+        for (low, high), t_index in strata:
+            vb += (high - low) * term(t_index).double()
+        prior = self.prior_bpd(x_start)
+        total = prior.double() + decoder.double() + vb
+        return {"total_bpd": total, "prior_bpd": prior, "decoder_bpd": decoder, "vb_bpd": vb}
+
+    def bound_strata(self, count, generator=None, exact=10):
+        """Strata for calc_bpd_loop's unbiased estimate of the bound: [((low, high), t), ...].
+
+        Timesteps 1..exact are their own strata (their terms are the largest and vary fastest with t);
+        `count` strata split the rest evenly, each with one index drawn uniformly from it."""
+        exact = min(exact, self.num_timesteps - 1)
+        strata = [((t, t + 1), t) for t in range(1, exact + 1)]
+        rest = self.num_timesteps - 1 - exact
+        edges = np.linspace(exact + 1, self.num_timesteps, min(count, rest) + 1).round().astype(int)
+        for low, high in zip(edges[:-1], edges[1:], strict=True):
+            if high > low:
+                pick = int(torch.randint(int(low), int(high), (1,), generator=generator))
+                strata.append(((int(low), int(high)), pick))
+        return strata
+
     # ----------------------------------------------------------------------------- samplers
 
     def p_sample(self, model, x, t, clip_denoised=False, model_kwargs=None, generator=None):

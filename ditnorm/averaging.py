@@ -28,6 +28,12 @@ DEFAULT_AVERAGES = ("ema_0.999", "ema_0.9995", "power_0.05", "power_0.10", "sphe
 KINDS = ("ema", "power", "sphere")
 
 
+@torch.no_grad()
+def update_ema(ema_params, params, decay):
+    """The DiT EMA: ema <- decay * ema + (1 - decay) * param, for whole parameter lists at once."""
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
 def parse_label(label: str) -> tuple[str, float]:
     """'ema_0.999' -> ("ema", 0.999); ValueError with the accepted forms otherwise."""
     kind, _, value = label.partition("_")

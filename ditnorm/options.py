@@ -141,7 +141,7 @@ def add_fast_flag(parser):
                         "diffusion/ as they are; off: always the plain research code (default: auto)")
 
 
-def add_training_flags(parser, defaults):
+def add_training_flags(parser, defaults, models=TOY_MODELS):
     """--model, --norm, --global-batch-size, --lr, --ema-decay, --max-steps, --seed, --device: train_toy.py's
     definitions. defaults: the value shown in --help for each; the flags themselves default to None, so
     that the caller can tell a flag given from one left out."""
@@ -151,7 +151,7 @@ def add_training_flags(parser, defaults):
         shown = "" if key not in defaults else f" (default: {defaults[key]})"
         parser.add_argument(flag, default=None, help=help + shown, **kwargs)
 
-    add("--model", "a toy model of models.py", choices=TOY_MODELS)
+    add("--model", "a model of models.py", choices=models)
     add("--norm", "normalisation in every block", choices=NORM_KINDS)
     add("--global-batch-size", "samples per step summed over all ranks", type=positive_int)
     add("--lr", "constant AdamW learning rate, no weight decay", type=positive_float)

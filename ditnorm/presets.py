@@ -6,57 +6,23 @@ report (a function that reads whatever per-run files exist). A recipe is defined
 """
 
 from ditnorm import measures, paper_report, reports
+from ditnorm.trainer import DEFAULTS
+from ditnorm.trainer import PRESETS as TRAINER_PRESETS
 from models import NORM_KINDS
 
-# The training recipes: every train_run key but the grid's (model, norm, data, seed).
+# The training recipes: every train_run key but the grid's. The paper's is the trainer's DEFAULTS (DiT's
+# recipe at batch 2048 for 50k steps) and the CPU one its --preset cpu; each adds the checkpoints it keeps.
+PAPER = {k: v for k, v in DEFAULTS.items() if k not in ("model", "norm", "data", "seed", "data_path")}
 RECIPES = {
-    # The paper's schedule: DiT's recipe (AdamW, constant lr 1e-4, no weight decay, EMA 0.9999) at global
-    # batch 2048 for 50k steps, DiT's 1000-step diffusion, a checkpoint every 5k steps.
-    "paper": dict(
-        global_batch_size=2048,
-        lr=1e-4,
-        ema_decay=0.9999,
-        max_steps=50_000,
-        ckpt_steps="10000,50000",
-        ckpt_every=5000,
-        log_every=100,
-        diffusion_steps=1000,
-    ),
-    # The CPU recipe (train_toy.py --preset cpu): 8x fewer samples per step and a 10x larger lr for a 10x
-    # shorter run; the EMA keeps the paper's horizon relative to the run (50k x 1e-4 = 5k x 1e-3).
-    "cpu": dict(
-        global_batch_size=256,
-        lr=1e-3,
-        ema_decay=0.999,
-        max_steps=5000,
-        ckpt_steps="1000,2000,3000,4000,5000",
-        ckpt_every=0,
-        log_every=100,
-        diffusion_steps=1000,
-    ),
+    "paper": dict(PAPER, ckpt_every=5000),
+    "cpu": {**PAPER, **TRAINER_PRESETS["cpu"], "ckpt_steps": "1000,2000,3000,4000,5000"},
     # The 4-norm study's shorter CPU recipe: 48 runs in under an hour on 2 cores; the EMA keeps 6 time
     # constants at the end (3000 x 0.002). Still short of convergence: the errors may still fall at the end.
-    "cpu-short": dict(
-        global_batch_size=128,
-        lr=1e-3,
-        ema_decay=0.998,
-        max_steps=3000,
-        ckpt_steps="500,1000,1500,2000,2500,3000",
-        ckpt_every=0,
-        log_every=100,
-        diffusion_steps=1000,
-    ),
+    "cpu-short": dict(PAPER, global_batch_size=128, lr=1e-3, ema_decay=0.998, max_steps=3000,
+                      ckpt_steps="500,1000,1500,2000,2500,3000"),
     # The tests: a 2-block model, seconds.
-    "tiny": dict(
-        global_batch_size=16,
-        lr=1e-3,
-        ema_decay=0.9,
-        max_steps=20,
-        ckpt_steps="10,20",
-        ckpt_every=0,
-        log_every=2,
-        diffusion_steps=1000,
-    ),
+    "tiny": dict(PAPER, global_batch_size=16, lr=1e-3, ema_decay=0.9, max_steps=20, ckpt_steps="10,20",
+                 log_every=2),
 }
 
 SAMPLE_ERRORS = dict(

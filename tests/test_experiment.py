@@ -245,3 +245,29 @@ def test_tiny_preset_end_to_end(tmp_path):
     experiment.main(["train", *flags])  # finished: nothing to train
     experiment.main(["measure", *flags])  # measured: nothing to measure
     assert {p: p.read_bytes() for p in (res / "runs").rglob("*.csv")} == before
+
+
+def test_paper_statistics_of_every_weights_kind_incrementally(tmp_path, monkeypatch):
+    tiny = dict(PRESETS["paper"], recipe="tiny", grid=dict(PRESETS["paper"]["grid"], model=["ToyDiT-XS/1"]),
+                measure_args=dict(num_samples=20, sampling_steps=10, rms_batch=8, perturb_steps={0: (20,)}))
+    monkeypatch.setitem(PRESETS, "paper-tiny", tiny)
+    flags = ["--preset", "paper-tiny", "--seeds", "0", "--results-dir", str(tmp_path)]
+    experiment.main(["train", *flags, "--jobs", "2"])  # side by side, in a process pool
+    experiment.main(["measure", *flags])
+    res = tmp_path / "paper-tiny" / "res"
+    errors = rows(res / "runs" / "none-seed0" / "errors.csv")
+    kinds = measures.PAPER_WEIGHTS
+    assert {(r["step"], r["weights"]) for r in errors} == {(s, w) for s in ("10", "20") for w in kinds}
+    tensors = {r["tensor"] for r in rows(res / "runs" / "none-seed0" / "weights.csv")}
+    assert {"writers", "all", "x_embedder", "block0.attn.proj", "block1.mlp.fc2", "block0.gates"} <= tensors
+    assert {r["block"] for r in rows(res / "runs" / "none-seed0" / "rms.csv")} == {"0", "1"}
+    perturbed = rows(res / "runs" / "layernorm-seed0" / "perturb.csv")
+    assert {r["step"] for r in perturbed} == {"20"} and len(perturbed) == 6
+    (res / "runs" / "none-seed0" / "weights.csv").unlink()
+    before = (res / "runs" / "none-seed0" / "errors.csv").read_bytes()
+    experiment.main(["measure", *flags])  # only the statistics are measured again
+    assert (res / "runs" / "none-seed0" / "weights.csv").is_file()
+    assert (res / "runs" / "none-seed0" / "errors.csv").read_bytes() == before
+    shutil.copy(ROOT / "res" / "paper" / "prediction.md", res / "prediction.md")
+    experiment.main(["report", *flags])
+    assert "## Outcome" in (res / "prediction.md").read_text() and (res / "writer_norms.png").is_file()

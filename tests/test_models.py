@@ -273,4 +273,4 @@ def test_the_official_registry_names_import():
 
     assert models.DiT_models["DiT-XL/2"] is DiT_XL_2 and DiT_XL_2.__name__ == "DiT_XL_2"
     model = DiT_S_8(input_size=16, depth=1)  # the official kwargs still override
-    assert model.config["patch_size"] == 8 and model.config["depth"] == 1 and model.config["hidden_size"] == 384
+    assert (model.config["patch_size"], model.config["depth"], model.config["hidden_size"]) == (8, 1, 384)

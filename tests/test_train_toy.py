@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_toy
 from diffusion import create_diffusion
 from ditnorm import data
+from ditnorm import trainer as train_toy
 from ditnorm.checkpoint import CheckpointError, load_model, read_checkpoint
 from models import build_model
 
@@ -311,7 +311,7 @@ def test_seconds_since_process_start_counts_from_the_process_start():
     code = ("import sys, time; time.sleep(0.5); sys.path.insert(0, 'benchmarks'); import bench_startup; "
             "print(bench_startup.seconds_since_process_start())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          cwd=Path(train_toy.__file__).parent)
+                          cwd=ROOT)
     if proc.stdout.strip() == "None":
         pytest.skip("no /proc here")
     assert 0.5 <= float(proc.stdout) < 60  # the sleep, the imports; not the machine's uptime
