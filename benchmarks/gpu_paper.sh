@@ -3,9 +3,10 @@
 #   bash benchmarks/gpu_paper.sh [PYTHON] [OUT]        (default python3 and ./gpu_out)
 # 1. the CUDA tests: the CUDA-graph steps against the CPU step, the CUDA-graph sampler against
 #    p_sample_loop, the forms for small shapes and their proof (tests/test_fast_*.py -k cuda)
-# 2. paper.py train --device cuda: layernorm and none, seeds 0-2, six runs side by side on the GPU
-# 3. paper.py measure --device cuda, then report: res/paper/ as the CPU makes it, from the GPU's runs
-# Everything it prints goes to OUT/gpu_paper.log as well; OUT/res_paper.tar.gz holds res/paper/ (commit its
+# 2. experiment.py train --preset paper --device cuda: layernorm and none, seeds 0-2, six runs side by side on the GPU
+# 3. experiment.py measure --preset paper --device cuda, then report: results/paper/res/ as res/paper/
+#    is laid out, from the GPU's runs
+# Everything it prints goes to OUT/gpu_paper.log as well; OUT/res_paper.tar.gz holds that record (commit its
 # runs/ files with the log, saying which device made them). Not yet run on a GPU.
 set -u
 PY=${1:-python3}
@@ -27,11 +28,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 part tests timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_train_step.py \
     tests/test_fast_sampler.py tests/test_fast_small_shapes.py tests/test_fast_proof.py -k "cuda or graph"
 runs=$(mktemp -d)
-part train timeout 420 "$PY" paper.py train --device cuda --seeds 0,1,2 --jobs 6 --results-dir "$runs"
-grep -h "step path" "$runs"/*/*/log.txt | head -2
-part measure timeout 300 "$PY" paper.py measure --device cuda --seeds 0,1,2 --jobs 3 --results-dir "$runs"
-part report "$PY" paper.py report
-tar czf "$OUT/res_paper.tar.gz" res/paper
+flags=(--preset paper --device cuda --seeds 0,1,2 --results-dir "$runs")
+part train timeout 420 "$PY" experiment.py train "${flags[@]}" --jobs 6
+grep -h "step path" "$runs"/paper/*/log.txt | head -2
+part measure timeout 300 "$PY" experiment.py measure "${flags[@]}" --jobs 3
+part report "$PY" experiment.py report "${flags[@]}"
+tar czf "$OUT/res_paper.tar.gz" -C "$runs/paper" res
 if ((${#failed[@]})); then
     echo "FAILED: ${failed[*]}"
     exit 1

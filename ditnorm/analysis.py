@@ -248,19 +248,30 @@ def step_label(step):
 
 
 @torch.no_grad()
+def fixed_noise_samples(model, train_args, num_samples, *, sampling_steps=None, seed=0, device="cpu",
+                        fast="auto", progress=False, log=None):
+    """(num_samples, C, H, W) float64 numpy samples of a model from the fixed noise set `seed`.
+
+    The diffusion is the checkpoint's own (train_args: its saved ones; {} for DiT's 1000 steps), respaced to
+    sampling_steps (None: all its steps). The generator is reset to `seed` on every call, so every model
+    starts from the same noise and meets the same per-step noise; a CPU generator serves every device, so
+    the noise set is the same on a GPU too."""
+    diffusion = diffusion_of(train_args, sampling_steps)
+    generator = torch.Generator().manual_seed(seed)
+    samples = sample_toy(model, diffusion, num_samples, generator=generator, device=device, fast=fast,
+                         progress=progress, log=log)
+    return samples.double().cpu().numpy()
+
+
 def sample_checkpoint(path, num_samples=100, *, seed=0, device="cpu", num_sampling_steps=None,
                       progress=False, norm=None, use_ema=True):
-    """Load a toy checkpoint and return (num_samples, C, H, W) float64 numpy samples and the model config.
-
-    The checkpoint's own diffusion, all of its steps (the training schedule), is the default; the generator
-    is seeded the same way for every checkpoint, so all models start from the same noise. `norm`, if given,
-    must be the checkpoint's. `use_ema=False` samples the raw training weights instead of their EMA.
-    """
+    """Load a toy checkpoint and return (num_samples, C, H, W) float64 numpy samples and the model config,
+    from the fixed noise set `seed` (fixed_noise_samples). `norm`, if given, must be the checkpoint's.
+    `use_ema=False` samples the raw training weights instead of their EMA."""
     model, config, train_args = load_for_sampling(path, norm=norm, device=device, use_ema=use_ema)
-    diffusion = diffusion_of(train_args, num_sampling_steps)  # the checkpoint's own diffusion
-    generator = torch.Generator(device=device).manual_seed(seed)
-    samples = sample_toy(model, diffusion, num_samples, generator=generator, device=device, progress=progress)
-    return samples.double().cpu().numpy(), config
+    samples = fixed_noise_samples(model, train_args, num_samples, sampling_steps=num_sampling_steps,
+                                  seed=seed, device=device, progress=progress)
+    return samples, config
 
 
 def error_stats(samples):

@@ -495,3 +495,15 @@ def load_for_sampling(path_or_name, *, download=True, **load_kwargs):
                            model=kwargs["model"], device=kwargs["device"])
     train_args = checkpoint.get("train_args") if ours else None
     return model, config, dict(train_args) if isinstance(train_args, dict) else {}
+
+
+def load_weights_kinds(path, weights, *, device="cpu"):
+    """({kind: model} for each weights kind in `weights`, config, train_args) of one of our checkpoints,
+    read from disk once (a measurement of every average would otherwise read the file once per kind)."""
+    checkpoint = read_checkpoint(path)
+    models = {}
+    for kind in weights:
+        config, state_dict = _unpack(checkpoint, True, kind, source=path)
+        models[kind], built = _build(path, config, state_dict, why="", norm=None, model=None, device=device)
+    train_args = checkpoint.get("train_args") if isinstance(checkpoint, dict) else None
+    return models, built, dict(train_args) if isinstance(train_args, dict) else {}

@@ -138,8 +138,9 @@ def curves_figure(runs, path):
             points = [(s, value(run, s, "raw", quantity)) for s in steps]
             points = [(s, v) for s, v in points if v is not None]
             if points:
-                ax.plot(*zip(*points), styles[run["model"]], color=colors[run["norm"]], marker=".", alpha=0.8,
-                        label=f"{run['model']} {run['norm']}" if run["seed"] == 0 else None)
+                label = f"{run['model']} {run['norm']}" if run["seed"] == 0 else None
+                ax.plot(*zip(*points, strict=True), styles[run["model"]], color=colors[run["norm"]],
+                        marker=".", alpha=0.8, label=label)
     axes[0].set(xlabel="step", ylabel="held-out NLL bound, bits/dim (raw)")
     axes[1].set(xlabel="step", ylabel="largest middle-block top-1/median (raw)")
     axes[0].legend(fontsize=7)

@@ -1,4 +1,4 @@
-"""Command-line pieces shared by train_toy.py, study.py, paper.py and sample.py: one definition per flag.
+"""Command-line pieces shared by train_toy.py, sample.py and experiment.py: one definition per flag.
 
 Every value is checked where it enters: the argparse `type` functions below turn a bad value into one
 line that says what to do (exit status 2), before any work starts; the checks that need more than one
@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 
 from diffusion import get_named_beta_schedule
-from fast import FAST_CHOICES
 from models import NORM_KINDS, TOY_MODELS
 
+# --fast: the plain research code or the checked fast path of fast/ (whose make_train_step and sample_toy
+# take the same two values).
+FAST_CHOICES = ("auto", "off")
 # Longer than this is no setting of the study (DiT: 1000); the schedule's arrays grow with T.
 MAX_DIFFUSION_STEPS = 100_000
 
@@ -105,6 +107,21 @@ def step_list(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive steps "
                                          "(e.g. 10000,50000)")
     return text
+
+
+def seed_list(text):
+    """Comma-separated seeds, e.g. "0,1,2", as a list without repeats (every --seeds is a list)."""
+    parts = [part.strip() for part in str(text).split(",") if part.strip()]
+    try:
+        return list(dict.fromkeys(seed(part) for part in parts)) or seed("")
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of seeds (e.g. 0,1,2)") \
+            from None
+
+
+def step_set(text):
+    """Comma-separated positive steps, e.g. "10000,50000", as a set of ints."""
+    return {int(part) for part in step_list(text).split(",") if part.strip()}
 
 
 def device(text):

@@ -1,5 +1,5 @@
-"""paper.py report: the tables, figures and predictions' outcome of the paper-schedule study, recomputed
-from the per-run files under res/paper/runs/ (whatever runs and checkpoints they hold, n said everywhere).
+"""The report of the paper preset: the tables, figures and predictions' outcome of the paper-schedule study,
+recomputed from the per-run files under runs/ (whatever runs and checkpoints they hold, n said everywhere).
 
 Writes, beside runs/: errors.csv, weights.csv, rms.csv (every run's rows together), results.md (the tables),
 error_vs_step.png, averages_at_last_step.png, writer_norms.png, and the outcome under prediction.md.
@@ -15,9 +15,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ditnorm.averaging import DEFAULT_AVERAGES  # noqa: E402
+from ditnorm.measures import PAPER_WEIGHTS as WEIGHTS  # noqa: E402
+from ditnorm.records import savefig_atomic, write_atomic, write_rows  # noqa: E402
 
-WEIGHTS = ("raw", "ema", *DEFAULT_AVERAGES)
 # Averages by how far back they reach at 50k steps (the std of their weighting, in steps): EMA d ~ 1/(1-d),
 # a power EMA sigma_rel x 50k. The sphere EMA reaches as far as the DiT EMA.
 REACH = {"raw": 0, "ema_0.999": 1000, "ema_0.9995": 2000, "power_0.05": 2500, "power_0.10": 5000,
@@ -27,7 +27,7 @@ LABEL = {"raw": "raw", "ema": "EMA 0.9999 (DiT)", "ema_0.999": "EMA 0.999", "ema
 COLOURS = {"layernorm": "tab:red", "none": "tab:blue"}
 
 
-# The columns paper.py measure (and perturb) write into runs/<run>/<name>.csv; the report reads them.
+# The columns the paper preset's measure phase writes into runs/<run>/<name>.csv; the report reads them.
 COLUMNS = {"errors": ("norm", "seed", "step", "weights", "median", "p99", "max", "mean"),
            "weights": ("norm", "seed", "step", "weights", "tensor", "l2", "cosine_to_raw"),
            "rms": ("norm", "seed", "step", "weights", "timestep", "block", "rms"),
@@ -37,8 +37,8 @@ TEXT = ("norm", "weights", "tensor", "direction")
 
 def unreadable(path, reason):
     """The one line a measured file that cannot be read ends the report with."""
-    return SystemExit(f"paper.py: error: cannot read {path} ({reason}); delete it and run paper.py measure "
-                      "(or perturb) again to rewrite it")
+    return SystemExit(f"experiment.py: error: cannot read {path} ({reason}); delete it and run "
+                      "experiment.py measure --preset paper again to rewrite it")
 
 
 def _gist(error):
@@ -65,7 +65,7 @@ def read_table(path, name):
                        if k in row and row[k] not in known]
             if unknown:
                 unknown = " and ".join(unknown)
-                raise unreadable(path, f"line {i} has {unknown}, which paper.py does not measure")
+                raise unreadable(path, f"line {i} has {unknown}, which the paper preset does not measure")
             row = {k: v if k in TEXT else float(v) for k, v in row.items()}
             out.append({**row, **{k: int(row[k]) for k in ("seed", "step", "block", "timestep") if k in row}})
         return out
@@ -91,14 +91,6 @@ def read_pixels(res_dir):
             raise unreadable(path, _gist(e)) from None
         pixels.setdefault(norm, []).append(arrays)
     return pixels
-
-
-def write_csv(rows, path):
-    if rows:
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
 
 
 def by_seed(rows, norm, weights, step, key):
@@ -166,7 +158,7 @@ def plot_error_vs_step(rows, path):
     axes[0].set_ylabel("median |x| (seed median; band: seed min-max)")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    savefig_atomic(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -189,7 +181,7 @@ def plot_averages(rows, step, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    savefig_atomic(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -223,7 +215,7 @@ def plot_writer_norms(weight_rows, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    savefig_atomic(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -313,21 +305,22 @@ def _plain(values):
     return "-" if not values else f"{np.median(values):.4f} (n={len(values)})"
 
 
-def report(args):
-    res = Path(args.res_dir)
+def report(preset, res, options):
     # Every measured file is read before anything is written: a bad one leaves the report as it was.
-    errors, weights, rms, perturbed = (gather(res, name) for name in ("errors", "weights", "rms", "perturb"))
+    errors, weights, rms, perturbed = (_seeds(gather(res, name), options)
+                                       for name in ("errors", "weights", "rms", "perturb"))
     read_pixels(res)
     if not errors:
-        raise SystemExit(f"paper.py: error: no measurements under {res / 'runs'}; run paper.py measure first")
+        raise SystemExit(f"error: no measurements under {res / 'runs'}; run experiment.py measure first")
     for rows, name in ((errors, "errors"), (weights, "weights"), (rms, "rms")):
-        write_csv(rows, res / f"{name}.csv")
+        write_rows(res / f"{name}.csv", rows)
     last = max(r["step"] for r in errors)
     plot_error_vs_step(errors, res / "error_vs_step.png")
     plot_averages(errors, last, res / "averages_at_last_step.png")
     plot_writer_norms(weights, res / "writer_norms.png")
     lines = [f"# Paper-schedule study: {len({(r['norm'], r['seed']) for r in errors})} runs measured",
-             "", f"Made by `python paper.py report` from res/paper/runs/ on {datetime.date.today()}.",
+             "", f"Made by `python experiment.py report --preset {options['preset']}` from "
+             f"{res.parent.name}/{res.name}/runs/ on {datetime.date.today()}.",
              f"Median |x| at step {last:,}: seed median [min, max] (n seeds).", "",
              *error_table(errors, last), ""]
     lines += ["Ratio layernorm / none at the last step, 95% bootstrap interval over seeds and samples:", "",
@@ -343,20 +336,26 @@ def report(args):
     lines += ["", f"RMS of the residual stream after each block at step {last:,} (raw weights, x_0 = 0 "
               "noised to timestep t; seed median):", "", *rms_table(rms, last)]
     if perturbed:
-        write_csv(perturbed, res / "perturb.csv")
-        lines += ["", f"Exploratory, after the outcome (`paper.py perturb`): median |x| at step {last:,} of "
-                  "the raw weights plus alpha times a step d: d = EMA 0.999 - raw, or a random direction "
-                  "with the same norm per tensor (seed median [min, max]):", "",
+        write_rows(res / "perturb.csv", perturbed)
+        lines += ["", "Exploratory, after the outcome (the preset's perturb_steps): median |x| at step "
+                  f"{last:,} of the raw weights plus alpha times a step d: d = EMA 0.999 - raw, or a random "
+                  "direction with the same norm per tensor (seed median [min, max]):", "",
                   *perturb_table(perturbed, errors, last)]
         if len({r["step"] for r in perturbed}) > 1:
             lines += ["", "The same at every perturbed checkpoint (median |x|; seed median, n seeds):", "",
                       *perturb_steps_table(perturbed, errors)]
     verdicts = outcome(errors, weights, last)
     lines += ["", "The predictions (prediction.md) against these numbers:", "", *verdicts]
-    (res / "results.md").write_text("\n".join(lines) + "\n")
+    write_atomic(res / "results.md", "\n".join(lines) + "\n")
     if (res / "prediction.md").is_file():
         append_outcome(res / "prediction.md", verdicts)
     print("\n".join(lines))
+
+
+def _seeds(rows, options):
+    """The rows of the seeds asked for (all of the grid's by default)."""
+    seeds = {cfg["seed"] for _, cfg in options["runs"]}
+    return [r for r in rows if r["seed"] in seeds]
 
 
 def _median(rows, norm, weights, step, key="median"):
@@ -428,4 +427,4 @@ def append_outcome(path, lines):
     """Replace what follows '## Outcome' in the prediction file; the predictions above stay as written."""
     text = Path(path).read_text()
     head = text.split("## Outcome", 1)[0]
-    Path(path).write_text(head + "## Outcome\n\n" + "\n".join(lines) + "\n")
+    write_atomic(path, head + "## Outcome\n\n" + "\n".join(lines) + "\n")

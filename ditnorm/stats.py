@@ -273,11 +273,11 @@ def paper_statistics(res_dir="res/paper"):
               "| step | " + " | ".join(f"{s // 1000}k" for s in by_step) + " |",
               "|---|" + "---:|" * len(by_step),
               "| ratio | " + " | ".join(f"{v:.2f}" for v in by_step.values()) + " |"]
-    pilot = Path(res_dir).parent / "paper_cpu" / "raw" / "study_errors.csv"
+    pilot = Path(res_dir) / "pilot" / "raw" / "study_errors.csv"
     if pilot.exists():
         medians = {r["norm"]: float(r["median"]) for r in _read_csv(pilot)
                    if r["measure"] == "abs_x" and int(r["step"]) == 50_000}
-        lines += ["", "The one-seed pilot (`paper_cpu/raw/study_errors.csv`), raw weights at 50k: "
+        lines += ["", "The one-seed pilot (`pilot/raw/study_errors.csv`), raw weights at 50k: "
                   f"LayerNorm / none of the median |x| {medians['layernorm'] / medians['none']:.2f}"]
     lines += ["", "## Perturbations: perturbed / raw median |x| (seed, step)", ""]
     for direction, alpha in (("toward ema_0.999", 0.25), ("random", 0.25), ("random", 1.0)):

@@ -8,7 +8,7 @@ import torch
 from builders import make_toy_runs, perturb_zero_init
 
 from diffusion import create_diffusion
-from ditnorm import analysis
+from ditnorm import analysis, records
 from ditnorm.checkpoint import CheckpointError
 from models import build_model
 
@@ -187,3 +187,46 @@ def test_denoiser_error_quantiles_are_fixed_the_max_grows(data):
 def test_denoiser_error_needs_a_known_data_kind():
     with pytest.raises(ValueError, match="zeros"):
         analysis.denoiser_x0_errors(tiny_toy(), create_diffusion(""), data="ones", num_inputs=4)
+
+
+def test_error_stats_on_a_hand_made_array():
+    values = np.concatenate([np.arange(1.0, 101.0), [np.nan, np.inf, -np.inf]])  # 1..100 and 3 non-finite
+    stats = analysis.error_stats(values)
+    assert stats["mean"] == pytest.approx(50.5)
+    assert stats["median"] == pytest.approx(50.5)
+    assert stats["p99"] == pytest.approx(99.01)  # numpy's linear interpolation: 1 + 0.99 * 99
+    assert stats["max"] == 100.0
+    assert stats["nonfinite"] == 3
+    assert np.isnan(analysis.error_stats([np.nan])["median"])
+
+
+def test_pixel_errors_and_ks_distance():
+    samples = np.array([[[[1.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]],  # a constant image: deviation 0
+                        [[[2.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]])  # (2, 2, 2, 2), mean 0.25
+    errors = analysis.pixel_errors(samples)
+    assert errors["abs_x"].shape == errors["dev_const"].shape == (2, 8)
+    assert np.all(errors["dev_const"][0] == 0) and errors["abs_x"][0].max() == 1.0
+    assert errors["dev_const"][1].max() == pytest.approx(1.75)
+    assert errors["dev_const"][1].min() == pytest.approx(0.25)
+    # Evenly spread points sit 1/(2n) from the uniform CDF; a point mass at 0 is 1/2 away.
+    n = 50
+    assert analysis.ks_uniform((np.arange(n) + 0.5) / n * 2 - 1, -1, 1) == pytest.approx(0.5 / n)
+    assert analysis.ks_uniform(np.zeros(10), -1, 1) == pytest.approx(0.5)
+
+
+def test_the_fixed_noise_set_is_identical_for_every_call():
+    torch.manual_seed(0)
+    model = build_model("ToyDiT-XS/1", norm="layernorm").eval()
+    for p in model.final_layer.parameters():  # leave adaLN-Zero's zero output, so the model matters
+        torch.nn.init.normal_(p, std=0.1)
+    first = analysis.fixed_noise_samples(model, {}, 16, sampling_steps=10, seed=3)
+    torch.randn(1000)  # the global RNG must play no part
+    second = analysis.fixed_noise_samples(model, {}, 16, sampling_steps=10, seed=3)
+    assert first.shape == (16, 2, 2, 2) and first.dtype == np.float64
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, analysis.fixed_noise_samples(model, {}, 16, sampling_steps=10, seed=4))
+
+
+def test_seed_spread_leaves_out_what_is_not_finite():
+    assert records.seed_spread([3.0, 1.0, 2.0, np.nan]) == (2.0, 1.0, 3.0)
+    assert all(np.isnan(v) for v in records.seed_spread([np.inf]))

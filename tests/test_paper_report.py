@@ -1,6 +1,5 @@
-"""paper.py report's readers (issue 26): a measured file it cannot read ends the report in one line."""
+"""The paper preset's report readers: a measured file it cannot read ends the report in one line."""
 
-import argparse
 import json
 import random
 
@@ -49,7 +48,8 @@ def test_a_bad_measured_file_is_one_line_and_nothing_is_written(tmp_path, name, 
     bad.mkdir() if content is None else bad.write_bytes(content)
     before = tree(tmp_path)
     with pytest.raises(SystemExit) as e:
-        paper_report.report(argparse.Namespace(res_dir=str(tmp_path)))
+        options = {"runs": [("layernorm-seed0", {"seed": 0})], "preset": "paper"}
+        paper_report.report("paper", tmp_path, options)
     message = str(e.value.code)
-    assert "\n" not in message and message.startswith(f"paper.py: error: cannot read {bad} "), message
+    assert "\n" not in message and message.startswith(f"experiment.py: error: cannot read {bad} "), message
     assert tree(tmp_path) == before

@@ -1,0 +1,100 @@
+"""Every experiment of the repository, one preset each, in one dict (experiment.py runs them).
+
+A preset names the grid of runs (model, norm, data, seeds), the training recipe, how a run folder is
+named, the checkpoints, what is measured of each (a function of measures.py, with its arguments) and the
+report (a function that reads whatever per-run files exist). A recipe is defined once, in RECIPES.
+"""
+
+from ditnorm import measures, paper_report, reports
+from ditnorm.trainer import DEFAULTS
+from ditnorm.trainer import PRESETS as TRAINER_PRESETS
+from models import NORM_KINDS
+
+# The training recipes: every train_run key but the grid's. The paper's is the trainer's DEFAULTS (DiT's
+# recipe at batch 2048 for 50k steps) and the CPU one its --preset cpu; each adds the checkpoints it keeps.
+PAPER = {k: v for k, v in DEFAULTS.items() if k not in ("model", "norm", "data", "seed", "data_path")}
+RECIPES = {
+    "paper": dict(PAPER, ckpt_every=5000),
+    "cpu": {**PAPER, **TRAINER_PRESETS["cpu"], "ckpt_steps": "1000,2000,3000,4000,5000"},
+    # The 4-norm study's shorter CPU recipe: 48 runs in under an hour on 2 cores; the EMA keeps 6 time
+    # constants at the end (3000 x 0.002). Still short of convergence: the errors may still fall at the end.
+    "cpu-short": dict(PAPER, global_batch_size=128, lr=1e-3, ema_decay=0.998, max_steps=3000,
+                      ckpt_steps="500,1000,1500,2000,2500,3000"),
+    # The tests: a 2-block model, seconds.
+    "tiny": dict(PAPER, global_batch_size=16, lr=1e-3, ema_decay=0.9, max_steps=20, ckpt_steps="10,20",
+                 log_every=2),
+}
+
+SAMPLE_ERRORS = dict(
+    weights=("ema",), num_samples=1000, sampling_steps=100, sample_seed=0, outlier_timestep=100
+)
+
+PRESETS = {
+    # The 4-norm CPU study on two data sets (zero images, and constant images c ~ U[-1, 1]): does LayerNorm's
+    # loss of scale cost sample quality? EMA weights, 1000 samples x 100 steps per checkpoint.
+    "study": dict(
+        recipe="cpu-short",
+        grid=dict(
+            model=["ToyDiT/1"], norm=list(NORM_KINDS), data=["zeros", "constant"], seed=[0, 1, 2, 3, 4, 5]
+        ),
+        run_name="{data}-{norm}-seed{seed}",
+        measure=measures.sample_errors,
+        measure_args=SAMPLE_ERRORS,
+        report=reports.study_report,
+    ),
+    # The claim at the paper's own schedule: LayerNorm and no norm, raw weights, the EMA and five other
+    # averages, with the predictions of res/paper/prediction.md.
+    "paper": dict(
+        recipe="paper",
+        grid=dict(model=["ToyDiT/1"], norm=["layernorm", "none"], data=["zeros"], seed=[0, 1, 2]),
+        run_name="{norm}-seed{seed}",
+        measure=measures.paper_statistics,
+        measure_args=dict(
+            num_samples=1000,
+            sampling_steps=1000,
+            rms_batch=256,
+            perturb_steps={1: (30_000, 40_000, 45_000, 50_000), 2: (50_000,)},
+        ),
+        report=paper_report.report,
+    ),
+    # make reproduce: 3 seeds of both toy models at the CPU recipe, EMA and raw weights, the headline set
+    # beside the committed one (res/reproduce/headline.json), and both notebooks on seed 0.
+    "reproduce": dict(
+        recipe="cpu",
+        grid=dict(model=["ToyDiT/1"], norm=["layernorm", "none"], data=["zeros"], seed=[0, 1, 2]),
+        run_name="{data}-{norm}-seed{seed}",
+        measure=measures.sample_errors,
+        measure_args=dict(SAMPLE_ERRORS, weights=("ema", "raw"), num_samples=500, sampling_steps=1000),
+        report=reports.reproduce_report,
+        notebook_steps=None,
+    ),
+    # The tests: make reproduce in seconds (no pretrained model, no download).
+    "tiny": dict(
+        recipe="tiny",
+        grid=dict(model=["ToyDiT-XS/1"], norm=["layernorm", "none"], data=["zeros"], seed=[0, 1]),
+        run_name="{data}-{norm}-seed{seed}",
+        measure=measures.sample_errors,
+        measure_args=dict(SAMPLE_ERRORS, weights=("ema", "raw"), num_samples=20, sampling_steps=10),
+        report=reports.reproduce_report,
+        notebook_steps=None,
+        pretrained="",
+    ),
+    # "mnist": the real-image study (the lead's): grid model=["MnistDiT-S/4"], ..., run_name
+    # "{model}-{norm}-seed{seed}" (a model's "/" becomes "-"), and its own measure and report functions.
+}
+
+
+def runs(preset, seeds=None):
+    """The preset's grid as [(run name, train_run cfg)], seeds replaced by `seeds` when given."""
+    grid = dict(PRESETS[preset]["grid"], **({"seed": list(seeds)} if seeds is not None else {}))
+    out = []
+    for model in grid["model"]:
+        for data in grid["data"]:
+            for norm in grid["norm"]:
+                for seed in grid["seed"]:
+                    cfg = dict(
+                        RECIPES[PRESETS[preset]["recipe"]], model=model, norm=norm, data=data, seed=seed
+                    )
+                    name = PRESETS[preset]["run_name"].format(**dict(cfg, model=model.replace("/", "-")))
+                    out.append((name, cfg))
+    return out

@@ -1,0 +1,93 @@
+"""res/PROVENANCE.md, written by `experiment.py report --refresh-res`: what made every file in res/.
+
+The table is generated from the preset dict; NOTES keep what the files cannot say themselves (which
+machine, which code of which day, what was lost), one entry per folder.
+"""
+
+from ditnorm.presets import PRESETS, RECIPES
+from ditnorm.records import write_atomic
+
+NOTES = {
+    "study": [
+        "`runs/<data>-<norm>-seed<k>/errors.csv`: the per-seed rows of `python study.py --preset cpu "
+        "--seeds 6 --no-dyt-check` (2026-11-26, 2-core Intel Xeon, torch 2.14.1), split by run with every"
+        " value copied as text; the 48 runs were trained by `make study` (seeds 0-2) and that command "
+        "(seeds 3-5) under `results/study/`. `errors.md`, `errors.csv`, `error_vs_step.png` and the "
+        "outcome in `prediction.md` are `report`'s, recomputed from them; the tables equal the ones "
+        "study.py wrote.",
+        "`legacy/`: the reports study.py wrote (3 seeds with the DyT check; 6 seeds), unchanged. Their "
+        "outlier-ratio and DyT-check tables rest on per-seed values that study.py did not keep, so "
+        "`report` cannot recompute them; `measure` now keeps them (`outliers.csv`). Their error tables "
+        "are `report`'s with `--seeds 0,1,2` and with every seed.",
+    ],
+    "paper": [
+        "`prediction.md` (above \"Outcome\"): written by hand before the first measurement; `report` "
+        "rewrites only its outcome.",
+        "`runs/<norm>-seed<k>/` (measured by paper.py, the runner's predecessor, with the same code): "
+        "seed 0 was trained on the 2-core AMD EPYC by the code just before the `fast/` restructure "
+        "(bit-identical training; its `run.json` lacks the later `fast` and `averages` fields); its "
+        "checkpoints 15k-45k (and none's 5k-10k) were lost with the machine's disk before they were "
+        "measured. Seed 1: the `fast/` step of 2026-12-02 on the AMD EPYC, every checkpoint measured, "
+        "`perturb.csv` at 30k, 40k, 45k and 50k. Seed 2: the same code on the 2-core Intel Xeon "
+        "(AVX-512); only 50k sampled (statistics at every checkpoint), perturbed at 50k; there the fast "
+        "sampler's check refused once (one of the seven weights kinds of no norm's 50k; sampled with "
+        "diffusion.p_sample_loop).",
+        "`pilot/`: the one-seed pilot that the predictions followed (`make paper-cpu` of 2026-11-26 on "
+        "the 2-core Intel Xeon: study.py at the paper schedule for layernorm and none, seed 0, EMA in "
+        "`pilot/`, raw in `pilot/raw/`, reproduce.py's notebooks at 10k and 50k), unchanged. Its runs are"
+        " not the runs of `runs/*-seed0`: another machine and the training code of that day, and they "
+        "differ from the first checkpoint on (5k, raw weights, median |x|: 1.9e-3 in the pilot, 8.4e-4 in"
+        " `runs/layernorm-seed0`), with the same noise set (seed 0, 1000 steps). So LayerNorm's EMA "
+        "median at 50k, 3.7e-3 in the pilot against 1.0e-3 in `runs/layernorm-seed0`, is another training"
+        " trajectory of the same seed; whether the sampler's code also differed is not established from "
+        "the files.",
+        "`statistics.md`: `python -c 'import ditnorm.stats as s; s.write_statistics(\"res/paper\")'` "
+        "(`tests/test_stats.py` checks that the file equals its output) from `errors.csv`, `weights.csv`, "
+        "`perturb.csv` and `runs/*/pixels.npz`: exact rank tests, quantile ratios, the maximum's ratio by "
+        "sample count, per-tensor gate norms, perturbation ratios.",
+    ],
+    "reproduce": [
+        "`runs/zeros-<norm>-seed<k>/errors.csv`: the per-seed rows of the `make reproduce "
+        "ARGS=--refresh-res` of 2026-12-01 (2-core AMD EPYC, torch 2.14.1; reproduce.py driving study.py "
+        "with EMA, then raw weights), split by run with every value copied as text. `headline.json`, "
+        "`headline.md`, `headline.png`, `results.md` and the notebooks\" files (`toydit_*`, "
+        "`token_outliers.md`, `toydit_token_embeddings_*.png`; the pretrained DiT-XL/2 part was SKIPPED, "
+        "no network) are that command's, unchanged: `report` recomputes the same headline values from "
+        "`runs/`.",
+        "`legacy/seeds/`: the study.py reports of that command (EMA; `raw/`), unchanged; their outlier "
+        "tables rest on per-seed values that were not kept.",
+    ],
+}
+
+
+def preset_line(name):
+    preset = PRESETS[name]
+    recipe, grid = RECIPES[preset["recipe"]], preset["grid"]
+    made = f"`python experiment.py train\\|measure\\|report --preset {name} --refresh-res`"
+    runs = (f"{', '.join(grid['model'])}; norms {', '.join(grid['norm'])}; data {', '.join(grid['data'])}; "
+            f"seeds {','.join(map(str, grid['seed']))}")
+    how = (f"recipe `{preset['recipe']}`: batch {recipe['global_batch_size']}, lr {recipe['lr']:g}, EMA "
+           f"{recipe['ema_decay']}, {recipe['max_steps']} steps; measured by `{preset['measure'].__name__}`, "
+           f"reported by `{preset['report'].__module__}.{preset['report'].__name__}`")
+    return f"| `{name}/` | {made} (train writes `results/{name}/`) | {runs}; {how} |"
+
+
+def write(res):
+    """Rewrite res/PROVENANCE.md for every preset that has a folder in res/."""
+    names = [name for name in PRESETS if (res / name).is_dir()]
+    lines = [
+        "# Provenance of every file in res/",
+        "",
+        "Written by `python experiment.py report --preset NAME --refresh-res` from the presets of "
+        "ditnorm/presets.py. Every file here was written by one of the repository's commands; none was "
+        "edited by hand. Per-run statistics are in `<preset>/runs/<run>/`, the report in `<preset>/`; the "
+        "run folders behind them (checkpoints, logs) are under `results/`, which git does not keep.",
+        "",
+        "| folder | made by | runs |",
+        "|---|---|---|",
+        *map(preset_line, names),
+        "",
+    ]
+    for name in names:
+        lines += [f"## {name}/", "", *[f"- {note}" for note in NOTES.get(name, [])], ""]
+    write_atomic(res / "PROVENANCE.md", "\n".join(lines))

@@ -1,0 +1,73 @@
+"""The files an experiment writes, written so that a kill at any moment leaves each one whole: every
+write goes to a temporary file in the same folder, then os.replace puts it under its name. Also the seed
+spread that every table and figure reports."""
+
+import csv
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def write_atomic(path, data):
+    """Write text or bytes to path: a temporary file in its folder, fsync, os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def savefig_atomic(fig, path, **kwargs):
+    """fig.savefig into memory, then write_atomic (the format from path's suffix)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix[1:], **kwargs)
+    write_atomic(path, buffer.getvalue())
+
+
+def read_rows(path):
+    """The rows of a csv as dicts of strings; [] when there is no file."""
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def csv_text(rows, fieldnames=None):
+    """The rows as csv text, with a header (fieldnames: the first row's keys by default)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fieldnames or list(rows[0]), lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def write_rows(path, rows, key=None):
+    """All rows to a csv atomically, sorted by key (stable) when given; nothing is written for no rows."""
+    if rows:
+        write_atomic(path, csv_text(sorted(rows, key=key) if key else rows))
+
+
+def seed_spread(values):
+    """(median, min, max) over seeds of the finite values; nan if there are none."""
+    v = np.asarray(list(values), dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return (float(np.median(v)), float(v.min()), float(v.max())) if v.size else (np.nan,) * 3
+
+
+def grouped(rows, *keys):
+    """{(values of keys): [rows]} in first-seen order."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return groups

@@ -1,0 +1,118 @@
+"""Run any experiment of the repository: a preset of ditnorm/presets.py, one phase at a time.
+
+    python experiment.py train --preset paper --seeds 0,1,2 --jobs 2   # train or resume every run
+    python experiment.py measure --preset paper --jobs 2               # every checkpoint not yet measured
+    python experiment.py report --preset paper                         # tables and figures from what exists
+    python experiment.py report --preset reproduce --refresh-res       # maintainers: rewrite res/reproduce/
+
+Run folders go to results/<preset>/<run>/ (checkpoints, log.txt, config.json). Measurements go to
+<record>/runs/<run>/ and the report to <record>/, where <record> is results/<preset>/res/ by default and the
+committed res/<preset>/ with --refresh-res (nothing else writes res/). Every phase can be killed at any
+moment and run again: training resumes from a run's last checkpoint, a measured checkpoint is not measured
+again, and every file is replaced whole (written to a temporary file, then renamed).
+"""
+
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from ditnorm import provenance
+from ditnorm.analysis import run_checkpoints
+from ditnorm.options import Parser, add_fast_flag, check_device, device, positive_int, seed_list, step_set
+from ditnorm.presets import PRESETS, runs
+
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None):
+    summary, details = __doc__.split("\n\n", 1)
+    parser = Parser(prog="experiment.py", description=summary, epilog=details)
+    parser.add_argument("phase", choices=("train", "measure", "report"))
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True, help="the experiment")
+    parser.add_argument(
+        "--seeds", type=seed_list, help="comma-separated seeds, e.g. 0,1,2 (default: the preset's)"
+    )
+    parser.add_argument("--jobs", type=positive_int, default=1, help="runs side by side, one thread each")
+    parser.add_argument("--device", type=device, default="cpu", help="train and measure here")
+    parser.add_argument("--steps", type=step_set, help="measure: only these comma-separated checkpoint steps")
+    add_fast_flag(parser)
+    parser.add_argument("--results-dir", default="results", help="run folders go to <this>/<preset>/")
+    parser.add_argument(
+        "--refresh-res",
+        action="store_true",
+        help="measure and report into the committed res/<preset>/ (maintainers)",
+    )
+    args = parser.parse_args(argv)
+    if problem := check_device(args.device):
+        parser.error(f"--device {args.device}: {problem}")
+    return args
+
+
+def train_one(cfg, run_dir, device, fast):
+    torch.set_num_threads(1)
+    from ditnorm.trainer import train_run  # the lead's trainer; imported here so measure and report need none
+
+    train_run(cfg, run_dir, device=device, fast=fast)
+    return f"trained {run_dir}"
+
+
+def measure_one(preset, name, cfg, run_dir, out, options):
+    torch.set_num_threads(1)
+    steps = PRESETS[preset]["measure"](
+        dict(PRESETS[preset], cfg=cfg), dict(name=name, cfg=cfg, dir=run_dir), out, options
+    )
+    return f"{name}: {len(steps)} checkpoint(s) measured"
+
+
+def side_by_side(fn, jobs, tasks):
+    """fn(*task) for every task, `jobs` processes at a time (in this process for one job)."""
+    if jobs == 1 or len(tasks) <= 1:
+        return [fn(*task) for task in tasks]
+    # spawn, not fork: a forked torch process can deadlock in its thread pool.
+    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=get_context("spawn")) as pool:
+        return list(pool.map(fn, *zip(*tasks, strict=True)))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    preset, grid = PRESETS[args.preset], runs(args.preset, args.seeds)
+    if args.seeds is not None:
+        preset = dict(preset, grid=dict(preset["grid"], seed=args.seeds))
+    runs_dir = Path(args.results_dir) / args.preset
+    record = ROOT / "res" / args.preset if args.refresh_res else runs_dir / "res"
+    if args.phase == "train":
+        tasks = [
+            (cfg, runs_dir / name, args.device, args.fast)
+            for name, cfg in grid
+            if cfg["max_steps"] not in run_checkpoints(runs_dir / name)
+        ]
+        results = side_by_side(train_one, args.jobs, tasks)
+    elif args.phase == "measure":
+        options = dict(device=args.device, fast=args.fast, steps=args.steps)
+        tasks = [
+            (args.preset, name, cfg, runs_dir / name, record / "runs" / name, options)
+            for name, cfg in grid
+            if run_checkpoints(runs_dir / name)
+        ]
+        results = side_by_side(measure_one, args.jobs, tasks)
+    else:
+        torch.set_num_threads(1)
+        options = dict(
+            preset=args.preset,
+            runs=grid,
+            runs_dir=runs_dir,
+            reference=ROOT / "res" / args.preset / "headline.json",
+        )
+        preset["report"](dict(preset, cfg=grid[0][1]), record, options)
+        results = [f"report in {record}"]
+        if args.refresh_res:
+            provenance.write(ROOT / "res")
+            results.append("res/PROVENANCE.md rewritten")
+    print("\n".join(f"experiment: {line}" for line in results) or "experiment: nothing to do")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
