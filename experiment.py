@@ -80,7 +80,9 @@ def main(argv=None):
     args = parse_args(argv)
     preset, grid = PRESETS[args.preset], runs(args.preset, args.seeds)
     if args.seeds is not None:
-        preset = dict(preset, grid=dict(preset["grid"], seed=args.seeds))
+        grids = preset["grid"] if isinstance(preset["grid"], list) else [preset["grid"]]
+        grids = [dict(grid, seed=args.seeds) for grid in grids]
+        preset = dict(preset, grid=grids if isinstance(preset["grid"], list) else grids[0])
     runs_dir = Path(args.results_dir) / args.preset
     record = ROOT / "res" / args.preset if args.refresh_res else runs_dir / "res"
     if args.phase == "train":

@@ -167,3 +167,8 @@ def report(stats_root, out_dir=None):
         curves_figure(runs, out_dir / "curves.png")
     (out_dir / "results.md").write_text(text)
     return text
+
+
+def preset_report(preset, record, options):
+    """The mnist preset's report phase (experiment.py): report() on record/runs/, into record."""
+    return report(record, record)

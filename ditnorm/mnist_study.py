@@ -20,7 +20,7 @@ from ditnorm.images import load_image_data
 
 FIELDS = ("step", "weights", "group", "quantity", "value", "n")
 STATS_FILE = "measures.csv"
-CLASSIFIER = Path("res/mnist/classifier.pt")
+CLASSIFIER = Path(__file__).resolve().parents[1] / "res" / "mnist" / "classifier.pt"
 # What each checkpoint gets, sized for a 2-core CPU: the bound and the probe of the raw weights at every
 # other checkpoint (the curves), and at the last one everything of the EMA weights (what one samples
 # with) and the precision of the raw weights too.
@@ -135,14 +135,15 @@ def plan(steps):
 def measure_run(run_dir, stats_dir, ctx, *, final_step, sample_steps=100, per_class=50, num_inputs=10_000,
                 log=print):
     """Measure run_dir's checkpoints by plan() into stats_dir/measures.csv once its checkpoint at
-    final_step exists; returns the number of groups measured now (0 also when the run is unfinished)."""
+    final_step exists; returns the (step, weights, group) measured now ([] also when the run is
+    unfinished)."""
     found = checkpoints(run_dir)
     if final_step not in found:
-        return 0
+        return []
     path = Path(stats_dir) / STATS_FILE
     rows = read_rows(path)
     done = {(r["step"], r["weights"], r["group"]) for r in rows}
-    measured = 0
+    measured = []
     with torch.no_grad():
         for (step, kind), groups in sorted(plan(found).items()):
             todo = [g for g in groups if (step, kind, g) not in done]
@@ -155,6 +156,18 @@ def measure_run(run_dir, stats_dir, ctx, *, final_step, sample_steps=100, per_cl
                 rows += [{"step": step, "weights": kind, "group": group, "quantity": q, "value": v, "n": n}
                          for q, v, n in values]
                 write_rows(path, rows)
-                measured += 1
+                measured.append((step, kind, group))
                 log(f"{Path(run_dir).name} step {step} {kind}: {group}")
     return measured
+
+
+_CONTEXT = {}
+
+
+def measure(preset, run, out, options):
+    """The mnist preset's measure phase for one run (experiment.py): measure_run once it has finished,
+    the shared context built once per process."""
+    if "ctx" not in _CONTEXT:
+        _CONTEXT["ctx"] = context()
+    return measure_run(run["dir"], out, _CONTEXT["ctx"], final_step=run["cfg"]["max_steps"],
+                       **preset.get("measure_args", {}))

@@ -5,8 +5,8 @@ named, the checkpoints, what is measured of each (a function of measures.py, wit
 report (a function that reads whatever per-run files exist). A recipe is defined once, in RECIPES.
 """
 
-from ditnorm import measures, paper_report, reports
-from ditnorm.trainer import DEFAULTS
+from ditnorm import measures, mnist_report, mnist_study, paper_report, reports
+from ditnorm.trainer import DEFAULTS, IMAGE_DEFAULTS
 from ditnorm.trainer import PRESETS as TRAINER_PRESETS
 from models import NORM_KINDS
 
@@ -14,6 +14,10 @@ from models import NORM_KINDS
 # recipe at batch 2048 for 50k steps) and the CPU one its --preset cpu; each adds the checkpoints it keeps.
 PAPER = {k: v for k, v in DEFAULTS.items() if k not in ("model", "norm", "data", "seed", "data_path")}
 RECIPES = {
+    # Real images: the trainer's IMAGE_DEFAULTS (DiT's optimiser on the offline MNIST subset, batch 64,
+    # EMA 0.999, 10k steps, a checkpoint every 1k).
+    "mnist": {k: v for k, v in IMAGE_DEFAULTS.items()
+              if k not in ("model", "norm", "data", "seed", "data_path")},
     "paper": dict(PAPER, ckpt_every=5000),
     "cpu": {**PAPER, **TRAINER_PRESETS["cpu"], "ckpt_steps": "1000,2000,3000,4000,5000"},
     # The 4-norm study's shorter CPU recipe: 48 runs in under an hour on 2 cores; the EMA keeps 6 time
@@ -79,14 +83,33 @@ PRESETS = {
         notebook_steps=None,
         pretrained="",
     ),
-    # "mnist": the real-image study (the lead's): grid model=["MnistDiT-S/4"], ..., run_name
-    # "{model}-{norm}-seed{seed}" (a model's "/" becomes "-"), and its own measure and report functions.
+    # The question on real images (res/mnist/prediction.md): two sizes, layernorm and none at 3 seeds,
+    # rmsnorm and dyt at one; held-out NLL, the denoiser's precision, samples, the residual stream.
+    "mnist": dict(
+        recipe="mnist",
+        grid=[dict(model=["MnistDiT-XS/4", "MnistDiT-S/4"], norm=["layernorm", "none"], data=["mnist"],
+                   seed=[0, 1, 2]),
+              dict(model=["MnistDiT-XS/4", "MnistDiT-S/4"], norm=["rmsnorm", "dyt"], data=["mnist"],
+                   seed=[0])],
+        run_name="{model}-{norm}-seed{seed}",
+        measure=mnist_study.measure,
+        measure_args={},
+        report=mnist_report.preset_report,
+    ),
 }
 
 
 def runs(preset, seeds=None):
-    """The preset's grid as [(run name, train_run cfg)], seeds replaced by `seeds` when given."""
-    grid = dict(PRESETS[preset]["grid"], **({"seed": list(seeds)} if seeds is not None else {}))
+    """The preset's grid (or list of grids) as [(run name, train_run cfg)], seeds replaced by `seeds`
+    when given."""
+    grids = PRESETS[preset]["grid"]
+    out = []
+    for grid in grids if isinstance(grids, list) else [grids]:
+        out += _grid_runs(preset, dict(grid, **({"seed": list(seeds)} if seeds is not None else {})))
+    return out
+
+
+def _grid_runs(preset, grid):
     out = []
     for model in grid["model"]:
         for data in grid["data"]:

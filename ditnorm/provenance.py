@@ -62,10 +62,11 @@ NOTES = {
 
 def preset_line(name):
     preset = PRESETS[name]
-    recipe, grid = RECIPES[preset["recipe"]], preset["grid"]
+    recipe, grids = RECIPES[preset["recipe"]], preset["grid"]
     made = f"`python experiment.py train\\|measure\\|report --preset {name} --refresh-res`"
-    runs = (f"{', '.join(grid['model'])}; norms {', '.join(grid['norm'])}; data {', '.join(grid['data'])}; "
-            f"seeds {','.join(map(str, grid['seed']))}")
+    runs = " and ".join(f"{', '.join(grid['model'])}; norms {', '.join(grid['norm'])}; data "
+                        f"{', '.join(grid['data'])}; seeds {','.join(map(str, grid['seed']))}"
+                        for grid in (grids if isinstance(grids, list) else [grids]))
     how = (f"recipe `{preset['recipe']}`: batch {recipe['global_batch_size']}, lr {recipe['lr']:g}, EMA "
            f"{recipe['ema_decay']}, {recipe['max_steps']} steps; measured by `{preset['measure'].__name__}`, "
            f"reported by `{preset['report'].__module__}.{preset['report'].__name__}`")

@@ -97,17 +97,17 @@ def test_a_run_is_measured_once_per_group_and_again_only_where_a_kill_left_a_gap
 
     monkeypatch.setattr(mnist_study, "_group_rows", fake_group)
     kwargs = dict(final_step=6, sample_steps=5, per_class=1, num_inputs=20)
-    assert mnist_study.measure_run(tiny_run, tmp_path, ctx, final_step=8) == 0  # unfinished: nothing
-    assert mnist_study.measure_run(tiny_run, tmp_path, ctx, **kwargs) == 3 + 5 + 2  # raw 6, ema 6, raw 2
+    assert mnist_study.measure_run(tiny_run, tmp_path, ctx, final_step=8) == []  # unfinished: nothing
+    assert len(mnist_study.measure_run(tiny_run, tmp_path, ctx, **kwargs)) == 3 + 5 + 2  # raw 6, ema 6, raw 2
     rows = mnist_study.read_rows(tmp_path / "measures.csv")
     assert {(r["step"], r["weights"]) for r in rows} == {(6, "raw"), (6, "ema"), (2, "raw")}
     assert len(rows) == len({(r["step"], r["weights"], r["quantity"]) for r in rows})  # no duplicates
     calls.clear()
-    assert mnist_study.measure_run(tiny_run, tmp_path, ctx, **kwargs) == 0 and calls == []
+    assert mnist_study.measure_run(tiny_run, tmp_path, ctx, **kwargs) == [] and calls == []
     # A kill after some groups: the file keeps whole groups only; the next run measures what is missing.
     kept = [r for r in rows if not (r["step"] == 6 and r["weights"] == "ema" and r["group"] != "nll")]
     mnist_study.write_rows(tmp_path / "measures.csv", kept)
-    assert mnist_study.measure_run(tiny_run, tmp_path, ctx, **kwargs) == 4
+    assert len(mnist_study.measure_run(tiny_run, tmp_path, ctx, **kwargs)) == 4
     again = mnist_study.read_rows(tmp_path / "measures.csv")
     same = {(r["step"], r["weights"], r["quantity"]): r["value"] for r in again}
     assert same == {(r["step"], r["weights"], r["quantity"]): r["value"] for r in rows}
