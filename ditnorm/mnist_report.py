@@ -11,7 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import mannwhitneyu  # noqa: E402
 
-from ditnorm.mnist_study import STATS_FILE, read_rows  # noqa: E402
+from ditnorm.analysis import outlier_stats  # noqa: E402
+from ditnorm.mnist_study import STATS_FILE, checkpoints, read_rows  # noqa: E402
+from models import MNIST_MODELS  # noqa: E402
 
 RUN_NAME = re.compile(r"(?P<model>.+)-(?P<norm>layernorm|none|rmsnorm|dyt)-seed(?P<seed>\d+)$")
 NORMS = ("layernorm", "none", "rmsnorm", "dyt")
@@ -170,5 +172,60 @@ def report(stats_root, out_dir=None):
 
 
 def preset_report(preset, record, options):
-    """The mnist preset's report phase (experiment.py): report() on record/runs/, into record."""
-    return report(record, record)
+    """The mnist preset's report phase (experiment.py): report() on record/runs/ into record, and
+    TokenEmbeddingsViz.ipynb's side-by-side figure of the largest seed-0 pair (mnist_token_embeddings.png,
+    token_outliers.md; its pretrained and toy parts skipped)."""
+    from ditnorm import notebooks
+
+    text = report(record, record)
+    runs_dir = Path(options["runs_dir"])
+    try:
+        last_pair(runs_dir)
+    except FileNotFoundError as e:
+        print(f"SKIPPED the notebook: {e}")
+        return text
+    params = dict(checkpoint="", mnist_dir=notebooks.shown(runs_dir), results_dir=notebooks.shown(runs_dir),
+                  out_dir=notebooks.shown(record))
+    notebooks.execute_notebook(notebooks.ROOT / "TokenEmbeddingsViz.ipynb", params,
+                               runs_dir / "executed" / "TokenEmbeddingsViz.ipynb")
+    return text
+
+
+def last_pair(runs_dir, model=None, seed=0):
+    """({"layernorm": checkpoint, "none": checkpoint}, model) of the largest MNIST model (or `model`)
+    whose layernorm and none runs of `seed` share a checkpoint step under runs_dir (the last such step);
+    FileNotFoundError if there is none."""
+    for name in [model] if model else reversed(MNIST_MODELS):
+        found = {norm: checkpoints(Path(runs_dir) / f"{name.replace('/', '-')}-{norm}-seed{seed}")
+                 for norm in ("layernorm", "none")}
+        common = set(found["layernorm"]) & set(found["none"])
+        if common:
+            return {norm: found[norm][max(common)] for norm in found}, name
+    raise FileNotFoundError(f"no layernorm and none runs of seed {seed} with a common checkpoint under "
+                            f"{runs_dir}; train them with python experiment.py train --preset mnist")
+
+
+def plot_streams_side_by_side(streams, tokens, *, sample=0, title=""):
+    """|value| against channel of the residual stream after each block, one column per model in
+    `streams` ({label: depth tensors (N, T, D)}), the given tokens of one sample overlaid; each row's
+    label gives that model's top-1 and top-1/median over all samples and tokens."""
+    labels = list(streams)
+    depth = max(len(v) for v in streams.values())
+    fig, axes = plt.subplots(depth, len(labels), figsize=(4.2 * len(labels), 1.1 * depth + 1.0),
+                             sharex=True, squeeze=False)
+    for col, label in enumerate(labels):
+        stats = outlier_stats(streams[label])
+        for block, h in enumerate(streams[label]):
+            ax = axes[block, col]
+            for token in tokens:
+                ax.plot(h[sample, token].abs().numpy(), linewidth=0.6, alpha=0.8)
+            ax.tick_params(labelsize=6)
+            top1, ratio = stats[block]["top1"], stats[block]["ratio"]
+            ax.set_ylabel(f"block {block}\nmax {top1:.3g}\nx{ratio:.3g} med", fontsize=6, rotation=0,
+                          ha="right", va="center")
+        axes[0, col].set_title(label, fontsize=9)
+        axes[-1, col].set_xlabel("channel", fontsize=7)
+    shown = ", ".join(map(str, tokens))
+    fig.suptitle(f"{title}\n|value| of the residual stream after each block, tokens {shown}", fontsize=9)
+    fig.tight_layout()
+    return fig

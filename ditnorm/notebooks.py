@@ -61,7 +61,7 @@ def run_both(runs, out, executed, *, steps=None, pretrained="DiT-XL-2-256x256.pt
     pair = dict(layernorm_run=shown(runs["layernorm"]), none_run=shown(runs["none"]), out_dir=shown(out))
     jobs = [
         ("ToyDiT_visualization.ipynb", dict(pair, steps=steps, num_sampling_steps=num_sampling_steps)),
-        ("TokenEmbeddingsViz.ipynb", dict(pair, checkpoint=pretrained, toy_step=steps[-1])),
+        ("TokenEmbeddingsViz.ipynb", dict(pair, checkpoint=pretrained, toy_step=steps[-1], mnist_dir="")),
     ]
     skipped = []
     for name, params in jobs:

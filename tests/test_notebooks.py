@@ -56,14 +56,26 @@ def test_given_steps_reach_both_notebooks(tmp_path, monkeypatch):
     assert notebooks.run_both({"layernorm": given["layernorm"]}, tmp_path, tmp_path)[0].startswith("SKIPPED")
 
 
+def tiny_mnist_pair(folder):
+    """MnistDiT-XS/4 runs of layernorm and none, 2 steps each, under folder (the mnist preset's names)."""
+    from ditnorm.trainer import IMAGE_DEFAULTS, train_run
+
+    for norm in ("layernorm", "none"):
+        cfg = {**IMAGE_DEFAULTS, "model": "MnistDiT-XS/4", "norm": norm, "max_steps": 2, "ckpt_every": 2,
+               "log_every": 2, "global_batch_size": 4}
+        train_run(cfg, folder / f"MnistDiT-XS-4-{norm}-seed0")
+
+
 def test_token_notebook_skips_unavailable_pretrained_model_and_probes_diffusers_models(tmp_path):
     runs = make_toy_runs(tmp_path / "results")
+    tiny_mnist_pair(tmp_path / "mnist")
     folders = make_diffusers_transformers(tmp_path / "transformers")  # one kernel for both: ~7 s each
     out = tmp_path / "res"
     nb = notebooks.execute_notebook(ROOT / "TokenEmbeddingsViz.ipynb", dict(
         checkpoint=str(tmp_path / "missing.pt"), out_dir=str(out), results_dir=str(tmp_path / "results"),
         class_label=3, diffusers_models=[str(f) for f in folders.values()] + [str(tmp_path / "missing")],
-        diffusers_timesteps=[100], diffusers_latent_size=4, plot_layers=2))
+        diffusers_timesteps=[100], diffusers_latent_size=4, plot_layers=2, mnist_dir=str(tmp_path / "mnist"),
+        mnist_images=3))
     text = notebooks.notebook_text(nb)
     assert "SKIPPED the pretrained model" in text and f"SKIPPED {tmp_path / 'missing'}" in text
     assert not (out / "dit_token_embeddings_viz.png").exists()
@@ -78,6 +90,9 @@ def test_token_notebook_skips_unavailable_pretrained_model_and_probes_diffusers_
     assert "**dit (DiTTransformer2DModel): N(0,1) latents noised by DDPM's q_sample to t=100,500, class 3" \
         in tables
     assert "| image | single 1 |" in tables  # Flux's last single-stream block
+    # The MNIST pair, side by side: one figure, a table per norm
+    assert (out / "mnist_token_embeddings.png").stat().st_size > 0
+    assert tables.count("**MnistDiT-XS/4, ema weights, held-out digits noised to t=500:") == 2
 
 
 def test_toy_notebook_refuses_runs_that_differ_in_more_than_the_norm(tmp_path):
