@@ -46,6 +46,20 @@ NOTES = {
         "`perturb.csv` and `runs/*/pixels.npz`: exact rank tests, quantile ratios, the maximum's ratio by "
         "sample count, per-tensor gate norms, perturbation ratios.",
     ],
+    "mnist": [
+        "`prediction.md`: written by hand after the runs had started and before any of them was measured; "
+        "`report` leaves it alone (the outcome is in `results.md`). A timing test of the measurement code "
+        "on a 1k checkpoint of a discarded first start (whose split held out only nines) came after it.",
+        "`classifier.pt`: the digit classifier behind the Fréchet distance and class accuracy, trained by "
+        "`ditnorm.mnist_study.context` (one thread, seed 0) on the 4,500 training images; 0.95 on the "
+        "held-out 500.",
+        "`runs/<model>-<norm>-seed<k>/measures.csv`: `measure` of each finished run (raw weights every "
+        "other checkpoint; everything at the last one). The runs of 2026-12-04 were trained by "
+        "`ditnorm.trainer.train_run` with the preset's configuration, two runs side by side with one "
+        "thread each on the 2-core AMD EPYC, from a small script of the session while `experiment.py` "
+        "was being written (the same function and configuration as its `train` phase, which resumes "
+        "them).",
+    ],
     "reproduce": [
         "`runs/zeros-<norm>-seed<k>/errors.csv`: the per-seed rows of the `make reproduce "
         "ARGS=--refresh-res` of 2026-12-01 (2-core AMD EPYC, torch 2.14.1; reproduce.py driving study.py "
