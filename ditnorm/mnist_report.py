@@ -15,6 +15,7 @@ from ditnorm.analysis import outlier_stats  # noqa: E402
 from ditnorm.mnist_study import STATS_FILE, checkpoints, read_rows  # noqa: E402
 from models import MNIST_MODELS  # noqa: E402
 
+BLOCK = re.compile(r"block(\d+)_")
 RUN_NAME = re.compile(r"(?P<model>.+)-(?P<norm>layernorm|none|rmsnorm|dyt)-seed(?P<seed>\d+)$")
 NORMS = ("layernorm", "none", "rmsnorm", "dyt")
 # (label, weights, quantity (derived ones: see value), format, which way is better)
@@ -48,7 +49,7 @@ def value(run, step, weights, quantity):
     """One measured value of a run (derived ones computed from the probe and ablation rows), or None."""
     table = {r["quantity"]: r["value"] for r in run["rows"] if r["step"] == step and r["weights"] == weights}
     if quantity in ("middle_ratio", "middle_lead_share"):
-        blocks = sorted({int(q[5:q.index("_")]) for q in table if q.startswith("block")})
+        blocks = sorted({int(m[1]) for m in map(BLOCK.match, table) if m})
         middle = blocks[1:-1] or blocks
         key = "ratio" if quantity == "middle_ratio" else "lead_share"
         found = [table.get(f"block{b}_{key}") for b in middle]
@@ -151,7 +152,7 @@ def curves_figure(runs, path):
     plt.close(fig)
 
 
-def report(stats_root, out_dir=None):
+def report(stats_root, out_dir=None, title="MNIST study: results"):
     """Write results.md and curves.png into out_dir (default stats_root); returns results.md's text."""
     out_dir = Path(out_dir or stats_root)
     runs = load_runs(stats_root)
@@ -159,7 +160,7 @@ def report(stats_root, out_dir=None):
                        for m in sorted({r["model"] for r in runs}) for n in NORMS
                        if any(r["model"] == m and r["norm"] == n for r in runs))
     text = "\n".join([
-        "# MNIST study: results", "",
+        f"# {title}", "",
         f"Runs measured (seeds): {counts or 'none yet'}. Exact one-sided Mann-Whitney tests between "
         "layernorm and none over seeds: with 3 seeds against 3 the smallest possible p is 0.05.", "",
         final_table(runs), "## Residual stream per block (last checkpoint, raw weights, seed medians)", "",

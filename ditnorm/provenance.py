@@ -53,6 +53,10 @@ NOTES = {
         "`classifier.pt`: the digit classifier behind the Fréchet distance and class accuracy, trained by "
         "`ditnorm.mnist_study.context` (one thread, seed 0) on the 4,500 training images; 0.95 on the "
         "held-out 500.",
+        "`pilot/`: the first pair (MnistDiT-XS/4, layernorm and none, seed 0) at DiT's lr 1e-4, measured "
+        "like the rest; its report by `python -c 'from ditnorm import mnist_report; mnist_report.report("
+        "\"res/mnist/pilot\", title=\"MNIST pilot at lr 1e-4\")'`. Its samples were no digits, so the "
+        "study's recipe became lr 1e-3 (`prediction.md`'s note).",
         "`runs/<model>-<norm>-seed<k>/measures.csv`: `measure` of each finished run (raw weights every "
         "other checkpoint; everything at the last one). The runs of 2026-12-04 were trained by "
         "`ditnorm.trainer.train_run` with the preset's configuration, two runs side by side with one "
