@@ -46,7 +46,7 @@ def value(run, step, weights, quantity):
     """One measured value of a run (derived ones computed from the probe and ablation rows), or None."""
     table = {r["quantity"]: r["value"] for r in run["rows"] if r["step"] == step and r["weights"] == weights}
     if quantity in ("middle_ratio", "middle_lead_share"):
-        blocks = sorted({int(q[5:q.index("_")]) for q in table if q.startswith("block")})
+        blocks = sorted({int(q[5:q.index("_")]) for q in table if q.startswith("block") and "_" in q})
         middle = blocks[1:-1] or blocks
         key = "ratio" if quantity == "middle_ratio" else "lead_share"
         found = [table.get(f"block{b}_{key}") for b in middle]
