@@ -3,7 +3,6 @@
     python benchmarks/bench_image.py                           # XS, S, B, L at batch 64; 1 and 2 threads;
                                                                # then the layout of two runs side by side
     python benchmarks/bench_image.py --models MnistDiT-S/4 --threads 1 --repeats 5 --layout-steps 0
-    python benchmarks/bench_image.py --compile MnistDiT-L/4    # also the torch.compile'd step (slow start)
     python benchmarks/bench_image.py --out benchmarks/cpu_image_DATE.md   # also write the output there
 
 The step is the trainer's for real images: ditnorm.trainer.plain_train_step on models.build_model, fused
@@ -89,18 +88,6 @@ def bench_threads(args, threads):
         model, diffusion, step = training_state(name)
         flops[name] = step_flops(model, diffusion, inputs)
         steps[name] = (step, sum(p.numel() for p in model.parameters()))
-        if name in args.compile:
-            from fast.compiled_step import make_compiled_step  # noqa: PLC0415  (optional, slow start)
-
-            model_c, diffusion_c, _ = training_state(name)
-            t0 = time.perf_counter()
-            compiled = make_compiled_step(model_c, copy.deepcopy(model_c).requires_grad_(False),
-                                          diffusion_c, make_optimizer(model_c.parameters(), 1e-4),
-                                          ema_decay=0.999, batch=args.batch, log=print)
-            print(f"{name} compiled step built and proved in {time.perf_counter() - t0:.0f} s: path "
-                  f"{compiled.path}", flush=True)
-            flops[name + " compiled"] = flops[name]
-            steps[name + " compiled"] = (compiled, steps[name][1])
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     times = {"matmul": [], **{k: [] for k in steps}}
     for _ in range(args.warmup + args.repeats):
@@ -155,8 +142,6 @@ def main():
     parser.add_argument("--threads", default="1,2", type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default: 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
-    parser.add_argument("--compile", default="", type=lambda s: [v for v in s.split(",") if v],
-                        help="models whose step is also timed compiled (fast/compiled_step.py)")
     parser.add_argument("--layout-model", default="MnistDiT-S/4")
     parser.add_argument("--layout-steps", type=int, default=10, help="steps per layout round; 0: skip")
     parser.add_argument("--layout-rounds", type=int, default=2)
