@@ -29,3 +29,18 @@ def test_the_report_gives_seed_spreads_and_exact_tests(tmp_path):
     assert "21.0 [20.0, 22.0] (n=3)" in ratio_line and "9/9, p = 0.05" in ratio_line
     assert (tmp_path / "curves.png").is_file()
     assert "| MnistDiT-XS-4 | layernorm | 1 | 21.0 |" in text
+
+
+def test_the_ablation_rows_beside_the_probe_rows_do_not_break_the_report(tmp_path):
+    # The ablation group stores the index of the block it zeroed as the quantity "block" (no "_").
+    for norm in ("layernorm", "none"):
+        fake_run(tmp_path, norm, 0, nll=1.0, ratio=5.0)
+        path = tmp_path / "runs" / f"MnistDiT-XS-4-{norm}-seed0" / "measures.csv"
+        rows = mnist_report.read_rows(path) + [
+            {"step": 10, "weights": "raw", "group": "ablation", "quantity": q, "value": v, "n": 5}
+            for q, v in (("block", 1.0), ("top_rise", 0.2), ("random_rise", 0.1))]
+        write_rows(path, rows)
+    text = mnist_report.report(tmp_path)
+    ratio_line = next(line for line in text.splitlines() if line.startswith("| largest middle-block")
+                      and "raw" in line)
+    assert "5.0 (n=1)" in ratio_line

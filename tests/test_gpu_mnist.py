@@ -1,0 +1,38 @@
+"""benchmarks/gpu_mnist.py --tiny: the GPU command's whole pipeline (train side by side, measure, report) on
+a CPU, and its runs are the trainer's."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from ditnorm.mnist_study import checkpoints, read_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_mnist.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_mnist", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_ladder_is_the_mnist_preset_at_four_sizes():
+    runs = dict(load_script().ladder(("XS", "S", "B", "L"), load_script().NORM_SEEDS))
+    assert len(runs) == 32 and runs["MnistDiT-L-4-dyt-seed0"]["max_steps"] == 10_000
+    assert runs["MnistDiT-S-4-none-seed2"]["global_batch_size"] == 64
+
+
+def test_tiny_trains_measures_and_reports_on_the_cpu(tmp_path):
+    load_script().main(["--tiny", "--device", "cpu", "--out", str(tmp_path)])
+    for name in ("MnistDiT-XS-4-layernorm-seed0", "MnistDiT-XS-4-none-seed0"):
+        assert sorted(checkpoints(tmp_path / "train" / name)) == [2, 4]
+        groups = {r["group"] for r in read_rows(tmp_path / "runs" / name / "measures.csv")}
+        assert groups == {"nll", "probe", "precision", "samples", "ablation"}
+    assert "MnistDiT-XS-4 layernorm: 1, MnistDiT-XS-4 none: 1" in (tmp_path / "results.md").read_text()
+    ckpt = torch.load(tmp_path / "train" / "MnistDiT-XS-4-none-seed0" / "checkpoints" / "0000004.pt",
+                      weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["train_args"]["norm"] == "none"
