@@ -548,6 +548,3 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
         "(compilation, warm-up and capture of the first steps and the checkpoint saves included)")
     log.close()
 
-
-if __name__ == "__main__":
-    main()
