@@ -5,8 +5,8 @@
     python benchmarks/diffusers_timestep_gap.py --norm-eps 1e-5        # config.json as diffusers' conversion
 
 Builds a random DiT of a registry size (DiT's own initialisation, then N(0, std) added to the adaLN-Zero and
-final layers, which start at exactly 0), exports it with diffusers_io.export_diffusers, and prints
-diffusers_io.compare_with_diffusers for it: max |diffusers - official| / max |official| over random inputs,
+final layers, which start at exactly 0), exports it with ditnorm.hub.export_diffusers, and prints
+ditnorm.hub.compare_with_diffusers for it: max |diffusers - official| / max |official| over random inputs,
 as diffusers computes it (timestep frequencies with downscale_freq_shift=1), with the shift set to 0, and
 with the shift 0 and the MLP LayerNorms' eps 1e-6 (use_official_dit_function). --norm-eps writes another eps
 into the exported config.json first (diffusers' default 1e-5 is what its DiT conversion script left).
@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusers_io import compare_with_diffusers, export_diffusers
+from ditnorm.checkpoint import load_model
+from ditnorm.hub import compare_with_diffusers, export_diffusers
 from models import DiT_models, build_model
 
 
@@ -56,7 +57,8 @@ def main(argv=None):
             folder = export_diffusers(random_dit(args.model, seed, args.std), Path(tmp) / "dit")
             config = json.loads((folder / "config.json").read_text())
             (folder / "config.json").write_text(json.dumps({**config, "norm_eps": args.norm_eps}))
-            gaps = compare_with_diffusers(folder, batch_size=args.batch_size, seed=seed)
+            ours = load_model(folder)[0]
+            gaps = compare_with_diffusers(folder, ours, batch_size=args.batch_size, seed=seed)
         print(f"| {args.model} | {args.norm_eps:g} | {seed} | {gaps['as_saved']:.2e} | {gaps['shift_0']:.2e} "
               f"| {gaps['official']:.2e} |")
 

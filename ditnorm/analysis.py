@@ -1,4 +1,4 @@
-"""Shared analysis for the notebooks, sample.py and reproduce.py: token embeddings and toy samples.
+"""Shared analysis for the notebooks, sample.py and the runner's measurements: token embeddings, toy samples.
 
 Two questions are asked of a trained DiT here:
 - Residual stream: after each block, does any token carry a few channels that are orders of magnitude

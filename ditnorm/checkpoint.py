@@ -5,30 +5,36 @@ Three formats are read, always with torch.load(weights_only=True):
   "ema", "opt", "step", "train_args", "rng"}; the config (norm included) comes from the checkpoint;
 - the official published checkpoints: a plain state dict;
 - the official training script's: {"model", "ema", "opt", "args"} with an argparse.Namespace as args;
-- a diffusers DiTTransformer2DModel folder (config.json + safetensors), read by diffusers_io.py.
+- a diffusers DiTTransformer2DModel folder (config.json + safetensors), read by hub.py.
 Official checkpoints are norm="layernorm" by definition; their architecture is inferred from tensor shapes.
 A plain state dict of another architecture (a toy model's `state_dict()`) does not say its norm: the
 caller gives it. The diffusion a checkpoint samples with is the one it was trained with (`diffusion_of`).
 
-Nothing non-finite is written: save_checkpoint refuses weights (model, EMA, averages) with a NaN or an
-infinity, before it opens a file.
+Reading and writing the files themselves (read_checkpoint, save_checkpoint, CheckpointError) is files.py's.
 """
 
-import argparse
 import os
-import pickle
 import re
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 
 from diffusion import create_diffusion
+from ditnorm import hub
 from ditnorm.averaging import read_out
+from ditnorm.files import (  # noqa: F401  (FORMAT, DownloadError, save_checkpoint: the public face here too)
+    DIT_KWARGS,
+    FORMAT,
+    CheckpointError,
+    DownloadError,
+    first_line,
+    nonfinite_parts,
+    read_checkpoint,
+    save_checkpoint,
+)
+from ditnorm.records import temp_file
 from models import NORM_KINDS, TOY_MODELS, DiT, DiT_models
 
-FORMAT = "dit-norm-study/1"
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
 OFFICIAL_CHECKPOINTS = {
     "DiT-XL-2-256x256.pt": (256, OFFICIAL_URL.format(name="DiT-XL-2-256x256.pt")),
@@ -38,155 +44,6 @@ OFFICIAL_CHECKPOINTS = {
 CONFIG_TYPES = {"model": str, "input_size": int, "patch_size": int, "in_channels": int, "hidden_size": int,
                 "depth": int, "num_heads": int, "mlp_ratio": (int, float), "class_dropout_prob": (int, float),
                 "num_classes": int, "learn_sigma": bool, "norm": str}
-DIT_KWARGS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
-              "class_dropout_prob", "num_classes", "learn_sigma", "norm")
-
-
-class CheckpointError(Exception):
-    """A checkpoint cannot be read or does not fit the request; the message says what to do."""
-
-
-class DownloadError(CheckpointError):
-    """An official checkpoint could not be downloaded (a failure, not a bad request)."""
-
-
-def _first_line(error):
-    """The first line of an exception's message (PyTorch's are often many lines long)."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-def nonfinite_parts(obj: dict) -> list[str]:
-    """Which weights of a checkpoint hold a NaN or an infinity: "model", "ema", "averages/<label>"."""
-    groups = {key: obj.get(key) for key in ("model", "ema")}
-    averages = obj.get("averages")
-    if isinstance(averages, dict):
-        groups.update({f"averages/{label}": (average or {}).get("tensors")
-                       for label, average in averages.items() if isinstance(average, dict)})
-    bad = []
-    for name, tensors in groups.items():
-        floats = [t for t in (tensors or {}).values() if torch.is_tensor(t) and t.is_floating_point()]
-        if floats and not torch.stack([torch.isfinite(t).all() for t in floats]).all():
-            bad.append(name)
-    return bad
-
-
-def _umask():
-    """The process's umask (os has no getter: set it and put it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# The temporary file of a save names its process: .<name>.<pid>.<random>.tmp (older ones: no pid).
-_TEMP = re.compile(r"^\..+?\.(?:(\d+)\.)?[A-Za-z0-9_]{8}\.tmp$")
-
-
-def _remove_stale_temps(folder):
-    """Delete the temporary files that saves killed mid-write left in folder (their process is gone)."""
-    for tmp in folder.glob(".*.tmp"):
-        match = _TEMP.match(tmp.name)
-        if not match:
-            continue
-        pid = int(match.group(1)) if match.group(1) else None
-        if pid is not None and pid != os.getpid():
-            try:
-                os.kill(pid, 0)
-                continue  # its writer still runs
-            except ProcessLookupError:
-                pass
-            except (PermissionError, OverflowError):
-                continue
-        tmp.unlink(missing_ok=True)
-
-
-def _private_temp(folder, name, suffix):
-    """(fd, path) of a new temporary file in folder with the permissions of a plain open(): 0666 & ~umask
-    (mkstemp's are 0600, which made checkpoints unreadable to the group while the logs were 0644)."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=suffix)
-    os.fchmod(fd, 0o666 & ~_umask())
-    return fd, tmp
-
-
-def save_checkpoint(obj: dict, path) -> None:
-    """Write obj atomically: a temporary file in the same folder, fsync, then os.replace.
-
-    Refuses (CheckpointError, nothing written) weights that are not finite; removes the temporary files
-    of earlier saves that were killed mid-write."""
-    bad = nonfinite_parts(obj)
-    if bad:
-        raise CheckpointError(f"not saving {path}: its {', '.join(bad)} weights are not finite")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path.parent)
-    fd, tmp = _private_temp(path.parent, path.name, ".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # A crash mid-write must never leave a truncated file under the real name, nor litter the folder.
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _container_problem(path):
-    """Why path cannot be a torch.save file (a folder, empty, neither a zip nor a pickle), or None."""
-    path = Path(path)
-    if path.is_dir():
-        return "is a folder"
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-    except OSError as e:
-        reason = e.strerror or e
-        raise CheckpointError(f"cannot read {path} ({reason}); pass a checkpoint file you can read") from None
-    if not head:
-        return "is empty"
-    # torch.save writes a zip archive ("PK"); its legacy format is a pickle of protocol 2 or later (0x80).
-    if head != b"PK" and head[0] != 0x80:
-        return "is neither a zip archive nor a pickle"
-    return None
-
-
-def _load_failure(error):
-    """The gist of a torch.load failure, whose messages run to paragraphs of advice."""
-    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
-    line = unpickler.group(1) if unpickler else str(error).strip().split("\n")[0]
-    line = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", line)  # c10's source location
-    return f"{type(error).__name__}: {line.split('. ')[0].strip()}"
-
-
-def read_checkpoint(path) -> dict:
-    """torch.load on CPU with weights_only=True; only argparse.Namespace (official args) is allow-listed.
-
-    Whatever cannot be read is a CheckpointError naming the file: torch.load's unpickler and zip reader raise
-    any exception type on a damaged or foreign file (KeyError for a text file), so the parse itself is caught
-    whole; nothing else is inside that try."""
-    problem = _container_problem(path)
-    if problem:
-        raise CheckpointError(f"cannot read {path}: it {problem}, so no PyTorch checkpoint; pass a "
-                              "checkpoint file written by torch.save")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
-            # Said of any pickle of protocol > 2, before the unpickler refuses or reads it: not for the user.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except MemoryError:  # a file too large for this machine is no damaged one
-        raise
-    except Exception as e:  # foreign data: any failure of its parse is the file's, not a bug here
-        # PyTorch's message is a paragraph; the one fact worth a line is which global it refused.
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if isinstance(e, pickle.UnpicklingError) and refused:
-            raise CheckpointError(
-                f"{path} holds a {refused.group(1)} object, not plain data; re-save it with tensors, "
-                "numbers, strings and dicts only"
-            ) from None
-        reason = _load_failure(e)
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({reason}); pass a complete "
-                              "checkpoint written by torch.save") from None
 
 
 def _fetch(url, dst):
@@ -204,7 +61,7 @@ def download_official(name, root="pretrained_models") -> Path:
         return dest
     url = OFFICIAL_CHECKPOINTS[name][1]
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _private_temp(dest.parent, name, ".part")
+    fd, tmp = temp_file(dest.parent, name, ".part")
     os.close(fd)
     try:
         _fetch(url, tmp)
@@ -213,7 +70,7 @@ def download_official(name, root="pretrained_models") -> Path:
         Path(tmp).unlink(missing_ok=True)
         if not isinstance(e, Exception):
             raise
-        reason = _first_line(e)
+        reason = first_line(e)
         raise DownloadError(f"download of {url} failed ({reason}); download it manually to {dest}") from e
     return dest
 
@@ -263,8 +120,8 @@ def infer_official_config(state_dict, args=None) -> dict:
     # num_heads leaves no trace in the shapes: take it from the registry entry with this architecture.
     name = getattr(args, "model", None)
     if name not in DiT_models:
-        name = next((n for n, build in DiT_models.items() if _same_arch(build.arch, config)), None)
-    if name is None or not _same_arch(DiT_models[name].arch, config):
+        name = next((n for n, build in DiT_models.items() if same_architecture(build.arch, config)), None)
+    if name is None or not same_architecture(DiT_models[name].arch, config):
         raise CheckpointError(
             f"no registry model has depth {depth}, hidden size {hidden_size} and patch size {patch_size}; "
             "add one to DiT_models in models.py"
@@ -273,7 +130,7 @@ def infer_official_config(state_dict, args=None) -> dict:
     return {"model": name, **config}
 
 
-def _same_arch(arch, config):
+def same_architecture(arch, config):
     """Whether a registry entry's architecture (depth, width, patch size) matches config."""
     return all(arch[k] == config[k] for k in ("depth", "hidden_size", "patch_size"))
 
@@ -400,7 +257,7 @@ def load_model(
     norm / model, when given, are checks: a checkpoint of another kind raises CheckpointError instead of
     silently computing a different function (norm changes no state-dict key). A folder written by diffusers'
     DiTTransformer2DModel.save_pretrained (or a hub id "org/name" of one) loads too, as the official DiT
-    function (diffusers_io.py; use_ema does not apply there).
+    function (hub.py; use_ema does not apply there).
     """
     path, config, state_dict, checkpoint = _read(path_or_name, download, use_ema, weights, norm)
     return _build(path, config, state_dict, why=_layernorm_why(checkpoint), norm=norm, model=model,
@@ -418,14 +275,12 @@ def _layernorm_why(checkpoint):
 
 def _read(path_or_name, download, use_ema, weights, norm):
     """(path, config, state dict, the checkpoint read or None for a diffusers folder) of any source."""
-    from diffusers_io import diffusers_folder, read_diffusers_dit  # late: diffusers_io builds on this module
-
-    folder = diffusers_folder(path_or_name, download)  # a diffusers DiT folder (local or hub id), or None
+    folder = hub.diffusers_folder(path_or_name, download)  # a diffusers DiT folder (local or hub id), or None
     if folder is not None:
         if weights not in (None, "ema"):
             raise CheckpointError(f"{folder} is a diffusers folder: it holds one set of weights, not "
                                   f"{weights!r}; drop the weights request")
-        return (folder, *read_diffusers_dit(folder), None)
+        return (folder, *hub.read_diffusers_dit(folder), None)
     path = _resolve(path_or_name, download)
     checkpoint = read_checkpoint(path)
     return (path, *_unpack(checkpoint, use_ema, weights, norm=norm, source=path), checkpoint)

@@ -10,7 +10,8 @@ from ditnorm.records import write_atomic
 NOTES = {
     "study": [
         "`runs/<data>-<norm>-seed<k>/errors.csv`: the per-seed rows of `python study.py --preset cpu "
-        "--seeds 6 --no-dyt-check` (2026-11-26, 2-core Intel Xeon, torch 2.14.1), split by run with every"
+        "--seeds 6 --no-dyt-check` (study.py: the runner's predecessor; 2026-11-26, 2-core Intel Xeon, "
+        "torch 2.14.1), split by run with every"
         " value copied as text; the 48 runs were trained by `make study` (seeds 0-2) and that command "
         "(seeds 3-5) under `results/study/`. `errors.md`, `errors.csv`, `error_vs_step.png` and the "
         "outcome in `prediction.md` are `report`'s, recomputed from them; the tables equal the ones "
@@ -32,8 +33,9 @@ NOTES = {
         "(AVX-512); only 50k sampled (statistics at every checkpoint), perturbed at 50k; there the fast "
         "sampler's check refused once (one of the seven weights kinds of no norm's 50k; sampled with "
         "diffusion.p_sample_loop).",
-        "`pilot/`: the one-seed pilot that the predictions followed (`make paper-cpu` of 2026-11-26 on "
-        "the 2-core Intel Xeon: study.py at the paper schedule for layernorm and none, seed 0, EMA in "
+        "`pilot/`: the one-seed pilot that the predictions followed (`make paper-cpu`, a predecessor of "
+        "`make paper`, of 2026-11-26 on the 2-core Intel Xeon: study.py, the runner's predecessor, at the "
+        "paper schedule for layernorm and none, seed 0, EMA in "
         "`pilot/`, raw in `pilot/raw/`, reproduce.py's notebooks at 10k and 50k), unchanged. Its runs are"
         " not the runs of `runs/*-seed0`: another machine and the training code of that day, and they "
         "differ from the first checkpoint on (5k, raw weights, median |x|: 1.9e-3 in the pilot, 8.4e-4 in"
@@ -66,8 +68,9 @@ NOTES = {
     ],
     "reproduce": [
         "`runs/zeros-<norm>-seed<k>/errors.csv`: the per-seed rows of the `make reproduce "
-        "ARGS=--refresh-res` of 2026-12-01 (2-core AMD EPYC, torch 2.14.1; reproduce.py driving study.py "
-        "with EMA, then raw weights), split by run with every value copied as text. `headline.json`, "
+        "ARGS=--refresh-res` of 2026-12-01 (2-core AMD EPYC, torch 2.14.1; reproduce.py driving study.py, "
+        "the runner's predecessors, with EMA, then raw weights), split by run with every value copied as "
+        "text. `headline.json`, "
         "`headline.md`, `headline.png`, `results.md` and the notebooks\" files (`toydit_*`, "
         "`token_outliers.md`, `toydit_token_embeddings_*.png`; the pretrained DiT-XL/2 part was SKIPPED, "
         "no network) are that command's, unchanged: `report` recomputes the same headline values from "

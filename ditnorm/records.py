@@ -5,23 +5,63 @@ spread that every table and figure reports."""
 import csv
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 
+def _umask():
+    """The process's umask (os has no getter: set it and put it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# The temporary file of a write names its process: .<name>.<pid>.<random>.tmp (older ones: no pid).
+_TEMP = re.compile(r"^\..+?\.(?:(\d+)\.)?[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temps(folder):
+    """Delete the temporary files that writes killed mid-way left in folder (their process is gone)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        match = _TEMP.match(tmp.name)
+        if not match:
+            continue
+        pid = int(match.group(1)) if match.group(1) else None
+        if pid is not None and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # its writer still runs
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError):
+                continue
+        tmp.unlink(missing_ok=True)
+
+
+def temp_file(folder, name, suffix):
+    """(fd, path) of a new temporary file in folder, named after this process, with the permissions of a
+    plain open(): 0666 & ~umask (mkstemp's are 0600, which made checkpoints unreadable to the group while
+    the logs were 0644)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=suffix)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
 def write_atomic(path, data):
-    """Write text or bytes to path: a temporary file in its folder, fsync, os.replace."""
+    """Write text or bytes to path: a temporary file in its folder, fsync, os.replace. The temporary files
+    that earlier writes killed mid-way left in the folder are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path.parent)
+    fd, tmp = temp_file(path.parent, path.name, ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

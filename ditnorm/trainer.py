@@ -43,6 +43,7 @@ from ditnorm.options import (
     positive_int,
     step_list,
 )
+from ditnorm.records import write_atomic
 from fast import compile_options, make_optimizer, make_train_step
 from models import MNIST_MODELS, TOY_MODELS, DiT_models, build_model
 
@@ -478,7 +479,8 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
                       "fast_reason": train_step.fast_reason, "compile_mode": compile_mode,
                       "averages": list(DEFAULT_AVERAGES), "resumed_from": str(ckpt_path) if ckpt else None,
                       "start_step": start_step, "torch": torch.__version__}
-        (run_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+        # Replaced whole: a run killed while writing it (a resume rewrites it) must not leave half a JSON.
+        write_atomic(run_dir / "config.json", json.dumps(run_config, indent=2) + "\n")
         log.open(run_dir)
 
     log(f"run folder {run_dir}" + (f", resumed from {ckpt_path} at step {start_step}" if ckpt else ""))
@@ -549,6 +551,3 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
         "(compilation, warm-up and capture of the first steps and the checkpoint saves included)")
     log.close()
 
-
-if __name__ == "__main__":
-    main()

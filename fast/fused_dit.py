@@ -30,12 +30,11 @@ from .kernels import (  # noqa: F401  (the kernel sets, re-exported for the test
     CKernels,
     TiledKernels,
     TorchKernels,
-    _alphas,
-    _patches,
-    _unpatch,
     default_kernels,
     keep_freed_memory,
     load_c_kernels,
+    patch_rows,
+    unpatch_rows,
 )
 from .small_shapes import adaln_stacked
 
@@ -114,7 +113,7 @@ def dit_forward(plan, kern, x, mods, pos_embed, weights, saved=None):
     N, T, D, H, hd = x.shape[0], plan.tokens, plan.hidden, plan.heads, plan.head_dim
     wx, bx, wl, bl = weights[:4]
     alphas = [float(a) for a in weights[4 + 8 * plan.depth:]] or [0.0] * (2 * plan.depth + 1)
-    xp = _patches(plan, x)  # (M, C p p)
+    xp = patch_rows(plan, x)  # (M, C p p)
     h = torch.addmm(bx, xp, wx.view(D, -1).t())  # (M, D)
     h.view(N, T, D).add_(pos_embed)
     if saved is not None:
@@ -141,7 +140,7 @@ def dit_forward(plan, kern, x, mods, pos_embed, weights, saved=None):
     out = torch.addmm(bl, mf, wl.t())  # (M, p p C_out)
     if saved is not None:
         saved.append((h, nf, mf, rf))
-    return _unpatch(plan, out, N)
+    return unpatch_rows(plan, out, N)
 
 
 def dit_backward(plan, kern, grad_out, mods, weights, saved):
@@ -156,7 +155,7 @@ def dit_backward(plan, kern, grad_out, mods, weights, saved):
     dmods = mods.new_empty(N, mods.shape[1])  # every column is written below
     xp, (hf, nf, mf, rf) = saved[0], saved.pop()
 
-    dout = _patches(plan, grad_out, out=True)  # (M, p p C_out)
+    dout = patch_rows(plan, grad_out, out=True)  # (M, p p C_out)
     grads[2], grads[3] = dout.t() @ mf, dout.sum(0)
     dmf = dout @ wl  # (M, D)
     del mf

@@ -359,8 +359,8 @@ class TiledKernels(CKernels):
         self._sync_threads()
         N, T, D, depth = x.shape[0], plan.tokens, plan.hidden, plan.depth
         M = N * T
-        xp = _patches(plan, x).contiguous()  # (a one-sample batch can make it a strided view)
-        alphas = _alphas(plan, weights)
+        xp = patch_rows(plan, x).contiguous()  # (a one-sample batch can make it a strided view)
+        alphas = dyt_alphas(plan, weights)
         bufs = None
         if saved is not None:
             new = x.new_empty
@@ -374,7 +374,7 @@ class TiledKernels(CKernels):
             saved.append((xp, args, keep))
         if self.lib.dit_fwd(ctypes.byref(args), _ptr(xp), _ptr(out)):
             raise MemoryError("fused DiT forward: no memory for the per-thread scratch")
-        return _unpatch(plan, out, N)
+        return unpatch_rows(plan, out, N)
 
     @staticmethod
     def _gradients(plan, args, weights, alphas, silu_c, w_mod):
@@ -401,7 +401,7 @@ class TiledKernels(CKernels):
         self._sync_threads()
         xp, args, keep = saved.pop()
         assert args.mods == mods.data_ptr()
-        dout = _patches(plan, grad_out, out=True).contiguous()
+        dout = patch_rows(plan, grad_out, out=True).contiguous()
         grads, dalpha, dmod, ptrs = self._gradients(plan, args, weights, keep[1], silu_c, w_mod)
         if self.lib.dit_bwd(ctypes.byref(args), _ptr(xp), _ptr(dout), ctypes.addressof(ptrs), _ptr(dalpha),
                             *map(_ptr, dmod[1:])):
@@ -416,8 +416,8 @@ class TiledKernels(CKernels):
         sum(losses) / N, (d silu_c, d w_mod, d b_mod, [d weight for weights])."""
         self._sync_threads()
         N = x_t.shape[0]
-        xp = _patches(plan, x_t).contiguous()
-        alphas = _alphas(plan, weights)
+        xp = patch_rows(plan, x_t).contiguous()
+        alphas = dyt_alphas(plan, weights)
         w_mod_t = w_mod.t().contiguous()  # (D, K)
         keep = [alphas, w_mod_t, b_mod]  # alive while the C side reads them
         args = self._args(plan, N, weights, alphas, pos_embed, None, None, keep)
@@ -436,7 +436,7 @@ class TiledKernels(CKernels):
 
         The arguments of the network are prepared once; each step only points them at its adaLN row."""
         self._sync_threads()
-        alphas, keep = _alphas(plan, weights), []
+        alphas, keep = dyt_alphas(plan, weights), []
         args = self._args(plan, N, weights, alphas, pos_embed.detach(), pos_embed.new_empty(1, 1), None, keep)
         xp = pos_embed.new_empty(N * plan.tokens, plan.patch_dim)
         out = pos_embed.new_empty(N * plan.tokens, plan.out_dim)
@@ -458,7 +458,7 @@ def default_kernels():
     return TiledKernels(lib) if lib is not None else TorchKernels()
 
 
-def _patches(plan, x, out=False):
+def patch_rows(plan, x, out=False):
     """(N, C, H, W) image -> (N T, C p p) patch rows (out=True: the (N, C_out, H, W) output layout)."""
     N, p, G = x.shape[0], plan.patch, plan.grid
     if out:  # the final linear's outputs are ordered (p, p, C_out)
@@ -466,14 +466,14 @@ def _patches(plan, x, out=False):
     return x.reshape(N, plan.in_channels, G, p, G, p).permute(0, 2, 4, 1, 3, 5).reshape(N * G * G, -1)
 
 
-def _unpatch(plan, out, N):
+def unpatch_rows(plan, out, N):
     """(N T, p p C_out) final-linear rows -> (N, C_out, H, W)."""
     p, G = plan.patch, plan.grid
     out = out.view(N, G, G, p, p, plan.out_channels).permute(0, 5, 1, 3, 2, 4)  # (N, C_out, G, p, G, p)
     return out.reshape(N, plan.out_channels, G * p, G * p)
 
 
-def _alphas(plan, weights):
+def dyt_alphas(plan, weights):
     """The dyt alphas as one contiguous (2 depth + 1,) tensor, or None for the other norms."""
     rest = weights[4 + 8 * plan.depth:]
     return torch.cat([a.detach().reshape(1) for a in rest]) if rest else None

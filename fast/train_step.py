@@ -241,7 +241,7 @@ def make_train_step(model, ema, diffusion, optimizer, *, ema_decay: float, world
       capturable), and TF32 is turned off process-wide for cuDNN and matmuls (TF32's ~1e-3 error is the
       size of the effects the study measures).
     The CPU path leaves the optimizer as the caller made it; make_optimizer gives the fused AdamW that
-    train_toy.py and study.py use.
+    ditnorm/trainer.py uses.
     """
     if fast not in FAST_CHOICES:
         raise ValueError(f"fast must be one of {', '.join(FAST_CHOICES)}, got {fast!r}")

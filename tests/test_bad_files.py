@@ -1,7 +1,7 @@
 """Files that are not what an entry point reads (issue 26): every reader answers them in one line.
 
 Each kind of file is fed to each reader of a checkpoint, a run folder or a diffusers folder: train_toy.py
---resume, sample.py --ckpt, diffusers_io.py export, probe.py, load_model and analysis.find_run_pair. Each must
+--resume, sample.py --ckpt, export.py diffusers, probe.py, load_model and analysis.find_run_pair. Each must
 give one line naming the file, a non-zero exit (a CheckpointError for the library functions), no traceback,
 and write nothing.
 """
@@ -17,7 +17,7 @@ import pytest
 import torch
 from builders import perturb_zero_init, save_model
 
-import diffusers_io
+import export
 import probe
 import sample
 import train_toy
@@ -136,7 +136,7 @@ ENTRY_POINTS = {
     "sample.py --ckpt": (sample.main, lambda f, out: ["--ckpt", f, "--norm", "layernorm",
                                                       "--num-samples", "2", "--num-sampling-steps", "2",
                                                       "--out", str(out / "s.npz")]),
-    "diffusers_io.py export": (diffusers_io.main, lambda f, out: ["export", f, str(out / "exported")]),
+    "export.py diffusers": (export.main, lambda f, out: ["diffusers", f, str(out / "exported")]),
     "probe.py": (probe.main, lambda f, out: [f, "--device", "cpu", "--out", str(out / "probe.md")]),
 }
 KINDS = ["text", "noise", "noise after a pickle header", "noise after a zip header", "empty",

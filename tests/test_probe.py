@@ -1,11 +1,12 @@
-"""probe.py: the residual-stream probe on tiny random DiT, PixArt, SD3 and Flux transformers; no network."""
+"""ditnorm/probe.py and probe.py: the residual-stream probe on tiny random DiT, PixArt, SD3 and Flux
+transformers; no network."""
 
 import pytest
 import torch
 from builders import make_diffusers_transformers
 
-import probe
-from ditnorm import analysis
+import probe as probe_cli
+from ditnorm import analysis, probe
 from ditnorm.checkpoint import CheckpointError, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,16 +100,17 @@ def test_bad_requests_are_one_line_errors(folders, tmp_path):
 
 def test_cli_writes_tables(folders, tmp_path, capsys):
     out = tmp_path / "probe.md"
-    probe.main([str(folders["sd3"]), "--timesteps", "200,800", "--text-length", "5", "--text", "random",
+    probe_cli.main([str(folders["sd3"]), "--timesteps", "200,800", "--text-length", "5", "--text", "random",
                 "--out", str(out)])
     text = out.read_text()
     assert "| sd3 | image |" in text and probe.SUMMARY_HEADER in text and "RANDOM stand-in" in text
     with pytest.raises(SystemExit) as e:
-        probe.main([str(folders["dit"]), "--class-label", "207"])
-    assert str(e.value.code) == "error: class 207 out of range: the model has classes 0..9"
+        probe_cli.main([str(folders["dit"]), "--class-label", "207"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "probe.py: error: class 207 out of range: the model has classes 0..9\n"
     with pytest.raises(SystemExit):
-        probe.main(["--help"])
-    assert "examples" in capsys.readouterr().out
+        probe_cli.main(["--help"])
+    assert "python probe.py facebook/DiT-XL-2-256" in capsys.readouterr().out
 
 
 def test_pixart_alpha_size_and_aspect_conditions_are_given():

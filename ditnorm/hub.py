@@ -1,7 +1,6 @@
-"""DiT in the diffusers format: read a DiTTransformer2DModel folder into models.DiT, and export one.
-
-    python diffusers_io.py export results/001-ToyDiT-1-layernorm/checkpoints/0005000.pt exported/toy
-    python diffusers_io.py compare exported/toy        # our DiT against diffusers' forward of the folder
+"""DiT in the diffusers format: read a DiTTransformer2DModel folder (or a hub id) as models.DiT's config and
+state dict, and write a models.DiT as one. checkpoint.load_model reads folders through this module; the
+command line is export.py.
 
 A diffusers DiT holds the same weights as the official one under other names, with two differences in what
 it computes (docs/diffusers.md): its timestep features use frequencies exp(-ln(1e4) k / (half - 1))
@@ -11,7 +10,6 @@ the official DiT function, the one the published weights were trained with; `use
 makes a diffusers model compute it too.
 """
 
-import argparse
 import json
 import os
 import re
@@ -21,17 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ditnorm.checkpoint import (
-    DIT_KWARGS,
-    FORMAT,
-    OFFICIAL_CHECKPOINTS,
-    CheckpointError,
-    _first_line,
-    _same_arch,
-    load_model,
-    read_checkpoint,
-)
-from models import DiT, DiT_models, get_2d_sincos_pos_embed
+from ditnorm.files import DIT_KWARGS, FORMAT, CheckpointError, first_line, read_checkpoint
+from models import DiT_models, get_2d_sincos_pos_embed
 
 # Written beside config.json by export_diffusers: this repository's config of the exported model (its
 # registry name, and a class dropout of 0 that diffusers' fixed null row cannot express); diffusers
@@ -82,7 +71,7 @@ def download_from_hub(repo_id) -> Path:
     except Exception as e:
         raise CheckpointError(
             f"{repo_id} is not a local path and its download from the Hugging Face hub failed "
-            f"({_first_line(e)}); check the id (log in with `hf auth login` for gated models) or pass a "
+            f"({first_line(e)}); check the id (log in with `hf auth login` for gated models) or pass a "
             "local folder"
         ) from None
 
@@ -100,11 +89,11 @@ def model_folder(path) -> Path:
 
 def diffusers_folder(path_or_id, download=True) -> Path | None:
     """The local folder of a diffusers model named by a path or a hub id; None when it names neither (a file,
-    an official checkpoint name, a missing path that is no hub id)."""
+    an official checkpoint name such as DiT-XL-2-256x256.pt, a missing path that is no hub id)."""
     path = Path(path_or_id)
     if path.is_dir():
         return model_folder(path)
-    if path.exists() or path.name in OFFICIAL_CHECKPOINTS or not looks_like_hub_id(path_or_id):
+    if path.exists() or not looks_like_hub_id(path_or_id):
         return None
     if not download:
         raise CheckpointError(f"{path_or_id} is not a local path; allow the download to fetch it from the "
@@ -117,7 +106,7 @@ def read_config(folder) -> dict:
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {folder}/config.json ({_first_line(e)}); pass a folder written "
+        raise CheckpointError(f"cannot read {folder}/config.json ({first_line(e)}); pass a folder written "
                               "by save_pretrained") from None
     if not isinstance(config, dict):
         found = type(config).__name__
@@ -139,7 +128,7 @@ def read_weights(folder) -> dict:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise CheckpointError(f"cannot read the weights in {folder} ({_first_line(e)}); pass a complete "
+        raise CheckpointError(f"cannot read the weights in {folder} ({first_line(e)}); pass a complete "
                               "folder written by save_pretrained") from None
     if (folder / "diffusion_pytorch_model.bin").is_file():
         return read_checkpoint(folder / "diffusion_pytorch_model.bin")
@@ -188,7 +177,7 @@ def _dit_config(folder, cfg, state_dict):
             saved = json.loads(ours.read_text())["config"]
             name, dropout = saved["model"], saved["class_dropout_prob"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"cannot read {ours} ({_first_line(e)}); delete it to load the folder as a "
+            raise CheckpointError(f"cannot read {ours} ({first_line(e)}); delete it to load the folder as a "
                                   "plain diffusers DiT") from None
         differing = [k for k in DIT_KWARGS if k != "class_dropout_prob" and saved.get(k) != config[k]]
         if differing:
@@ -201,7 +190,7 @@ def _dit_config(folder, cfg, state_dict):
 def registry_name(config) -> str:
     """The DiT_models name of this architecture (depth, width, patch, heads), else "DiTTransformer2DModel"."""
     for name, build in DiT_models.items():
-        if _same_arch(build.arch, config) and build.arch["num_heads"] == config["num_heads"]:
+        if all(build.arch[k] == config[k] for k in ("depth", "hidden_size", "patch_size", "num_heads")):
             return name
     return "DiTTransformer2DModel"
 
@@ -292,18 +281,14 @@ def to_diffusers_state_dict(state_dict, config) -> dict:
     return {k: v.clone().contiguous() for k, v in out.items()}
 
 
-def export_diffusers(checkpoint_or_model, out_dir, use_ema=True, *, overwrite=False, download=True) -> Path:
-    """Write a checkpoint (any format load_model reads) or a models.DiT as a DiTTransformer2DModel folder.
+def export_diffusers(model, out_dir, *, name=None, source="the model", overwrite=False) -> Path:
+    """Write a models.DiT as a DiTTransformer2DModel folder (name: its registry name, found from its
+    architecture when None; source: what error messages call it, e.g. the checkpoint it was loaded from).
 
     The folder is written beside out_dir under a temporary name and renamed when complete, so an error never
     leaves a half-written folder. Only LayerNorm DiTs with mlp_ratio 4 exist in diffusers.
     """
-    if isinstance(checkpoint_or_model, DiT):
-        model, source = checkpoint_or_model, "the model"
-        config = {"model": registry_name(model.config), **model.config}
-    else:
-        source = checkpoint_or_model
-        model, config = load_model(checkpoint_or_model, use_ema=use_ema, download=download)
+    config = {"model": name or registry_name(model.config), **model.config}
     if config["norm"] != "layernorm":
         raise CheckpointError(f"{source} is a norm={config['norm']} model; diffusers' DiTTransformer2DModel "
                               "is a LayerNorm DiT, so export only norm=layernorm checkpoints")
@@ -361,15 +346,13 @@ def use_official_dit_function(model):
 
 
 @torch.no_grad()
-def compare_with_diffusers(path_or_id, *, batch_size=4, seed=0, download=True) -> dict:
-    """Largest |difference| between diffusers' forward of a DiT folder and load_model's, relative to the
-    largest |output| of load_model's: as saved, with the timestep shift set to 0, and fully official."""
+def compare_with_diffusers(folder, ours, *, batch_size=4, seed=0) -> dict:
+    """Largest |difference| between diffusers' forward of the DiT folder and ours (the folder as
+    checkpoint.load_model builds it), relative to the largest |output| of ours: as saved, with the timestep
+    shift set to 0, and fully official."""
     from diffusers import DiTTransformer2DModel
 
-    folder = diffusers_folder(path_or_id, download)
-    if folder is None:
-        raise CheckpointError(f"{path_or_id} is not a diffusers folder or hub id; pass one")
-    ours, config = load_model(folder)
+    config = ours.config
     theirs = DiTTransformer2DModel.from_pretrained(folder).eval()
     g = torch.Generator().manual_seed(seed)
     size = config["input_size"]
@@ -388,50 +371,3 @@ def compare_with_diffusers(path_or_id, *, batch_size=4, seed=0, download=True) -
     use_official_dit_function(theirs)
     result["official"] = gap()
     return result
-
-
-#################################################################################
-#                                Command line                                   #
-#################################################################################
-
-EXAMPLES = """examples:
-  python diffusers_io.py export results/001-ToyDiT-1-layernorm/checkpoints/0005000.pt exported/toy
-  python diffusers_io.py export DiT-XL-2-256x256.pt exported/DiT-XL-2-256   # official, downloaded once
-  python diffusers_io.py compare exported/toy
-  python diffusers_io.py compare facebook/DiT-XL-2-256                      # a hub id (downloads)
-
-Then in Python: DiTTransformer2DModel.from_pretrained("exported/toy"); call
-diffusers_io.use_official_dit_function(model) on it for the function the model was trained with."""
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="write a checkpoint as a DiTTransformer2DModel folder",
-                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    export.add_argument("checkpoint", help="a checkpoint of this repository, an official one, or its name")
-    export.add_argument("out_dir", help="the folder to write (must not exist unless --overwrite)")
-    export.add_argument("--raw", action="store_true", help="export the raw training weights (default: EMA)")
-    export.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
-    compare = commands.add_parser("compare", help="max relative gap between diffusers' forward and ours")
-    compare.add_argument("folder", help="a diffusers DiT folder or hub id")
-    compare.add_argument("--batch-size", type=int, default=4, help="random inputs compared (default: 4)")
-    compare.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "export":
-            out = export_diffusers(args.checkpoint, args.out_dir, use_ema=not args.raw,
-                                   overwrite=args.overwrite)
-            print(f"wrote {out} (load it with DiTTransformer2DModel.from_pretrained)")
-        else:
-            gaps = compare_with_diffusers(args.folder, batch_size=args.batch_size, seed=args.seed)
-            print(f"max |diffusers - ours| / max |ours| over {args.batch_size} random inputs "
-                  f"(folder norm_eps {gaps['norm_eps']:g}): as saved {gaps['as_saved']:.2e}, "
-                  f"timestep shift 0 {gaps['shift_0']:.2e}, shift 0 and eps 1e-6 {gaps['official']:.2e}")
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""diffusers_io.py: diffusers DiT folders into models.DiT and back, on tiny random models; no network."""
+"""ditnorm/hub.py: diffusers DiT folders into models.DiT and back, on tiny random models; no network."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import pytest
 import torch
 from builders import make_diffusers_dit, make_latent_checkpoint, make_toy_runs, save_model
 
-import diffusers_io
+from ditnorm import hub
 from ditnorm.checkpoint import CheckpointError, load_model
 from models import build_model
 
@@ -20,6 +20,12 @@ def inputs(config, batch=3, seed=0):
     x = torch.randn(batch, config["in_channels"], size, size, generator=g)
     y = torch.randint(0, config["num_classes"], (batch,), generator=g)
     return x, torch.tensor([0, 421, 999][:batch]), y
+
+
+def export(path, out, **kwargs):
+    """hub.export_diffusers of a checkpoint file, as export.py does it."""
+    model, config = load_model(path)
+    return hub.export_diffusers(model, out, name=config["model"], source=path, **kwargs)
 
 
 def gap(a, b):
@@ -52,7 +58,7 @@ def test_save_pretrained_folder_loads_and_matches_diffusers_with_shift_0(dit_fol
 
 def test_official_function_fixes_a_default_eps_folder(tmp_path):
     make_diffusers_dit(tmp_path / "eps", norm_eps=1e-5)  # diffusers' default, as in its DiT conversion
-    gaps = diffusers_io.compare_with_diffusers(tmp_path / "eps")
+    gaps = hub.compare_with_diffusers(tmp_path / "eps", load_model(tmp_path / "eps")[0])
     assert gaps["norm_eps"] == 1e-5 and gaps["as_saved"] > 1e-3 and gaps["official"] < 1e-5
 
 
@@ -78,7 +84,7 @@ def test_foreign_and_broken_folders_are_one_line_errors(tmp_path, dit_folder):
     gelu = json.loads((dit_folder / "config.json").read_text()) | {"activation_fn": "gelu"}
     (tmp_path / "gelu").mkdir()
     (tmp_path / "gelu" / "config.json").write_text(json.dumps(gelu))
-    os.symlink(dit_folder / diffusers_io.WEIGHTS, tmp_path / "gelu" / diffusers_io.WEIGHTS)
+    os.symlink(dit_folder / hub.WEIGHTS, tmp_path / "gelu" / hub.WEIGHTS)
     cases = {"pixart": "holds a PixArtTransformer2DModel, not a DiTTransformer2DModel",
              "empty": "a folder without a diffusers config.json", "garbled": "cannot read",
              "no_weights": "has no diffusion_pytorch_model.safetensors",
@@ -100,13 +106,13 @@ def test_export_round_trips_and_diffusers_computes_it(tmp_path, kind):
         path = make_toy_runs(tmp_path / "runs", steps=(10,))["layernorm"] / "checkpoints" / "0000010.pt"
     else:
         path = make_latent_checkpoint(tmp_path / "latent.pt", num_classes=10)
-    out = diffusers_io.export_diffusers(path, tmp_path / "exported")
+    out = export(path, tmp_path / "exported")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left beside
     original, config = load_model(path)
     loaded, loaded_config = load_model(out)
     assert loaded_config == config
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in original.state_dict().items())
-    theirs = diffusers_io.use_official_dit_function(DiTTransformer2DModel.from_pretrained(out).eval())
+    theirs = hub.use_official_dit_function(DiTTransformer2DModel.from_pretrained(out).eval())
     x, t, y = inputs(config)
     with torch.no_grad():
         torch.testing.assert_close(theirs(x, t, y).sample, original(x, t, y), rtol=1e-5, atol=1e-5)
@@ -115,14 +121,14 @@ def test_export_round_trips_and_diffusers_computes_it(tmp_path, kind):
 def test_export_refuses_what_diffusers_cannot_compute_and_leaves_nothing(tmp_path, monkeypatch):
     runs = make_toy_runs(tmp_path / "runs", steps=(10,))
     with pytest.raises(CheckpointError, match="norm=none model; diffusers' DiTTransformer2DModel is a"):
-        diffusers_io.export_diffusers(runs["none"] / "checkpoints" / "0000010.pt", tmp_path / "out")
+        export(runs["none"] / "checkpoints" / "0000010.pt", tmp_path / "out")
     wide = build_model("ToyDiT-XS/1", mlp_ratio=2.0)
     with pytest.raises(CheckpointError, match="mlp_ratio 2.0"):
-        diffusers_io.export_diffusers(wide, tmp_path / "out")
+        hub.export_diffusers(wide, tmp_path / "out")
     layernorm = runs["layernorm"] / "checkpoints" / "0000010.pt"
-    diffusers_io.export_diffusers(layernorm, tmp_path / "out")
+    export(layernorm, tmp_path / "out")
     with pytest.raises(CheckpointError, match="exists; pass a new folder or overwrite it"):
-        diffusers_io.export_diffusers(layernorm, tmp_path / "out")
+        export(layernorm, tmp_path / "out")
 
     from diffusers import DiTTransformer2DModel
 
@@ -132,9 +138,9 @@ def test_export_refuses_what_diffusers_cannot_compute_and_leaves_nothing(tmp_pat
 
     monkeypatch.setattr(DiTTransformer2DModel, "save_pretrained", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        diffusers_io.export_diffusers(layernorm, tmp_path / "out", overwrite=True)
+        export(layernorm, tmp_path / "out", overwrite=True)
     with pytest.raises(OSError, match="disk full"):
-        diffusers_io.export_diffusers(layernorm, tmp_path / "new")
+        export(layernorm, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "runs"]  # no temporary folder left
     load_model(tmp_path / "out")  # the old export is intact
 
@@ -142,12 +148,12 @@ def test_export_refuses_what_diffusers_cannot_compute_and_leaves_nothing(tmp_pat
 def test_model_export_keeps_registry_name(tmp_path):
     model = build_model("ToyDiT-XS/1", num_classes=3, class_dropout_prob=0.1)
     save_model(model, "ToyDiT-XS/1", tmp_path / "ckpt.pt")
-    out = diffusers_io.export_diffusers(model, tmp_path / "exported")
+    out = hub.export_diffusers(model, tmp_path / "exported")
     assert load_model(out)[1]["model"] == "ToyDiT-XS/1"
-    (out / diffusers_io.STUDY_CONFIG).write_text("{")
+    (out / hub.STUDY_CONFIG).write_text("{")
     with pytest.raises(CheckpointError, match="delete it to load the folder as a plain diffusers DiT"):
         load_model(out)
-    (out / diffusers_io.STUDY_CONFIG).unlink()  # a plain diffusers folder: named from the registry
+    (out / hub.STUDY_CONFIG).unlink()  # a plain diffusers folder: named from the registry
     assert load_model(out)[1] == load_model(tmp_path / "ckpt.pt")[1]
 
 
@@ -165,7 +171,7 @@ def test_hub_ids_resolve_through_snapshot_download(tmp_path, monkeypatch, dit_fo
             raise OSError("404 Client Error: Repository Not Found")
         return str(pipeline)
 
-    monkeypatch.setattr(diffusers_io, "_snapshot_download", fake_snapshot)
+    monkeypatch.setattr(hub, "_snapshot_download", fake_snapshot)
     monkeypatch.chdir(tmp_path)
     model, config = load_model("org/dit")
     assert config["depth"] == 2 and calls[0][0] == "org/dit"
@@ -178,18 +184,3 @@ def test_hub_ids_resolve_through_snapshot_download(tmp_path, monkeypatch, dit_fo
     with pytest.raises(CheckpointError, match="not found; pass a path to a checkpoint"):
         load_model("results/0005000.pt")  # a missing file is no hub id
     assert len(calls) == 2
-
-
-def test_cli_export_and_compare(tmp_path, capsys):
-    path = make_toy_runs(tmp_path / "runs", steps=(10,))["layernorm"] / "checkpoints" / "0000010.pt"
-    diffusers_io.main(["export", str(path), str(tmp_path / "out")])
-    assert "wrote" in capsys.readouterr().out and (tmp_path / "out" / "config.json").is_file()
-    diffusers_io.main(["compare", str(tmp_path / "out"), "--batch-size", "2"])
-    printed = capsys.readouterr().out
-    assert "timestep shift 0 0.00e+00" in printed and "as saved" in printed
-    with pytest.raises(SystemExit) as e:
-        diffusers_io.main(["export", str(path), str(tmp_path / "out")])
-    assert str(e.value.code).startswith("error: ") and "exists" in str(e.value.code)
-    with pytest.raises(SystemExit):
-        diffusers_io.main(["--help"])
-    assert "examples:" in capsys.readouterr().out

@@ -1,0 +1,134 @@
+"""Checkpoint files on disk: the error every reader of one raises, reading one safely and writing one
+atomically.
+
+read_checkpoint is torch.load(weights_only=True) with every failure of the parse of a damaged or foreign
+file turned into one CheckpointError line naming it. save_checkpoint writes a temporary file and renames it
+(records.py), and refuses weights (model, EMA, averages) with a NaN or an infinity before it opens a file.
+"""
+
+import argparse
+import os
+import pickle
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from ditnorm.records import remove_stale_temps, temp_file
+
+FORMAT = "dit-norm-study/1"
+DIT_KWARGS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
+              "class_dropout_prob", "num_classes", "learn_sigma", "norm")
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be read or does not fit the request; the message says what to do."""
+
+
+class DownloadError(CheckpointError):
+    """An official checkpoint could not be downloaded (a failure, not a bad request)."""
+
+
+def first_line(error):
+    """The first line of an exception's message (PyTorch's are often many lines long)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def nonfinite_parts(obj: dict) -> list[str]:
+    """Which weights of a checkpoint hold a NaN or an infinity: "model", "ema", "averages/<label>"."""
+    groups = {key: obj.get(key) for key in ("model", "ema")}
+    averages = obj.get("averages")
+    if isinstance(averages, dict):
+        groups.update({f"averages/{label}": (average or {}).get("tensors")
+                       for label, average in averages.items() if isinstance(average, dict)})
+    bad = []
+    for name, tensors in groups.items():
+        floats = [t for t in (tensors or {}).values() if torch.is_tensor(t) and t.is_floating_point()]
+        if floats and not torch.stack([torch.isfinite(t).all() for t in floats]).all():
+            bad.append(name)
+    return bad
+
+
+def save_checkpoint(obj: dict, path) -> None:
+    """Write obj atomically: a temporary file in the same folder, fsync, then os.replace.
+
+    Refuses (CheckpointError, nothing written) weights that are not finite; removes the temporary files
+    of earlier saves that were killed mid-write."""
+    bad = nonfinite_parts(obj)
+    if bad:
+        raise CheckpointError(f"not saving {path}: its {', '.join(bad)} weights are not finite")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)
+    fd, tmp = temp_file(path.parent, path.name, ".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A crash mid-write must never leave a truncated file under the real name, nor litter the folder.
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _container_problem(path):
+    """Why path cannot be a torch.save file (a folder, empty, neither a zip nor a pickle), or None."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        reason = e.strerror or e
+        raise CheckpointError(f"cannot read {path} ({reason}); pass a checkpoint file you can read") from None
+    if not head:
+        return "is empty"
+    # torch.save writes a zip archive ("PK"); its legacy format is a pickle of protocol 2 or later (0x80).
+    if head != b"PK" and head[0] != 0x80:
+        return "is neither a zip archive nor a pickle"
+    return None
+
+
+def _load_failure(error):
+    """The gist of a torch.load failure, whose messages run to paragraphs of advice."""
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+    line = unpickler.group(1) if unpickler else str(error).strip().split("\n")[0]
+    line = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", line)  # c10's source location
+    return f"{type(error).__name__}: {line.split('. ')[0].strip()}"
+
+
+def read_checkpoint(path) -> dict:
+    """torch.load on CPU with weights_only=True; only argparse.Namespace (official args) is allow-listed.
+
+    Whatever cannot be read is a CheckpointError naming the file: torch.load's unpickler and zip reader raise
+    any exception type on a damaged or foreign file (KeyError for a text file), so the parse itself is caught
+    whole; nothing else is inside that try."""
+    problem = _container_problem(path)
+    if problem:
+        raise CheckpointError(f"cannot read {path}: it {problem}, so no PyTorch checkpoint; pass a "
+                              "checkpoint file written by torch.save")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # Said of any pickle of protocol > 2, before the unpickler refuses or reads it: not for the user.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:  # a file too large for this machine is no damaged one
+        raise
+    except Exception as e:  # foreign data: any failure of its parse is the file's, not a bug here
+        # PyTorch's message is a paragraph; the one fact worth a line is which global it refused.
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if isinstance(e, pickle.UnpicklingError) and refused:
+            raise CheckpointError(
+                f"{path} holds a {refused.group(1)} object, not plain data; re-save it with tensors, "
+                "numbers, strings and dicts only"
+            ) from None
+        reason = _load_failure(e)
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({reason}); pass a complete "
+                              "checkpoint written by torch.save") from None
+
+
