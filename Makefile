@@ -11,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 JOBS ?= 2
 
-.PHONY: reproduce notebooks test study paper mnist bench gpu-check gpu-paper clean-venv
+.PHONY: reproduce notebooks test study paper mnist bench gpu-paper clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,10 +54,6 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_sample.py
-
-# On a CUDA machine: the CUDA-graph step against the CPU step (test), then its speed and a 50k-step projection
-gpu-check: $(VENV)/.installed
-	bash benchmarks/gpu_check.sh $(PY)
 
 # On a CUDA machine: the CUDA checks and the whole paper-schedule study (benchmarks/gpu_paper.sh)
 gpu-paper: $(VENV)/.installed

@@ -16,12 +16,16 @@ that averages on the hypersphere:
 
 Checkpoints keep each average as {"kind", "value", "tensors": {param name: tensor}}; `read_out` turns one
 into a state dict the model loads.
+
+Every training step (the trainer's plain one and fast/'s) takes its averages from here: the DiT EMA
+(`update_ema`) and the gradient mean over ranks (`all_reduce_mean`).
 """
 
 import math
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 # The study's set, recorded in every training run: short to long EMAs, two power EMAs, one sphere EMA.
 DEFAULT_AVERAGES = ("ema_0.999", "ema_0.9995", "power_0.05", "power_0.10", "sphere_0.9999")
@@ -32,6 +36,15 @@ KINDS = ("ema", "power", "sphere")
 def update_ema(ema_params, params, decay):
     """The DiT EMA: ema <- decay * ema + (1 - decay) * param, for whole parameter lists at once."""
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def all_reduce_mean(grads, world_size):
+    """Average gradients over ranks with one collective on one flattened buffer (gloo has no AVG)."""
+    flat = torch.cat([g.reshape(-1) for g in grads])  # (P,)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(world_size)
+    torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in grads]), grads,
+                                                              strict=True)])
 
 
 def parse_label(label: str) -> tuple[str, float]:

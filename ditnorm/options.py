@@ -16,8 +16,8 @@ import torch
 from diffusion import get_named_beta_schedule
 from models import NORM_KINDS, TOY_MODELS
 
-# --fast: the plain research code or the checked fast path of fast/ (whose make_train_step and sample_toy
-# take the same two values).
+# --fast: the plain research code or the checked fast path of fast/ (the trainer's make_train_step and
+# fast.sample_toy take the same two values).
 FAST_CHOICES = ("auto", "off")
 # Longer than this is no setting of the study (DiT: 1000); the schedule's arrays grow with T.
 MAX_DIFFUSION_STEPS = 100_000

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from diffusion import create_diffusion
-from ditnorm.averaging import DEFAULT_AVERAGES, WeightAverages, update_ema
+from ditnorm.averaging import DEFAULT_AVERAGES, WeightAverages, all_reduce_mean, update_ema
 from ditnorm.checkpoint import (
     FORMAT,
     CheckpointError,
@@ -44,7 +44,7 @@ from ditnorm.options import (
     step_list,
 )
 from ditnorm.records import write_atomic
-from fast import compile_options, make_optimizer, make_train_step
+from fast import make_optimizer, proven_train_step
 from models import MNIST_MODELS, TOY_MODELS, DiT_models, build_model
 
 # The toy study: the DiT recipe (AdamW, constant lr 1e-4, no weight decay, EMA 0.9999) at global batch 2048.
@@ -98,14 +98,6 @@ def parse_args(argv=None, defaults=DEFAULTS, prog="train_toy.py", description=__
     parser.add_argument("--resume", help="a checkpoint file, or a run folder (its latest checkpoint); the "
                         "run continues in the checkpoint's run folder, appending to log.txt")
     add_fast_flag(parser)
-    # How the CUDA step is built, not what it computes: like --device and --fast, not kept by --resume.
-    parser.add_argument("--no-compile", action="store_true",
-                        help="CUDA only: capture the plain model's step in the CUDA graph instead of the "
-                        "torch.compile'd forward and loss; refused on a CPU; not kept by --resume")
-    parser.add_argument("--compile-mode",
-                        help="CUDA only: how the forward and loss are compiled, MODE[+FLAG...] (default: "
-                        "default; e.g. default+combo_kernels, max-autotune-no-cudagraphs; see "
-                        "docs/performance.md); refused on a CPU; not kept by --resume")
     # Tests only: poison one step's noise with NaN, as a diverging step would, to exercise the NaN stop.
     parser.add_argument("--debug-nan-at-step", type=int, help=argparse.SUPPRESS)
     return parser, parser.parse_args(argv)
@@ -236,14 +228,6 @@ def main(argv=None, defaults=DEFAULTS, prog="train_toy.py", description=__doc__)
         parser.error(f"--results-dir {args.results_dir}: {problem}")
     if args.device is not None and check_device(args.device):
         parser.error(f"--device {args.device}: {check_device(args.device)}")
-    if args.compile_mode is not None:
-        if args.no_compile:
-            parser.error("--compile-mode sets how torch.compile builds the step and --no-compile skips "
-                         "torch.compile; give one of them")
-        try:
-            compile_options(args.compile_mode)
-        except ValueError as error:
-            parser.error(f"--compile-mode: {error}")
     ckpt_path, ckpt, run_dir = read_resume(parser, args)
     if ckpt and run_dir is None and check_folder(args.results_dir):
         parser.error(f"--results-dir {args.results_dir}: {check_folder(args.results_dir)}")
@@ -256,9 +240,6 @@ def main(argv=None, defaults=DEFAULTS, prog="train_toy.py", description=__doc__)
     except (ValueError, RuntimeError) as err:
         parser.error(f"--device {args.device}: {err}")
     try:
-        if device.type != "cuda" and (args.no_compile or args.compile_mode is not None):
-            given = "--no-compile" if args.no_compile else "--compile-mode"
-            parser.error(f"{given} applies to the CUDA step only; drop it to train on {device}")
         train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, device)
     except (CheckpointError, DataError) as err:  # refused before any write
         parser.error(str(err))
@@ -306,8 +287,7 @@ def train_run(cfg, run_dir, *, device=None, fast="auto", console=False):
                                   "for; move the run folder away or ask for the configuration it was trained "
                                   "with")
     ckpt_steps = {int(s) for s in str(cfg["ckpt_steps"]).split(",") if s.strip()}
-    args = argparse.Namespace(fast=fast, no_compile=False, compile_mode=None, debug_nan_at_step=None,
-                              results_dir=str(run_dir.parent))
+    args = argparse.Namespace(fast=fast, debug_nan_at_step=None, results_dir=str(run_dir.parent))
     _, _, device = setup_distributed(device)  # a world of one: the runner trains runs side by side
     train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, 0, 1, device, console=console)
     return run_dir
@@ -400,17 +380,9 @@ def save(path, step, cfg, model_config, model, ema, averages, optimizer):
     return None
 
 
-def all_reduce_mean(grads, world_size):
-    """Average gradients over ranks with one collective on one flattened buffer (gloo has no AVG)."""
-    flat = torch.cat([g.reshape(-1) for g in grads])  # (P,)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat.div_(world_size)
-    torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in grads]), grads,
-                                                              strict=True)])
-
-
 def plain_train_step(model, ema, diffusion, optimizer, ema_decay, world_size):
-    """The step of the official train.py: hybrid loss, backward, gradient mean over ranks, AdamW, EMA.
+    """The step of the official train.py: hybrid loss, backward, gradient mean over ranks, AdamW, EMA. Every
+    run takes it unless fast/ proves a replacement (make_train_step).
 
     step(x_start, t, noise, y, drop) -> the local mean loss; drop (b,) marks the samples trained with the
     null class (classifier-free guidance), drawn by the caller so that every rank count draws the same."""
@@ -430,7 +402,22 @@ def plain_train_step(model, ema, diffusion, optimizer, ema_decay, world_size):
         update_ema(list(ema.parameters()), list(model.parameters()), ema_decay)
         return loss.detach()
 
-    step.path, step.fast_reason = "plain", "class dropout (drawn per step) is not in the fast path"
+    return step
+
+
+def make_train_step(fast, model, ema, diffusion, optimizer, ema_decay, world_size, class_dropout):
+    """fast/'s proven replacement of plain_train_step with fast="auto" (fast.proven_train_step), else the
+    plain step; step.path names which ("plain" for the plain one), step.fast_reason why not fast (or None)."""
+    if fast == "off":
+        step, reason = None, "fast='off'"
+    elif class_dropout:
+        step, reason = None, "class dropout (drawn per step) is not in the fast path"
+    else:
+        step, reason = proven_train_step(model, ema, diffusion, optimizer, ema_decay=ema_decay,
+                                         world_size=world_size)
+    if step is None:
+        step = plain_train_step(model, ema, diffusion, optimizer, ema_decay, world_size)
+        step.path, step.fast_reason = "plain", reason
     return step
 
 
@@ -459,14 +446,13 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
         raise DataError(check_data_fits(images, model))
     diffusion = create_diffusion(timestep_respacing="", diffusion_steps=cfg["diffusion_steps"])
     drop_prob = model.config["class_dropout_prob"] if images is not None else 0.0
-    if drop_prob > 0:
-        train_step = plain_train_step(model, ema, diffusion, optimizer, cfg["ema_decay"], world_size)
-    else:
-        train_step = make_train_step(model, ema, diffusion, optimizer, ema_decay=cfg["ema_decay"],
-                                     world_size=world_size, fast=args.fast, compile_cuda=not args.no_compile,
-                                     compile_mode=args.compile_mode, log=log)
+    if device.type == "cuda":
+        # cuDNN convolutions (the patch embedding) default to TF32 on Ampere and later: ~1e-3 relative
+        # error, the size of the effects the study measures. Training stays fp32 throughout.
+        torch.backends.cudnn.allow_tf32 = False
+    train_step = make_train_step(args.fast, model, ema, diffusion, optimizer, cfg["ema_decay"], world_size,
+                                 drop_prob > 0)
     model_config = {"model": cfg["model"], **model.config}
-    compile_mode = (args.compile_mode or "default") if train_step.path == "cuda-graph-compiled" else None
     # The toys have one class (label 0, no class dropout): zeros, or constants with --data constant.
     local_batch = cfg["global_batch_size"] // world_size
     shape = (model.config["in_channels"], model.config["input_size"], model.config["input_size"])
@@ -476,7 +462,7 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         run_config = {"train_args": cfg, "model_config": model_config, "world_size": world_size,
                       "device": str(device), "fast": args.fast, "step_path": train_step.path,
-                      "fast_reason": train_step.fast_reason, "compile_mode": compile_mode,
+                      "fast_reason": train_step.fast_reason,
                       "averages": list(DEFAULT_AVERAGES), "resumed_from": str(ckpt_path) if ckpt else None,
                       "start_step": start_step, "torch": torch.__version__}
         # Replaced whole: a run killed while writing it (a resume rewrites it) must not leave half a JSON.
@@ -485,7 +471,6 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
 
     log(f"run folder {run_dir}" + (f", resumed from {ckpt_path} at step {start_step}" if ckpt else ""))
     log(f"world size {world_size}, device {device}, step path {train_step.path}"
-        + (f" (compile mode {compile_mode})" if compile_mode else "")
         + (f" (fast path not used: {train_step.fast_reason})" if train_step.fast_reason else "")
         + f", train args {json.dumps(cfg)}")
     log(f"model {json.dumps(model_config)}, {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -548,6 +533,6 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
                 log.fail(f"{what}, the last good checkpoint is {last_saved or 'none (none saved yet)'}"
                          + (f"; {advice}" if last_saved else ""))
     log(f"done: {len(steps)} steps in {time.perf_counter() - loop_start:.1f} s of training loop "
-        "(compilation, warm-up and capture of the first steps and the checkpoint saves included)")
+        "(the checkpoint saves included)")
     log.close()
 

@@ -1,11 +1,10 @@
 /* Fused kernels of the toy DiT step; built and loaded by fused_dit.py.
 
-   Three layers:
+   Two layers:
    1. per-sample cores (static): one sample's tokens at a time, no threads;
-   2. whole-array kernels (norm_mod_fwd, ..., gate_bwd): the cores over every sample in parallel, for the
-      modular path that leaves the matmuls to PyTorch;
-   3. dit_fwd / dit_bwd: the whole network, tile by tile. A tile of samples goes through every layer while
-      its activations stay in the core's cache; its matmuls are a register-blocked micro-kernel (gemm). */
+   2. dit_fwd / dit_bwd, dit_train, dit_sample_step: the whole network, tile by tile. A tile of samples
+      goes through every layer while its activations stay in the core's cache; its matmuls are a
+      register-blocked micro-kernel (gemm). */
 #include <math.h>
 #include <stdlib.h>
 #include <stddef.h>
@@ -124,20 +123,6 @@ INLINE void gelu_rows(fp x, cfp bias, fp y, fp dy, i64 rows, i64 cols) {
     }
 }
 
-/* dx = g * gelu'(x) */
-INLINE void gelu_bwd_rows(cfp g, cfp x, fp dx, i64 rows, i64 cols) {
-    for (i64 r = 0; r < rows; r++) {
-        const float *gr = g + r * cols, *xr = x + r * cols;
-        float *o = dx + r * cols;
-        #pragma omp simd
-        for (i64 c = 0; c < cols; c++) {
-            float v = xr[c], s = 1.f / (1.f + expf(GELU_EXP_ARG(v)));
-            float d = s + 2.f * v * s * (1.f - s) * GELU_C * (1.f + 3.f * GELU_A * v * v);
-            o[c] = gr[c] * d;
-        }
-    }
-}
-
 /* a += bias (in place; skipped when bias is NULL); out = h + gate * a for one sample's T rows */
 INLINE void gate_sample(cfp h, fp a, cfp bias, cfp gate, fp out, int T, int D) {
     for (int t = 0; t < T; t++)
@@ -241,104 +226,7 @@ INLINE void attn_bwd_sample(cfp dout, cfp base, cfp probs, fp dbase, int T, int 
     }
 }
 
-/* ============================================================ 2. whole-array kernels (modular path) */
-/* Rows are tokens (M = N T), columns features. Per-sample adaLN vectors are a pointer plus a row stride
-   (ms / gs; 0 broadcasts one row). Column sums are accumulated per thread in double and added in thread
-   order, so results do not depend on scheduling. */
-
-void norm_mod_fwd(cfp h, i64 N, int T, int D, int kind, float eps, float alpha,
-                  cfp shift, cfp scale, i64 ms, fp nrm, fp out, fp rstd) {
-    #pragma omp parallel for schedule(static) num_threads(nth)
-    for (i64 n = 0; n < N; n++)
-        norm_mod_sample(h + n * T * D, T, D, kind, eps, alpha, shift + n * ms, scale + n * ms,
-                        kind ? nrm + n * T * D : 0, out + n * T * D, kind == 1 || kind == 2 ? rstd + n * T : 0);
-}
-
-void norm_mod_bwd(cfp dm, cfp nrm, cfp h, cfp rstd, i64 N, int T, int D,
-                  int kind, float alpha, cfp scale, i64 ms, fp dshift, fp dscale,
-                  cfp dres, fp dx, fp dalpha) {
-    double *part = partials(1);
-    #pragma omp parallel num_threads(nth)
-    {
-        double *acc = part + omp_get_thread_num();
-        #pragma omp for schedule(static)
-        for (i64 n = 0; n < N; n++) {
-            i64 off = n * T * D;
-            *acc += norm_mod_bwd_sample(dm + off, nrm + off, h ? h + off : 0, rstd ? rstd + n * T : 0, T, D,
-                                        kind, alpha, scale + n * ms, dshift + n * ms, dscale + n * ms,
-                                        dres ? dres + off : 0, dx + off);
-        }
-    }
-    if (dalpha) finish(part, 1, dalpha); else free(part);
-}
-
-void gelu_fwd(fp x, cfp bias, fp y, i64 rows, i64 cols) {
-    #pragma omp parallel for schedule(static) num_threads(nth)
-    for (i64 r = 0; r < rows; r++) gelu_rows(x + r * cols, bias, y + r * cols, 0, 1, cols);
-}
-
-void gelu_bwd(cfp g, cfp x, fp dx, fp dbias, i64 rows, i64 cols) {
-    double *part = partials(cols);
-    #pragma omp parallel num_threads(nth)
-    {
-        double *acc = part + omp_get_thread_num() * cols;
-        #pragma omp for schedule(static)
-        for (i64 r = 0; r < rows; r++) {
-            gelu_bwd_rows(g + r * cols, x + r * cols, dx + r * cols, 1, cols);
-            colsum_add(dx + r * cols, 1, (int)cols, acc);
-        }
-    }
-    finish(part, cols, dbias);
-}
-
-void gate_fwd(cfp h, fp a, cfp bias, cfp gate, i64 gs, fp out, i64 N, int T, int D) {
-    #pragma omp parallel for schedule(static) num_threads(nth)
-    for (i64 n = 0; n < N; n++)
-        gate_sample(h + n * T * D, a + n * T * D, bias, gate + n * gs, out + n * T * D, T, D);
-}
-
-void attn_fwd(fp qkv, cfp bias, fp out, fp probs, i64 N, int T, int H, int hd, float scale) {
-    int D = H * hd, S = H * T * T;
-    #pragma omp parallel for schedule(static) num_threads(nth)
-    for (i64 n = 0; n < N; n++) {
-        float *base = qkv + n * T * 3 * D;
-        attn_probs(base, bias, probs + n * S, T, H, hd, scale);
-        attn_apply(base, probs + n * S, out + n * T * D, T, H, hd);
-    }
-}
-
-void attn_bwd(cfp dout, cfp qkv, cfp probs, fp dqkv, fp dbias, i64 N, int T, int H, int hd, float scale) {
-    int D = H * hd;
-    double *part = partials(3 * D);
-    #pragma omp parallel num_threads(nth)
-    {
-        double *acc = part + omp_get_thread_num() * 3 * D;
-        #pragma omp for schedule(static)
-        for (i64 n = 0; n < N; n++) {
-            attn_bwd_sample(dout + n * T * D, qkv + n * T * 3 * D, probs + n * H * T * T, dqkv + n * T * 3 * D,
-                            T, H, hd, scale);
-            colsum_add(dqkv + n * T * 3 * D, T, 3 * D, acc);
-        }
-    }
-    finish(part, 3 * D, dbias);
-}
-
-void gate_bwd(cfp dh, cfp a, cfp gate, i64 gs, fp da, fp dgate, fp dbias, i64 N, int T, int D) {
-    double *part = partials(D);
-    #pragma omp parallel num_threads(nth)
-    {
-        double *acc = part + omp_get_thread_num() * D;
-        #pragma omp for schedule(static)
-        for (i64 n = 0; n < N; n++) {
-            i64 off = n * T * D;
-            gate_bwd_sample(dh + off, a + off, gate + n * gs, da + off, dgate + n * gs, T, D);
-            colsum_add(da + off, T, D, acc);
-        }
-    }
-    finish(part, D, dbias);
-}
-
-/* ============================================================== 3. the whole network, tile by tile */
+/* ============================================================== 2. the whole network, tile by tile */
 
 /* The tiles' matmuls: a register-blocked micro-kernel in GCC vector extensions (16 floats; -march=native
    makes them AVX-512 or AVX2 registers). C[i, j] (+)= sum_p A[i asi + p asp] B[p ldb + j] for MR rows and

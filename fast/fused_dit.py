@@ -11,8 +11,7 @@ What it provides:
   ["loss"].mean() as one autograd node (`HybridLossFunction`) whose forward computes every gradient in one C
   call (`TiledKernels.dit_train`); what the CPU training step uses.
 - `fused_model(model)`: a callable with the model's signature, model(x_t, t, y), that runs the whole DiT as
-  one autograd node (`DiTFunction`); the loss around it stays `diffusion.training_losses`.
-- `dit_forward` / `dit_backward`: the same maths on the modular kernels (`CKernels`, `TorchKernels`).
+  one autograd node (`DiTFunction`, two C calls); the loss around it stays `diffusion.training_losses`.
 - `DiTPlan(model)`: the shapes and norm kind, or `reason` why a model cannot take this path.
 
 These are second implementations of models.py and diffusion/: fast/proof.py checks them against the model
@@ -23,20 +22,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import (  # noqa: F401  (the kernel sets, re-exported for the tests)
+from .kernels import (  # noqa: F401  (load_c_kernels and keep_freed_memory: for the callers)
     MAX_DEPTH,
     MAX_FAST_TOKENS,
     NORM_CODES,
-    CKernels,
     TiledKernels,
-    TorchKernels,
-    default_kernels,
+    c_kernels,
     keep_freed_memory,
     load_c_kernels,
-    patch_rows,
-    unpatch_rows,
 )
-from .small_shapes import adaln_stacked
 
 # ----------------------------------------------------------------------------- the hand-written DiT
 
@@ -104,93 +98,10 @@ class DiTPlan:
 
 
 
-def dit_forward(plan, kern, x, mods, pos_embed, weights, saved=None):
-    """DiT forward from the adaLN vectors mods (N or 1, K): x (N, C, H, W) -> (N, C_out, H, W).
-
-    Appends to `saved` (when given) what dit_backward needs."""
-    if hasattr(kern, "dit_forward"):
-        return kern.dit_forward(plan, x, mods, pos_embed, weights, saved)
-    N, T, D, H, hd = x.shape[0], plan.tokens, plan.hidden, plan.heads, plan.head_dim
-    wx, bx, wl, bl = weights[:4]
-    alphas = [float(a) for a in weights[4 + 8 * plan.depth:]] or [0.0] * (2 * plan.depth + 1)
-    xp = patch_rows(plan, x)  # (M, C p p)
-    h = torch.addmm(bx, xp, wx.view(D, -1).t())  # (M, D)
-    h.view(N, T, D).add_(pos_embed)
-    if saved is not None:
-        saved.append(xp)
-    for i in range(plan.depth):
-        wqkv, bqkv, wproj, bproj, w1, b1, w2, b2 = weights[4 + 8 * i: 12 + 8 * i]
-        shift1, scale1, gate1, shift2, scale2, gate2 = mods[:, 6 * D * i: 6 * D * (i + 1)].split(D, dim=1)
-        n1, m1, r1 = kern.norm_mod_fwd(h, N, T, plan.kind, plan.eps, alphas[2 * i], shift1, scale1)
-        # Matmuls without bias: the kernel that reads each result adds the bias in the same pass
-        # (addmm would first copy the broadcast bias into the output, one more pass over it).
-        qkv = m1 @ wqkv.t()  # (M, 3D)
-        o, probs = kern.attn_fwd(qkv, bqkv, N, T, H, hd)  # (M, D), (N, H, T, T)
-        a = o @ wproj.t()  # (M, D)
-        h1 = kern.gate_fwd(h, a, bproj, gate1, N, T)  # h + gate1 * a
-        n2, m2, r2 = kern.norm_mod_fwd(h1, N, T, plan.kind, plan.eps, alphas[2 * i + 1], shift2, scale2)
-        f1 = m2 @ w1.t()  # (M, F)
-        g1 = kern.gelu_fwd(f1, b1)
-        f2 = g1 @ w2.t()  # (M, D)
-        if saved is not None:
-            saved.append((h, n1, m1, r1, qkv, probs, o, a, h1, n2, m2, r2, f1, g1, f2))
-        h = kern.gate_fwd(h1, f2, b2, gate2, N, T)
-    shift, scale = mods[:, 6 * D * plan.depth:].split(D, dim=1)
-    nf, mf, rf = kern.norm_mod_fwd(h, N, T, plan.kind, plan.eps, alphas[-1], shift, scale)
-    out = torch.addmm(bl, mf, wl.t())  # (M, p p C_out)
-    if saved is not None:
-        saved.append((h, nf, mf, rf))
-    return unpatch_rows(plan, out, N)
-
-
-def dit_backward(plan, kern, grad_out, mods, weights, saved):
-    """Gradients of dit_forward: (d mods (N, K), [d weight for weights])."""
-    N, T, D, H, hd = grad_out.shape[0], plan.tokens, plan.hidden, plan.heads, plan.head_dim
-    kind = plan.kind
-    wx, bx, wl, bl = weights[:4]
-    alpha_params = weights[4 + 8 * plan.depth:]
-    alphas = [float(a) for a in alpha_params] or [0.0] * (2 * plan.depth + 1)
-    grads = [None] * len(weights)
-    dalphas = [None] * len(alpha_params)
-    dmods = mods.new_empty(N, mods.shape[1])  # every column is written below
-    xp, (hf, nf, mf, rf) = saved[0], saved.pop()
-
-    dout = patch_rows(plan, grad_out, out=True)  # (M, p p C_out)
-    grads[2], grads[3] = dout.t() @ mf, dout.sum(0)
-    dmf = dout @ wl  # (M, D)
-    del mf
-    dshift, dscale = dmods[:, 6 * D * plan.depth:].split(D, dim=1)
-    scale = mods[:, 6 * D * plan.depth + D:]
-    dh, da_f = kern.norm_mod_bwd(dmf, nf, hf, rf, N, T, kind, alphas[-1], scale, dshift, dscale, None)
-    if alpha_params:
-        dalphas[-1] = da_f
-    for i in reversed(range(plan.depth)):
-        # Popping frees each block's activations as soon as they are used, so the allocator reuses that
-        # memory for the gradients instead of faulting in fresh pages (measured: 20k page faults per step).
-        h, n1, m1, r1, qkv, probs, o, a, h1, n2, m2, r2, f1, g1, f2 = saved.pop()
-        wqkv, bqkv, wproj, bproj, w1, b1, w2, b2 = weights[4 + 8 * i: 12 + 8 * i]
-        _, scale1, gate1, _, scale2, gate2 = mods[:, 6 * D * i: 6 * D * (i + 1)].split(D, dim=1)
-        dshift1, dscale1, dgate1, dshift2, dscale2, dgate2 = dmods[:, 6 * D * i: 6 * D * (i + 1)].split(D, 1)
-        j = 4 + 8 * i
-        # MLP branch: h = h1 + gate2 * fc2(gelu(fc1(modulate(norm2(h1)))))
-        df2, grads[j + 7] = kern.gate_bwd(dh, f2, gate2, dgate2, N, T)
-        grads[j + 6] = df2.t() @ g1
-        df1, grads[j + 5] = kern.gelu_bwd(df2 @ w2, f1)  # (M, F)
-        grads[j + 4] = df1.t() @ m2
-        dh1, da2 = kern.norm_mod_bwd(df1 @ w1, n2, h1, r2, N, T, kind, alphas[2 * i + 1], scale2, dshift2,
-                                     dscale2, dh)
-        # attention branch: h1 = h + gate1 * proj(attn(qkv(modulate(norm1(h)))))
-        da, grads[j + 3] = kern.gate_bwd(dh1, a, gate1, dgate1, N, T)
-        grads[j + 2] = da.t() @ o
-        dqkv, grads[j + 1] = kern.attn_bwd(da @ wproj, qkv, probs, N, T, H, hd)  # (M, 3D)
-        grads[j] = dqkv.t() @ m1
-        dh, da1 = kern.norm_mod_bwd(dqkv @ wqkv, n1, h, r1, N, T, kind, alphas[2 * i], scale1, dshift1,
-                                    dscale1, dh1)
-        if alpha_params:
-            dalphas[2 * i], dalphas[2 * i + 1] = da1, da2
-    grads[0], grads[1] = (dh.t() @ xp).view_as(wx), dh.sum(0)
-    grads[4 + 8 * plan.depth:] = dalphas
-    return dmods, grads
+def adaln_stacked(model):
+    """All adaLN weights and biases stacked, blocks then final layer: (K, D), (K,), K = (6 depth + 2) D."""
+    linears = [layer.adaLN_modulation[-1] for layer in [*model.blocks, model.final_layer]]
+    return torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears])
 
 
 class DiTFunction(torch.autograd.Function):
@@ -201,7 +112,7 @@ class DiTFunction(torch.autograd.Function):
         silu_c = F.silu(c)  # (N, D)
         mods = torch.addmm(b_mod, silu_c, w_mod.t())  # (N, K)
         saved = []
-        out = dit_forward(plan, kern, x_t, mods, pos_embed, weights, saved)
+        out = kern.dit_forward(plan, x_t, mods, pos_embed, weights, saved)
         ctx.plan, ctx.kern, ctx.saved = plan, kern, saved
         ctx.save_for_backward(c, silu_c, mods, w_mod, *weights)
         return out
@@ -209,13 +120,8 @@ class DiTFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         c, silu_c, mods, w_mod, *weights = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        if isinstance(ctx.kern, TiledKernels):
-            dsilu, dw_mod, db_mod, grads = ctx.kern.dit_backward(ctx.plan, grad_out, mods, silu_c, w_mod,
-                                                                 weights, ctx.saved)
-        else:
-            dmods, grads = dit_backward(ctx.plan, ctx.kern, grad_out, mods, weights, ctx.saved)
-            dsilu, dw_mod, db_mod = dmods @ w_mod, dmods.t() @ silu_c, dmods.sum(0)
+        dsilu, dw_mod, db_mod, grads = ctx.kern.dit_backward(ctx.plan, grad_out.contiguous(), mods, silu_c,
+                                                             w_mod, weights, ctx.saved)
         ctx.saved = None
         return (None, None, None, torch.ops.aten.silu_backward(dsilu, c), None, dw_mod, db_mod, *grads)
 
@@ -223,9 +129,9 @@ class DiTFunction(torch.autograd.Function):
 def fused_model(model, plan=None, kern=None):
     """A callable model(x_t, t, y) computing model(x_t, t, y) through DiTFunction (same values, faster)."""
     plan = plan or DiTPlan(model)
-    if plan.reason:
-        raise ValueError(f"the fused DiT path cannot run this model: {plan.reason}")
-    kern = kern or default_kernels()
+    kern = kern or c_kernels()
+    if plan.reason or kern is None:
+        raise ValueError(f"the fused DiT path cannot run this model: {plan.reason or 'no C kernels here'}")
 
     def forward(x_t, t, y):
         c = model.t_embedder(t) + model.y_embedder(y, model.training)  # (N, D)
@@ -285,9 +191,8 @@ def fused_hybrid_loss(model, diffusion, plan=None, kern=None):
     """loss(x_start, t, noise, y) -> diffusion.training_losses(model, ...)["loss"].mean(), with forward, loss
     and backward in one C call a tile at a time (HybridLossFunction); the same values as the plain path."""
     plan = plan or DiTPlan(model)
-    kern = kern or default_kernels()
-    reason = plan.reason or hybrid_loss_supported(diffusion) or (
-        None if isinstance(kern, TiledKernels) else "the fused loss needs the tiled C kernels")
+    kern = kern or c_kernels()
+    reason = plan.reason or hybrid_loss_supported(diffusion) or (None if kern else "no C kernels here")
     if reason:
         raise ValueError(f"fused_hybrid_loss cannot run here: {reason}")
 

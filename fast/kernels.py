@@ -1,11 +1,10 @@
-"""The C kernels of the hand-written DiT (fused_dit.c): how they are built and loaded, and the three kernel
-sets that dit_forward / dit_backward (fused_dit.py) and the sampler run on.
+"""The C kernels of the hand-written DiT (fused_dit.c): how they are built and loaded, and `TiledKernels`,
+the calls that fused_dit.py and the sampler make into them.
 
-- `TiledKernels` (the default): the whole network in C, a tile of samples at a time, its activations kept
-  in the core's cache from the first layer to the last; `dit_train` also computes the hybrid loss and
-  every gradient in the same call, and `sampler()` does one ancestral step per call.
-- `CKernels`: the per-op C loops, with PyTorch's matmuls in between.
-- `TorchKernels`: the same ops in PyTorch: the fallback without a C compiler, and a reference for tests.
+The whole network runs in C, a tile of samples at a time, its activations kept in the core's cache from the
+first layer to the last; `dit_train` also computes the hybrid loss and every gradient in the same call, and
+`sampler()` does one ancestral step per call. Without a working C compiler there are no kernels
+(`c_kernels()` returns None) and the callers run the plain PyTorch step and sampler.
 
 The library is compiled once with the system C compiler, cached per source, compiler, flags and CPU, and
 loaded with ctypes. Loading it changes nothing global (see `_build` for the flush-to-zero trap it avoids).
@@ -21,7 +20,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 MAX_FAST_TOKENS = 64  # the C attention keeps one sample's scores on the stack; more tokens: plain path
 MAX_DEPTH = 64  # the gradient offsets of fused_dit.c's Accs
@@ -60,8 +58,8 @@ def load_c_kernels():
         try:
             _LIB = _build()
         except (OSError, subprocess.SubprocessError) as err:
-            warnings.warn(f"fused CPU kernels unavailable ({err}); using the slower PyTorch fallback",
-                          stacklevel=2)
+            warnings.warn(f"fused CPU kernels unavailable ({err}); the plain PyTorch step and sampler run "
+                          "instead", stacklevel=2)
             _LIB = False
     return _LIB or None
 
@@ -108,16 +106,8 @@ def _build():
     if before and not denormals_survive():  # e.g. a CC that links fast-math start-up code anyway
         torch.set_flush_denormal(False)  # undo it on this thread, and do not use the library
         raise OSError(f"{path} switches the process to flush-to-zero mode; delete it and check $CC")
-    P, L, I, Fl = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+    P, I = ctypes.c_void_p, ctypes.c_int
     lib.set_num_threads.argtypes = [I]
-    lib.norm_mod_fwd.argtypes = [P, L, I, I, I, Fl, Fl, P, P, L, P, P, P]
-    lib.norm_mod_bwd.argtypes = [P, P, P, P, L, I, I, I, Fl, P, L, P, P, P, P, P]
-    lib.gelu_fwd.argtypes = [P, P, P, L, L]
-    lib.gate_fwd.argtypes = [P, P, P, P, L, P, L, I, I]
-    lib.gelu_bwd.argtypes = [P, P, P, P, L, L]
-    lib.attn_fwd.argtypes = [P, P, P, P, L, I, I, I, Fl]
-    lib.attn_bwd.argtypes = [P, P, P, P, P, L, I, I, I, Fl]
-    lib.gate_bwd.argtypes = [P, P, P, L, P, P, P, L, I, I]
     lib.dit_fwd.argtypes = [ctypes.POINTER(NetArgs), P, P]
     lib.dit_bwd.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P, P]
     lib.dit_sample_step.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P]
@@ -130,172 +120,10 @@ def _ptr(tensor):
     return None if tensor is None else tensor.data_ptr()
 
 
-class CKernels:
-    """The fused loops of _C_SOURCE on torch tensors (float32, CPU; (N, D) views may have a row stride)."""
-
-    name = "fused-cpu"
-
-    def __init__(self, lib):
-        self.lib = lib
-        self.threads = None
-
-    def _sync_threads(self):
-        """Give the C loops torch's current intra-op thread count."""
-        if self.threads != torch.get_num_threads():
-            self.threads = torch.get_num_threads()
-            self.lib.set_num_threads(self.threads)
-
-    def norm_mod_fwd(self, h, N, T, kind, eps, alpha, shift, scale):
-        """(normalised h or h itself for kind 0, norm(h) * (1 + scale) + shift, rstd per row or None)."""
-        self._sync_threads()
-        M, D = h.shape
-        nrm = None if kind == 0 else torch.empty_like(h)
-        out = torch.empty_like(h)
-        rstd = h.new_empty(M) if kind in (1, 2) else None
-        self.lib.norm_mod_fwd(_ptr(h), N, T, D, kind, eps, alpha, _ptr(shift), _ptr(scale),
-                              _row_stride(shift), _ptr(nrm), _ptr(out), _ptr(rstd))
-        return (h if kind == 0 else nrm), out, rstd
-
-    def norm_mod_bwd(self, dm, nrm, h, rstd, N, T, kind, alpha, scale, dshift, dscale, dres):
-        """Gradient of norm_mod_fwd; fills dshift/dscale, returns (dres + dh, dalpha or None)."""
-        self._sync_threads()
-        dx = torch.empty_like(dm)
-        dalpha = dm.new_empty(1) if kind == 3 else None
-        self.lib.norm_mod_bwd(_ptr(dm), _ptr(nrm), _ptr(h), _ptr(rstd), N, T, dm.shape[1], kind, alpha,
-                              _ptr(scale), _row_stride(scale), _ptr(dshift), _ptr(dscale), _ptr(dres),
-                              _ptr(dx), _ptr(dalpha))
-        return dx, dalpha
-
-    def gelu_fwd(self, x, bias):
-        """Adds bias to x in place and returns the tanh-approximated GELU of the result."""
-        self._sync_threads()
-        y = torch.empty_like(x)
-        self.lib.gelu_fwd(_ptr(x), _ptr(bias), _ptr(y), x.shape[0], x.shape[1])
-        return y
-
-    def gate_fwd(self, h, a, bias, gate, N, T):
-        """Adds bias to a in place and returns h + gate * a."""
-        self._sync_threads()
-        out = torch.empty_like(h)
-        self.lib.gate_fwd(_ptr(h), _ptr(a), _ptr(bias), _ptr(gate), _row_stride(gate), _ptr(out), N, T,
-                          h.shape[1])
-        return out
-
-    def gelu_bwd(self, g, x):
-        """(g * gelu'(x), its column sums)."""
-        self._sync_threads()
-        dx, db = torch.empty_like(x), x.new_empty(x.shape[1])
-        self.lib.gelu_bwd(_ptr(g), _ptr(x), _ptr(dx), _ptr(db), x.shape[0], x.shape[1])
-        return dx, db
-
-    def attn_fwd(self, qkv, bias, N, T, H, hd):
-        """Adds bias to qkv in place; softmax attention of each sample's T tokens: (out (M, D), probs)."""
-        self._sync_threads()
-        out, probs = qkv.new_empty(N * T, H * hd), qkv.new_empty(N, H, T, T)
-        self.lib.attn_fwd(_ptr(qkv), _ptr(bias), _ptr(out), _ptr(probs), N, T, H, hd, hd ** -0.5)
-        return out, probs
-
-    def attn_bwd(self, dout, qkv, probs, N, T, H, hd):
-        """(d qkv (M, 3D), its column sums)."""
-        self._sync_threads()
-        dqkv, db = torch.empty_like(qkv), qkv.new_empty(qkv.shape[1])
-        self.lib.attn_bwd(_ptr(dout), _ptr(qkv), _ptr(probs), _ptr(dqkv), _ptr(db), N, T, H, hd, hd ** -0.5)
-        return dqkv, db
-
-    def gate_bwd(self, dh, a, gate, dgate, N, T):
-        """For h + gate * a: fills dgate, returns (d a, its column sums)."""
-        self._sync_threads()
-        da, db = torch.empty_like(a), a.new_empty(a.shape[1])
-        self.lib.gate_bwd(_ptr(dh), _ptr(a), _ptr(gate), _row_stride(gate), _ptr(da), _ptr(dgate), _ptr(db),
-                          N, T, a.shape[1])
-        return da, db
-
-
 def _row_stride(view):
     """Row stride of an (N, D) view with unit column stride; 0 broadcasts one row to every sample."""
     assert view.stride(-1) == 1 and view.dtype == torch.float32
     return 0 if view.shape[0] == 1 else view.stride(0)
-
-
-class TorchKernels:
-    """The same operations as CKernels in PyTorch ops: the fallback, and a second reference in the tests."""
-
-    name = "torch-cpu"
-
-    @staticmethod
-    def norm_mod_fwd(h, N, T, kind, eps, alpha, shift, scale):
-        D = h.shape[1]
-        rstd = None
-        if kind == 0:
-            nrm = h
-        elif kind == 1:
-            nrm, _, rstd = torch.native_layer_norm(h, (D,), None, None, eps)
-            rstd = rstd.view(-1)
-        elif kind == 2:
-            rstd = torch.rsqrt(h.square().mean(1) + eps)  # (M,)
-            nrm = h * rstd[:, None]
-        else:
-            nrm = torch.tanh(alpha * h)
-        out = torch.addcmul(shift.unsqueeze(1), nrm.view(N, T, D), 1 + scale.unsqueeze(1))  # (N, T, D)
-        return nrm, out.view(N * T, D), rstd
-
-    @staticmethod
-    def norm_mod_bwd(dm, nrm, h, rstd, N, T, kind, alpha, scale, dshift, dscale, dres):
-        D = dm.shape[1]
-        dm3 = dm.view(N, T, D)
-        dshift.copy_(dm3.sum(1))
-        dscale.copy_((dm3 * nrm.view(N, T, D)).sum(1))
-        dn = (dm3 * (1 + scale.unsqueeze(1))).view(N * T, D)
-        dalpha = None
-        if kind == 1:
-            dn = rstd[:, None] * (dn - dn.mean(1, keepdim=True) - nrm * (dn * nrm).mean(1, keepdim=True))
-        elif kind == 2:
-            dn = rstd[:, None] * (dn - nrm * (dn * nrm).mean(1, keepdim=True))
-        elif kind == 3:
-            q = 1 - nrm.square()
-            dalpha = (dn * h * q).sum().view(1)
-            dn = dn * alpha * q
-        return (dn if dres is None else dres + dn), dalpha
-
-    @staticmethod
-    def gelu_fwd(x, bias):
-        return F.gelu(x.add_(bias), approximate="tanh")
-
-    @staticmethod
-    def gate_fwd(h, a, bias, gate, N, T):
-        D = h.shape[1]
-        return torch.addcmul(h.view(N, T, D), gate.unsqueeze(1), a.add_(bias).view(N, T, D)).view(N * T, D)
-
-    @staticmethod
-    def gelu_bwd(g, x):
-        dx = torch.ops.aten.gelu_backward(g, x, approximate="tanh")
-        return dx, dx.sum(0)
-
-    @staticmethod
-    def attn_fwd(qkv, bias, N, T, H, hd):
-        q, k, v = qkv.add_(bias).view(N, T, 3, H, hd).unbind(2)  # each (N, T, H, d)
-        probs = (torch.einsum("nihe,njhe->nhij", q, k) * hd ** -0.5).softmax(-1)  # (N, H, T, T)
-        out = torch.einsum("nhij,njhe->nihe", probs, v)  # (N, T, H, d)
-        return out.reshape(N * T, H * hd), probs.contiguous()
-
-    @staticmethod
-    def attn_bwd(dout, qkv, probs, N, T, H, hd):
-        q, k, v = qkv.view(N, T, 3, H, hd).unbind(2)
-        do = dout.view(N, T, H, hd)
-        dp = torch.einsum("nihe,njhe->nhij", do, v)  # (N, H, T, T)
-        dv = torch.einsum("nhij,nihe->njhe", probs, do)
-        ds = probs * (dp - (probs * dp).sum(-1, keepdim=True)) * hd ** -0.5
-        dq = torch.einsum("nhij,njhe->nihe", ds, k)
-        dk = torch.einsum("nhij,nihe->njhe", ds, q)
-        dqkv = torch.stack([dq, dk, dv], 2).reshape(N * T, 3 * H * hd)  # (M, 3D)
-        return dqkv, dqkv.sum(0)
-
-    @staticmethod
-    def gate_bwd(dh, a, gate, dgate, N, T):
-        D = a.shape[1]
-        dgate.copy_((dh * a).view(N, T, D).sum(1))
-        da = (dh.view(N, T, D) * gate.unsqueeze(1)).view(N * T, D)
-        return da, da.sum(0)
 
 
 class NetArgs(ctypes.Structure):
@@ -315,23 +143,29 @@ def _pointer_array(tensors):
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
-class TiledKernels(CKernels):
-    """The whole DiT forward and backward in C, a tile of samples at a time (fused_dit.c, part 3).
+class TiledKernels:
+    """The whole DiT forward and backward in C, a tile of samples at a time (fused_dit.c).
 
     A tile's activations stay in the core's cache from the first layer to the last, and its matmuls run
     on them there (a register-blocked C micro-kernel). `dit_forward`/`dit_backward` (fused_model): only
     block inputs, qkv, the two branch outputs and the attention probabilities are written out, and the
     backward recomputes the rest of a tile in cache (see `Net` in fused_dit.c). `dit_train`: every
     activation of a tile stays in a per-thread arena between its forward and its backward, nothing is
-    recomputed. Inherits the modular kernels."""
+    recomputed."""
 
     name = "tiled-cpu"
 
     def __init__(self, lib, rows=256):
-        super().__init__(lib)
+        self.lib, self.threads = lib, None
         # rows (tokens) per tile: for ToyDiT/1 ~2.8 MB of scratch per thread, and ~5.8 MB more of
         # dit_train's arena (which lives in L3 here: measured no slower than 128 rows, faster than 64)
         self.rows = rows
+
+    def _sync_threads(self):
+        """Give the C loops torch's current intra-op thread count."""
+        if self.threads != torch.get_num_threads():
+            self.threads = torch.get_num_threads()
+            self.lib.set_num_threads(self.threads)
 
     def _args(self, plan, N, weights, alphas, pos_embed, mods, bufs, keep):
         """NetArgs for one call; `keep` collects the objects whose memory the C side reads."""
@@ -452,10 +286,10 @@ class TiledKernels(CKernels):
         return step
 
 
-def default_kernels():
-    """TiledKernels when the C compiler works here, else TorchKernels."""
+def c_kernels():
+    """TiledKernels when the C compiler works here, else None."""
     lib = load_c_kernels()
-    return TiledKernels(lib) if lib is not None else TorchKernels()
+    return TiledKernels(lib) if lib is not None else None
 
 
 def patch_rows(plan, x, out=False):

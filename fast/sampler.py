@@ -2,10 +2,9 @@
 
 `sample_toy` returns the same numbers as `diffusion.p_sample_loop` with the same generator, faster: the
 conditioning of a DiT depends only on (t, y), so every adaLN modulation of all timesteps is computed once
-before the loop; the schedule coefficients are gathered once; and each step runs the hand-written DiT
-forward of fused_dit.py on the 100-odd tokens instead of the module tree (with the tiled C kernels, the
-step's update too, in the same C call). Random numbers are drawn exactly
-as the plain loop draws them (x_T, then one draw of the sample's shape per step, the last one unused).
+before the loop; the schedule coefficients are gathered once; and each step runs the network and the
+update in one C call (fast/kernels.py) instead of the module tree. Random numbers are drawn exactly as
+the plain loop draws them (x_T, then one draw of the sample's shape per step, the last one unused).
 On CUDA the draws are all made first, in that order, and each step replays one captured CUDA graph
 (`index_driven_loop`).
 """
@@ -16,9 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .fused_dit import DiTPlan, default_kernels, dit_forward, keep_freed_memory
+from .fused_dit import DiTPlan, adaln_stacked, c_kernels, keep_freed_memory
 from .proof import check_sampler_step
-from .small_shapes import adaln_stacked
 
 
 def fast_sampler_reason(model, diffusion, device):
@@ -30,15 +28,17 @@ def fast_sampler_reason(model, diffusion, device):
         return None
     if kind != "cpu":
         return f"no fast sampler for device {device}"
+    if c_kernels() is None:
+        return "no C compiler here (the C kernels did not build)"
     return DiTPlan(model).reason
 
 
 class _CpuSampler:
     """The CPU fast path for num_samples samples: every step's adaLN vectors and schedule coefficients
-    computed up front, each step's network (and, with the tiled C kernels, its update) in one C call."""
+    computed up front, each step's network and update in one C call."""
 
     def __init__(self, model, diffusion, num_samples):
-        self.plan, self.kern = DiTPlan(model), default_kernels()
+        self.plan, self.kern = DiTPlan(model), c_kernels()
         num_steps = diffusion.num_timesteps
         # The network sees the original timestep index (respacing keeps a map from the respaced one).
         model_t = diffusion.model_timesteps(torch.arange(num_steps))  # (S,)
@@ -47,17 +47,11 @@ class _CpuSampler:
         w_mod, b_mod = adaln_stacked(model)
         self.mods = torch.addmm(b_mod, F.silu(cond), w_mod.t())  # (S, K): every adaLN vector of every step
         self.coef = _step_coefficients(diffusion)  # (S, 7) float32, the values p_sample would gather
-        self.pos_embed, self.weights = model.pos_embed, DiTPlan.weights(model)
-        self.c_step = (self.kern.sampler(self.plan, num_samples, model.pos_embed, self.weights)
-                       if hasattr(self.kern, "sampler") else None)
+        self.c_step = self.kern.sampler(self.plan, num_samples, model.pos_embed, DiTPlan.weights(model))
 
     def step(self, x, z, i):
         """x_{t-1} from x_t at timestep index i with the draw z; x (N, C, H, W), contiguous, in place."""
-        if self.c_step is not None:  # the network and the update in one C call
-            self.c_step(x, z, self.mods[i:i + 1], self.coef[i])
-            return x
-        out = dit_forward(self.plan, self.kern, x, self.mods[i:i + 1], self.pos_embed, self.weights)
-        x.copy_(_ancestral_step(x, out, self.coef[i].tolist(), z))  # out: (N, 2C, H, W)
+        self.c_step(x, z, self.mods[i:i + 1], self.coef[i])
         return x
 
 

@@ -11,7 +11,8 @@ import torch.nn as nn
 import models
 from diffusion import create_diffusion
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from fast import make_optimizer, make_train_step, proof, sample_toy
+from ditnorm.trainer import make_train_step
+from fast import fused_dit, make_optimizer, proof, sample_toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,11 +29,12 @@ def batch(n=16, seed=0):
 
 
 def trained(model, fast, steps=2):
-    """The model's parameters after `steps` training steps of make_train_step(fast=...), and the step."""
+    """The model's parameters after `steps` training steps of the trainer's step for --fast `fast`, and the
+    step (fast/'s once proven, else the plain one)."""
     model = copy.deepcopy(model)
-    step = make_train_step(model, copy.deepcopy(model).requires_grad_(False), create_diffusion(""),
-                           make_optimizer(model.parameters(), 1e-3), ema_decay=0.9, fast=fast,
-                           log=lambda _: None)
+    step = make_train_step(fast, model, copy.deepcopy(model).requires_grad_(False), create_diffusion(""),
+                           make_optimizer(model.parameters(), 1e-3), ema_decay=0.9, world_size=1,
+                           class_dropout=False)
     for seed in range(steps):
         step(*batch(seed=seed))
     return [p.detach().clone() for p in model.parameters()], step
@@ -47,6 +49,7 @@ def assert_trains_the_edited_model(norm="layernorm"):
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
+@pytest.mark.skipif(fused_dit.load_c_kernels() is None, reason="needs the C kernels (a C compiler)")
 @pytest.mark.parametrize("norm", models.NORM_KINDS)
 def test_the_unedited_model_takes_the_fast_path_within_two_seconds(norm):
     model = toy(norm)

@@ -1,8 +1,8 @@
 """fast/train_step.py and fast/fused_dit.py: the hand-written DiT gives the plain model's loss and gradients;
-EMA; all-reduce; loading the C kernels leaves the process's floating-point mode alone."""
+the proven step updates parameters, EMA and all-reduce as the trainer's plain step does, and is refused
+where it does not fit; loading the C kernels leaves the process's floating-point mode alone."""
 
 import copy
-import functools
 import os
 import shutil
 import tempfile
@@ -13,18 +13,29 @@ import torch.multiprocessing as mp
 from builders import randomize
 
 from diffusion import create_diffusion
+from ditnorm.trainer import plain_train_step
 from fast import fused_dit, train_step
 from models import NORM_KINDS, build_model
 
-KERNELS = [pytest.param(fused_dit.TorchKernels(), id="torch")]
 LIB = fused_dit.load_c_kernels()
-if LIB is not None:
-    KERNELS.insert(0, pytest.param(fused_dit.CKernels(LIB), id="c"))
-    # 20 rows: tiles of 5 toy samples, so a batch of 48 has 10 tiles, the last one short
-    KERNELS.insert(0, pytest.param(fused_dit.TiledKernels(LIB, rows=20), id="tiled"))
-
+needs_c = pytest.mark.skipif(LIB is None, reason="needs the C kernels (a C compiler)")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def fast_step(model, optimizer, diffusion=None, ema_decay=0.9, world_size=1, ema=None):
+    """fast.proven_train_step's step for model (it must prove itself)."""
+    ema = copy.deepcopy(model).requires_grad_(False) if ema is None else ema
+    step, reason = train_step.proven_train_step(model, ema, diffusion or create_diffusion(""), optimizer,
+                                                ema_decay=ema_decay, world_size=world_size)
+    assert reason is None and step is not None
+    return step
+
+
+def plain_step(model, optimizer, diffusion=None, ema_decay=0.9, world_size=1, ema=None):
+    """The trainer's plain step for model."""
+    ema = copy.deepcopy(model).requires_grad_(False) if ema is None else ema
+    return plain_train_step(model, ema, diffusion or create_diffusion(""), optimizer, ema_decay, world_size)
 
 
 def toy_batch(n, seed=0):
@@ -63,19 +74,19 @@ def assert_grads_close(got, want, rtol=1e-4):
         assert err < rtol, f"{name}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("kern", KERNELS)
+@needs_c
 @pytest.mark.parametrize("norm", NORM_KINDS)
-def test_fused_model_matches_plain_model(norm, kern):
+def test_fused_model_matches_plain_model(norm):
     diffusion = create_diffusion("")
     model = build_model("ToyDiT/1", norm=norm)
+    kern = fused_dit.TiledKernels(LIB, rows=20)  # tiles of 5 samples: a batch of 48 has 10, the last short
     batch = toy_batch(48)
     # Fresh (adaLN-Zero: many gradients are exactly zero), then perturbed, then after a few real steps.
     states = [copy.deepcopy(model.state_dict())]
     perturbed(model)
     states.append(copy.deepcopy(model.state_dict()))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0)
-    plain = train_step.make_train_step(model, copy.deepcopy(model).requires_grad_(False), diffusion, opt,
-                                       ema_decay=0.99, fast="off")
+    plain = plain_step(model, opt, diffusion, ema_decay=0.99)
     for seed in range(3):
         plain(*toy_batch(48, seed=10 + seed))
     states.append(copy.deepcopy(model.state_dict()))
@@ -88,31 +99,40 @@ def test_fused_model_matches_plain_model(norm, kern):
         assert_grads_close(got, want)
 
 
-@pytest.mark.parametrize("kern", KERNELS)
-def test_kernels_stay_finite_and_exact_far_in_the_tails(kern):
-    # Norm-free models blow activations up; GELU's exp overflows and attention scores get huge there.
-    x = torch.linspace(-80, 80, 4 * 256).view(4, 256)
-    zero, grad = torch.zeros(256), torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
-    want = torch.nn.functional.gelu(x, approximate="tanh")
-    torch.testing.assert_close(kern.gelu_fwd(x.clone(), zero), want, rtol=1e-5, atol=1e-6)
-    dx, db = kern.gelu_bwd(grad, x)
-    want = torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
-    # Near x = -5 PyTorch's tanh rounds to -1 and its GELU slope to 0 while the true slope is still ~1e-6
-    # (the kernels' sigmoid form keeps it): an absolute difference of up to ~1e-6 times |grad|.
-    torch.testing.assert_close(dx, want, rtol=1e-5, atol=4e-6)
-    torch.testing.assert_close(db, dx.sum(0), rtol=1e-5, atol=1e-5)
-    N, T, H, hd = 3, 4, 2, 8
-    # Scores in the thousands. A fixed draw: with random ones, ~3% put two scores of a row within float32
+@needs_c
+def test_the_network_stays_finite_and_exact_far_in_the_tails():
+    # Norm-free models blow activations up; GELU's exp overflows and attention scores get huge there. Large
+    # MLP and attention weights put GELU inputs beyond +-60 (the C code caps exp's argument at 80) and
+    # attention scores near a thousand. There two correct float32 implementations differ by ~1e-4 in the
+    # gradients (a softmax of scores 1e3 apart, sums in another order); an overflow or a missing cap gives
+    # NaN or errors of order 1. A fixed draw: with random ones, two scores of a row can fall within float32
     # round-off of each other, where any two correct softmaxes disagree by more than the tolerance.
-    qkv = torch.randn(N * T, 3 * H * hd, generator=torch.Generator().manual_seed(0)) * 30
-    out, probs = kern.attn_fwd(qkv.clone(), torch.zeros(3 * H * hd), N, T, H, hd)
-    q, k, v = qkv.view(N, T, 3, H, hd).permute(2, 0, 3, 1, 4)
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N * T, H * hd)
-    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
-    assert torch.isfinite(probs).all()
+    diffusion = create_diffusion("")
+    torch.manual_seed(0)
+    model = perturbed(build_model("ToyDiT-XS/1", norm="none"))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.fc1.weight.mul_(20)
+            block.attn.qkv.weight.mul_(20)
+    seen = {}
+    hooks = [model.blocks[-1].mlp.fc1.register_forward_hook(lambda m, i, out: seen.update(fc1=out.detach())),
+             model.blocks[-1].attn.qkv.register_forward_hook(lambda m, i, out: seen.update(qkv=out.detach()))]
+    batch = toy_batch(32, seed=7)
+    want_loss, want = loss_and_grads(model, model, diffusion, batch)
+    for hook in hooks:
+        hook.remove()
+    q, k, _ = seen["qkv"].view(32, 4, 3, 2, 16).unbind(2)  # each (N, T, H, d)
+    scores = torch.einsum("nihe,njhe->nhij", q, k) / 4
+    assert seen["fc1"].abs().max() > 60 and scores.abs().max() > 500  # the tails are reached
+    kern = fused_dit.TiledKernels(LIB, rows=20)
+    for got_loss, got in (loss_and_grads(model, fused_dit.fused_model(model, kern=kern), diffusion, batch),
+                          fused_loss_and_grads(model, diffusion, batch, kern)):
+        assert torch.isfinite(got_loss) and all(torch.isfinite(g).all() for g in got.values())
+        assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=0)
+        assert_grads_close(got, want, rtol=1e-3)
 
 
-@pytest.mark.skipif(LIB is None, reason="needs the C kernels")
+@needs_c
 @pytest.mark.parametrize("path", ["fused_model", "fused_hybrid_loss"])
 def test_tiled_path_with_two_threads_matches_one_thread(path):
     # Two threads split the tiles and sum their weight gradients in thread order; a 2-sample batch leaves
@@ -141,7 +161,7 @@ def test_tiled_path_with_two_threads_matches_one_thread(path):
         assert_grads_close(grads2, want)
 
 
-@pytest.mark.skipif(LIB is None, reason="needs the C kernels")
+@needs_c
 @pytest.mark.parametrize("name, overrides", [
     ("ToyDiT-XS/1", {}),  # hidden 32: the micro-kernel's 16-column path
     ("ToyDiT/1", {"hidden_size": 40, "num_heads": 2}),  # 40 columns: the scalar remainder path
@@ -175,7 +195,7 @@ def fused_loss_and_grads(model, diffusion, batch, kern):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.skipif(LIB is None, reason="needs the C kernels")
+@needs_c
 @pytest.mark.parametrize("diffusion_args", [{}, {"timestep_respacing": "250", "rescale_learned_sigmas": True,
                                                  "diffusion_steps": 500}], ids=["dit", "respaced-rescaled"])
 @pytest.mark.parametrize("norm", NORM_KINDS)
@@ -204,7 +224,7 @@ def test_fused_hybrid_loss_matches_training_losses(norm, diffusion_args):
         assert_grads_close(got, want)
 
 
-@pytest.mark.skipif(LIB is None, reason="needs the C kernels")
+@needs_c
 @pytest.mark.parametrize("norm", ["layernorm", "none"])
 def test_fused_decoder_nll_far_tails_match_a_float64_reference(norm):
     # Noise 50 at t = 0 puts the decoder's mean ~0.5 from x_0: the edge bins lie ~50 std out (the log-CDF's
@@ -230,7 +250,7 @@ def test_fused_decoder_nll_far_tails_match_a_float64_reference(norm):
     assert_grads_close({n: g.double() for n, g in got.items()}, want, rtol=1e-5)
 
 
-@pytest.mark.skipif(LIB is None, reason="needs the C kernels")
+@needs_c
 def test_fused_decoder_nll_clamped_bins_send_no_gradient():
     # Middle bins whose probability is below the 1e-12 clamp give the decoder NLL a constant, so the
     # variance outputs get no gradient at all: the final layer's variance rows must stay exactly 0 (a
@@ -252,7 +272,7 @@ def test_fused_decoder_nll_clamped_bins_send_no_gradient():
     assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=0)
 
 
-@pytest.mark.skipif(LIB is None, reason="needs the C kernels")
+@needs_c
 def test_fused_hybrid_loss_scales_its_gradients_by_the_incoming_one():
     # The forward computes the gradients of the mean loss; a caller may weight the loss.
     diffusion = create_diffusion("")
@@ -274,14 +294,13 @@ def test_other_losses_keep_training_losses():
     if LIB is not None:
         with pytest.raises(ValueError, match="hybrid loss"):
             fused_dit.fused_hybrid_loss(model, kl, kern=fused_dit.TiledKernels(LIB))
-    # make_train_step falls back to the fused model under training_losses: the plain step's update
+    if LIB is None:
+        return
+    # the proven step runs the fused model under training_losses: the plain step's update
     batch = toy_batch(16)
     models = [copy.deepcopy(model) for _ in range(2)]
-    makes = (train_step.make_train_step, functools.partial(train_step.make_train_step, fast="off"))
-    for m, make in zip(models, makes, strict=True):
-        step = make(m, copy.deepcopy(m).requires_grad_(False), kl, torch.optim.SGD(m.parameters(), lr=0.01),
-                    ema_decay=0.9)
-        step(*batch)
+    for m, make in zip(models, (fast_step, plain_step), strict=True):
+        make(m, torch.optim.SGD(m.parameters(), lr=0.01), kl)(*batch)
     for a, b, old in zip(*[m.parameters() for m in models], model.parameters(), strict=True):
         torch.testing.assert_close(a - old, b - old, rtol=1e-3, atol=1e-6)  # the updates (vb x T: large)
 
@@ -300,31 +319,40 @@ def test_loading_the_c_kernels_keeps_denormals():
     assert (tiny / 2).item() > 0
 
 
-def test_default_step_takes_the_fast_path_for_the_toy():
+@needs_c
+def test_the_toy_takes_the_fast_step():
     model = build_model("ToyDiT/1")
     optimizer = torch.optim.AdamW(model.parameters())
     settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-    step = train_step.make_train_step(model, copy.deepcopy(model), create_diffusion(""), optimizer,
-                                      ema_decay=0.9)
-    expected = "torch-cpu" if LIB is None else "tiled-cpu"
-    assert step.path == expected
+    step = fast_step(model, optimizer)
+    assert (step.path, step.fast_reason) == ("tiled-cpu", None)
     # The caller's optimizer is left as the caller made it (no switch to fused=True behind its back).
     assert {k: v for k, v in optimizer.param_groups[0].items() if k != "params"} == settings
 
 
-def test_configs_outside_the_fast_path_fall_back_to_plain():
+def test_configs_outside_the_fast_path_get_no_step_and_the_reason():
     model = build_model("DiT-S/8", input_size=64, num_classes=10)  # 64 tokens: fast
     assert fused_dit.DiTPlan(model).reason is None
     model = build_model("DiT-S/2", input_size=32, num_classes=10)  # 256 tokens: plain
-    step = train_step.make_train_step(model, copy.deepcopy(model), create_diffusion(""),
-                                      torch.optim.AdamW(model.parameters()), ema_decay=0.9)
-    assert step.path == "plain"
+    step, reason = train_step.proven_train_step(model, copy.deepcopy(model), create_diffusion(""),
+                                                torch.optim.AdamW(model.parameters()), ema_decay=0.9)
+    assert step is None and reason == "256 tokens (the fused path handles up to 64)"
 
 
+def test_without_a_c_compiler_there_is_no_fast_step(monkeypatch):
+    # A machine without a C compiler trains and samples with the plain code; nothing else runs there.
+    monkeypatch.setattr(train_step, "c_kernels", lambda: None)
+    model = build_model("ToyDiT-XS/1")
+    step, reason = train_step.proven_train_step(model, copy.deepcopy(model), create_diffusion(""),
+                                                torch.optim.AdamW(model.parameters()), ema_decay=0.9)
+    assert step is None and reason == "no C compiler here (the C kernels did not build)"
+
+
+@needs_c
 def test_step_updates_parameters_and_ema_like_the_plain_step():
     diffusion = create_diffusion("")
     results = []
-    for make in (train_step.make_train_step, functools.partial(train_step.make_train_step, fast="off")):
+    for make in (fast_step, plain_step):
         torch.manual_seed(0)
         model = perturbed(build_model("ToyDiT/1", norm="dyt"))
         ema = copy.deepcopy(model).requires_grad_(False)
@@ -333,7 +361,7 @@ def test_step_updates_parameters_and_ema_like_the_plain_step():
                 p.mul_(0.5)
         ema_before = [p.clone() for p in ema.parameters()]
         # SGD: the update is linear in the gradient, so both paths must land on the same parameters.
-        step = make(model, ema, diffusion, torch.optim.SGD(model.parameters(), lr=0.1), ema_decay=0.9)
+        step = make(model, torch.optim.SGD(model.parameters(), lr=0.1), diffusion, ema=ema)
         loss = step(*toy_batch(64))
         assert loss.ndim == 0 and not loss.requires_grad
         for p_ema, p_old, p in zip(ema.parameters(), ema_before, model.parameters(), strict=True):
@@ -351,15 +379,14 @@ def _rank_main(rank, init_file, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = perturbed(build_model("ToyDiT-XS/1"))
-    step = train_step.make_train_step(model, copy.deepcopy(model).requires_grad_(False), create_diffusion(""),
-                                      torch.optim.SGD(model.parameters(), lr=1.0), ema_decay=0.9,
-                                      world_size=2)
+    step = fast_step(model, torch.optim.SGD(model.parameters(), lr=1.0), world_size=2)
     batch = [x[rank * 8:(rank + 1) * 8] for x in toy_batch(16)]
     step(*batch)
     torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
+@needs_c
 def test_two_ranks_average_gradients_like_one_process():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_rank_main, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
@@ -368,96 +395,7 @@ def test_two_ranks_average_gradients_like_one_process():
     model = perturbed(build_model("ToyDiT-XS/1"))
     before = [p.detach().clone() for p in model.parameters()]
     # SGD with lr 1: new = old - grad, so equal parameters mean equal averaged gradients.
-    step = train_step.make_train_step(model, copy.deepcopy(model).requires_grad_(False), create_diffusion(""),
-                                      torch.optim.SGD(model.parameters(), lr=1.0), ema_decay=0.9)
-    step(*toy_batch(16))
+    fast_step(model, torch.optim.SGD(model.parameters(), lr=1.0))(*toy_batch(16))
     for a, b, c, old in zip(ranks[0], ranks[1], model.parameters(), before, strict=True):
         assert torch.equal(a, b)  # every rank applies the same averaged gradient
         torch.testing.assert_close(old - a, old - c.detach(), rtol=1e-5, atol=1e-7)
-
-
-def test_loss_traces_to_one_graph():
-    """The CUDA path torch.compiles forward + hybrid loss with fullgraph=True: a graph break (e.g. a host
-    sync creeping into the model or the loss) must fail here, on the CPU, not on a GPU machine. aot_eager
-    traces forward and backward as the CUDA path does, without generating kernels."""
-    torch.manual_seed(0)
-    model = perturbed(build_model("ToyDiT-XS/1"))
-    loss_fn = train_step._loss_fn(create_diffusion(""), model)
-    batch = toy_batch(32)  # t = 0 rows included: the decoder-NLL branch
-    grads = []
-    for fn in (loss_fn, torch.compile(loss_fn, backend="aot_eager", fullgraph=True, dynamic=False)):
-        model.zero_grad(set_to_none=True)
-        loss = fn(*batch)
-        loss.backward()
-        grads.append([p.grad for p in model.parameters() if p.grad is not None])
-    torch._dynamo.reset()
-    assert len(grads[0]) == len(grads[1]) > 0
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
-
-
-def test_compile_options_of_a_setting():
-    assert train_step.compile_options(None) == train_step.compile_options("default") == {}
-    assert train_step.compile_options("max-autotune-no-cudagraphs+combo_kernels") == {
-        "max_autotune": True, "coordinate_descent_tuning": True, "combo_kernels": True}
-    for refused in ("reduce-overhead", "max-autotune", "default+triton.cudagraphs", "fast",
-                    "default+max_autotune_gemm_backends"):
-        with pytest.raises(ValueError):  # inductor's own CUDA graphs; no such mode; not a boolean flag
-            train_step.compile_options(refused)
-
-
-def test_compiled_loss_compiles_once():
-    """Every compilation of the GPU step's loss costs ~20 s there; a guard that changes between calls (e.g.
-    a cache filled during the first) compiles it again."""
-    compiles = []
-
-    def counting_backend(graph, example_inputs):
-        compiles.append(graph)
-        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
-
-    torch._dynamo.reset()
-    model = perturbed(build_model("ToyDiT-XS/1"))
-    loss_fn = train_step._compiled_loss_fn(create_diffusion(""), model, backend=counting_backend)
-    for seed in range(3):
-        loss_fn(*toy_batch(32, seed=seed)).backward()
-    torch._dynamo.reset()
-    assert len(compiles) == 1
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-@pytest.mark.parametrize("compile_cuda", [False, True], ids=["plain", "compiled"])
-def test_cuda_graph_step_matches_cpu_step(compile_cuda, optimizer):
-    """6 steps (3 eager warm-up, the capture, 2 replays) on CUDA and on the CPU from the same weights.
-
-    With SGD the parameters are old - lr * (sum of the gradients), so they compare the gradients. AdamW
-    (switched to its capturable fused kernel on CUDA) divides each gradient by its own running size: an
-    element whose gradient is near 0 moves by up to ~lr per step with a sign set by round-off, so only that
-    bound can be asserted on its parameters; its losses must still agree at every step."""
-    lr = 0.01 if optimizer == "sgd" else 1e-3
-    diffusion = create_diffusion("")
-    torch.manual_seed(0)
-    cpu_model = perturbed(build_model("ToyDiT/1"))
-    gpu_model = copy.deepcopy(cpu_model).cuda()
-    before = [p.detach().clone() for p in cpu_model.parameters()]
-    steps = []
-    for model in (cpu_model, gpu_model):
-        opt = (torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd" else
-               torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0))
-        steps.append(train_step.make_train_step(model, copy.deepcopy(model).requires_grad_(False), diffusion,
-                                                opt, ema_decay=0.99, compile_cuda=compile_cuda))
-    assert steps[1].path == ("cuda-graph-compiled" if compile_cuda else "cuda-graph")
-    for seed in range(6):
-        batch = toy_batch(256, seed=seed)
-        loss_cpu = steps[0](*batch)
-        loss_gpu = steps[1](*[x.cuda() for x in batch])
-        torch.testing.assert_close(loss_gpu.cpu(), loss_cpu, rtol=1e-4, atol=1e-6)
-    for a, b, old in zip(cpu_model.parameters(), gpu_model.parameters(), before, strict=True):
-        if optimizer == "sgd":
-            torch.testing.assert_close(b.detach().cpu() - old, a.detach() - old, rtol=1e-3, atol=1e-6)
-        else:
-            assert (b.detach().cpu() - a.detach()).abs().max() <= 2 * 6 * lr
-    # the optimizer ran on the GPU and moved the same parameters as on the CPU
-    moved = [[not torch.equal(p.detach().cpu(), old) for p, old in zip(m.parameters(), before, strict=True)]
-             for m in (cpu_model, gpu_model)]
-    assert moved[0] == moved[1] and any(moved[0])
