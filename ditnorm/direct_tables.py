@@ -103,7 +103,10 @@ def section(rows, norms, weights=None, level="##"):
     steps, last = last_steps(rows), max(r["step"] for r in rows)
     inputs = sorted({int(r["inputs"]) for r in rows})
     times = sorted({r["timestep"] for r in rows})
-    ckpts_per_seed = [len({r["step"] for r in g}) for g in grouped(rows, "norm", "seed", "weights").values()]
+    ckpts_per_seed = [len({r["step"] for r in g} & set(steps))
+                      for g in grouped(rows, "norm", "seed", "weights").values()]
+    low, high = min(ckpts_per_seed), max(ckpts_per_seed)
+    counts = f"{low}" if low == high else f"{low} to {high}"
     kinds = "" if weights is None else f" Weights kinds shown: {', '.join(weights)} (all in direct.csv)."
     return [
         f"{level} The direct statistic: the denoiser's x_0 error on fresh inputs (main table)",
@@ -116,9 +119,9 @@ def section(rows, norms, weights=None, level="##"):
         f"inputs.{kinds}",
         "",
         f"Cell: seed median [min, max] (n seeds) of each seed's median over its checkpoints at steps "
-        f"{', '.join(map(str, steps))} ({min(ckpts_per_seed)}-{max(ckpts_per_seed)} measured per seed and "
-        "weights kind). layernorm / none: ratio of the seed medians. Pairs: (layernorm seed, none seed) "
-        "pairs with layernorm's error larger, a tie counting 1/2. p: exact one-sided Mann-Whitney test "
+        f"{', '.join(map(str, steps))} ({counts} of them measured per seed and weights kind). "
+        "layernorm / none: ratio of the seed medians. Pairs: (layernorm seed, none seed) pairs with "
+        "layernorm's error larger, a tie counting 1/2. p: exact one-sided Mann-Whitney test "
         "(stats.rank_test) of layernorm > none over seeds, not corrected for the many lines; in brackets "
         "the smallest p its seed counts allow.",
         "",

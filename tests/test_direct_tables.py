@@ -28,7 +28,7 @@ def test_the_main_table_takes_each_seeds_median_over_the_last_three_checkpoints(
     assert last[2].startswith("| zeros | raw | 0 | p50 | 6.00e+00 [3.00e+00, 7.00e+00] (n=3) | 1.50e+00 ")
     assert last[2].endswith("| 4.00 | 9 of 9 | 0.050 (0.050) |")  # 6, 3, 7 against 1, 1.5, 2
     section = "\n".join(direct_tables.section(hand_rows(values), ["layernorm", "none"]))
-    assert "steps 2, 3, 4 (4-4 measured per seed" in section and "0.050 (0.050)" in section
+    assert "steps 2, 3, 4 (3 of them measured per seed" in section and "0.050 (0.050)" in section
 
 
 def test_a_table_without_both_norms_has_no_test():
