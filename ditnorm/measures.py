@@ -8,10 +8,18 @@ twice. Each checkpoint file is read once for all its weights kinds.
 
 - sample_errors: every checkpoint's weights kinds sample one fixed noise set; |x| (the error on zero data)
   and |x - mean(x)| (the error on constant data) per sample pixel, summarised per seed (errors.csv); at
-  the last step, the residual stream's outlier ratio per block (outliers.csv).
+  the last step, the residual stream's outlier ratio per block (outliers.csv); the direct statistic
+  (direct.csv, below).
 - paper_statistics: the paper-schedule study's errors of the raw weights, the EMA and five other averages,
   each averages' writer norms and cosines to raw (weights.csv), the residual stream's RMS (rms.csv), the
-  last step's pixels (pixels.npz), and the perturbations toward an average at chosen steps (perturb.csv).
+  last step's pixels (pixels.npz), and the perturbations toward an average at chosen steps (perturb.csv);
+  the direct statistic (direct.csv).
+
+The direct statistic, when the preset's measure_args hold `direct`: the denoiser's x_0 error
+(analysis.denoiser_x0_errors) at a few small timesteps of the checkpoint's own diffusion, on fresh inputs
+from a noise set of its own per run seed, as fixed quantiles (p50, p99, p99.9). A sampled chain's final
+value is that prediction at t = 0 on the chain's own last input, so the sampled error measures the same
+denoiser on only num_samples inputs, and its maximum grows with their number; the quantiles do not.
 """
 
 import copy
@@ -25,6 +33,7 @@ import torch
 from ditnorm import records
 from ditnorm.analysis import (
     capture_block_outputs,
+    denoiser_x0_errors,
     error_stats,
     fixed_noise_samples,
     ks_uniform,
@@ -34,8 +43,9 @@ from ditnorm.analysis import (
     run_checkpoints,
 )
 from ditnorm.averaging import DEFAULT_AVERAGES
-from ditnorm.checkpoint import load_weights_kinds
+from ditnorm.checkpoint import diffusion_of, load_weights_kinds
 from ditnorm.data import CONSTANT_RANGE
+from ditnorm.stats import fixed_quantiles
 
 
 def by_step(row):
@@ -45,6 +55,44 @@ def by_step(row):
 def _wanted(run, steps):
     """{step: path} of the run's checkpoints to consider (all but step 0, or those in steps)."""
     return {s: p for s, p in run_checkpoints(run["dir"]).items() if s > 0 and (steps is None or s in steps)}
+
+
+#################################################################################
+#                 The direct statistic: the denoiser's x0 error                 #
+#################################################################################
+
+DIRECT_COLUMNS = ("data", "measure", "norm", "seed", "step", "weights", "timestep", "noise_seed", "inputs",
+                  "p50", "p99", "p99.9", "nonfinite")
+
+
+def recipe_checkpoints(cfg):
+    """The steps a run of this train_run cfg saves: its ckpt_steps, every ckpt_every, and max_steps."""
+    steps = {int(s) for s in str(cfg.get("ckpt_steps", "")).split(",") if s.strip()}
+    every = int(cfg.get("ckpt_every", 0) or 0)
+    steps |= set(range(every, cfg["max_steps"] + 1, every)) if every > 0 else set()
+    return sorted(s for s in steps | {cfg["max_steps"]} if 0 < s <= cfg["max_steps"])
+
+
+def direct_steps(cfg, direct):
+    """The checkpoint steps at which the direct statistic is measured: the recipe's last direct["last"]
+    (every one when it is None)."""
+    steps = recipe_checkpoints(cfg)
+    return set(steps if direct.get("last") is None else steps[-direct["last"]:])
+
+
+def direct_rows(model, train_args, key, direct, device="cpu"):
+    """The rows of one model: per timestep of direct["timesteps"], the fixed quantiles of the denoiser's x_0
+    error on direct["num_inputs"] inputs of the noise set direct["noise_seed"] + the run's seed. key: data,
+    norm, seed, step, weights."""
+    noise_seed = direct["noise_seed"] + key["seed"]
+    errors = denoiser_x0_errors(model, diffusion_of(train_args), timesteps=direct["timesteps"],
+                                num_inputs=direct["num_inputs"], seed=noise_seed, data=key["data"],
+                                device=device)
+    measure = "abs_x" if key["data"] == "zeros" else "dev_const"
+    rows = [dict(key, measure=measure, timestep=t, noise_seed=noise_seed, inputs=direct["num_inputs"],
+                 **fixed_quantiles(e), nonfinite=int(e.size - np.isfinite(e).sum()))
+            for t, e in errors.items()]
+    return [{k: r[k] for k in DIRECT_COLUMNS} for r in rows]
 
 
 #################################################################################
@@ -73,13 +121,15 @@ def error_rows(samples, key):
 
 def sample_errors(preset, run, out, options):
     cfg, m = run["cfg"], preset["measure_args"]
-    files = {name: out / f"{name}.csv" for name in ("errors", "outliers")}
+    files = {name: out / f"{name}.csv" for name in ("errors", "outliers", "direct")}
     tables = {name: records.read_rows(path) for name, path in files.items()}
     done = {name: {by_step(r) for r in rows} for name, rows in tables.items()}
+    at = direct_steps(cfg, m["direct"]) if m.get("direct") else set()
     measured = []
     for step, path in _wanted(run, options["steps"]).items():
         outliers = step == cfg["max_steps"] and step not in done["outliers"]
-        if step in done["errors"] and not outliers:
+        direct = step in at - done["direct"]
+        if step in done["errors"] and not outliers and not direct:
             continue
         models, config, train_args = load_weights_kinds(path, m["weights"], device=options["device"])
         for weights, model in models.items():
@@ -110,6 +160,8 @@ def sample_errors(preset, run, out, options):
                     dict(key, timestep=m["outlier_timestep"], block=r["layer"], ratio=r["ratio"])
                     for r in outlier_stats(capture_block_outputs(model, x, t, y))
                 ]
+            if direct:
+                tables["direct"] += direct_rows(model, train_args, key, m["direct"], options["device"])
         for name, path_ in files.items():
             records.write_rows(path_, tables[name], key=by_step)
         measured.append(step)
@@ -214,21 +266,24 @@ def perturbed_rows(raw, toward, sample, key):
 
 def paper_statistics(preset, run, out, options):
     cfg, m = run["cfg"], preset["measure_args"]
-    names = ("errors", "weights", "rms", "perturb")
+    names = ("errors", "weights", "rms", "perturb", "direct")
     files = {name: out / f"{name}.csv" for name in names}
     tables = {name: records.read_rows(path) for name, path in files.items()}
     done = {name: {by_step(r) for r in rows} for name, rows in tables.items()}
     perturb_at = set(m["perturb_steps"].get(cfg["seed"], ()))
+    direct_at = direct_steps(cfg, m["direct"]) if m.get("direct") else set()
     measured = []
     for step, path in _wanted(run, options["steps"]).items():
         todo = {
             "errors": step not in done["errors"],
             "perturb": step in perturb_at - done["perturb"],
             "stats": step not in done["weights"] or step not in done["rms"],
+            "direct": step in direct_at - done["direct"],
         }
         if not any(todo.values()):
             continue
-        kinds = PAPER_WEIGHTS if todo["errors"] or todo["stats"] else ("raw", PERTURB_TOWARD)
+        every_kind = todo["errors"] or todo["stats"] or todo["direct"]
+        kinds = PAPER_WEIGHTS if every_kind else ("raw", PERTURB_TOWARD)
         models, config, train_args = load_weights_kinds(path, kinds, device=options["device"])
         key = dict(norm=cfg["norm"], seed=cfg["seed"], step=step)
 
@@ -245,7 +300,7 @@ def paper_statistics(preset, run, out, options):
             )
 
         pixels = {}
-        for weights in kinds if todo["errors"] or todo["stats"] else ():
+        for weights in kinds if every_kind else ():
             model = models[weights]
             if todo["errors"]:
                 samples = sample(model)
@@ -254,6 +309,9 @@ def paper_statistics(preset, run, out, options):
                 tables["errors"].append(
                     dict(key, weights=weights, **{k: e[k] for k in ("median", "p99", "max", "mean")})
                 )
+            if todo["direct"]:  # before the statistics below move the model to the CPU
+                where = dict(key, data=cfg["data"], weights=weights)
+                tables["direct"] += direct_rows(model, train_args, where, m["direct"], options["device"])
             if todo["stats"]:
                 tables["weights"] += [
                     dict(key, weights=weights, **r) for r in weight_rows(model.cpu(), models["raw"].cpu())
@@ -261,6 +319,7 @@ def paper_statistics(preset, run, out, options):
                 tables["rms"] += [
                     dict(key, weights=weights, **r) for r in rms_rows(model.cpu(), config, m["rms_batch"])
                 ]
+
         if todo["perturb"]:
             tables["perturb"] += perturbed_rows(models["raw"], models[PERTURB_TOWARD], sample, key)
         if pixels and step == cfg["max_steps"]:

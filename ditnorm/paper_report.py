@@ -1,8 +1,11 @@
 """The report of the paper preset: the tables, figures and predictions' outcome of the paper-schedule study,
 recomputed from the per-run files under runs/ (whatever runs and checkpoints they hold, n said everywhere).
 
-Writes, beside runs/: errors.csv, weights.csv, rms.csv (every run's rows together), results.md (the tables),
-error_vs_step.png, averages_at_last_step.png, writer_norms.png, and the outcome under prediction.md.
+Writes, beside runs/: errors.csv, weights.csv, rms.csv, direct.csv (every run's rows together), results.md
+(the tables), error_vs_step.png, averages_at_last_step.png, writer_norms.png, and the outcome under
+prediction.md. Where the runs have direct.csv, the direct statistic (direct_tables.py) heads results.md; the
+committed runs were measured before it and have none. The predictions' outcome rests on the sampled error,
+for which they were written.
 """
 
 import csv
@@ -15,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ditnorm import direct_tables  # noqa: E402
+from ditnorm.measures import DIRECT_COLUMNS  # noqa: E402
 from ditnorm.measures import PAPER_WEIGHTS as WEIGHTS  # noqa: E402
 from ditnorm.records import savefig_atomic, write_atomic, write_rows  # noqa: E402
 
@@ -31,8 +36,11 @@ COLOURS = {"layernorm": "tab:red", "none": "tab:blue"}
 COLUMNS = {"errors": ("norm", "seed", "step", "weights", "median", "p99", "max", "mean"),
            "weights": ("norm", "seed", "step", "weights", "tensor", "l2", "cosine_to_raw"),
            "rms": ("norm", "seed", "step", "weights", "timestep", "block", "rms"),
-           "perturb": ("norm", "seed", "step", "direction", "alpha", "median", "p99", "max")}
-TEXT = ("norm", "weights", "tensor", "direction")
+           "perturb": ("norm", "seed", "step", "direction", "alpha", "median", "p99", "max"),
+           "direct": DIRECT_COLUMNS}
+TEXT = ("norm", "weights", "tensor", "direction", "data", "measure")
+# The weights kinds of the direct statistic's tables (direct.csv holds all of them).
+DIRECT_WEIGHTS = ("raw", "ema", "ema_0.999", "sphere_0.9999")
 
 
 def unreadable(path, reason):
@@ -110,8 +118,10 @@ def spread(values):
 
 
 def bootstrap_ratio(res_dir, weights, stat, draws=2000, seed=0):
-    """(ratio, low, high): layernorm / none of the seed median of `stat` (median or max of |x|) at the last
-    step, with a 95% interval from resampling seeds and, within each seed, samples. None without data."""
+    """(ratio, low, high, seeds of layernorm, of none): layernorm / none of the seed median of `stat` (median
+    or max of |x|) at the last step, with the 2.5 and 97.5 percentiles of its bootstrap over seeds and,
+    within each seed, samples. With a handful of seeds that is no 95% interval: a resample can only repeat
+    the seeds there are, so its ends are near the extreme cross-seed ratios. None without data."""
     pixels = {norm: [seed[weights] for seed in seeds if weights in seed]  # (N, P) per seed
               for norm, seeds in read_pixels(res_dir).items()}
     if not pixels.get("layernorm") or not pixels.get("none"):
@@ -307,12 +317,12 @@ def _plain(values):
 
 def report(preset, res, options):
     # Every measured file is read before anything is written: a bad one leaves the report as it was.
-    errors, weights, rms, perturbed = (_seeds(gather(res, name), options)
-                                       for name in ("errors", "weights", "rms", "perturb"))
+    errors, weights, rms, perturbed, direct = (_seeds(gather(res, name), options)
+                                               for name in ("errors", "weights", "rms", "perturb", "direct"))
     read_pixels(res)
     if not errors:
         raise SystemExit(f"error: no measurements under {res / 'runs'}; run experiment.py measure first")
-    for rows, name in ((errors, "errors"), (weights, "weights"), (rms, "rms")):
+    for rows, name in ((errors, "errors"), (weights, "weights"), (rms, "rms"), (direct, "direct")):
         write_rows(res / f"{name}.csv", rows)
     last = max(r["step"] for r in errors)
     plot_error_vs_step(errors, res / "error_vs_step.png")
@@ -321,9 +331,14 @@ def report(preset, res, options):
     lines = [f"# Paper-schedule study: {len({(r['norm'], r['seed']) for r in errors})} runs measured",
              "", f"Made by `python experiment.py report --preset {options['preset']}` from "
              f"{res.parent.name}/{res.name}/runs/ on {datetime.date.today()}.",
+             *(["", *direct_tables.section(direct, list(COLOURS), DIRECT_WEIGHTS), "## The sampled error",
+                "", "The predictions' outcome below rests on these tables, for which they were written."]
+               if direct else []),
              f"Median |x| at step {last:,}: seed median [min, max] (n seeds).", "",
              *error_table(errors, last), ""]
-    lines += ["Ratio layernorm / none at the last step, 95% bootstrap interval over seeds and samples:", "",
+    lines += ["Ratio layernorm / none at the last step, in brackets the 2.5 and 97.5 percentiles of a "
+              "bootstrap over seeds and samples: not a 95% interval, as no interval over 3 seeds is "
+              "(statistics.md has the exact rank tests):", "",
               "| weights | median | max |", "|---|---|---|"]
     for w in ("raw", "ema", "sphere_0.9999"):
         cells = []

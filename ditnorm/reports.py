@@ -1,8 +1,11 @@
 """The reports of the sample-error presets (the 4-norm study, make reproduce), recomputed from whatever
-runs/<run>/errors.csv and outliers.csv exist under the preset's record folder; n is said everywhere.
+runs/<run>/errors.csv, outliers.csv and direct.csv exist under the preset's record folder; n is said
+everywhere.
 
-Each seed's number is a statistic over all pixel values of its samples; a table cell is the median over
-seeds and [min, max] over seeds (records.seed_spread).
+Where runs have direct.csv, the direct statistic (direct_tables.py) is the report's main table, with exact
+rank tests; the sampled tables follow it. Committed runs measured before it have none, and their reports
+are as they were. In the sampled tables each seed's number is a statistic over all pixel values of its
+samples; a table cell is the median over seeds and [min, max] over seeds (records.seed_spread).
 """
 
 import datetime
@@ -18,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ditnorm import notebooks  # noqa: E402
+from ditnorm import direct_tables, notebooks  # noqa: E402
 from ditnorm.data import DATA_KINDS  # noqa: E402
 from ditnorm.diagram import plot_dit_block  # noqa: E402
 from ditnorm.records import grouped, read_rows, savefig_atomic, seed_spread, write_atomic, write_rows  # noqa: E402
@@ -27,7 +30,7 @@ from models import NORM_KINDS  # noqa: E402
 ERROR_KEYS = ("mean", "median", "p99", "max")
 MEASURE_LABELS = {"abs_x": "|x|", "dev_const": "|x - mean(x)|"}
 TABLE_LABELS = {"abs_x": "abs x", "dev_const": "abs(x - mean x)"}  # no pipes inside markdown cells
-INTS = ("seed", "step", "block", "timestep", "nonfinite")
+INTS = ("seed", "step", "block", "timestep", "nonfinite", "noise_seed", "inputs")
 TEXT = ("data", "measure", "norm", "weights", "tensor", "direction")
 
 
@@ -153,6 +156,12 @@ def setup_line(preset, rows):
     )
 
 
+SAMPLED_NOTE = (
+    "The tables below are of the sampled error, a statistic of each checkpoint's samples from one noise set; "
+    "the prediction's outcome (prediction.md) rests on them, as it was written for them."
+)
+
+
 #################################################################################
 #                        The 4-norm study and its prediction                    #
 #################################################################################
@@ -241,8 +250,10 @@ def study_report(preset, out, options):
     if not rows:
         raise SystemExit(f"error: no measurements under {out / 'runs'}; run experiment.py measure first")
     outliers = gather(out, "outliers", preset["grid"])
+    direct = gather(out, "direct", preset["grid"])
     last = max(r["step"] for r in rows)
     write_rows(out / "errors.csv", rows)
+    write_rows(out / "direct.csv", direct)
     parts = [
         "# The 4-norm study: sample error by normalisation, seed and data",
         "",
@@ -250,6 +261,8 @@ def study_report(preset, out, options):
         "",
         setup_line(preset, rows),
         "",
+        *direct_tables.section(direct, preset["grid"]["norm"]),
+        *([SAMPLED_NOTE, ""] if direct else []),
         "Error |x| on zeros data; |x - mean(x)| (distance of each pixel from its sample's mean, the "
         "nearest constant image) on both data sets. KS(c): Kolmogorov-Smirnov distance of the sample means "
         "to U[-1, 1] (constant data only). A cell: the median over seeds [min, max]. Per-seed rows: "
@@ -444,6 +457,9 @@ def reproduce_report(preset, out, options):
     if not rows:
         raise SystemExit(f"error: no measurements under {out / 'runs'}; run experiment.py measure first")
     write_rows(out / "errors.csv", rows)
+    direct = gather(out, "direct", preset["grid"])
+    write_rows(out / "direct.csv", direct)
+    direct_part = direct_tables.section(direct, preset["grid"]["norm"])
     ema, raw = ([r for r in rows if r["weights"] == w] for w in ("ema", "raw"))
     last = max(r["step"] for r in rows)
     tables = ["# Sample errors of every checkpoint", "", setup_line(preset, rows), ""]
@@ -500,6 +516,9 @@ def reproduce_report(preset, out, options):
         "",
         *[f"- {h}" for h in hardware()],
         "",
+        *direct_part,
+        *(["The headline and comparison below are of the sampled error (samples from one noise set), as "
+           "the committed headline is.", ""] if direct_part else []),
         "## " + headline_markdown(headline).removeprefix("# "),
         "## Comparison",
         "",
@@ -515,4 +534,4 @@ def reproduce_report(preset, out, options):
     text += ["## Figures", "", *[f"- {p.relative_to(out)}" for p in sorted(out.glob("*.png"))]]
     text += ["", "## Skipped", "", *[f"- {s}" for s in skipped]] if skipped else []
     write_atomic(out / "results.md", "\n".join(text) + "\n")
-    print(headline_markdown(headline).split("\n", 2)[2] + "\n" + "\n".join(comparison))
+    print("\n".join([*direct_part, headline_markdown(headline).split("\n", 2)[2], *comparison]))

@@ -11,7 +11,7 @@ import pytest
 from builders import perturb_zero_init, save_model
 
 import experiment
-from ditnorm import analysis, checkpoint, measures, records, reports
+from ditnorm import analysis, checkpoint, direct_tables, measures, records, reports, stats
 from ditnorm.presets import PRESETS, RECIPES, runs
 from models import build_model
 
@@ -53,6 +53,13 @@ def test_measure_is_incremental_and_reads_each_checkpoint_once(tmp_path, monkeyp
     assert len(reads) == 8  # only step 10 was left
     experiment.main(["measure", *flags])
     assert len(reads) == 8
+    run = tmp_path / "tiny" / "res" / "runs" / "zeros-none-seed1"
+    before = (run / "errors.csv").read_bytes()
+    direct = (run / "direct.csv").read_bytes()
+    (run / "direct.csv").unlink()  # measured before the direct statistic: it alone is measured again
+    experiment.main(["measure", *flags])
+    assert len(reads) == 10 and (run / "errors.csv").read_bytes() == before
+    assert (run / "direct.csv").read_bytes() == direct
     errors = rows(tmp_path / "tiny" / "res" / "runs" / "zeros-none-seed1" / "errors.csv")
     assert [(r["step"], r["weights"], r["measure"]) for r in errors][:4] == [
         ("10", "ema", "abs_x"),
@@ -199,8 +206,10 @@ def test_the_committed_paper_and_reproduce_numbers_are_what_report_recomputes(tm
     differ = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
     assert [old[i].split()[:3] for i in differ] == [
         ["Made", "by", "`python"],
+        ["Ratio", "layernorm", "/"],  # the bootstrap's label: no longer "95% interval"
         ["Exploratory,", "after", "the"],
     ]
+    assert "not a 95% interval" in new[differ[1]] and "direct statistic" not in "\n".join(new)
     for name in ("errors.csv", "weights.csv", "rms.csv", "perturb.csv", "prediction.md"):
         assert (tmp_path / "paper" / "res" / name).read_bytes() == (
             ROOT / "res" / "paper" / name
@@ -245,11 +254,46 @@ def test_tiny_preset_end_to_end(tmp_path):
     experiment.main(["train", *flags])  # finished: nothing to train
     experiment.main(["measure", *flags])  # measured: nothing to measure
     assert {p: p.read_bytes() for p in (res / "runs").rglob("*.csv")} == before
+    # The direct statistic: its rows are what analysis.denoiser_x0_error gives on the checkpoint ...
+    direct = PRESETS["tiny"]["measure_args"]["direct"]
+    table_ = {}
+    for norm in ("layernorm", "none"):
+        run_rows = rows(res / "runs" / f"zeros-{norm}-seed0" / "direct.csv")
+        assert list(run_rows[0]) == list(measures.DIRECT_COLUMNS)
+        assert {(r["step"], r["weights"], r["timestep"]) for r in run_rows} == {
+            (s, w, t) for s in ("10", "20") for w in ("ema", "raw") for t in ("0", "1", "10")
+        }
+        path = tmp_path / "tiny" / f"zeros-{norm}-seed0" / "checkpoints" / "0000020.pt"
+        models, _, train_args = checkpoint.load_weights_kinds(path, ("raw",))
+        expected = analysis.denoiser_x0_error(
+            models["raw"], checkpoint.diffusion_of(train_args), timesteps=direct["timesteps"],
+            num_inputs=direct["num_inputs"], seed=direct["noise_seed"] + 0, data="zeros"
+        )
+        for r in run_rows:
+            assert r["noise_seed"] == "1000" and r["inputs"] == str(direct["num_inputs"])
+            assert r["measure"] == "abs_x" and r["nonfinite"] == "0"
+            if (r["step"], r["weights"]) == ("20", "raw"):
+                for q in ("p50", "p99", "p99.9"):
+                    assert float(r[q]) == pytest.approx(expected[int(r["timestep"])][q], rel=1e-9)
+        # ... and the report's main table is each seed's median over its last checkpoints (here 10 and 20)
+        table_[norm] = [float(np.median([float(r["p50"]) for r in run_rows
+                                         if (r["weights"], r["timestep"]) == ("raw", "0")]))]
+    results = (res / "results.md").read_text()
+    line = next(x for x in results.splitlines() if x.startswith("| zeros | raw | 0 | p50 |"))
+    test = stats.rank_test(table_["layernorm"], table_["none"])
+    assert line == (
+        f"| zeros | raw | 0 | p50 | {direct_tables.spread(table_['layernorm'])} "
+        f"| {direct_tables.spread(table_['none'])} | {table_['layernorm'][0] / table_['none'][0]:.2f} "
+        f"| {test.u:g} of 1 | {test.p:.3f} (0.500) |"
+    )
+    assert results.index("The direct statistic") < results.index("Headline")
+    assert len(rows(res / "direct.csv")) == 2 * 2 * 2 * 3  # runs x steps x weights x timesteps
 
 
 def test_paper_statistics_of_every_weights_kind_incrementally(tmp_path, monkeypatch):
     tiny = dict(PRESETS["paper"], recipe="tiny", grid=dict(PRESETS["paper"]["grid"], model=["ToyDiT-XS/1"]),
-                measure_args=dict(num_samples=20, sampling_steps=10, rms_batch=8, perturb_steps={0: (20,)}))
+                measure_args=dict(num_samples=20, sampling_steps=10, rms_batch=8, perturb_steps={0: (20,)},
+                                  direct=dict(timesteps=(0,), num_inputs=512, noise_seed=1000, last=1)))
     monkeypatch.setitem(PRESETS, "paper-tiny", tiny)
     flags = ["--preset", "paper-tiny", "--seeds", "0", "--results-dir", str(tmp_path)]
     experiment.main(["train", *flags, "--jobs", "2"])  # side by side, in a process pool
@@ -261,6 +305,8 @@ def test_paper_statistics_of_every_weights_kind_incrementally(tmp_path, monkeypa
     tensors = {r["tensor"] for r in rows(res / "runs" / "none-seed0" / "weights.csv")}
     assert {"writers", "all", "x_embedder", "block0.attn.proj", "block1.mlp.fc2", "block0.gates"} <= tensors
     assert {r["block"] for r in rows(res / "runs" / "none-seed0" / "rms.csv")} == {"0", "1"}
+    direct = rows(res / "runs" / "none-seed0" / "direct.csv")
+    assert {(r["step"], r["weights"], r["timestep"]) for r in direct} == {("20", w, "0") for w in kinds}
     perturbed = rows(res / "runs" / "layernorm-seed0" / "perturb.csv")
     assert {r["step"] for r in perturbed} == {"20"} and len(perturbed) == 6
     (res / "runs" / "none-seed0" / "weights.csv").unlink()
@@ -271,3 +317,6 @@ def test_paper_statistics_of_every_weights_kind_incrementally(tmp_path, monkeypa
     shutil.copy(ROOT / "res" / "paper" / "prediction.md", res / "prediction.md")
     experiment.main(["report", *flags])
     assert "## Outcome" in (res / "prediction.md").read_text() and (res / "writer_norms.png").is_file()
+    results = (res / "results.md").read_text()
+    assert "| zeros | ema_0.999 | 0 | p99.9 |" in results and "| zeros | power_0.05 |" not in results
+    assert results.index("The direct statistic") < results.index("## The sampled error")
