@@ -31,6 +31,7 @@ KILLS = 3  # per phase
 KEYS = {
     "errors.csv": ("data", "norm", "seed", "step", "weights", "measure"),
     "outliers.csv": ("data", "norm", "seed", "step", "weights", "timestep", "block"),
+    "direct.csv": ("data", "norm", "seed", "step", "weights", "timestep", "measure"),
 }
 
 
