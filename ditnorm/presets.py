@@ -96,10 +96,13 @@ PRESETS = {
     # rmsnorm and dyt at one; held-out NLL, the denoiser's precision, samples, the residual stream.
     "mnist": dict(
         recipe="mnist",
-        grid=[dict(model=["MnistDiT-XS/4", "MnistDiT-S/4"], norm=["layernorm", "none"], data=["mnist"],
-                   seed=[0, 1, 2]),
-              dict(model=["MnistDiT-XS/4", "MnistDiT-S/4"], norm=["rmsnorm", "dyt"], data=["mnist"],
-                   seed=[0])],
+        # in training order, which --jobs 2 follows two runs at a time: the small size first, then the
+        # larger one a layernorm/none pair per seed, so that a stopped study leaves matched pairs
+        grid=[dict(model=["MnistDiT-XS/4"], norm=["layernorm", "none"], data=["mnist"], seed=[0, 1, 2]),
+              dict(model=["MnistDiT-XS/4"], norm=["rmsnorm", "dyt"], data=["mnist"], seed=[0])]
+             + [dict(model=["MnistDiT-S/4"], norm=["layernorm", "none"], data=["mnist"], seed=[seed])
+                for seed in (0, 1, 2)]
+             + [dict(model=["MnistDiT-S/4"], norm=["rmsnorm", "dyt"], data=["mnist"], seed=[0])],
         run_name="{model}-{norm}-seed{seed}",
         measure=mnist_study.measure,
         measure_args={},
@@ -115,7 +118,7 @@ def runs(preset, seeds=None):
     out = []
     for grid in grids if isinstance(grids, list) else [grids]:
         out += _grid_runs(preset, dict(grid, **({"seed": list(seeds)} if seeds is not None else {})))
-    return out
+    return list(dict(out).items())  # once each, in first-listed order (--seeds repeats per-seed grids)
 
 
 def _grid_runs(preset, grid):

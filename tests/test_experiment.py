@@ -38,6 +38,16 @@ def test_the_grid_names_its_runs_and_every_recipe_is_used():
     assert {p["recipe"] for p in PRESETS.values()} == set(RECIPES)
 
 
+def test_mnist_trains_the_small_size_first_then_matched_pairs_and_each_run_once():
+    names = [name for name, _ in runs("mnist")]
+    assert len(names) == len(set(names)) == 16
+    assert names[6:10] == ["MnistDiT-XS-4-rmsnorm-seed0", "MnistDiT-XS-4-dyt-seed0",
+                           "MnistDiT-S-4-layernorm-seed0", "MnistDiT-S-4-none-seed0"]
+    once = [name for name, _ in runs("mnist", seeds=[1])]
+    assert len(once) == len(set(once)) == 8 and once[4:6] == ["MnistDiT-S-4-layernorm-seed1",
+                                                              "MnistDiT-S-4-none-seed1"]
+
+
 def test_measure_is_incremental_and_reads_each_checkpoint_once(tmp_path, monkeypatch):
     fake_runs(tmp_path)
     reads = []
