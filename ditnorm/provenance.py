@@ -85,9 +85,12 @@ def preset_line(name):
     preset = PRESETS[name]
     recipe, grids = RECIPES[preset["recipe"]], preset["grid"]
     made = f"`python experiment.py train\\|measure\\|report --preset {name} --refresh-res`"
-    runs = " and ".join(f"{', '.join(grid['model'])}; norms {', '.join(grid['norm'])}; data "
-                        f"{', '.join(grid['data'])}; seeds {','.join(map(str, grid['seed']))}"
-                        for grid in (grids if isinstance(grids, list) else [grids]))
+    seeds = {}  # the grids' seeds merged per (model, norm, data), in the order listed
+    for grid in grids if isinstance(grids, list) else [grids]:
+        key = (", ".join(grid["model"]), ", ".join(grid["norm"]), ", ".join(grid["data"]))
+        seeds.setdefault(key, []).extend(s for s in grid["seed"] if s not in seeds.get(key, []))
+    runs = " and ".join(f"{model}; norms {norm}; data {data}; seeds {','.join(map(str, seed))}"
+                        for (model, norm, data), seed in seeds.items())
     how = (f"recipe `{preset['recipe']}`: batch {recipe['global_batch_size']}, lr {recipe['lr']:g}, EMA "
            f"{recipe['ema_decay']}, {recipe['max_steps']} steps; measured by `{preset['measure'].__name__}`, "
            f"reported by `{preset['report'].__module__}.{preset['report'].__name__}`")

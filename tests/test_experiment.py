@@ -214,12 +214,8 @@ def test_the_committed_paper_and_reproduce_numbers_are_what_report_recomputes(tm
     res, new_res = ROOT / "res", tmp_path
     old, new = ((p / "results.md").read_text().splitlines() for p in (res / "paper", new_res / "paper/res"))
     differ = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
-    assert [old[i].split()[:3] for i in differ] == [
-        ["Made", "by", "`python"],
-        ["Ratio", "layernorm", "/"],  # the bootstrap's label: no longer "95% interval"
-        ["Exploratory,", "after", "the"],
-    ]
-    assert "not a 95% interval" in new[differ[1]] and "direct statistic" not in "\n".join(new)
+    assert [old[i].split()[:2] for i in differ] in ([], [["Made", "by"]])  # the source folder and date
+    assert "not a 95% interval" in "\n".join(new) and "direct statistic" not in "\n".join(new)
     for name in ("errors.csv", "weights.csv", "rms.csv", "perturb.csv", "prediction.md"):
         assert (tmp_path / "paper" / "res" / name).read_bytes() == (
             ROOT / "res" / "paper" / name
