@@ -44,7 +44,7 @@ from ditnorm.options import (
     step_list,
 )
 from ditnorm.records import write_atomic
-from fast import make_optimizer, proven_train_step
+from fast import make_optimizer, proven_loss
 from models import MNIST_MODELS, TOY_MODELS, DiT_models, build_model
 
 # The toy study: the DiT recipe (AdamW, constant lr 1e-4, no weight decay, EMA 0.9999) at global batch 2048.
@@ -380,18 +380,27 @@ def save(path, step, cfg, model_config, model, ema, averages, optimizer):
     return None
 
 
-def plain_train_step(model, ema, diffusion, optimizer, ema_decay, world_size):
-    """The step of the official train.py: hybrid loss, backward, gradient mean over ranks, AdamW, EMA. Every
-    run takes it unless fast/ proves a replacement (make_train_step).
+def plain_loss(model, diffusion):
+    """loss(x_start, t, noise, y, drop=None) -> the batch mean of the official hybrid loss of model; drop (b,)
+    marks the samples trained with the null class (classifier-free guidance)."""
+    def loss(x_start, t, noise, y, drop=None):
+        kwargs = {"y": y} if drop is None else {"y": y, "force_drop_ids": drop}
+        return diffusion.training_losses(model, x_start, t, model_kwargs=kwargs, noise=noise)["loss"].mean()
 
-    step(x_start, t, noise, y, drop) -> the local mean loss; drop (b,) marks the samples trained with the
-    null class (classifier-free guidance), drawn by the caller so that every rank count draws the same."""
+    loss.path = "plain"
+    return loss
+
+
+def step_with(loss_fn, model, ema, optimizer, ema_decay, world_size):
+    """The step of the official train.py around loss_fn: backward, gradient mean over ranks, AdamW, EMA.
+
+    step(x_start, t, noise, y, drop=None) -> the local mean loss; drop is drawn by the caller so that every
+    rank count draws the same, and passed on only when given (fast/'s loss takes none)."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(x_start, t, noise, y, drop=None):
         optimizer.zero_grad(set_to_none=True)
-        kwargs = {"y": y} if drop is None else {"y": y, "force_drop_ids": drop}
-        loss = diffusion.training_losses(model, x_start, t, model_kwargs=kwargs, noise=noise)["loss"].mean()
+        loss = loss_fn(x_start, t, noise, y) if drop is None else loss_fn(x_start, t, noise, y, drop)
         loss.backward()
         if world_size > 1:
             for p in params:
@@ -402,22 +411,27 @@ def plain_train_step(model, ema, diffusion, optimizer, ema_decay, world_size):
         update_ema(list(ema.parameters()), list(model.parameters()), ema_decay)
         return loss.detach()
 
+    step.path = loss_fn.path
     return step
 
 
+def plain_train_step(model, ema, diffusion, optimizer, ema_decay, world_size):
+    """The official train.py's step with the plain loss. Every run takes it unless fast/ proves a loss
+    that replaces plain_loss (make_train_step)."""
+    return step_with(plain_loss(model, diffusion), model, ema, optimizer, ema_decay, world_size)
+
+
 def make_train_step(fast, model, ema, diffusion, optimizer, ema_decay, world_size, class_dropout):
-    """fast/'s proven replacement of plain_train_step with fast="auto" (fast.proven_train_step), else the
-    plain step; step.path names which ("plain" for the plain one), step.fast_reason why not fast (or None)."""
+    """The step around fast/'s proven loss with fast="auto" (fast.proven_loss), else around the plain loss;
+    step.path names which ("plain" for the plain one), step.fast_reason why not fast (or None)."""
     if fast == "off":
-        step, reason = None, "fast='off'"
+        loss, reason = None, "fast='off'"
     elif class_dropout:
-        step, reason = None, "class dropout (drawn per step) is not in the fast path"
+        loss, reason = None, "class dropout (drawn per step) is not in the fast path"
     else:
-        step, reason = proven_train_step(model, ema, diffusion, optimizer, ema_decay=ema_decay,
-                                         world_size=world_size)
-    if step is None:
-        step = plain_train_step(model, ema, diffusion, optimizer, ema_decay, world_size)
-        step.path, step.fast_reason = "plain", reason
+        loss, reason = proven_loss(model, diffusion)
+    step = step_with(loss or plain_loss(model, diffusion), model, ema, optimizer, ema_decay, world_size)
+    step.fast_reason = reason
     return step
 
 
@@ -495,8 +509,7 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
         else:
             x_start = training_images(cfg["data"], cfg["seed"], step, cfg["global_batch_size"], rank,
                                       world_size, shape, device)  # (b, C, H, W)
-        losses[step - last_check - 1] = (train_step(x_start, t, noise, y, drop) if drop is not None
-                                         else train_step(x_start, t, noise, y))
+        losses[step - last_check - 1] = train_step(x_start, t, noise, y, drop)
         if averages is not None:
             averages.update(step)
 

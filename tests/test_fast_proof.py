@@ -2,7 +2,6 @@
 are in memory. An edit to the research code must be what trains and samples, never the fast copy."""
 
 import copy
-import time
 
 import pytest
 import torch
@@ -51,11 +50,10 @@ def assert_trains_the_edited_model(norm="layernorm"):
 
 @pytest.mark.skipif(fused_dit.load_c_kernels() is None, reason="needs the C kernels (a C compiler)")
 @pytest.mark.parametrize("norm", models.NORM_KINDS)
-def test_the_unedited_model_takes_the_fast_path_within_two_seconds(norm):
+def test_the_unedited_model_takes_the_fast_path(norm):
+    # what the proof costs is printed by benchmarks/bench_train.py (its setup time), not timed here
     model = toy(norm)
-    start = time.perf_counter()
     _, step = trained(model, "auto", steps=0)
-    assert time.perf_counter() - start < 2.0
     assert step.path != "plain" and step.fast_reason is None
 
 

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from builders import randomize
 
 from diffusion import create_diffusion
-from ditnorm.trainer import plain_train_step
+from ditnorm.trainer import make_train_step, plain_train_step, step_with
 from fast import fused_dit, train_step
 from models import NORM_KINDS, build_model
 
@@ -24,12 +24,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fast_step(model, optimizer, diffusion=None, ema_decay=0.9, world_size=1, ema=None):
-    """fast.proven_train_step's step for model (it must prove itself)."""
+    """The trainer's step around fast.proven_loss's loss for model (it must prove itself)."""
     ema = copy.deepcopy(model).requires_grad_(False) if ema is None else ema
-    step, reason = train_step.proven_train_step(model, ema, diffusion or create_diffusion(""), optimizer,
-                                                ema_decay=ema_decay, world_size=world_size)
-    assert reason is None and step is not None
-    return step
+    loss, reason = train_step.proven_loss(model, diffusion or create_diffusion(""))
+    assert reason is None and loss is not None
+    return step_with(loss, model, ema, optimizer, ema_decay, world_size)
 
 
 def plain_step(model, optimizer, diffusion=None, ema_decay=0.9, world_size=1, ema=None):
@@ -324,7 +323,7 @@ def test_the_toy_takes_the_fast_step():
     model = build_model("ToyDiT/1")
     optimizer = torch.optim.AdamW(model.parameters())
     settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-    step = fast_step(model, optimizer)
+    step = make_train_step("auto", model, copy.deepcopy(model), create_diffusion(""), optimizer, 0.9, 1, 0.0)
     assert (step.path, step.fast_reason) == ("tiled-cpu", None)
     # The caller's optimizer is left as the caller made it (no switch to fused=True behind its back).
     assert {k: v for k, v in optimizer.param_groups[0].items() if k != "params"} == settings
@@ -334,18 +333,16 @@ def test_configs_outside_the_fast_path_get_no_step_and_the_reason():
     model = build_model("DiT-S/8", input_size=64, num_classes=10)  # 64 tokens: fast
     assert fused_dit.DiTPlan(model).reason is None
     model = build_model("DiT-S/2", input_size=32, num_classes=10)  # 256 tokens: plain
-    step, reason = train_step.proven_train_step(model, copy.deepcopy(model), create_diffusion(""),
-                                                torch.optim.AdamW(model.parameters()), ema_decay=0.9)
-    assert step is None and reason == "256 tokens (the fused path handles up to 64)"
+    loss, reason = train_step.proven_loss(model, create_diffusion(""))
+    assert loss is None and reason == "256 tokens (the fused path handles up to 64)"
 
 
 def test_without_a_c_compiler_there_is_no_fast_step(monkeypatch):
     # A machine without a C compiler trains and samples with the plain code; nothing else runs there.
     monkeypatch.setattr(train_step, "c_kernels", lambda: None)
     model = build_model("ToyDiT-XS/1")
-    step, reason = train_step.proven_train_step(model, copy.deepcopy(model), create_diffusion(""),
-                                                torch.optim.AdamW(model.parameters()), ema_decay=0.9)
-    assert step is None and reason == "no C compiler here (the C kernels did not build)"
+    loss, reason = train_step.proven_loss(model, create_diffusion(""))
+    assert loss is None and reason == "no C compiler here (the C kernels did not build)"
 
 
 @needs_c

@@ -237,7 +237,7 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path, monkeypatch):
     def broken_step(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C while the fast path is being checked
 
-    monkeypatch.setattr(train_toy, "proven_train_step", broken_step)
+    monkeypatch.setattr(train_toy, "proven_loss", broken_step)
     with pytest.raises(KeyboardInterrupt):
         in_process(monkeypatch, [*SMALL, "--max-steps", "2", "--results-dir", str(tmp_path / "runs")])
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
