@@ -7,7 +7,6 @@ file turned into one CheckpointError line naming it. save_checkpoint writes a te
 """
 
 import argparse
-import os
 import pickle
 import re
 import warnings
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ditnorm.records import remove_stale_temps, temp_file
+from ditnorm.records import write_atomic
 
 FORMAT = "dit-norm-study/1"
 DIT_KWARGS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
@@ -59,20 +58,7 @@ def save_checkpoint(obj: dict, path) -> None:
     bad = nonfinite_parts(obj)
     if bad:
         raise CheckpointError(f"not saving {path}: its {', '.join(bad)} weights are not finite")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path.parent)
-    fd, tmp = temp_file(path.parent, path.name, ".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # A crash mid-write must never leave a truncated file under the real name, nor litter the folder.
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _container_problem(path):

@@ -51,20 +51,24 @@ def temp_file(folder, name, suffix):
 
 
 def write_atomic(path, data):
-    """Write text or bytes to path: a temporary file in its folder, fsync, os.replace. The temporary files
-    that earlier writes killed mid-way left in the folder are removed first."""
+    """Write text, bytes, or what data(file) writes into a binary file, to path: a temporary file in its
+    folder, fsync, os.replace, so that path is the old file or the new one whole, never a part. The
+    temporary files that earlier writes killed mid-way left in the folder are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)
     fd, tmp = temp_file(path.parent, path.name, ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)  # no truncated file under the real name, no litter
         raise
 
 
