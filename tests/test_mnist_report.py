@@ -44,3 +44,29 @@ def test_the_ablation_rows_beside_the_probe_rows_do_not_break_the_report(tmp_pat
     ratio_line = next(line for line in text.splitlines() if line.startswith("| largest middle-block")
                       and "raw" in line)
     assert "5.0 (n=1)" in ratio_line
+
+
+def test_the_outcome_of_the_predictions_per_size_on_hand_made_runs(tmp_path):
+    for seed in range(3):
+        fake_run(tmp_path, "layernorm", seed, nll=2.0, ratio=20.0 + seed)
+        fake_run(tmp_path, "none", seed, nll=2.0 + seed / 100, ratio=19.0 + 2 * seed)  # 19, 21, 23: overlaps
+    lines = mnist_report.prediction_outcome(mnist_report.load_runs(tmp_path)).splitlines()
+    p1 = next(line for line in lines if line.startswith("- **P1**"))
+    assert "MnistDiT-XS-4: fails" in p1 and "4/9 pairs, p = 0.65" in p1
+    assert p1.endswith("; not yet measured at MnistDiT-S-4.")
+    p2 = next(line for line in lines if line.startswith("- **P2**"))
+    assert p2.endswith("holds (6 runs, raw and EMA, last checkpoint; largest middle-block top-1/median "
+                       "23.0).")
+    assert "MnistDiT-XS-4: holds (EMA seed medians 2.000 and 2.010, none +0.5%)" in next(
+        line for line in lines if line.startswith("- **P7**"))
+    assert any(line.startswith("- **P5** (larger at S than at XS): not settled") for line in lines)
+    # a massive block in one run makes P2 fail, naming the run
+    path = tmp_path / "runs" / "MnistDiT-XS-4-none-seed1" / "measures.csv"
+    rows = mnist_report.read_rows(path)
+    for row in rows:
+        if row["quantity"] == "block1_massive":
+            row["value"] = 1.0
+    write_rows(path, rows)
+    text = mnist_report.prediction_outcome(mnist_report.load_runs(tmp_path))
+    assert "- **P2** no massive activation (top-1 > 100 and >= 1000x the median) in any block: fails: " \
+           "[('MnistDiT-XS-4', 'none', 1)]" in text
