@@ -1,6 +1,7 @@
 """The MNIST study's report: tables, exact rank tests and figures from whatever runs/<run>/measures.csv
 exist, each number with the count of seeds it rests on."""
 
+import json
 import re
 from pathlib import Path
 
@@ -275,17 +276,33 @@ def preset_report(preset, record, options):
 
 
 def last_pair(runs_dir, model=None, seed=0):
-    """({"layernorm": checkpoint, "none": checkpoint}, model) of the largest MNIST model (or `model`)
-    whose layernorm and none runs of `seed` share a checkpoint step under runs_dir (the last such step);
+    """({"layernorm": checkpoint, "none": checkpoint}, model) at the last checkpoint step that the layernorm
+    and none runs of `seed` share under runs_dir: of the largest MNIST model (or `model`) whose pair has
+    finished (a checkpoint at the max_steps of its config.json), else of the largest with any common step;
     FileNotFoundError if there is none."""
+    pairs = []
     for name in [model] if model else reversed(MNIST_MODELS):
-        found = {norm: checkpoints(Path(runs_dir) / f"{name.replace('/', '-')}-{norm}-seed{seed}")
-                 for norm in ("layernorm", "none")}
+        dirs = {norm: Path(runs_dir) / f"{name.replace('/', '-')}-{norm}-seed{seed}"
+                for norm in ("layernorm", "none")}
+        found = {norm: checkpoints(folder) for norm, folder in dirs.items()}
         common = set(found["layernorm"]) & set(found["none"])
         if common:
-            return {norm: found[norm][max(common)] for norm in found}, name
+            pair = {norm: found[norm][max(common)] for norm in found}
+            if all(_max_steps(folder) in common for folder in dirs.values()):
+                return pair, name
+            pairs.append((pair, name))
+    if pairs:
+        return pairs[0]
     raise FileNotFoundError(f"no layernorm and none runs of seed {seed} with a common checkpoint under "
                             f"{runs_dir}; train them with python experiment.py train --preset mnist")
+
+
+def _max_steps(run_dir):
+    """The max_steps a run folder's config.json names, or None."""
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text())["train_args"]["max_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def plot_streams_side_by_side(streams, tokens, *, sample=0, title=""):

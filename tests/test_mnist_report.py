@@ -1,5 +1,9 @@
 """ditnorm/mnist_report.py: tables and exact tests from per-run measures, n said everywhere."""
 
+import json
+
+import pytest
+
 from ditnorm import mnist_report
 from ditnorm.mnist_study import write_rows
 
@@ -70,3 +74,23 @@ def test_the_outcome_of_the_predictions_per_size_on_hand_made_runs(tmp_path):
     text = mnist_report.prediction_outcome(mnist_report.load_runs(tmp_path))
     assert "- **P2** no massive activation (top-1 > 100 and >= 1000x the median) in any block: fails: " \
            "[('MnistDiT-XS-4', 'none', 1)]" in text
+
+
+def test_the_figure_pair_is_the_largest_finished_one(tmp_path):
+    def fake_folder(name, steps, max_steps=10):
+        folder = tmp_path / name / "checkpoints"
+        folder.mkdir(parents=True)
+        for step in steps:
+            (folder / f"{step:07d}.pt").write_bytes(b"")
+        (tmp_path / name / "config.json").write_text(json.dumps({"train_args": {"max_steps": max_steps}}))
+
+    for norm in ("layernorm", "none"):
+        fake_folder(f"MnistDiT-S-4-{norm}-seed0", (2, 4))  # training: 4 of 10 steps
+    pair, name = mnist_report.last_pair(tmp_path)
+    assert name == "MnistDiT-S/4" and pair["none"].name == "0000004.pt"  # nothing finished: the largest
+    fake_folder("MnistDiT-XS-4-layernorm-seed0", (5, 10))
+    fake_folder("MnistDiT-XS-4-none-seed0", (5, 10))
+    pair, name = mnist_report.last_pair(tmp_path)
+    assert name == "MnistDiT-XS/4" and pair["layernorm"].name == "0000010.pt"
+    with pytest.raises(FileNotFoundError, match="train them with python experiment.py train --preset mnist"):
+        mnist_report.last_pair(tmp_path, seed=1)
