@@ -213,6 +213,24 @@ def _all(runs, quantity):
     return [v for r in runs for w in ("raw", "ema") if (v := value(r, last_step(r), w, quantity)) is not None]
 
 
+def training_table(runs):
+    """Markdown: per model and norm, the seed median [min, max] of the held-out NLL and of the largest
+    middle-block top-1/median (raw weights) at every checkpoint measured in all its runs."""
+    lines = ["## Over training (raw weights; seed median [min, max], n seeds)", "",
+             "| model | norm | step | NLL, bits/dim | largest middle-block top-1/median |",
+             "|---|---|---:|---|---|"]
+    for model in sorted({r["model"] for r in runs}):
+        for norm in NORMS:
+            group = [r for r in runs if (r["model"], r["norm"]) == (model, norm)]
+            measured = [{x["step"] for x in r["rows"] if x["weights"] == "raw"} for r in group]
+            steps = set.intersection(*measured) if measured else set()
+            for step in sorted(steps):
+                cells = [spread([value(r, step, "raw", q) for r in group], fmt)
+                         for q, fmt in (("nll_bpd", "{:.3f}"), ("middle_ratio", "{:.1f}"))]
+                lines.append(f"| {model} | {norm} | {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""])
+
+
 def curves_figure(runs, path):
     """NLL and the largest middle-block top-1/median of the raw weights against the step, per run."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -248,7 +266,7 @@ def report(stats_root, out_dir=None, title="MNIST study: results"):
         "layernorm and none over seeds: with 3 seeds against 3 the smallest possible p is 0.05.", "",
         final_table(runs), prediction_outcome(runs),
         "## Residual stream per block (last checkpoint, raw weights, seed medians)", "",
-        block_table(runs), ""])
+        block_table(runs), "", training_table(runs)])
     if runs:
         curves_figure(runs, out_dir / "curves.png")
     write_atomic(out_dir / "results.md", text)

@@ -33,6 +33,7 @@ def test_the_report_gives_seed_spreads_and_exact_tests(tmp_path):
     assert "21.0 [20.0, 22.0] (n=3)" in ratio_line and "9/9, p = 0.05" in ratio_line
     assert (tmp_path / "curves.png").is_file()
     assert "| MnistDiT-XS-4 | layernorm | 1 | 21.0 |" in text
+    assert "| MnistDiT-XS-4 | layernorm | 10 | 1.600 [1.500, 1.700] (n=3) | 21.0 [20.0, 22.0] (n=3) |" in text
 
 
 def test_the_ablation_rows_beside_the_probe_rows_do_not_break_the_report(tmp_path):
