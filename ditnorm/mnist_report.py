@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from scipy.stats import mannwhitneyu  # noqa: E402
 
 from ditnorm.analysis import outlier_stats  # noqa: E402
-from ditnorm.mnist_study import STATS_FILE, checkpoints, read_rows  # noqa: E402
+from ditnorm.mnist_study import STATS_FILE, checkpoints, context, read_rows  # noqa: E402
 from ditnorm.records import savefig_atomic, write_atomic  # noqa: E402
 from models import MNIST_MODELS  # noqa: E402
 
@@ -253,8 +253,9 @@ def curves_figure(runs, path):
     plt.close(fig)
 
 
-def report(stats_root, out_dir=None, title="MNIST study: results"):
-    """Write results.md and curves.png into out_dir (default stats_root); returns results.md's text."""
+def report(stats_root, out_dir=None, title="MNIST study: results", reference=None):
+    """Write results.md and curves.png into out_dir (default stats_root); returns results.md's text.
+    reference: mnist_study.context()'s classifier_accuracy and heldout_fid, said in the header if given."""
     out_dir = Path(out_dir or stats_root)
     runs = load_runs(stats_root)
     counts = ", ".join(f"{m} {n}: {sum(r['model'] == m and r['norm'] == n for r in runs)}"
@@ -264,6 +265,10 @@ def report(stats_root, out_dir=None, title="MNIST study: results"):
         f"# {title}", "",
         f"Runs measured (seeds): {counts or 'none yet'}. Exact one-sided Mann-Whitney tests between "
         "layernorm and none over seeds: with 3 seeds against 3 the smallest possible p is 0.05.", "",
+        *([f"The yardsticks (`res/mnist/classifier.pt` on the {reference['heldout']} held-out digits): the "
+           f"classifier names the class of {reference['classifier_accuracy']:.3f} of them, and their own "
+           f"Fréchet distance to the training digits is {reference['heldout_fid']:.1f}, about where a "
+           "perfect sampler's 500 samples would land.", ""] if reference else []),
         final_table(runs), prediction_outcome(runs),
         "## Residual stream per block (last checkpoint, raw weights, seed medians)", "",
         block_table(runs), "", training_table(runs)])
@@ -279,7 +284,9 @@ def preset_report(preset, record, options):
     token_outliers.md; its pretrained and toy parts skipped)."""
     from ditnorm import notebooks
 
-    text = report(record, record)
+    ctx = context()
+    text = report(record, record, reference=dict(heldout=len(ctx["y"]), heldout_fid=ctx["heldout_fid"],
+                                                 classifier_accuracy=ctx["classifier_accuracy"]))
     runs_dir = Path(options["runs_dir"])
     try:
         last_pair(runs_dir)
