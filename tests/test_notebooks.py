@@ -19,6 +19,8 @@ def test_notebooks_are_stored_stripped_with_one_parameters_cell(name):
     nb = nbformat.read(ROOT / name, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code)
+    ids = [c.get("id") for c in nb.cells]  # nbformat 4.5 needs one per cell (a missing one only warns today)
+    assert None not in ids and len(set(ids)) == len(ids)
     assert "parameters" in code[0].metadata.get("tags", [])  # first code cell: seed and device included
     # papermill reads every line of the cell as a parameter (a second '=' on a line hides it from papermill)
     names = [line.split("=")[0].strip() for line in code[0].source.splitlines() if line.strip()]
