@@ -159,15 +159,15 @@ def prediction_outcome(runs):
                 parts.append(f"{model}: not measured ({quantity}, {weights} weights)")
                 continue
             ok, said = verdict(a, b)
-            parts.append(f"{model}: {'holds' if ok else 'fails'} ({said})")
+            parts.append(f"{model}: {'not settled' if ok is None else 'holds' if ok else 'fails'} ({said})")
         tail = f"; not yet measured at {', '.join(missing)}" if missing else ""
         lines.append(f"- **{name}** {statement}: " + "; ".join(parts) + tail + ".")
 
     def separated(fmt):
         def verdict(a, b):  # layernorm above none, at the p that 3 seeds against 3 allow at best
             test = rank_test(a, b)
-            if test is None:
-                return False, f"n = {len(a)} and {len(b)} seeds, no test"
+            if test is None:  # one seed a side: nothing to test yet
+                return None, f"n = {len(a)} and {len(b)} seeds, no test"
             p, pairs, total = test
             medians = " vs ".join(fmt.format(np.median(v)) for v in (a, b))
             return p <= 0.05 + 1e-9, f"seed medians {medians}, {pairs}/{total} pairs, p = {p:.2f}, " \

@@ -95,3 +95,11 @@ def test_the_figure_pair_is_the_largest_finished_one(tmp_path):
     assert name == "MnistDiT-XS/4" and pair["layernorm"].name == "0000010.pt"
     with pytest.raises(FileNotFoundError, match="train them with python experiment.py train --preset mnist"):
         mnist_report.last_pair(tmp_path, seed=1)
+
+
+def test_one_seed_a_side_settles_no_test(tmp_path):
+    fake_run(tmp_path, "layernorm", 0, nll=2.0, ratio=30.0)
+    fake_run(tmp_path, "none", 0, nll=2.0, ratio=10.0)
+    text = mnist_report.prediction_outcome(mnist_report.load_runs(tmp_path))
+    p1 = next(line for line in text.splitlines() if line.startswith("- **P1**"))
+    assert "MnistDiT-XS-4: not settled (n = 1 and 1 seeds, no test)" in p1
