@@ -39,7 +39,7 @@ paper: $(VENV)/.installed
 	$(call preset,paper)
 
 # Real images: MnistDiT-XS/4 and -S/4, layernorm and none at 3 seeds, rmsnorm and dyt at one, 10k steps at
-# batch 64 (about 25 min per XS run and 75 min per S run on one core), measured on the held-out digits.
+# batch 64 (about 25 min per XS run and 90 min per S run on one core), measured on the held-out digits.
 mnist: $(VENV)/.installed
 	$(call preset,mnist)
 
