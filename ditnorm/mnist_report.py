@@ -2,6 +2,7 @@
 exist, each number with the count of seeds it rests on."""
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -170,8 +171,11 @@ def prediction_outcome(runs):
                 return None, f"n = {len(a)} and {len(b)} seeds, no test"
             p, pairs, total = test
             medians = " vs ".join(fmt.format(np.median(v)) for v in (a, b))
-            return p <= 0.05 + 1e-9, f"seed medians {medians}, {pairs}/{total} pairs, p = {p:.2f}, " \
-                                     f"n = {len(a)} vs {len(b)}"
+            said = f"seed medians {medians}, {pairs}/{total} pairs, p = {p:.2f}, n = {len(a)} vs {len(b)}"
+            smallest = 1 / math.comb(len(a) + len(b), len(a))
+            if smallest > 0.05 + 1e-9:  # these seed counts cannot reach p = 0.05 (2 vs 2: 0.17)
+                return None, f"{said}; the smallest p {len(a)} vs {len(b)} seeds allow is {smallest:.2f}"
+            return p <= 0.05 + 1e-9, said
         return verdict
 
     per_size("P1", "every layernorm seed's largest middle-block top-1/median above every none seed's, raw",

@@ -103,3 +103,13 @@ def test_one_seed_a_side_settles_no_test(tmp_path):
     text = mnist_report.prediction_outcome(mnist_report.load_runs(tmp_path))
     p1 = next(line for line in text.splitlines() if line.startswith("- **P1**"))
     assert "MnistDiT-XS-4: not settled (n = 1 and 1 seeds, no test)" in p1
+
+
+def test_two_seeds_a_side_cannot_settle_a_test_at_p_005(tmp_path):
+    for seed in range(2):
+        fake_run(tmp_path, "layernorm", seed, nll=2.0, ratio=30.0 + seed)
+        fake_run(tmp_path, "none", seed, nll=2.0, ratio=10.0 + seed)
+    text = mnist_report.prediction_outcome(mnist_report.load_runs(tmp_path))
+    p1 = next(line for line in text.splitlines() if line.startswith("- **P1**"))
+    assert "MnistDiT-XS-4: not settled (seed medians 30.5 vs 10.5, 4/4 pairs, p = 0.17, n = 2 vs 2; the " \
+           "smallest p 2 vs 2 seeds allow is 0.17)" in p1
