@@ -3,12 +3,10 @@
 Each run folder's checkpoints are measured into <stats>/<run>/measures.csv, one row per (step, weights,
 quantity) with the count it rests on. Measuring is incremental and survives being killed: a group of
 quantities (nll, probe, precision, samples, ablation) is measured for a (step, weights) only if the file
-lacks it, and the file is rewritten whole through a temporary file and os.replace after each group.
+lacks it, and the file is rewritten whole (records.write_atomic) after each group.
 """
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from ditnorm import image_metrics as metrics
 from ditnorm.checkpoint import diffusion_of, load_for_sampling
 from ditnorm.classifier import embed, gaussian_fit, load_classifier, save_classifier, train_classifier
 from ditnorm.images import load_image_data
+from ditnorm.records import csv_text, write_atomic
 
 FIELDS = ("step", "weights", "group", "quantity", "value", "n")
 STATS_FILE = "measures.csv"
@@ -42,18 +41,10 @@ def read_rows(path):
 
 
 def write_rows(path, rows):
-    """Write rows sorted by (step, weights, group, quantity), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write rows sorted by (step, weights, group, quantity), atomically (records.write_atomic)."""
     rows = sorted(rows, key=lambda r: (r["step"], r["weights"], r["group"], r["quantity"]))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, "value": repr(float(r["value"]))})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, csv_text([{**r, "value": repr(float(r["value"]))} for r in rows], FIELDS,
+                                lineterminator="\n"))
 
 
 def context(classifier_path=CLASSIFIER):

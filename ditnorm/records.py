@@ -87,10 +87,10 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
-def csv_text(rows, fieldnames=None):
+def csv_text(rows, fieldnames=None, lineterminator="\r\n"):
     """The rows as csv text, with a header (fieldnames: the first row's keys by default)."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fieldnames or list(rows[0]), lineterminator="\r\n")
+    writer = csv.DictWriter(out, fieldnames=fieldnames or list(rows[0]), lineterminator=lineterminator)
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
