@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import mannwhitneyu  # noqa: E402
 
-from ditnorm.analysis import outlier_stats  # noqa: E402
-from ditnorm.mnist_study import STATS_FILE, checkpoints, context, read_rows  # noqa: E402
+from ditnorm.analysis import outlier_stats, run_checkpoints  # noqa: E402
+from ditnorm.mnist_study import STATS_FILE, context, read_rows  # noqa: E402
 from ditnorm.records import savefig_atomic, write_atomic  # noqa: E402
 from models import MNIST_MODELS  # noqa: E402
 
@@ -313,7 +313,7 @@ def last_pair(runs_dir, model=None, seed=0):
     for name in [model] if model else reversed(MNIST_MODELS):
         dirs = {norm: Path(runs_dir) / f"{name.replace('/', '-')}-{norm}-seed{seed}"
                 for norm in ("layernorm", "none")}
-        found = {norm: checkpoints(folder) for norm, folder in dirs.items()}
+        found = {norm: run_checkpoints(folder) for norm, folder in dirs.items()}
         common = set(found["layernorm"]) & set(found["none"])
         if common:
             pair = {norm: found[norm][max(common)] for norm in found}

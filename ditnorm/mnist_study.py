@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ditnorm import image_metrics as metrics
+from ditnorm.analysis import run_checkpoints
 from ditnorm.checkpoint import diffusion_of, load_for_sampling
 from ditnorm.classifier import embed, gaussian_fit, load_classifier, save_classifier, train_classifier
 from ditnorm.images import load_image_data
@@ -70,12 +71,6 @@ def context(classifier_path=CLASSIFIER):
                                                     gaussian_fit(train_features.numpy()))}
 
 
-def checkpoints(run_dir):
-    """{step: path} of a run folder's checkpoints."""
-    folder = Path(run_dir) / "checkpoints"
-    return {int(p.stem): p for p in sorted(folder.glob("*.pt")) if p.stem.isdigit()}
-
-
 def _group_rows(group, model, diffusion, sampler, ctx, *, per_class, num_inputs):
     """[(quantity, value, n)] of one group measured on one model."""
     x, y = ctx["x"], ctx["y"]
@@ -128,7 +123,7 @@ def measure_run(run_dir, stats_dir, ctx, *, final_step, sample_steps=100, per_cl
     """Measure run_dir's checkpoints by plan() into stats_dir/measures.csv once its checkpoint at
     final_step exists; returns the (step, weights, group) measured now ([] also when the run is
     unfinished)."""
-    found = checkpoints(run_dir)
+    found = run_checkpoints(run_dir)
     if final_step not in found:
         return []
     path = Path(stats_dir) / STATS_FILE

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ditnorm.mnist_study import checkpoints, read_rows
+from ditnorm.analysis import run_checkpoints
+from ditnorm.mnist_study import read_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_mnist.py"
@@ -29,7 +30,7 @@ def test_the_ladder_is_the_mnist_preset_at_four_sizes():
 def test_tiny_trains_measures_and_reports_on_the_cpu(tmp_path):
     load_script().main(["--tiny", "--device", "cpu", "--out", str(tmp_path)])
     for name in ("MnistDiT-XS-4-layernorm-seed0", "MnistDiT-XS-4-none-seed0"):
-        assert sorted(checkpoints(tmp_path / "train" / name)) == [2, 4]
+        assert sorted(run_checkpoints(tmp_path / "train" / name)) == [2, 4]
         groups = {r["group"] for r in read_rows(tmp_path / "runs" / name / "measures.csv")}
         assert groups == {"nll", "probe", "precision", "samples", "ablation"}
     assert "MnistDiT-XS-4 layernorm: 1, MnistDiT-XS-4 none: 1" in (tmp_path / "results.md").read_text()
