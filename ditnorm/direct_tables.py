@@ -9,12 +9,11 @@ over seeds; with n1 against n2 seeds its smallest possible p is 1 / C(n1 + n2, n
 1/6 at 2 against 2).
 """
 
-import math
 
 import numpy as np
 
 from ditnorm.records import grouped
-from ditnorm.stats import rank_test
+from ditnorm.stats import rank_test, smallest_p
 
 QUANTILES = ("p50", "p99", "p99.9")
 LAST = 3  # checkpoints per seed in the main table
@@ -51,7 +50,7 @@ def rank_cells(values):
     if not ln or not none:
         return ["-", "-", "-"]
     test = rank_test(ln, none)
-    smallest = 1 / math.comb(test.n1 + test.n2, test.n1)
+    smallest = smallest_p(test.n1, test.n2)
     return [f"{np.median(ln) / np.median(none):.2f}", f"{test.u:g} of {test.n1 * test.n2}",
             f"{test.p:.3f} ({smallest:.3f})"]
 

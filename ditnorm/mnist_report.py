@@ -2,7 +2,6 @@
 exist, each number with the count of seeds it rests on."""
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from scipy.stats import mannwhitneyu  # noqa: E402
 from ditnorm.analysis import outlier_stats, run_checkpoints  # noqa: E402
 from ditnorm.mnist_study import STATS_FILE, context, read_rows  # noqa: E402
 from ditnorm.records import savefig_atomic, write_atomic  # noqa: E402
+from ditnorm.stats import smallest_p  # noqa: E402
 from models import MNIST_MODELS  # noqa: E402
 
 BLOCK = re.compile(r"block(\d+)_")
@@ -172,7 +172,7 @@ def prediction_outcome(runs):
             p, pairs, total = test
             medians = " vs ".join(fmt.format(np.median(v)) for v in (a, b))
             said = f"seed medians {medians}, {pairs}/{total} pairs, p = {p:.2f}, n = {len(a)} vs {len(b)}"
-            smallest = 1 / math.comb(len(a) + len(b), len(a))
+            smallest = smallest_p(len(a), len(b))
             if smallest > 0.05 + 1e-9:  # these seed counts cannot reach p = 0.05 (2 vs 2: 0.17)
                 return None, f"{said}; the smallest p {len(a)} vs {len(b)} seeds allow is {smallest:.2f}"
             return p <= 0.05 + 1e-9, said

@@ -63,6 +63,12 @@ def rank_test(x, y):
     return RankTest(u=observed, p=at_least / splits, n1=n1, n2=n2)
 
 
+def smallest_p(n1, n2):
+    """The smallest p an exact rank test of n1 values against n2 can give: 1 / C(n1 + n2, n1) (3 against 3:
+    0.05; 2 against 2: 0.17)."""
+    return 1 / math.comb(n1 + n2, n1)
+
+
 def quantile_name(q):
     """0.5 -> 'p50', 0.999 -> 'p99.9'."""
     return f"p{round(100 * q, 6):g}"
