@@ -10,12 +10,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy.stats import mannwhitneyu  # noqa: E402
 
+from ditnorm import stats  # noqa: E402
 from ditnorm.analysis import outlier_stats, run_checkpoints  # noqa: E402
 from ditnorm.mnist_study import STATS_FILE, context, read_rows  # noqa: E402
 from ditnorm.records import savefig_atomic, write_atomic  # noqa: E402
-from ditnorm.stats import smallest_p  # noqa: E402
 from models import MNIST_MODELS  # noqa: E402
 
 BLOCK = re.compile(r"block(\d+)_")
@@ -80,14 +79,14 @@ def spread(values, fmt):
 
 
 def rank_test(layernorm, none):
-    """Exact one-sided Mann-Whitney test that layernorm's values are larger than none's: (p, pairs
-    ordered that way, all pairs); None below 2 seeds a side."""
+    """stats.rank_test that layernorm's values are larger than none's (exact, ties exact too): (p, pairs
+    ordered that way with a tie counted 1/2, all pairs); None below 2 seeds a side."""
     a = [v for v in layernorm if v is not None]
     b = [v for v in none if v is not None]
     if len(a) < 2 or len(b) < 2:
         return None
-    p = mannwhitneyu(a, b, alternative="greater", method="exact").pvalue
-    return p, sum(x > y for x in a for y in b), len(a) * len(b)
+    test = stats.rank_test(a, b)
+    return test.p, f"{test.u:g}", test.n1 * test.n2
 
 
 def final_table(runs):
@@ -97,7 +96,8 @@ def final_table(runs):
         group = [r for r in runs if r["model"] == model]
         norms = [n for n in NORMS if any(r["norm"] == n for r in group)]
         lines += [f"**{model}** (last checkpoint of each run; seed median [min, max], n seeds)", "",
-                  "| statistic | " + " | ".join(norms) + " | layernorm > none: pairs, exact one-sided p |",
+                  "| statistic | " + " | ".join(norms)
+                  + " | layernorm > none: pairs (a tie counts 1/2), exact one-sided p |",
                   "|---|" + "---|" * len(norms) + "---|"]
         for label, weights, quantity, fmt, better in FINAL:
             by_norm = {norm: [value(r, last_step(r), weights, quantity) for r in group if r["norm"] == norm]
@@ -124,10 +124,10 @@ def block_table(runs, weights="raw"):
             depth = len({q for r in group for q in (x["quantity"] for x in r["rows"]) if q.endswith("_ratio")
                          and q.startswith("block")})
             for b in range(depth):
-                stats = {k: [value(r, last_step(r), weights, f"block{b}_{k}") for r in group]
-                         for k in ("ratio", "top1", "lead_share", "var_top1", "massive")}
+                by_stat = {k: [value(r, last_step(r), weights, f"block{b}_{k}") for r in group]
+                           for k in ("ratio", "top1", "lead_share", "var_top1", "massive")}
                 med = {k: np.median([v for v in vs if v is not None]) if any(v is not None for v in vs)
-                       else float("nan") for k, vs in stats.items()}
+                       else float("nan") for k, vs in by_stat.items()}
                 lines.append(f"| {model} | {norm} | {b} | {med['ratio']:.1f} | {med['top1']:.3g} "
                              f"| {med['lead_share']:.2f} | {med['var_top1']:.2f} "
                              f"| {'yes' if med['massive'] > 0 else 'no'} (n={len(group)}) |")
@@ -172,7 +172,7 @@ def prediction_outcome(runs):
             p, pairs, total = test
             medians = " vs ".join(fmt.format(np.median(v)) for v in (a, b))
             said = f"seed medians {medians}, {pairs}/{total} pairs, p = {p:.2f}, n = {len(a)} vs {len(b)}"
-            smallest = smallest_p(len(a), len(b))
+            smallest = stats.smallest_p(len(a), len(b))
             if smallest > 0.05 + 1e-9:  # these seed counts cannot reach p = 0.05 (2 vs 2: 0.17)
                 return None, f"{said}; the smallest p {len(a)} vs {len(b)} seeds allow is {smallest:.2f}"
             return p <= 0.05 + 1e-9, said
