@@ -309,7 +309,7 @@ def paper_statistics(preset, run, out, options):
                 tables["errors"].append(
                     dict(key, weights=weights, **{k: e[k] for k in ("median", "p99", "max", "mean")})
                 )
-            if todo["direct"]:  # before the statistics below move the model to the CPU
+            if todo["direct"] and weights in m["direct"].get("weights", kinds):  # before the CPU move below
                 where = dict(key, data=cfg["data"], weights=weights)
                 tables["direct"] += direct_rows(model, train_args, where, m["direct"], options["device"])
             if todo["stats"]:

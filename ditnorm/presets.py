@@ -31,7 +31,8 @@ RECIPES = {
 
 # The direct statistic (measures.direct_rows): the denoiser's x_0 error at t = 0, 1 and 10 on 10^5 fresh
 # inputs per checkpoint and weights kind, from the noise set noise_seed + the run's seed; at every checkpoint
-# (last=None) or at the recipe's last `last` (its cost on a CPU: docs/results-notes.md).
+# (last=None) or at the recipe's last `last`, of the weights kinds in `weights` (all when absent); its cost on
+# a CPU: docs/results-notes.md.
 DIRECT = dict(timesteps=(0, 1, 10), num_inputs=100_000, noise_seed=1000, last=None)
 
 SAMPLE_ERRORS = dict(
@@ -65,7 +66,8 @@ PRESETS = {
             sampling_steps=1000,
             rms_batch=256,
             perturb_steps={1: (30_000, 40_000, 45_000, 50_000), 2: (50_000,)},
-            direct=DIRECT,
+            # the direct statistic of the weights kinds the report tables (of the 7 sampled)
+            direct=dict(DIRECT, weights=paper_report.DIRECT_WEIGHTS),
         ),
         report=paper_report.report,
     ),
