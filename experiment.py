@@ -9,7 +9,9 @@ Run folders go to results/<preset>/<run>/ (checkpoints, log.txt, config.json). M
 <record>/runs/<run>/ and the report to <record>/, where <record> is results/<preset>/res/ by default and the
 committed res/<preset>/ with --refresh-res (nothing else writes res/). Every phase can be killed at any
 moment and run again: training resumes from a run's last checkpoint, a measured checkpoint is not measured
-again, and every file is replaced whole (written to a temporary file, then renamed).
+again, and every file is replaced whole (written to a temporary file, then renamed). A run's statistics
+folder records the checkpoints it was measured from (checkpoints.json); measuring a retrained run into a
+folder of an earlier training is refused, not mixed.
 """
 
 import sys
@@ -21,6 +23,7 @@ import torch
 
 from ditnorm import provenance
 from ditnorm.analysis import run_checkpoints
+from ditnorm.files import CheckpointError, record_checkpoints, stats_checkpoints
 from ditnorm.options import Parser, add_fast_flag, check_device, device, positive_int, seed_list, step_set
 from ditnorm.presets import PRESETS, runs
 
@@ -99,6 +102,13 @@ def main(argv=None):
             for name, cfg in grid
             if run_checkpoints(runs_dir / name)
         ]
+        try:  # every run checked before any is measured or recorded
+            digests = [(out, stats_checkpoints(out, run_checkpoints(run_dir)))
+                       for *_, run_dir, out, _ in tasks]
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
+        for out, recorded in digests:
+            record_checkpoints(out, recorded)
         results = side_by_side(measure_one, args.jobs, tasks)
     else:
         torch.set_num_threads(1)

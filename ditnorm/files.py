@@ -4,9 +4,12 @@ atomically.
 read_checkpoint is torch.load(weights_only=True) with every failure of the parse of a damaged or foreign
 file turned into one CheckpointError line naming it. save_checkpoint writes a temporary file and renames it
 (records.py), and refuses weights (model, EMA, averages) with a NaN or an infinity before it opens a file.
+stats_checkpoints and record_checkpoints keep a folder of statistics to the one training measured.
 """
 
 import argparse
+import hashlib
+import json
 import pickle
 import re
 import warnings
@@ -118,3 +121,55 @@ def read_checkpoint(path) -> dict:
                               "checkpoint written by torch.save") from None
 
 
+
+
+# The checkpoints a folder of statistics was measured from: <stats>/checkpoints.json, {step: sha256 of the
+# checkpoint file}. Measuring is incremental (a measured checkpoint is skipped), so without it a retrained
+# run measured into a folder of an earlier training would mix two trainings' statistics in one table.
+FINGERPRINTS = "checkpoints.json"
+
+
+def file_digest(path) -> str:
+    """'sha256:<hex>' of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def stats_checkpoints(stats_dir, checkpoints: dict) -> dict:
+    """The digests stats_dir/checkpoints.json should hold once these checkpoints ({step: path}) are measured
+    into stats_dir: its recorded ones and these. Writes nothing (record them with record_checkpoints).
+
+    A CheckpointError when stats_dir holds statistics but no checkpoints.json (measured elsewhere, or before
+    digests were kept), or a recorded step whose checkpoint now differs (a retrained run). A step recorded
+    but no longer on disk is kept: it says which training was measured."""
+    stats_dir = Path(stats_dir)
+    path = stats_dir / FINGERPRINTS
+    if path.is_file():
+        try:
+            recorded = {int(k): v for k, v in json.loads(path.read_text()).items()}
+        except (ValueError, AttributeError):
+            raise CheckpointError(f"{path} is damaged; move {stats_dir} away and measure again") from None
+    else:
+        recorded = {}
+        if stats_dir.is_dir() and any(p.is_file() for p in stats_dir.iterdir()):
+            raise CheckpointError(f"{stats_dir} holds statistics of checkpoints it did not record (measured "
+                                  f"elsewhere or before {FINGERPRINTS} was kept); move it away to measure "
+                                  "these checkpoints into a fresh folder")
+    current = {step: file_digest(p) for step, p in checkpoints.items()}
+    changed = sorted(s for s in recorded.keys() & current.keys() if recorded[s] != current[s])
+    if changed:
+        raise CheckpointError(f"{stats_dir} was measured from another training of this run (its checkpoint "
+                              f"at step {changed[0]} differs from the one now on disk); move {stats_dir} "
+                              "away to measure this training")
+    return dict(sorted({**recorded, **current}.items()))
+
+
+def record_checkpoints(stats_dir, digests: dict) -> None:
+    """Write stats_checkpoints' digests to stats_dir/checkpoints.json (atomically; unchanged, not at all)."""
+    path = Path(stats_dir) / FINGERPRINTS
+    text = json.dumps({str(k): v for k, v in sorted(digests.items())}, indent=1) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        write_atomic(path, text)

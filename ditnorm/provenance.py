@@ -64,7 +64,9 @@ NOTES = {
         "`ditnorm.trainer.train_run` with the preset's configuration, two runs side by side with one "
         "thread each on the 2-core AMD EPYC, from a small script of the session while `experiment.py` "
         "was being written (the same function and configuration as its `train` phase, which resumes "
-        "them).",
+        "them). `runs/*/checkpoints.json`: the sha256 of each checkpoint file a folder was measured from, "
+        "which `measure` now records and checks; for the runs measured before it did, recorded afterwards "
+        "from the same checkpoints (`ditnorm.files.record_checkpoints`).",
     ],
     "reproduce": [
         "`runs/zeros-<norm>-seed<k>/errors.csv`: the per-seed rows of the `make reproduce "

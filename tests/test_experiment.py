@@ -81,6 +81,31 @@ def test_measure_is_incremental_and_reads_each_checkpoint_once(tmp_path, monkeyp
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_a_retrained_run_is_not_measured_into_the_statistics_of_an_earlier_training(tmp_path):
+    fake_runs(tmp_path)
+    flags = ["--preset", "tiny", "--results-dir", str(tmp_path), "--steps", "20"]
+    experiment.main(["measure", *flags])
+    stats_root = tmp_path / "tiny" / "res" / "runs"
+    recorded = json.loads((stats_root / "zeros-none-seed1" / "checkpoints.json").read_text())
+    assert set(recorded) == {"10", "20"} and all(v.startswith("sha256:") for v in recorded.values())
+    before = {p: p.read_bytes() for p in stats_root.rglob("*") if p.is_file()}
+    # the run trained again (other weights at step 20): refused, nothing written
+    fake_runs(tmp_path, steps=(20,))  # new weights: the seeds differ from the first call's step 20
+    (tmp_path / "tiny" / "zeros-none-seed1" / "checkpoints" / "0000020.pt").write_bytes(
+        (tmp_path / "tiny" / "zeros-none-seed0" / "checkpoints" / "0000020.pt").read_bytes())
+    with pytest.raises(SystemExit, match=r"error: .*zeros-\w+-seed\d was measured from another training of "
+                                         r"this run \(its checkpoint at step 20 differs"):
+        experiment.main(["measure", *flags])
+    assert {p: p.read_bytes() for p in stats_root.rglob("*") if p.is_file()} == before
+    # statistics that never recorded their checkpoints are not added to either
+    shutil.rmtree(stats_root)
+    (stats_root / "zeros-none-seed0").mkdir(parents=True)
+    (stats_root / "zeros-none-seed0" / "errors.csv").write_text("made elsewhere\n")
+    with pytest.raises(SystemExit, match="holds statistics of checkpoints it did not record"):
+        experiment.main(["measure", *flags])
+    assert [p.name for p in stats_root.rglob("*")] == ["zeros-none-seed0", "errors.csv"]
+
+
 def test_a_row_is_what_sampling_the_checkpoint_gives(tmp_path):
     fake_runs(tmp_path)
     experiment.main(["measure", "--preset", "tiny", "--results-dir", str(tmp_path), "--steps", "20"])
