@@ -69,16 +69,16 @@ NOTES = {
         "from the same checkpoints (`ditnorm.files.record_checkpoints`).",
     ],
     "reproduce": [
-        "`runs/zeros-<norm>-seed<k>/errors.csv`: the per-seed rows of the `make reproduce "
-        "ARGS=--refresh-res` of 2026-12-01 (2-core AMD EPYC, torch 2.14.1; reproduce.py driving study.py, "
-        "the runner's predecessors, with EMA, then raw weights), split by run with every value copied as "
-        "text. `headline.json`, "
-        "`headline.md`, `headline.png`, `results.md` and the notebooks\" files (`toydit_*`, "
-        "`token_outliers.md`, `toydit_token_embeddings_*.png`; the pretrained DiT-XL/2 part was SKIPPED, "
-        "no network) are that command's, unchanged: `report` recomputes the same headline values from "
-        "`runs/`.",
-        "`legacy/seeds/`: the study.py reports of that command (EMA; `raw/`), unchanged; their outlier "
-        "tables rest on per-seed values that were not kept.",
+        "`runs/zeros-<norm>-seed<k>/`: `python experiment.py train --preset reproduce --jobs 2`, then "
+        "`measure` with `--refresh-res`, of 2026-12-04 (2-core AMD EPYC, torch 2.14.1): the direct "
+        "statistic (`direct.csv`), the outlier ratios (`outliers.csv`) and the sampled errors "
+        "(`errors.csv`) of the checkpoints in `checkpoints.json`. The `errors.csv` files are byte for byte "
+        "those of the `make reproduce ARGS=--refresh-res` of 2026-12-01 on the same kind of machine "
+        "(reproduce.py driving study.py, the runner's predecessors), which the retraining reproduced "
+        "exactly. Everything else at the top: that command's `report --refresh-res` of 2026-12-04 (the "
+        "headline values unchanged; the pretrained DiT-XL/2 part of the notebook SKIPPED, no network).",
+        "`legacy/seeds/`: the study.py reports of the 2026-12-01 command (EMA; `raw/`), unchanged; their "
+        "outlier tables rest on per-seed values that were not kept.",
     ],
 }
 

@@ -249,9 +249,12 @@ def test_the_committed_paper_and_reproduce_numbers_are_what_report_recomputes(tm
         json.loads((p / "headline.json").read_text()) for p in (res / "reproduce", new_res / "reproduce/res")
     )
     assert new["values"] == old["values"] and new["setup"] == old["setup"]
-    legacy = ROOT / "res" / "reproduce" / "legacy" / "seeds"
+    for name in ("errors.csv", "direct.csv", "errors.md"):
+        assert (new_res / "reproduce/res" / name).read_bytes() == (res / "reproduce" / name).read_bytes()
+    legacy = ROOT / "res" / "reproduce" / "legacy"
     errors = (tmp_path / "reproduce" / "res" / "errors.md").read_text()
-    for weights, path in (("EMA", legacy / "study_errors.md"), ("raw", legacy / "raw" / "study_errors.md")):
+    for weights, path in (("EMA", legacy / "seeds" / "study_errors.md"),
+                          ("raw", legacy / "seeds" / "raw" / "study_errors.md")):  # reports of 2026-12-01
         assert table(errors, f"## {weights} weights, every checkpoint") == table(
             path.read_text(), "## Every checkpoint"
         )
