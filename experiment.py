@@ -11,7 +11,8 @@ committed res/<preset>/ with --refresh-res (nothing else writes res/). Every pha
 moment and run again: training resumes from a run's last checkpoint, a measured checkpoint is not measured
 again, and every file is replaced whole (written to a temporary file, then renamed). A run's statistics
 folder records the checkpoints it was measured from (checkpoints.json); measuring a retrained run into a
-folder of an earlier training is refused, not mixed.
+folder of an earlier training is refused, not mixed; the paper preset's statistics measured before that
+record was kept are adopted where the checkpoints on disk give back their weights.csv exactly.
 """
 
 import sys
@@ -23,7 +24,7 @@ import torch
 
 from ditnorm import provenance
 from ditnorm.analysis import run_checkpoints
-from ditnorm.files import CheckpointError, record_checkpoints, stats_checkpoints
+from ditnorm.files import CheckpointError, UnrecordedStats, file_digest, record_checkpoints, stats_checkpoints
 from ditnorm.options import Parser, add_fast_flag, check_device, device, positive_int, seed_list, step_set
 from ditnorm.presets import PRESETS, runs
 
@@ -70,6 +71,22 @@ def measure_one(preset, name, cfg, run_dir, out, options):
     return f"{name}: {len(steps)} checkpoint(s) measured"
 
 
+def measured_from(preset, cfg, run_dir, out):
+    """The checkpoint digests `out` will record once run_dir's checkpoints are measured into it. Statistics
+    measured before digests were kept are adopted only where the preset can prove they are of this training
+    (its "adopt": for the paper schedule, weights.csv recomputed exactly); otherwise a CheckpointError."""
+    checkpoints = run_checkpoints(run_dir)
+    try:
+        return stats_checkpoints(out, checkpoints)
+    except UnrecordedStats:
+        if "adopt" not in preset:
+            raise
+    steps = preset["adopt"](dict(cfg=cfg, dir=run_dir), out, checkpoints)
+    print(f"experiment: {out} adopted: the checkpoints of {run_dir} reproduce its weights.csv exactly at "
+          f"step(s) {', '.join(map(str, steps))}")
+    return {step: file_digest(path) for step, path in checkpoints.items()}
+
+
 def side_by_side(fn, jobs, tasks):
     """fn(*task) for every task, `jobs` processes at a time (in this process for one job)."""
     if jobs == 1 or len(tasks) <= 1:
@@ -103,8 +120,8 @@ def main(argv=None):
             if run_checkpoints(runs_dir / name)
         ]
         try:  # every run checked before any is measured or recorded
-            digests = [(out, stats_checkpoints(out, run_checkpoints(run_dir)))
-                       for *_, run_dir, out, _ in tasks]
+            digests = [(out, measured_from(preset, cfg, run_dir, out))
+                       for _, _, cfg, run_dir, out, _ in tasks]
         except CheckpointError as e:
             raise SystemExit(f"error: {e}") from None
         for out, recorded in digests:

@@ -28,6 +28,10 @@ class CheckpointError(Exception):
     """A checkpoint cannot be read or does not fit the request; the message says what to do."""
 
 
+class UnrecordedStats(CheckpointError):
+    """A folder of statistics without the record of the checkpoints it was measured from."""
+
+
 class DownloadError(CheckpointError):
     """An official checkpoint could not be downloaded (a failure, not a bad request)."""
 
@@ -142,9 +146,9 @@ def stats_checkpoints(stats_dir, checkpoints: dict) -> dict:
     """The digests stats_dir/checkpoints.json should hold once these checkpoints ({step: path}) are measured
     into stats_dir: its recorded ones and these. Writes nothing (record them with record_checkpoints).
 
-    A CheckpointError when stats_dir holds statistics but no checkpoints.json (measured elsewhere, or before
-    digests were kept), or a recorded step whose checkpoint now differs (a retrained run). A step recorded
-    but no longer on disk is kept: it says which training was measured."""
+    An UnrecordedStats error when stats_dir holds statistics but no checkpoints.json (measured elsewhere, or
+    before digests were kept), a CheckpointError for a recorded step whose checkpoint now differs (a
+    retrained run). A step recorded but no longer on disk is kept: it says which training was measured."""
     stats_dir = Path(stats_dir)
     path = stats_dir / FINGERPRINTS
     if path.is_file():
@@ -155,7 +159,7 @@ def stats_checkpoints(stats_dir, checkpoints: dict) -> dict:
     else:
         recorded = {}
         if stats_dir.is_dir() and any(p.is_file() for p in stats_dir.iterdir()):
-            raise CheckpointError(f"{stats_dir} holds statistics of checkpoints it did not record (measured "
+            raise UnrecordedStats(f"{stats_dir} holds statistics of checkpoints it did not record (measured "
                                   f"elsewhere or before {FINGERPRINTS} was kept); move it away to measure "
                                   "these checkpoints into a fresh folder")
     current = {step: file_digest(p) for step, p in checkpoints.items()}

@@ -61,6 +61,9 @@ PRESETS = {
         grid=dict(model=["ToyDiT/1"], norm=["layernorm", "none"], data=["zeros"], seed=[0, 1, 2]),
         run_name="{norm}-seed{seed}",
         measure=measures.paper_statistics,
+        # its committed runs/ were measured before checkpoints.json was kept: a retrained run joins them
+        # only if its checkpoints give back their weights.csv exactly (the same training, measured on)
+        adopt=measures.same_training_by_weights,
         measure_args=dict(
             num_samples=1000,
             sampling_steps=1000,

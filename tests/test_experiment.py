@@ -352,6 +352,23 @@ def test_paper_statistics_of_every_weights_kind_incrementally(tmp_path, monkeypa
     experiment.main(["measure", *flags])  # only the statistics are measured again
     assert (res / "runs" / "none-seed0" / "weights.csv").is_file()
     assert (res / "runs" / "none-seed0" / "errors.csv").read_bytes() == before
+    # statistics measured before checkpoints.json was kept (as the committed res/paper/runs were): adopted
+    # when the checkpoints give back weights.csv exactly, and measured on (here the direct statistic)
+    stats = res / "runs" / "none-seed0"
+    (stats / "checkpoints.json").unlink()
+    (stats / "direct.csv").unlink()
+    experiment.main(["measure", *flags])
+    assert (stats / "direct.csv").read_bytes() and (stats / "errors.csv").read_bytes() == before
+    assert set(json.loads((stats / "checkpoints.json").read_text())) == {"10", "20"}
+    # another training (its step 20 is not the one measured): refused, nothing written
+    (stats / "checkpoints.json").unlink()
+    ckpts = tmp_path / "paper-tiny" / "none-seed0" / "checkpoints"
+    shutil.copy(ckpts / "0000010.pt", ckpts / "0000020.pt")
+    written = {p: p.read_bytes() for p in res.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match=r"none-seed0 was measured from another training of this run: at "
+                                         r"step 20 the checkpoint on disk does not give its weights.csv"):
+        experiment.main(["measure", *flags])
+    assert {p: p.read_bytes() for p in res.rglob("*") if p.is_file()} == written
     shutil.copy(ROOT / "res" / "paper" / "prediction.md", res / "prediction.md")
     experiment.main(["report", *flags])
     assert "## Outcome" in (res / "prediction.md").read_text() and (res / "writer_norms.png").is_file()
