@@ -32,7 +32,12 @@ NOTES = {
         "`perturb.csv` at 30k, 40k, 45k and 50k. Seed 2: the same code on the 2-core Intel Xeon "
         "(AVX-512); only 50k sampled (statistics at every checkpoint), perturbed at 50k; there the fast "
         "sampler's check refused once (one of the seven weights kinds of no norm's 50k; sampled with "
-        "diffusion.p_sample_loop).",
+        "diffusion.p_sample_loop). `runs/*-seed0/checkpoints.json`, `direct.csv` and the rows of 40k and "
+        "45k: seed 0 retrained on 2026-12-04 (2-core AMD EPYC, `experiment.py train --preset paper --seeds "
+        "0 --jobs 2`, resumed from 5k); `measure --seeds 0 --steps 40000,45000,50000 --refresh-res` adopted "
+        "the folders because the new checkpoints give back their `weights.csv` exactly (layernorm at 5k, "
+        "10k and 50k, none at 50k), then measured those steps (the direct statistic; at 40k and 45k also "
+        "the sampled statistics, which the folders lacked); their `run.json` is now the retrained run's.",
         "`pilot/`: the one-seed pilot that the predictions followed (`make paper-cpu`, a predecessor of "
         "`make paper`, of 2026-11-26 on the 2-core Intel Xeon: study.py, the runner's predecessor, at the "
         "paper schedule for layernorm and none, seed 0, EMA in "

@@ -240,8 +240,8 @@ def test_the_committed_paper_and_reproduce_numbers_are_what_report_recomputes(tm
     old, new = ((p / "results.md").read_text().splitlines() for p in (res / "paper", new_res / "paper/res"))
     differ = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
     assert [old[i].split()[:2] for i in differ] in ([], [["Made", "by"]])  # the source folder and date
-    assert "not a 95% interval" in "\n".join(new) and "direct statistic" not in "\n".join(new)
-    for name in ("errors.csv", "weights.csv", "rms.csv", "perturb.csv", "prediction.md"):
+    assert "not a 95% interval" in "\n".join(new) and "## The direct statistic" in "\n".join(new)
+    for name in ("errors.csv", "weights.csv", "rms.csv", "perturb.csv", "direct.csv", "prediction.md"):
         assert (tmp_path / "paper" / "res" / name).read_bytes() == (
             ROOT / "res" / "paper" / name
         ).read_bytes()
