@@ -24,7 +24,7 @@ import torch
 
 from ditnorm import provenance
 from ditnorm.analysis import run_checkpoints
-from ditnorm.files import CheckpointError, UnrecordedStats, file_digest, record_checkpoints, stats_checkpoints
+from ditnorm.files import CheckpointError, record_checkpoints, stats_checkpoints
 from ditnorm.options import Parser, add_fast_flag, check_device, device, positive_int, seed_list, step_set
 from ditnorm.presets import PRESETS, runs
 
@@ -71,20 +71,17 @@ def measure_one(preset, name, cfg, run_dir, out, options):
     return f"{name}: {len(steps)} checkpoint(s) measured"
 
 
-def measured_from(preset, cfg, run_dir, out):
+def measured_from(preset, run_dir, out):
     """The checkpoint digests `out` will record once run_dir's checkpoints are measured into it. Statistics
     measured before digests were kept are adopted only where the preset can prove they are of this training
     (its "adopt": for the paper schedule, weights.csv recomputed exactly); otherwise a CheckpointError."""
-    checkpoints = run_checkpoints(run_dir)
-    try:
-        return stats_checkpoints(out, checkpoints)
-    except UnrecordedStats:
-        if "adopt" not in preset:
-            raise
-    steps = preset["adopt"](dict(cfg=cfg, dir=run_dir), out, checkpoints)
-    print(f"experiment: {out} adopted: the checkpoints of {run_dir} reproduce its weights.csv exactly at "
-          f"step(s) {', '.join(map(str, steps))}")
-    return {step: file_digest(path) for step, path in checkpoints.items()}
+
+    def adopt(out, checkpoints):
+        steps = preset["adopt"](run_dir, out, checkpoints)
+        print(f"experiment: {out} adopted: the checkpoints of {run_dir} reproduce its weights.csv exactly at "
+              f"step(s) {', '.join(map(str, steps))}")
+
+    return stats_checkpoints(out, run_checkpoints(run_dir), adopt=adopt if "adopt" in preset else None)
 
 
 def side_by_side(fn, jobs, tasks):
@@ -120,8 +117,7 @@ def main(argv=None):
             if run_checkpoints(runs_dir / name)
         ]
         try:  # every run checked before any is measured or recorded
-            digests = [(out, measured_from(preset, cfg, run_dir, out))
-                       for _, _, cfg, run_dir, out, _ in tasks]
+            digests = [(out, measured_from(preset, run_dir, out)) for *_, run_dir, out, _ in tasks]
         except CheckpointError as e:
             raise SystemExit(f"error: {e}") from None
         for out, recorded in digests:

@@ -28,10 +28,6 @@ class CheckpointError(Exception):
     """A checkpoint cannot be read or does not fit the request; the message says what to do."""
 
 
-class UnrecordedStats(CheckpointError):
-    """A folder of statistics without the record of the checkpoints it was measured from."""
-
-
 class DownloadError(CheckpointError):
     """An official checkpoint could not be downloaded (a failure, not a bad request)."""
 
@@ -142,13 +138,14 @@ def file_digest(path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def stats_checkpoints(stats_dir, checkpoints: dict) -> dict:
+def stats_checkpoints(stats_dir, checkpoints: dict, adopt=None) -> dict:
     """The digests stats_dir/checkpoints.json should hold once these checkpoints ({step: path}) are measured
     into stats_dir: its recorded ones and these. Writes nothing (record them with record_checkpoints).
 
-    An UnrecordedStats error when stats_dir holds statistics but no checkpoints.json (measured elsewhere, or
-    before digests were kept), a CheckpointError for a recorded step whose checkpoint now differs (a
-    retrained run). A step recorded but no longer on disk is kept: it says which training was measured."""
+    A CheckpointError when stats_dir holds statistics but no checkpoints.json (measured elsewhere, or before
+    digests were kept), unless `adopt(stats_dir, checkpoints)` proves them of these checkpoints (it raises a
+    CheckpointError where it cannot); and for a recorded step whose checkpoint now differs (a retrained
+    run). A step recorded but no longer on disk is kept: it says which training was measured."""
     stats_dir = Path(stats_dir)
     path = stats_dir / FINGERPRINTS
     if path.is_file():
@@ -159,9 +156,11 @@ def stats_checkpoints(stats_dir, checkpoints: dict) -> dict:
     else:
         recorded = {}
         if stats_dir.is_dir() and any(p.is_file() for p in stats_dir.iterdir()):
-            raise UnrecordedStats(f"{stats_dir} holds statistics of checkpoints it did not record (measured "
-                                  f"elsewhere or before {FINGERPRINTS} was kept); move it away to measure "
-                                  "these checkpoints into a fresh folder")
+            if adopt is None:
+                raise CheckpointError(f"{stats_dir} holds statistics of checkpoints it did not record "
+                                      f"(measured elsewhere or before {FINGERPRINTS} was kept); move it away "
+                                      "to measure these checkpoints into a fresh folder")
+            adopt(stats_dir, checkpoints)
     current = {step: file_digest(p) for step, p in checkpoints.items()}
     changed = sorted(s for s in recorded.keys() & current.keys() if recorded[s] != current[s])
     if changed:

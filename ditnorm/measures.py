@@ -230,26 +230,25 @@ def weight_rows(model, raw):
     return rows
 
 
-def same_training_by_weights(run, out, checkpoints):
+def same_training_by_weights(run_dir, out, checkpoints):
     """Prove that the statistics in `out`, measured before checkpoints.json was kept, are of the training
     whose checkpoints ({step: path}) are on disk: every step of out/weights.csv whose checkpoint is there
     must give back its rows exactly (each weights kind's norm of 15 tensors and groups, and their cosines
     to raw, as written: doubles). A retrained run that took another trajectory, even by one rounding,
     would not. Returns the steps compared; a CheckpointError at the first value that differs, or when no
     step can be compared."""
-    rows = records.read_rows(out / "weights.csv")
-    recorded = records.grouped(rows, "step")
-    steps = sorted(int(step) for (step,) in recorded if int(step) in checkpoints)
-    move = f"move {out} away to measure the checkpoints of {run['dir']} into a fresh folder"
+    recorded = records.grouped(records.read_rows(out / "weights.csv"), "step", "weights")
+    steps = sorted({int(step) for step, _ in recorded} & set(checkpoints))
+    move = f"move {out} away to measure the checkpoints of {run_dir} into a fresh folder"
     if not steps:
         raise CheckpointError(f"{out} holds statistics of checkpoints it did not record, and none of the "
                               f"steps of its weights.csv is on disk to compare; {move}")
     for step in steps:
-        kinds = tuple(dict.fromkeys(r["weights"] for r in recorded[(str(step),)]))
+        kinds = [kind for s, kind in recorded if s == str(step)]
         models, _, _ = load_weights_kinds(checkpoints[step], tuple(dict.fromkeys(("raw", *kinds))))
         for kind in kinds:
             mine = {r["tensor"]: r for r in weight_rows(models[kind], models["raw"])}
-            for row in (r for r in recorded[(str(step),)] if r["weights"] == kind):
+            for row in recorded[(str(step), kind)]:
                 got = mine.get(row["tensor"], {})
                 if any(str(got.get(col)) != row[col] for col in ("l2", "cosine_to_raw")):
                     raise CheckpointError(
