@@ -35,8 +35,7 @@ study: $(VENV)/.installed
 
 # The paper schedule (batch 2048, lr 1e-4, EMA 0.9999, 50k steps) for layernorm and none, seeds 0-2: about
 # 2 h 20 min per pair of runs on 2 cores (5.3-6.5 steps/s each, AMD EPYC, seed 0 on 2026-12-04);
-# interrupted runs
-# resume from their last checkpoint.
+# interrupted runs resume from their last checkpoint.
 paper: $(VENV)/.installed
 	$(call preset,paper)
 
