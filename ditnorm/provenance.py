@@ -37,7 +37,13 @@ NOTES = {
         "0 --jobs 2`, resumed from 5k); `measure --seeds 0 --steps 40000,45000,50000 --refresh-res` adopted "
         "the folders because the new checkpoints give back their `weights.csv` exactly (layernorm at 5k, "
         "10k and 50k, none at 50k), then measured those steps (the direct statistic; at 40k and 45k also "
-        "the sampled statistics, which the folders lacked); their `run.json` is now the retrained run's.",
+        "the sampled statistics, which the folders lacked); their `run.json` is now the retrained run's. "
+        "`runs/*-seed1/checkpoints.json` and `direct.csv`: seed 1 retrained the same way on 2026-12-04 "
+        "(resumed from 5k); `measure --seeds 1 --steps 40000,45000,50000 --refresh-res` adopted the folders "
+        "(the new checkpoints give back `weights.csv` exactly at every step, 5k to 50k, both norms) and "
+        "measured the direct statistic at those steps; their `run.json` is now the retrained run's. Seed 2 "
+        "cannot be adopted on the AMD EPYC (its retrained 5k checkpoints differ), so it has no direct "
+        "statistic yet.",
         "`pilot/`: the one-seed pilot that the predictions followed (`make paper-cpu`, a predecessor of "
         "`make paper`, of 2026-11-26 on the 2-core Intel Xeon: study.py, the runner's predecessor, at the "
         "paper schedule for layernorm and none, seed 0, EMA in "
