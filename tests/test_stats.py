@@ -1,6 +1,8 @@
 """ditnorm.stats: the exact rank test, fixed quantiles, and the committed res/paper/statistics.md."""
 
+import csv
 import itertools
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +72,27 @@ def test_committed_statistics_are_what_the_function_writes():
     assert paper_statistics(ROOT / "res/paper") == committed
 
 
-def test_issue_numbers_recompute_from_the_committed_files():
-    text = (ROOT / "res/paper/statistics.md").read_text()
+def legacy_paper_record(tmp_path):
+    """res/paper as it stood with the Intel Xeon's seed 2 (res/paper/legacy/runs/): seeds 0 and 1 of runs/,
+    that seed 2, the pilot, and the report's pooled csv files rebuilt from the runs' own."""
+    res = ROOT / "res/paper"
+    for run in [*sorted(res.glob("runs/*-seed[01]")), *sorted(res.glob("legacy/runs/*-seed2"))]:
+        shutil.copytree(run, tmp_path / "runs" / run.name)
+    shutil.copytree(res / "pilot", tmp_path / "pilot")
+    for name in ("errors", "weights", "perturb"):
+        header, rows = None, []
+        for path in sorted(tmp_path.glob(f"runs/*/{name}.csv")):
+            with open(path, newline="") as f:
+                header, *body = list(csv.reader(f))
+            rows += body
+        with open(tmp_path / f"{name}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+    return tmp_path
+
+
+def test_the_legacy_statistics_and_the_issue_numbers_recompute(tmp_path):
+    text = paper_statistics(legacy_paper_record(tmp_path))
+    assert text == (ROOT / "res/paper/legacy/statistics.md").read_text()
     # raw medians and both maxima separate completely; EMA medians order 8 of 9 pairs
     assert "| raw | median |" in text and "| 4.24 | 9 of 9 | 0.050 | 3 vs 3 |" in text
     assert "| 8.73 | 9 of 9 | 0.050 |" in text and "| 7.88 | 9 of 9 | 0.050 |" in text
