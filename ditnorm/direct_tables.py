@@ -74,7 +74,12 @@ def step_table(rows, norms, timestep=0):
     lines = ["| data | weights | norm | step | " + " | ".join(QUANTILES) + " |",
              "|---|---|---|---:|" + "---|" * len(QUANTILES)]
     rows = [r for r in rows if r["timestep"] == timestep]
-    for (data, weights, norm, step), group in grouped(rows, "data", "weights", "norm", "step").items():
+    groups = grouped(rows, "data", "weights", "norm", "step")
+    # grouped keeps the order first seen, in which a step measured for a later seed only (an early
+    # checkpoint) comes after the steps of the seeds before it: steps ascend within each line instead.
+    line = {key[:3]: i for i, key in enumerate(dict.fromkeys(k[:3] for k in groups))}
+    for (data, weights, norm, step), group in sorted(groups.items(),
+                                                     key=lambda kv: (line[kv[0][:3]], int(kv[0][3]))):
         if norm in norms:
             cells = [spread(r[q] for r in group) for q in QUANTILES]
             lines.append(f"| {data} | {weights} | {norm} | {step} | " + " | ".join(cells) + " |")

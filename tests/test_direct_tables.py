@@ -47,3 +47,15 @@ def test_the_direct_statistic_is_measured_at_the_recipes_last_checkpoints():
     assert measures.direct_steps(RECIPES["cpu"], every) == {1000, 2000, 3000, 4000, 5000}
     assert all(p["measure_args"]["direct"]["num_inputs"] >= 100_000
                for name, p in PRESETS.items() if name in ("study", "reproduce", "paper"))
+
+
+def test_the_step_table_lists_steps_in_order_when_a_later_seed_has_an_early_checkpoint():
+    # seed 0 measured at 40k-50k only, seed 1 at 5k too: 5k belongs before 40k, not after 50k
+    values = {("layernorm", 0): {40_000: 1.0, 45_000: 1.0, 50_000: 1.0},
+              ("layernorm", 1): {5_000: 9.0, 40_000: 2.0, 45_000: 2.0, 50_000: 2.0},
+              ("none", 0): {50_000: 0.5}}
+    lines = direct_tables.step_table(hand_rows(values), ["layernorm", "none"])
+    steps = [(line.split(" | ")[2], int(line.split(" | ")[3])) for line in lines[2:]]
+    assert steps == [("layernorm", 5_000), ("layernorm", 40_000), ("layernorm", 45_000),
+                     ("layernorm", 50_000), ("none", 50_000)]
+    assert "| 5000 | 9.00e+00 [9.00e+00, 9.00e+00] (n=1) |" in lines[2]
