@@ -1,6 +1,5 @@
 """ditnorm.stats: the exact rank test, fixed quantiles, and the committed res/paper/statistics.md."""
 
-import csv
 import itertools
 import shutil
 from pathlib import Path
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from ditnorm.records import read_rows, write_rows
 from ditnorm.stats import fixed_quantiles, paper_statistics, rank_test
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,23 +83,16 @@ def legacy_paper_record(tmp_path):
     res = ROOT / "res/paper"
     for run in [*sorted(res.glob("runs/*-seed[01]")), *sorted(res.glob("legacy/runs/*-seed2"))]:
         shutil.copytree(run, tmp_path / "runs" / run.name)
-        # seed 0 has since been measured at the steps it then lacked: keep the rows it had (seed 1 had all)
-        for path in (tmp_path / "runs" / run.name).glob("*.csv"):
-            with open(path, newline="") as f:
-                header, *body = list(csv.reader(f))
-            if "step" in header and run.name in LEGACY_SEED0_STEPS:
-                body = [r for r in body if int(r[header.index("step")]) in LEGACY_SEED0_STEPS[run.name]]
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerows([header, *body])
+    # seed 0 has since been measured at the steps it then lacked: keep the rows it had (seed 1 had all)
+    for name, steps in LEGACY_SEED0_STEPS.items():
+        for path in (tmp_path / "runs" / name).glob("*.csv"):
+            rows = read_rows(path)
+            if rows and "step" in rows[0]:
+                write_rows(path, [r for r in rows if int(r["step"]) in steps])
     shutil.copytree(res / "pilot", tmp_path / "pilot")
     for name in ("errors", "weights", "perturb"):
-        header, rows = None, []
-        for path in sorted(tmp_path.glob(f"runs/*/{name}.csv")):
-            with open(path, newline="") as f:
-                header, *body = list(csv.reader(f))
-            rows += body
-        with open(tmp_path / f"{name}.csv", "w", newline="") as f:
-            csv.writer(f).writerows([header, *rows])
+        write_rows(tmp_path / f"{name}.csv",
+                   [r for path in sorted(tmp_path.glob(f"runs/*/{name}.csv")) for r in read_rows(path)])
     return tmp_path
 
 
