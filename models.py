@@ -3,7 +3,10 @@
 The architecture, its timm layers (PatchEmbed, Attention, Mlp), parameter names and initialisation follow
 the official implementation, so the published checkpoints load with strict=True. The one addition is
 `norm`: every normalisation of the model (norm1 and norm2 of each block, norm_final of the final layer) is
-built by `make_norm`, the single place where the normalisation kinds of this study are defined.
+built by `make_norm`, the single place where the normalisation kinds of this study are defined. Two
+interventions of the study stay off by default, so that the official model is unchanged: `dropout` in
+every attention and MLP (timm's own dropout layers), and `cap`, which clamps each block's output to cap
+times its token's RMS (`cap_to_rms`).
 """
 
 import math
@@ -34,6 +37,30 @@ class DynamicTanh(nn.Module):
 
     def forward(self, x):
         return torch.tanh(self.alpha * x)
+
+
+def cap_to_rms(x, cap):
+    """Clamp x (..., D) as little as possible so that afterwards no |value| exceeds cap times its token's
+    RMS: the k largest |values| of a token are set to the bound b that solves b = cap * RMS(clamped token).
+
+    With k values clamped to b and S the sum of squares of the others, b^2 = cap^2 (S + k b^2) / D, so
+    b = cap sqrt(S / (D - cap^2 k)); the smallest k whose bound leaves the others below it is the answer.
+    Where no k < D / cap^2 works, that many large channels already satisfy the cap at any size (the RMS is
+    their own), and the largest are clamped to the smallest of them."""
+    D = x.shape[-1]
+    a = x.abs().sort(dim=-1, descending=True).values  # (..., D), a[..., 0] the largest
+    squares = a.square()
+    k = torch.arange(D, device=x.device, dtype=x.dtype)  # (D,) candidate counts of clamped values
+    rest = squares.sum(-1, keepdim=True) - squares.cumsum(-1) + squares  # (..., D): sum over a[k:]^2
+    room = D - cap**2 * k  # (D,)
+    fits = room > 0
+    # (clamped below, so that sqrt's gradient stays finite where a candidate is 0 or unused)
+    bound = cap * (rest / room.clamp(min=1e-12)).clamp(min=1e-30).sqrt()  # (..., D)
+    valid = fits & (bound >= a)  # the k-th value and all below it stay as they are
+    first = torch.where(valid, k, D).amin(dim=-1, keepdim=True).long()  # (..., 1)
+    most = int(fits.sum()) - 1  # where no k fits: the largest `most` values clamped to the next one
+    b = torch.where(first < D, bound.gather(-1, first.clamp(max=D - 1)), a[..., most:most + 1])  # (..., 1)
+    return torch.maximum(torch.minimum(x, b), -b)
 
 
 def make_norm(kind: str, hidden_size: int) -> nn.Module:
@@ -116,15 +143,18 @@ class LabelEmbedder(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning: norm -> modulate -> attn/mlp -> gated residual."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, norm="layernorm"):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, norm="layernorm", dropout=0.0, cap=0.0):
         super().__init__()
         self.norm1 = make_norm(norm, hidden_size)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, attn_drop=dropout,
+                              proj_drop=dropout)
         self.norm2 = make_norm(norm, hidden_size)
         mlp_hidden_dim = int(hidden_size * mlp_ratio)
         approx_gelu = lambda: nn.GELU(approximate="tanh")  # noqa: E731
-        self.mlp = Mlp(in_features=hidden_size, hidden_features=mlp_hidden_dim, act_layer=approx_gelu, drop=0)
+        self.mlp = Mlp(in_features=hidden_size, hidden_features=mlp_hidden_dim, act_layer=approx_gelu,
+                       drop=dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.cap = cap
 
     def forward(self, x, c):
         # x (N, T, D) tokens, c (N, D) conditioning; each chunk below is (N, D).
@@ -132,7 +162,7 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        return cap_to_rms(x, self.cap) if self.cap else x
 
 
 class FinalLayer(nn.Module):
@@ -166,10 +196,16 @@ class DiT(nn.Module):
         num_classes=1000,
         learn_sigma=True,
         norm="layernorm",
+        dropout=0.0,
+        cap=0.0,
     ):
         super().__init__()
         if norm not in NORM_KINDS:
             raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORM_KINDS)}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout {dropout} is not in [0, 1)")
+        if cap and cap < 1:  # a token's largest |value| is at least its RMS: cap < 1 clamps every token
+            raise ValueError(f"cap {cap} is below 1; pass 0 (off) or a cap >= 1")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         if input_size % patch_size:
@@ -178,7 +214,7 @@ class DiT(nn.Module):
         self.config = dict(
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes, learn_sigma=learn_sigma, norm=norm,
+            num_classes=num_classes, learn_sigma=learn_sigma, norm=norm, dropout=dropout, cap=cap,
         )
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
@@ -194,7 +230,8 @@ class DiT(nn.Module):
         # Fixed sin-cos table, kept as a frozen Parameter (not a buffer) so the official key exists.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, norm=norm) for _ in range(depth)]
+            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, norm=norm, dropout=dropout, cap=cap)
+             for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=norm)
         self.initialize_weights()

@@ -25,6 +25,7 @@ from ditnorm.averaging import read_out
 from ditnorm.files import (  # noqa: F401  (FORMAT, DownloadError, save_checkpoint: the public face here too)
     DIT_KWARGS,
     FORMAT,
+    INTERVENTION_KWARGS,
     CheckpointError,
     DownloadError,
     first_line,
@@ -44,6 +45,8 @@ OFFICIAL_CHECKPOINTS = {
 CONFIG_TYPES = {"model": str, "input_size": int, "patch_size": int, "in_channels": int, "hidden_size": int,
                 "depth": int, "num_heads": int, "mlp_ratio": (int, float), "class_dropout_prob": (int, float),
                 "num_classes": int, "learn_sigma": bool, "norm": str}
+# The interventions' kinds, checked when a config holds them (older checkpoints do not).
+OPTIONAL_CONFIG_TYPES = {"dropout": (int, float), "cap": (int, float)}
 
 
 def _fetch(url, dst):
@@ -180,7 +183,8 @@ def _unpack(checkpoint, use_ema, weights=None, norm=None, source="the checkpoint
             missing = ", ".join(missing)
             raise CheckpointError(f"{source}: checkpoint config lacks {missing}; re-save it with the full "
                                   "model.config")
-        wrong = [k for k, kinds in CONFIG_TYPES.items()
+        types = {**CONFIG_TYPES, **{k: v for k, v in OPTIONAL_CONFIG_TYPES.items() if k in config}}
+        wrong = [k for k, kinds in types.items()
                  if not isinstance(config[k], kinds) or isinstance(config[k], bool) != (kinds is bool)]
         if wrong:
             wrong = ", ".join(wrong[:3])
@@ -299,6 +303,7 @@ def _build(path, config, state_dict, *, why, norm, model, device):
             f"a {model} checkpoint"
         )
     kwargs = {k: config[k] for k in DIT_KWARGS}
+    kwargs.update({k: config.get(k, off) for k, off in INTERVENTION_KWARGS.items()})
     # Build on the meta device and adopt the checkpoint's tensors: no random init of a 675M model.
     try:
         with torch.device("meta"):

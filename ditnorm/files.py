@@ -22,6 +22,9 @@ from ditnorm.records import write_atomic
 FORMAT = "dit-norm-study/1"
 DIT_KWARGS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
               "class_dropout_prob", "num_classes", "learn_sigma", "norm")
+# The study's interventions (models.DiT's dropout and cap): off when a checkpoint's config lacks them, as
+# every checkpoint written before they existed does.
+INTERVENTION_KWARGS = {"dropout": 0.0, "cap": 0.0}
 
 
 class CheckpointError(Exception):

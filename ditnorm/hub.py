@@ -295,6 +295,9 @@ def export_diffusers(model, out_dir, *, name=None, source="the model", overwrite
     if config["mlp_ratio"] != 4:
         raise CheckpointError(f"{source} has mlp_ratio {config['mlp_ratio']}; DiTTransformer2DModel's MLP is "
                               "4x wide, so export only mlp_ratio 4 models")
+    if config.get("cap"):
+        raise CheckpointError(f"{source} caps each block's output (cap {config['cap']}); diffusers' DiT has "
+                              "no such clamp, so export only models trained without --cap")
     state_dict = model.state_dict()
     grid = config["input_size"] // config["patch_size"]
     table = get_2d_sincos_pos_embed(config["hidden_size"], grid).float()  # (T, D): what diffusers computes

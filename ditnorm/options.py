@@ -154,12 +154,34 @@ def add_training_flags(parser, defaults, models=TOY_MODELS):
     add("--model", "a model of models.py", choices=models)
     add("--norm", "normalisation in every block", choices=NORM_KINDS)
     add("--global-batch-size", "samples per step summed over all ranks", type=positive_int)
-    add("--lr", "constant AdamW learning rate, no weight decay", type=positive_float)
+    add("--lr", "constant AdamW learning rate", type=positive_float)
     add("--ema-decay", "decay of the EMA that DiT samples with", type=unit_interval)
     add("--max-steps", "train until this step", type=positive_int)
     add("--seed", "model initialisation and every draw of training", type=seed)
     parser.add_argument("--device", type=device,
                         help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
+
+
+def non_negative_float(text):
+    return _number(float, text, lambda v: 0 <= v < 3.4e38 and math.isfinite(v), "a finite number >= 0")
+
+
+def dropout(text):
+    return _number(float, text, lambda v: 0 <= v < 1, "a dropout probability in [0, 1)")
+
+
+def cap(text):
+    return _number(float, text, lambda v: v == 0 or 1 <= v < 3.4e38, "0 (off) or a cap >= 1")
+
+
+def add_intervention_flags(parser):
+    """--weight-decay, --dropout, --cap: the study's interventions, off (0) unless given."""
+    parser.add_argument("--weight-decay", type=non_negative_float, help="AdamW's decoupled weight decay on "
+                        "every parameter; over a run it shrinks the weights by exp(-lr * decay * steps) "
+                        "(default: 0, DiT's)")
+    parser.add_argument("--dropout", type=dropout, help="dropout in every attention and MLP (default: 0)")
+    parser.add_argument("--cap", type=cap, help="clamp each block's output to this many times its token's "
+                        "RMS, so that no channel can grow large; 0 = off (default: 0)")
 
 
 def check_device(text):

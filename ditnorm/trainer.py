@@ -35,6 +35,7 @@ from ditnorm.images import IMAGE_DATA, DataError, load_image_data
 from ditnorm.options import (
     Parser,
     add_fast_flag,
+    add_intervention_flags,
     add_training_flags,
     check_device,
     check_folder,
@@ -52,6 +53,10 @@ DEFAULTS = {
     "model": "ToyDiT/1", "norm": "layernorm", "global_batch_size": 2048, "lr": 1e-4, "ema_decay": 0.9999,
     "max_steps": 50_000, "ckpt_steps": "10000,50000", "ckpt_every": 0, "log_every": 100, "seed": 0,
     "diffusion_steps": 1000, "data": "zeros", "data_path": None,
+    # The interventions of the study, all off in DiT's recipe: AdamW's decoupled weight decay (on every
+    # trainable parameter, as AdamW(model.parameters()) gives it), dropout in every attention and MLP, and
+    # the cap on each block's output (models.cap_to_rms); 0 is off.
+    "weight_decay": 0.0, "dropout": 0.0, "cap": 0.0,
 }
 # Real images (train.py): DiT's optimiser (AdamW, constant lr, no weight decay) on the offline MNIST subset,
 # at a batch a 2-core CPU trains in hours. The learning rate is 1e-3, not DiT's 1e-4: at 1e-4 a 10k-step
@@ -79,6 +84,7 @@ def parse_args(argv=None, defaults=DEFAULTS, prog="train_toy.py", description=__
     """Flags left out stay None; resolve_config fills them (flags > preset > checkpoint > defaults)."""
     parser = Parser(prog=prog, description=description)
     add_training_flags(parser, defaults, models=TOY_MODELS + MNIST_MODELS)
+    add_intervention_flags(parser)
     parser.add_argument("--ckpt-steps", type=step_list, help="comma-separated steps to save a checkpoint at; "
                         f"the last step is always saved (default: {DEFAULTS['ckpt_steps']})")
     parser.add_argument("--ckpt-every", type=non_negative_int, help="also save every N steps; 0 = off "
@@ -339,11 +345,11 @@ def build_training_state(cfg, ckpt, ckpt_path, device, rank):
         model = load_model(ckpt_path, use_ema=False, device=device)[0].train()
         torch.set_rng_state(ckpt["rng"]["torch"])
     else:
-        model = build_model(cfg["model"], norm=cfg["norm"]).to(device)
+        model = build_model(cfg["model"], norm=cfg["norm"], dropout=cfg["dropout"], cap=cfg["cap"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     # Other averages of the weights beside the DiT EMA (averaging.py); rank 0 alone keeps them.
     averages = WeightAverages(model, DEFAULT_AVERAGES) if rank == 0 else None
-    optimizer = make_optimizer(model.parameters(), cfg["lr"])
+    optimizer = make_optimizer(model.parameters(), cfg["lr"], cfg["weight_decay"])
     if ckpt:
         try:
             ema.load_state_dict(ckpt["ema"])

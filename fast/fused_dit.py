@@ -72,6 +72,8 @@ class DiTPlan:
         params = list(model.parameters())
         if len(codes) != 1 or None in codes:
             self.reason = "unknown or mixed norm modules"
+        elif cfg.get("dropout") or cfg.get("cap"):
+            self.reason = "dropout or an activation cap (neither is in the fused path)"
         elif self.tokens > MAX_FAST_TOKENS:
             self.reason = f"{self.tokens} tokens (the fused path handles up to {MAX_FAST_TOKENS})"
         elif any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):

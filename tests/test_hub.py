@@ -46,7 +46,7 @@ def test_save_pretrained_folder_loads_and_matches_diffusers_with_shift_0(dit_fol
     ours, config = load_model(dit_folder)
     assert config == dict(model="DiTTransformer2DModel", input_size=4, patch_size=2, in_channels=4,
                           hidden_size=32, depth=2, num_heads=2, mlp_ratio=4.0, class_dropout_prob=0.1,
-                          num_classes=10, learn_sigma=True, norm="layernorm")
+                          num_classes=10, learn_sigma=True, norm="layernorm", dropout=0.0, cap=0.0)
     theirs = DiTTransformer2DModel.from_pretrained(dit_folder).eval()
     x, t, y = inputs(config)
     as_saved = theirs(x, t, y).sample
