@@ -131,13 +131,13 @@ PRESETS = {
     ),
     # When does LayerNorm hurt? (res/interventions/prediction.md): weight decay, dropout and a cap on
     # each block's output, MnistDiT-XS/4, layernorm and none, 3 seeds; the baseline is the mnist preset's XS
-    # runs trained again. In training order: every intervention's seed 0 pair first, so a stopped study
-    # leaves matched pairs of every condition.
+    # runs trained again, first (the reference of every read-out). In training order: every seed-0 pair
+    # first, so that a stopped study leaves matched pairs of every condition.
     "interventions": dict(
         recipe="mnist",
         grid=[dict(intervention=[name], model=["MnistDiT-XS/4"], norm=["layernorm", "none"], data=["mnist"],
                    seed=[seed])
-              for seed in (0, 1, 2) for name in ("wd1", "cap4", "dropout0.3", "wd0.1", "baseline")],
+              for seed in (0, 1, 2) for name in ("baseline", "wd1", "cap4", "dropout0.3", "wd0.1")],
         run_name="{model}-{norm}-{intervention}-seed{seed}",
         measure=mnist_study.measure,
         measure_args={},
