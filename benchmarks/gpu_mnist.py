@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_mnist.py --out gpu_out/mnist                 # one CUDA GPU, the whole ladder
     python benchmarks/gpu_mnist.py --tiny --device cpu --out /tmp/m    # the test's version: seconds on a CPU
+    python benchmarks/gpu_mnist.py --preset interventions --sizes S --seeds 0 --out gpu_out/interventions
 
 The ladder: MnistDiT-XS/4, -S/4, -B/4, -L/4 x (layernorm and none at seeds 0-2, rmsnorm and dyt at seed 0),
 32 runs of the mnist recipe (ditnorm/presets.py RECIPES["mnist"]: batch 64, 10k steps, a checkpoint every
@@ -9,8 +10,12 @@ The ladder: MnistDiT-XS/4, -S/4, -B/4, -L/4 x (layernorm and none at seeds 0-2, 
 (build_training_state, plain_train_step, the same (seed, step) batches and class dropout, trainer.save),
 so its checkpoints are the trainer's. The runs advance one step each in turn, each on its own CUDA stream,
 so that the GPU overlaps the small kernels of one run with the next run's while Python launches them.
-Then ditnorm/mnist_study.measure_run measures each run into OUT/runs/<run>/measures.csv and
-ditnorm/mnist_report.report writes OUT/results.md and OUT/curves.png: the small statistics to commit.
+With --preset interventions the ladder is instead the interventions study (res/interventions/prediction.md:
+baseline, weight decay 0.1 and 1.0, dropout 0.3, the cap 4, for layernorm and none) at the larger sizes;
+its dropout masks come from the one process's global RNG, which the runs share, so a run's masks are not
+those that experiment.py would draw for it alone. Then ditnorm/mnist_study.measure_run measures each run
+into OUT/runs/<run>/measures.csv and ditnorm/mnist_report.report writes OUT/results.md and
+OUT/curves.png: the small statistics to commit.
 
 NEVER RUN ON A GPU; the estimate below is arithmetic, not a measurement. FLOPs per training step at batch
 64, forward + backward, as benchmarks/bench_image.py counts them (FlopCounterMode): XS 3.8, S 22.6, B 120,
@@ -20,7 +25,8 @@ conservative 30% (20 TFLOP/s) that is about 37 minutes, L alone 27 of them. Smal
 kernel launches instead: about 500 per step at ~5 us is 2.5 ms per run-step, 8 runs x 10k steps = about
 200 s per size whatever its width. Taking the larger of the two per size: XS 200 s, S 200 s, B 480 s,
 L 1620 s. So the whole ladder does NOT fit 10 minutes of device time (about 42 minutes); `--sizes XS,S`
-(about 7 minutes) does, and B would need CUDA graphs or batching runs of one size into one model.
+(about 7 minutes) does, and so does the interventions' seed 0 at S (10 runs, about 250 s); B would need
+CUDA graphs or batching runs of one size into one model.
 Measuring adds about 1.5e5 forward passes per run (NLL over 500 held-out images x 20 timesteps at 6
 checkpoints, precision 2 x 2 x 1e4, 500 samples x 100 steps, the ablation), and runs on the CPU:
 measure_run loads checkpoints with load_for_sampling's default device (cpu).
@@ -43,7 +49,7 @@ from diffusion import create_diffusion  # noqa: E402
 from ditnorm import mnist_report, mnist_study  # noqa: E402
 from ditnorm.data import rank_batches  # noqa: E402
 from ditnorm.images import load_image_data  # noqa: E402
-from ditnorm.presets import PRESETS, RECIPES  # noqa: E402
+from ditnorm.presets import runs as preset_runs  # noqa: E402
 from ditnorm.trainer import build_training_state, plain_train_step, save  # noqa: E402
 
 SIZES = {"XS": "MnistDiT-XS/4", "S": "MnistDiT-S/4", "B": "MnistDiT-B/4", "L": "MnistDiT-L/4"}
@@ -55,17 +61,18 @@ FULL = dict(sizes=tuple(SIZES), norm_seeds=NORM_SEEDS, max_steps=None, ckpt_ever
             measure_args={})
 
 
-def ladder(sizes, norm_seeds, max_steps=None, ckpt_every=None):
-    """[(run name, trainer cfg)] with the mnist preset's recipe and run names."""
+def ladder(sizes, norm_seeds, max_steps=None, ckpt_every=None, preset="mnist"):
+    """[(run name, trainer cfg)]: the preset's MnistDiT-XS/4 runs (those of norm_seeds' norms and seeds)
+    at each size, with its recipe and run names."""
     given = {"max_steps": max_steps, "ckpt_every": ckpt_every}
-    recipe = dict(RECIPES["mnist"], **{k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
     runs = []
     for size in sizes:
-        for norm, seeds in norm_seeds.items():
-            for seed in seeds:
-                cfg = dict(recipe, model=SIZES[size], norm=norm, data="mnist", seed=seed)
-                name = PRESETS["mnist"]["run_name"].format(**dict(cfg, model=SIZES[size].replace("/", "-")))
-                runs.append((name, cfg))
+        model = SIZES[size]
+        for name, cfg in preset_runs(preset):
+            if cfg["model"] == SIZES["XS"] and cfg["seed"] in norm_seeds.get(cfg["norm"], ()):
+                runs.append((name.replace("MnistDiT-XS-4", model.replace("/", "-"), 1),
+                             dict(cfg, **given, model=model)))
     return runs
 
 
@@ -140,10 +147,19 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sizes", default=",".join(SIZES),
                         help="comma-separated, of XS,S,B,L (default: all)")
+    parser.add_argument("--preset", choices=("mnist", "interventions"), default="mnist",
+                        help="the norms ladder, or the interventions study (default: mnist)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of layernorm and none "
+                        "(default: 0,1,2)")
     parser.add_argument("--tiny", action="store_true", help="one size, two runs, four steps, a small measure")
     parser.add_argument("--skip-measure", action="store_true")
     args = parser.parse_args(argv)
-    setting = TINY if args.tiny else dict(FULL, sizes=tuple(args.sizes.split(",")))
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: pass comma-separated seeds of 0, 1, 2")
+    norm_seeds = dict(NORM_SEEDS, layernorm=seeds, none=seeds)
+    setting = TINY if args.tiny else dict(FULL, sizes=tuple(args.sizes.split(",")), norm_seeds=norm_seeds)
     unknown = [s for s in setting["sizes"] if s not in SIZES]
     if unknown:
         parser.error(f"--sizes: unknown {', '.join(unknown)}; choose of {', '.join(SIZES)}")
@@ -159,7 +175,8 @@ def main(argv=None):
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     images = load_image_data("mnist")
-    plan = ladder(setting["sizes"], setting["norm_seeds"], setting["max_steps"], setting["ckpt_every"])
+    plan = ladder(setting["sizes"], setting["norm_seeds"], setting["max_steps"], setting["ckpt_every"],
+                  args.preset)
     log(f"{len(plan)} runs side by side on {device}: {', '.join(name for name, _ in plan)}")
     runs = [Run(name, cfg, out / "train" / name, images, device) for name, cfg in plan]
     train(list(runs), device, log)

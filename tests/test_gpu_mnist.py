@@ -27,6 +27,15 @@ def test_the_ladder_is_the_mnist_preset_at_four_sizes():
     assert runs["MnistDiT-S-4-none-seed2"]["global_batch_size"] == 64
 
 
+def test_the_interventions_ladder_is_the_preset_at_larger_sizes():
+    script = load_script()
+    runs = dict(script.ladder(("S", "B"), dict(layernorm=(0,), none=(0,)), preset="interventions"))
+    assert len(runs) == 2 * 5 * 2
+    cfg = runs["MnistDiT-B-4-layernorm-cap4-seed0"]
+    assert cfg["model"] == "MnistDiT-B/4" and cfg["cap"] == 4.0 and cfg["max_steps"] == 10_000
+    assert runs["MnistDiT-S-4-none-wd1-seed0"]["weight_decay"] == 1.0
+
+
 def test_tiny_trains_measures_and_reports_on_the_cpu(tmp_path):
     load_script().main(["--tiny", "--device", "cpu", "--out", str(tmp_path)])
     for name in ("MnistDiT-XS-4-layernorm-seed0", "MnistDiT-XS-4-none-seed0"):
