@@ -98,8 +98,9 @@ def test_rgb_and_grey_of_any_size_become_rgb_squares_with_one_label_per_class_fo
     for k in range(11):  # more classes than MNIST's 10
         (tmp_path / f"c{k:02d}").mkdir()
         w, h = sizes[k % 3]
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"c{k:02d}" / "a.png")
-        Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(tmp_path / f"c{k:02d}" / "b.jpg")
+        folder = tmp_path / f"c{k:02d}"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / "a.png")
+        Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(folder / "b.jpg")
     x, y, names = read_image_folder(tmp_path, 12)
     assert x.shape == (22, 3, 12, 12) and x.dtype == torch.uint8 and len(names) == 11
     assert y.tolist() == [k for k in range(11) for _ in range(2)]
