@@ -7,8 +7,8 @@ image), for one trained with --data constant, whose sample means should follow U
 Kolmogorov-Smirnov distance to it is printed too). --ckpt takes a checkpoint file or a run folder (its
 last checkpoint, or the one at --step); --weights raw samples the training weights instead of their EMA.
 
-    python sample.py --ckpt results/reproduce/runs/zeros-none-seed0/000-ToyDiT-1-none --scatter toy.png
-    python sample.py --ckpt results/reproduce/runs/zeros-none-seed0/000-ToyDiT-1-none --step 1000 \
+    python sample.py --ckpt results/reproduce/zeros-none-seed0 --scatter toy.png
+    python sample.py --ckpt results/reproduce/zeros-none-seed0 --step 1000 \
         --weights raw --num-samples 1000
 
 Pixel-space DiTs (train.py: MNIST or the user's own grey or RGB images): a class-conditional grid, one
