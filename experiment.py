@@ -25,7 +25,16 @@ import torch
 from ditnorm import provenance
 from ditnorm.analysis import run_checkpoints
 from ditnorm.files import CheckpointError, record_checkpoints, stats_checkpoints
-from ditnorm.options import Parser, add_fast_flag, check_device, device, positive_int, seed_list, step_set
+from ditnorm.options import (
+    Parser,
+    add_fast_flag,
+    check_device,
+    check_folder,
+    device,
+    positive_int,
+    seed_list,
+    step_set,
+)
 from ditnorm.presets import PRESETS, runs
 
 ROOT = Path(__file__).resolve().parent
@@ -52,6 +61,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if problem := check_device(args.device):
         parser.error(f"--device {args.device}: {problem}")
+    if problem := check_folder(args.results_dir):
+        parser.error(f"--results-dir {args.results_dir}: {problem}")
     return args
 
 
@@ -59,7 +70,7 @@ def train_one(cfg, run_dir, device, fast):
     torch.set_num_threads(1)
     from ditnorm.trainer import train_run  # the lead's trainer; imported here so measure and report need none
 
-    train_run(cfg, run_dir, device=device, fast=fast)
+    train_run(cfg, run_dir, device=device, fast=fast, console=Path(run_dir).name)  # its log lines, labelled
     return f"trained {run_dir}"
 
 

@@ -1,4 +1,4 @@
-"""Sample a trained DiT: toy models to error statistics, latent models to an image grid.
+"""Sample a trained DiT: toy models to error statistics, image models (pixels or latents) to a grid.
 
 Toy checkpoints (ToyDiT, 2x2x2 images): N seeded samples saved as .npz, error statistics printed,
 optionally the 2-D pixel scatter. The error is |x| for a model trained on constant-zero data (the default
@@ -7,9 +7,17 @@ image), for one trained with --data constant, whose sample means should follow U
 Kolmogorov-Smirnov distance to it is printed too). --ckpt takes a checkpoint file or a run folder (its
 last checkpoint, or the one at --step); --weights raw samples the training weights instead of their EMA.
 
-    python sample.py --ckpt results/reproduce/runs/zeros-none-seed0/000-ToyDiT-1-none --scatter toy.png
-    python sample.py --ckpt results/reproduce/runs/zeros-none-seed0/000-ToyDiT-1-none --step 1000 \
+    python sample.py --ckpt results/reproduce/zeros-none-seed0 --scatter toy.png
+    python sample.py --ckpt results/reproduce/zeros-none-seed0 --step 1000 \
         --weights raw --num-samples 1000
+
+Pixel-space DiTs (train.py: MNIST or the user's own grey or RGB images): a class-conditional grid, one
+row per class (--class-labels; default every class, at most the first 16) and --per-class samples in each,
+with classifier-free guidance (--cfg-scale; 1 turns it off), saved as a PNG as the official sample.py
+saves its grid, and the samples themselves (in [-1, 1]) beside it as .npz.
+
+    python sample.py --ckpt results/mnist/MnistDiT-XS-4-layernorm-seed0 --cfg-scale 1 --out ln.png
+    python sample.py --ckpt results/000-MnistDiT-XS-4-none --step 4000 --cfg-scale 4 --seed 1
 
 Latent DiTs (the official DiT-XL/2 by name, downloaded on first use, or a path; or a latent checkpoint
 of this repository): classifier-free guidance, decoded with the Stable Diffusion VAE, saved as a grid.
@@ -36,6 +44,7 @@ from ditnorm.checkpoint import (
     read_checkpoint,
 )
 from ditnorm.data import CONSTANT_RANGE
+from ditnorm.images import write_grid
 from ditnorm.options import (
     Parser,
     add_fast_flag,
@@ -52,7 +61,10 @@ from models import NORM_KINDS, TOY_MODELS
 VAE_SCALE = 0.18215  # latents were scaled by this factor for training (Stable Diffusion's constant)
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 DEFAULT_CFG_SCALE = 4.0
-DEFAULT_STEPS = {"toy": None, "latent": 250}  # None: every step of the checkpoint's own diffusion
+DEFAULT_STEPS = {"toy": None, "pixel": 250, "latent": 250}  # None: every step of the checkpoint's diffusion
+DEFAULT_PER_CLASS = 8
+PIXEL_CHANNELS = (1, 3)  # grey or RGB images (train.py); 4 channels are the SD VAE's latents
+MAX_DEFAULT_ROWS = 16  # a pixel grid's rows when --class-labels is not given: every class, up to this many
 
 
 class SampleError(Exception):
@@ -160,12 +172,66 @@ def sample_toy_checkpoint(model, config, train_args, args):
 
 
 @torch.no_grad()
+def sample_pixel_checkpoint(model, config, train_args, args):
+    """Pixel path: a class-conditional grid (a row per class, --per-class samples in each) -> png + npz."""
+    if args.vae is not None or args.scatter or args.num_samples is not None:
+        raise SampleError(f"{args.ckpt} is a pixel-space model (no VAE, no scatter): drop --vae, --scatter "
+                          "and --num-samples; --per-class sets the samples of each class")
+    size = config["input_size"]
+    if args.image_size is not None and args.image_size != size:
+        raise SampleError(f"{args.ckpt} generates {size}x{size} images; pass --image-size {size} or another "
+                          "checkpoint")
+    labels = args.class_labels or list(range(min(config["num_classes"], MAX_DEFAULT_ROWS)))
+    check_labels(labels, config["num_classes"])
+    per_class = args.per_class or DEFAULT_PER_CLASS
+    cfg_scale = DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
+    if cfg_scale != 1.0 and config["class_dropout_prob"] == 0:
+        raise SampleError(f"{args.ckpt} was trained without class dropout (no null class); use --cfg-scale 1")
+    out = Path(args.out or f"results/samples/{run_name(args.ckpt)}-cfg{cfg_scale:g}-seed{args.seed}.png")
+    if out.suffix.lower() != ".png":
+        raise SampleError(f"--out {out} names the grid, a .png (the samples go beside it as .npz); pass a "
+                          ".png")
+    steps = args.num_sampling_steps or DEFAULT_STEPS["pixel"]
+    diffusion = diffusion_of(train_args, steps)
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    n, c = len(labels) * per_class, config["in_channels"]
+    y = torch.tensor(labels, device=args.device).repeat_interleave(per_class)  # (N,): row k is labels[k]
+    x = torch.randn(n, c, size, size, generator=g, device=args.device)  # (N, C, H, W)
+    if cfg_scale != 1.0:  # as the latent path, guiding exactly the C noise channels
+        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, config["num_classes"])])
+        fn = lambda x_t, t, y: model.forward_with_cfg(x_t, t, y, cfg_scale, guided_channels=None)  # noqa: E731
+    else:
+        fn = model
+    images = diffusion.p_sample_loop(fn, x.shape, noise=x, clip_denoised=True, model_kwargs={"y": y},
+                                     device=args.device, progress=True, generator=g)[:n]  # (N, C, H, W)
+    npz = write_grid(out, images, per_class, labels=y[:n].cpu().numpy(), seed=args.seed, cfg_scale=cfg_scale,
+                     num_sampling_steps=steps, ckpt=str(args.ckpt), weights=args.weights)
+    print(f"{config['model']} norm={config['norm']}, {args.weights} weights: {len(labels)} classes x "
+          f"{per_class} samples of {c}x{size}x{size}, labels {labels}, cfg {cfg_scale:g}, {steps} steps, "
+          f"seed {args.seed}")
+    print(f"saved {out} (a row per class) and {npz}")
+
+
+def run_name(ckpt):
+    """<run folder>-<step> of a run's checkpoint file, else the file's stem (for default output names)."""
+    ckpt = Path(ckpt)
+    return f"{ckpt.parent.parent.name}-{ckpt.stem}" if ckpt.parent.name == "checkpoints" else ckpt.stem
+
+
+def nonfinite_weights(model):
+    """Names of the model's tensors that hold a NaN or an infinity."""
+    return [name for name, value in model.state_dict().items()
+            if value.is_floating_point() and not torch.isfinite(value).all()]
+
+
+@torch.no_grad()
 def sample_latent_checkpoint(model, config, train_args, args):
     """Latent path: guided samples decoded by the VAE -> image grid png."""
     if args.scatter:
         raise SampleError("--scatter plots toy samples; drop it for a latent model")
-    if config["in_channels"] != 4:
-        raise SampleError(f"{args.ckpt} has {config['in_channels']} input channels; the SD VAE decodes 4")
+    if args.per_class is not None:
+        raise SampleError("--per-class sets a pixel-space grid's columns; pass --num-samples for a latent "
+                          "model")
     expected_size = config["input_size"] * 8
     if args.image_size is not None and args.image_size != expected_size:
         raise SampleError(f"{args.ckpt} generates {expected_size}x{expected_size} images; "
@@ -215,7 +281,7 @@ def resolve_checkpoint(args):
         folder = path if (path / "checkpoints").is_dir() else path.parent
         if not (folder / "checkpoints").is_dir():
             raise SampleError(f"{args.ckpt} is a folder without checkpoints/<step>.pt; pass a run folder of "
-                              "train_toy.py or a checkpoint file")
+                              "train_toy.py or train.py, or a checkpoint file")
         path = checkpoint_at(folder, args.step)
     elif args.step is not None:
         raise SampleError("--step picks a checkpoint of a run folder; drop it or pass the run folder as "
@@ -232,25 +298,30 @@ def build_parser():
     summary, details = __doc__.split("\n\n", 1)
     p = Parser(prog="sample.py", description=summary, epilog="details and examples:\n" + details)
     p.add_argument("--ckpt", required=True,
-                   help="checkpoint file, run folder of train_toy.py, or an official name (downloaded): "
-                   f"{', '.join(OFFICIAL_CHECKPOINTS)}")
+                   help="checkpoint file, run folder of train_toy.py or train.py, or an official name "
+                   f"(downloaded): {', '.join(OFFICIAL_CHECKPOINTS)}")
     p.add_argument("--step", type=positive_int, default=None,
                    help="with a run folder as --ckpt: the checkpoint step (default: the run's last)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema",
                    help="the EMA weights (what DiT samples with) or the raw training weights")
     p.add_argument("--num-samples", type=positive_int, default=None,
                    help="default: 100 for toy models; the number of --class-labels (or 8) for latent models")
+    p.add_argument("--per-class", type=positive_int, default=None,
+                   help=f"pixel-space models: samples of each class, the grid's columns (default: "
+                        f"{DEFAULT_PER_CLASS})")
     p.add_argument("--seed", type=seed, default=0, help="seed of the noise and of random labels")
     p.add_argument("--num-sampling-steps", type=positive_int, default=None,
                    help="respaced steps of the checkpoint's own diffusion (at most its length); default 250 "
-                        "for latent models (as DiT), all of them (the full training schedule) for toy models")
+                        "for image models (as DiT), all of them (the full training schedule) for toy models")
     p.add_argument("--cfg-scale", type=finite_float, default=None,
-                   help=f"guidance scale (default {DEFAULT_CFG_SCALE}); 1 disables it; latent models only")
+                   help=f"guidance scale of image models (default {DEFAULT_CFG_SCALE}); 1 disables it")
     p.add_argument("--cfg-channels", choices=("all", "3"), default="3",
-                   help="guide the first 3 output channels as the official DiT sample.py does (default), or "
-                        "all eps channels")
+                   help="latent models: guide the first 3 output channels as the official DiT sample.py "
+                        "does (default), or all eps channels (pixel models: always their eps channels)")
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
-                   help="labels, repeated to --num-samples; default: random labels drawn from --seed")
+                   help="latent models: labels, repeated to --num-samples (default: random labels drawn from "
+                        f"--seed); pixel models: the grid's rows (default: every class, at most "
+                        f"{MAX_DEFAULT_ROWS})")
     p.add_argument("--vae", default=None,
                    help=f"AutoencoderKL: a Hugging Face name ({DEFAULT_VAE} or stabilityai/sd-vae-ft-mse) "
                         "or a local folder (default: the -ema one)")
@@ -263,7 +334,8 @@ def build_parser():
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda falls back to cpu when no GPU is present")
     p.add_argument("--out", default=None,
-                   help="output .npz (toy) or .png grid (latent); default under results/samples/")
+                   help="output .npz (toy) or .png grid (image models; a pixel grid's samples go beside it "
+                        "as .npz); default under results/samples/")
     p.add_argument("--scatter", default=None, help="toy only: also save the 2-D pixel scatter png here")
     return p
 
@@ -286,10 +358,20 @@ def main(argv=None):
         # The steps and schedule of the diffusion come from the checkpoint (diffusion_of), never a default.
         model, config, train_args = load_for_sampling(args.ckpt, norm=args.norm, device=args.device,
                                                       use_ema=args.weights == "ema")
-        if config["model"] in TOY_MODELS:
+        if config["model"] in TOY_MODELS:  # a diverged toy is sampled: its non-finite values are counted
             sample_toy_checkpoint(model, config, train_args, args)
-        else:
+        elif nonfinite_weights(model):
+            bad = nonfinite_weights(model)
+            raise SampleError(f"{args.ckpt} holds non-finite {args.weights} weights ({', '.join(bad[:2])}"
+                              f"{' ...' if len(bad) > 2 else ''}: a diverged run); pass an earlier "
+                              "checkpoint")
+        elif config["in_channels"] in PIXEL_CHANNELS:
+            sample_pixel_checkpoint(model, config, train_args, args)
+        elif config["in_channels"] == 4:
             sample_latent_checkpoint(model, config, train_args, args)
+        else:
+            raise SampleError(f"{args.ckpt} has {config['in_channels']} input channels: neither pixels "
+                              "(1 or 3) nor the SD VAE's 4 latent channels; pass another checkpoint")
     except DownloadError as e:
         parser.fail(str(e))
     except (CheckpointError, SampleError, FileNotFoundError) as e:

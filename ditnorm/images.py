@@ -5,7 +5,10 @@ one row per image, 784 pixel values 0-255 and the label last, 500 images of each
 so every committed result can be rerun with no network. The split is fixed and documented: of each
 digit's 500 rows (in file order) the first 450 train and the last 50 are held out, so both parts hold
 every class in equal numbers (4,500 training and 500 held-out images).
-Pixels map to [-1, 1] as x / 127.5 - 1, so a background pixel is exactly -1.
+A folder of the user's own images (grey or RGB, any size and class count) is read as the official train.py
+reads an ImageFolder: one subfolder per class, each image resized and centre-cropped to the square
+--image-size (center_crop_arr). Pixels map to [-1, 1] as x / 127.5 - 1, so a background pixel is exactly
+-1.
 
 Training batches come from (seed, step, global sample index) like the toy's noise (data.py): each step
 draws its global batch of image indices with replacement from a generator seeded by (seed, step), so a
@@ -16,6 +19,7 @@ classifier-free guidance is drawn the same way.
 import gzip
 import hashlib
 import importlib.util
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,8 @@ MNIST_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d
 HELDOUT_FRACTION = 0.1  # of each class, the last rows in file order
 IMAGE_DATA = ("mnist", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MNIST_SIZE = 28
+PROGRESS_EVERY = 1000  # images between the progress lines of a large folder
 
 
 class DataError(Exception):
@@ -67,44 +73,68 @@ def read_mnist_csv(path, expected_sha256=MNIST_SHA256):
 
 
 def read_image_folder(path, image_size):
-    """(uint8 images (N, C, S, S), labels (N,)) from a folder of class subfolders, as the official code takes.
-
-    Class k is the k-th subfolder in sorted order; images are centre-cropped to a square and resized to
-    image_size. Grey images stay one channel only if every image is grey."""
+    """(uint8 images (N, C, S, S), labels (N,), class names) of a folder of class subfolders, as the official
+    train.py's ImageFolder takes it: class k is the k-th subfolder in sorted order, and every image is
+    resized and centre-cropped to image_size x image_size (center_crop_arr). Grey images stay one channel
+    only if every image is grey; anything else (RGBA, palette, CMYK) becomes RGB."""
     from PIL import Image, UnidentifiedImageError
 
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"--data-path {path} is not a folder; pass a folder with one subfolder per class")
-    classes = sorted(p for p in root.iterdir() if p.is_dir())
-    files = [(f, k) for k, c in enumerate(classes) for f in sorted(c.rglob("*"))
-             if f.suffix.lower() in IMAGE_EXTENSIONS]
-    if not files:
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = {c: sorted(f for f in c.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+             for c in classes}
+    if not any(found.values()):
         raise DataError(f"--data-path {path} has no images in class subfolders "
-                        f"({', '.join(IMAGE_EXTENSIONS)})")
+                        f"({', '.join(IMAGE_EXTENSIONS)}); pass a folder with one subfolder per class")
+    empty = [c.name for c in classes if not found[c]]
+    if empty:
+        raise DataError(f"class folder {root / empty[0]} has no images ({', '.join(IMAGE_EXTENSIONS)}); add "
+                        "some or remove the folder")
+    files = [(f, k) for k, c in enumerate(classes) for f in found[c]]
     pictures = []
-    for f, _ in files:
+    for i, (f, _) in enumerate(files, start=1):
         try:
-            with Image.open(f) as im:
-                pictures.append(_square(im, image_size))
-        except (OSError, UnidentifiedImageError) as err:
-            raise DataError(f"cannot read image {f} ({err}); remove or replace it") from None
+            with warnings.catch_warnings():  # PIL's warning below its bomb limit: the image is read
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(f) as im:
+                    pictures.append(center_crop_arr(im, image_size))
+        except Image.DecompressionBombError as err:
+            raise DataError(f"image {f} is too large for PIL to read safely ({first_sentence(err)}); shrink "
+                            "or remove it") from None
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise DataError(f"cannot read image {f} ({first_sentence(err)}); remove or replace it") from None
+        if len(files) >= 2 * PROGRESS_EVERY and i % PROGRESS_EVERY == 0:
+            print(f"read {i}/{len(files)} images of {path}", flush=True)
     grey = all(p.mode == "L" for p in pictures)
-    arrays = [np.asarray(p.convert("L" if grey else "RGB")) for p in pictures]
+    arrays = [np.asarray(p if p.mode == ("L" if grey else "RGB") else p.convert("RGB")) for p in pictures]
     images = torch.from_numpy(np.stack(arrays))  # (N, S, S) or (N, S, S, 3)
     images = images.unsqueeze(1) if grey else images.permute(0, 3, 1, 2)  # (N, C, S, S)
-    return images.contiguous(), torch.tensor([k for _, k in files])
+    return images.contiguous(), torch.tensor([k for _, k in files]), [c.name for c in classes]
 
 
-def _square(image, size):
-    """Centre crop to a square, then resize to size x size (bicubic)."""
+def first_sentence(err):
+    """An exception's message up to its first line break (PIL's can run over several)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def center_crop_arr(image, image_size):
+    """The official data pipeline's crop (ADM's center_crop_arr): halve the image with a box filter while
+    its short side is at least twice image_size, resize it bicubically so that its short side is
+    image_size, then cut the centre image_size x image_size square. Returns an "L" or "RGB" PIL image."""
     from PIL import Image
 
-    w, h = image.size
-    s = min(w, h)
-    image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    mode = "L" if image.mode in ("L", "1", "I;16", "I") else "RGB"
-    return image.convert(mode).resize((size, size), Image.BICUBIC)
+    mode = "L" if image.mode in ("L", "1", "I;16", "I", "F") else "RGB"
+    image = image.convert(mode) if image.mode != mode else image
+    image.load()
+    while min(image.size) >= 2 * image_size:  # cheap, alias-free steps down first
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
+    top, left = (image.height - image_size) // 2, (image.width - image_size) // 2
+    return image.crop((left, top, left + image_size, top + image_size))
 
 
 def to_model_range(images):
@@ -169,15 +199,43 @@ class ImageData:
         return x, y, drop
 
 
-def load_image_data(kind, data_path=None, image_size=28):
-    """The ImageData of --data mnist (offline subset) or --data folder (--data-path); both split 90/10 per
-    class (the last tenth of each class's images held out)."""
+def load_image_data(kind, data_path=None, image_size=None):
+    """The ImageData of --data mnist (the offline subset, 28x28) or --data folder (--data-path, resized and
+    centre-cropped to image_size, default 28); both split 90/10 per class (the last tenth of each class's
+    images held out)."""
     if kind == "mnist":
+        if image_size not in (None, MNIST_SIZE):
+            raise DataError(f"the offline MNIST is {MNIST_SIZE}x{MNIST_SIZE}; drop --image-size {image_size} "
+                            "or train on a folder (--data-path)")
         images, labels = read_mnist_csv(mnist_path())
         return ImageData(images, labels, "mnist")
     if kind == "folder":
         if data_path is None:
             raise DataError("--data folder needs --data-path, a folder with one subfolder per class")
-        images, labels = read_image_folder(data_path, image_size)
+        images, labels, _ = read_image_folder(data_path, image_size or MNIST_SIZE)
         return ImageData(images, labels, f"folder:{data_path}")
     raise DataError(f"unknown image data {kind!r}; choose one of: {', '.join(IMAGE_DATA)}")
+
+
+def grid_pixels(images, per_row):
+    """(N, C, H, W) images in [-1, 1] -> one (rows, cols, 3) uint8 grid, as the official sample.py saves its
+    grid (torchvision's save_image with normalize=True, value_range=(-1, 1)): per_row images to a row, 2
+    black pixels between them, grey images repeated to RGB."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.float().cpu(), nrow=per_row, padding=2, normalize=True, value_range=(-1, 1))
+    return grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()  # (H', W', 3)
+
+
+def write_grid(png, images, per_row, **arrays):
+    """The grid of images (grid_pixels) to png and the images themselves, with `arrays` beside them, to the
+    .npz of the same name; each file whole or not at all (records.write_atomic). Returns the .npz path."""
+    from PIL import Image
+
+    from ditnorm.records import write_atomic
+
+    png, pixels = Path(png), grid_pixels(images, per_row)
+    npz = png.with_suffix(".npz")
+    write_atomic(npz, lambda f: np.savez(f, samples=images.float().cpu().numpy(), **arrays))
+    write_atomic(png, lambda f: Image.fromarray(pixels).save(f, format="PNG"))
+    return npz

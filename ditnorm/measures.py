@@ -132,6 +132,7 @@ def sample_errors(preset, run, out, options):
         direct = step in at - done["direct"]
         if step in done["errors"] and not outliers and not direct:
             continue
+        print(f"{run['name']}: measuring step {step}", flush=True)
         models, config, train_args = load_weights_kinds(path, m["weights"], device=options["device"])
         for weights, model in models.items():
             key = dict(data=cfg["data"], norm=cfg["norm"], seed=cfg["seed"], step=step, weights=weights)
@@ -313,6 +314,8 @@ def paper_statistics(preset, run, out, options):
             continue
         every_kind = todo["errors"] or todo["stats"] or todo["direct"]
         kinds = PAPER_WEIGHTS if every_kind else ("raw", PERTURB_TOWARD)
+        what = ", ".join(k for k, v in todo.items() if v)
+        print(f"{run['name']}: measuring step {step} ({what})", flush=True)
         models, config, train_args = load_weights_kinds(path, kinds, device=options["device"])
         key = dict(norm=cfg["norm"], seed=cfg["seed"], step=step)
 

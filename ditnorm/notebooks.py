@@ -33,6 +33,9 @@ def execute_notebook(path, parameters=None, executed_path=None, progress=False):
         )
     if executed_path is not None:
         Path(executed_path).parent.mkdir(parents=True, exist_ok=True)
+    # A notebook takes minutes: say which one runs (and where its executed copy goes) before it starts.
+    print(f"running notebook {Path(path).name}"
+          + (f" -> {shown(executed_path)}" if executed_path is not None else ""), flush=True)
     try:
         return papermill.execute_notebook(
             str(path),
@@ -65,7 +68,6 @@ def run_both(runs, out, executed, *, steps=None, pretrained="DiT-XL-2-256x256.pt
     ]
     skipped = []
     for name, params in jobs:
-        print(f"notebook {name} -> {shown(Path(executed) / name)}", flush=True)
         nb = execute_notebook(ROOT / name, params, Path(executed) / name)
         skipped += [line for line in notebook_text(nb).splitlines() if line.startswith("SKIPPED")]
     return skipped

@@ -8,6 +8,7 @@ are as they were. In the sampled tables each seed's number is a statistic over a
 samples; a table cell is the median over seeds and [min, max] over seeds (records.seed_spread).
 """
 
+import csv
 import datetime
 import json
 import os
@@ -39,8 +40,7 @@ def gather(out, name, grid=None):
     step) when a grid is given; seeds outside grid["seed"] are left out."""
     rows = []
     for path in sorted(Path(out).glob(f"runs/*/{name}.csv")):
-        for row in read_rows(path):
-            rows.append({k: v if k in TEXT else int(v) if k in INTS else float(v) for k, v in row.items()})
+        rows += parsed_rows(path, grid)
     if grid is None:
         return rows
     rows = [r for r in rows if r["seed"] in grid["seed"]]
@@ -54,6 +54,32 @@ def gather(out, name, grid=None):
             order["measure"].index(r.get("measure", "abs_x")),
         ),
     )
+
+
+def parsed_rows(path, grid=None):
+    """The rows of one run's csv, numbers converted and, with a grid, its data, norm and measure known;
+    SystemExit in one line naming the file when it is not such a table (truncated, a cell that is no number,
+    empty)."""
+    known = {} if grid is None else {"data": grid["data"], "norm": grid["norm"], "measure": MEASURE_LABELS}
+    try:
+        rows = read_rows(path)
+        if not rows:
+            raise ValueError("it holds no rows")
+        out = []
+        for i, row in enumerate(rows, start=2):
+            if None in row or None in row.values():
+                raise ValueError(f"line {i} has {'more' if None in row else 'fewer'} cells than the header")
+            unknown = [f"{k} {row[k]!r}" for k, values in known.items() if k in row and row[k] not in values]
+            if unknown:
+                raise ValueError(f"line {i} has {' and '.join(unknown)}, which this preset does not measure")
+            try:
+                out.append({k: v if k in TEXT else int(v) if k in INTS else float(v) for k, v in row.items()})
+            except ValueError:
+                raise ValueError(f"line {i} has a cell that is no number") from None
+        return out
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as e:
+        raise SystemExit(f"experiment.py: error: cannot read {path} ({e}); delete it and run experiment.py "
+                         "measure again to rewrite it") from None
 
 
 def spread_cell(values, fmt=".2e"):

@@ -31,7 +31,7 @@ from ditnorm.checkpoint import (
     save_checkpoint,
 )
 from ditnorm.data import DATA_KINDS, rank_batches, training_images
-from ditnorm.images import IMAGE_DATA, DataError, load_image_data
+from ditnorm.images import IMAGE_DATA, MNIST_SIZE, DataError, load_image_data
 from ditnorm.options import (
     Parser,
     add_fast_flag,
@@ -52,7 +52,7 @@ from models import MNIST_MODELS, TOY_MODELS, DiT_models, build_model
 DEFAULTS = {
     "model": "ToyDiT/1", "norm": "layernorm", "global_batch_size": 2048, "lr": 1e-4, "ema_decay": 0.9999,
     "max_steps": 50_000, "ckpt_steps": "10000,50000", "ckpt_every": 0, "log_every": 100, "seed": 0,
-    "diffusion_steps": 1000, "data": "zeros", "data_path": None,
+    "diffusion_steps": 1000, "data": "zeros", "data_path": None, "image_size": None,
     # The interventions of the study, all off in DiT's recipe: AdamW's decoupled weight decay (on every
     # trainable parameter, as AdamW(model.parameters()) gives it), dropout in every attention and MLP, and
     # the cap on each block's output (models.cap_to_rms); 0 is off.
@@ -66,6 +66,8 @@ IMAGE_DEFAULTS = {
     **DEFAULTS, "model": "MnistDiT-S/4", "global_batch_size": 64, "lr": 1e-3, "ema_decay": 0.999,
     "max_steps": 10_000, "ckpt_steps": "", "ckpt_every": 1000, "data": "mnist",
 }
+# What train.py offers: pixel-space DiTs, each built to fit its data (channels, size, classes).
+IMAGE_MODELS = MNIST_MODELS + tuple(name for name in DiT_models if name.startswith("DiT-"))
 # The CPU preset trades the study's batch (8x fewer samples per step) and learning rate (10x larger) for a
 # 10x shorter run. Its EMA decay keeps the study's EMA horizon relative to the run length: 5 time constants
 # at the last checkpoint (50k x 1e-4 = 5k x 1e-3) and 1 at the first (10k x 1e-4 = 1k x 1e-3).
@@ -81,31 +83,45 @@ PRESET_HELP = (
 
 
 def parse_args(argv=None, defaults=DEFAULTS, prog="train_toy.py", description=__doc__):
-    """Flags left out stay None; resolve_config fills them (flags > preset > checkpoint > defaults)."""
+    """Flags left out stay None; resolve_config fills them (flags > preset > checkpoint > defaults).
+
+    The toy's command (defaults["data"] a toy data kind) and the image one (train.py) share the flags
+    below; each shows only its own models, data and defaults."""
+    images = defaults["data"] in IMAGE_DATA
     parser = Parser(prog=prog, description=description)
-    add_training_flags(parser, defaults, models=TOY_MODELS + MNIST_MODELS)
+    add_training_flags(parser, defaults, models=IMAGE_MODELS if images else TOY_MODELS)
     add_intervention_flags(parser)
     parser.add_argument("--ckpt-steps", type=step_list, help="comma-separated steps to save a checkpoint at; "
-                        f"the last step is always saved (default: {DEFAULTS['ckpt_steps']})")
+                        "the last step is always saved"
+                        + (f" (default: {defaults['ckpt_steps']})" if defaults["ckpt_steps"] else ""))
     parser.add_argument("--ckpt-every", type=non_negative_int, help="also save every N steps; 0 = off "
-                        "(default: 0)")
+                        f"(default: {defaults['ckpt_every']})")
     parser.add_argument("--log-every", type=positive_int, help="steps between loss logs; the loss is also "
-                        "checked for NaN/Inf here (default: 100)")
+                        f"checked for NaN/Inf here (default: {defaults['log_every']})")
     parser.add_argument("--diffusion-steps", type=diffusion_steps, help="diffusion timesteps T (linear "
-                        "schedule, learned sigma) (default: 1000)")
-    parser.add_argument("--data", choices=DATA_KINDS + IMAGE_DATA,
-                        help="zeros: every image is 0; constant: each image is c * ones, c ~ U[-1, 1] per "
-                        "sample; mnist: the offline MNIST subset (4,500 training images); folder: the "
-                        f"images of --data-path (default: {defaults['data']})")
-    parser.add_argument("--data-path", help="with --data folder: a folder with one subfolder of images per "
-                        "class, as the official train.py takes (e.g. CIFAR-10 as PNGs)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help=PRESET_HELP)
+                        f"schedule, learned sigma) (default: {defaults['diffusion_steps']})")
+    if images:
+        parser.add_argument("--data", choices=IMAGE_DATA,
+                            help="mnist: the offline MNIST subset (4,500 training images, 28x28); folder: "
+                            "the images of --data-path (default: mnist, or folder when --data-path is given)")
+        parser.add_argument("--data-path", help="a folder with one subfolder of images per class, as the "
+                            "official train.py takes (grey or RGB, any size; resized and centre-cropped to "
+                            "--image-size)")
+        parser.add_argument("--image-size", type=positive_int, help="with --data-path: the side the images "
+                            "are resized and centre-cropped to, a multiple of the model's patch size "
+                            f"(default: {MNIST_SIZE})")
+    else:
+        parser.add_argument("--data", choices=DATA_KINDS,
+                            help="zeros: every image is 0; constant: each image is c * ones, c ~ U[-1, 1] "
+                            f"per sample (default: {defaults['data']})")
+        parser.add_argument("--preset", choices=sorted(PRESETS), help=PRESET_HELP)
     parser.add_argument("--results-dir", default="results", help="parent of run folders (default: results)")
     parser.add_argument("--resume", help="a checkpoint file, or a run folder (its latest checkpoint); the "
                         "run continues in the checkpoint's run folder, appending to log.txt")
     add_fast_flag(parser)
     # Tests only: poison one step's noise with NaN, as a diverging step would, to exercise the NaN stop.
     parser.add_argument("--debug-nan-at-step", type=int, help=argparse.SUPPRESS)
+    parser.set_defaults(**{key: None for key in ("preset", "data_path", "image_size")})
     return parser, parser.parse_args(argv)
 
 
@@ -238,8 +254,15 @@ def main(argv=None, defaults=DEFAULTS, prog="train_toy.py", description=__doc__)
     if ckpt and run_dir is None and check_folder(args.results_dir):
         parser.error(f"--results-dir {args.results_dir}: {check_folder(args.results_dir)}")
     cfg = resolve_config(args, ckpt.get("train_args", {}), defaults)
+    if args.data_path is not None and args.data is None:
+        cfg["data"] = "folder"  # --data-path alone: an ImageFolder, as the official train.py takes
     if (cfg["data"] == "folder") != (cfg["data_path"] is not None):
-        parser.error("--data folder and --data-path go together: pass both, or neither")
+        parser.error("--data folder reads the images of --data-path; pass --data-path DIR alone"
+                     if cfg["data"] == "folder" else f"--data {cfg['data']} reads no folder; drop "
+                     "--data-path")
+    if cfg["image_size"] is not None and cfg["data"] != "folder":
+        parser.error(f"--image-size sizes the images of --data-path; the offline MNIST is {MNIST_SIZE}x"
+                     f"{MNIST_SIZE}: drop --image-size")
     ckpt_steps = check_config(parser, cfg, int(os.environ.get("WORLD_SIZE", "1")), ckpt.get("step", 0))
     try:
         rank, world_size, device = setup_distributed(args.device)
@@ -270,7 +293,8 @@ RESUMABLE_CHANGES = ("max_steps", "log_every", "ckpt_steps", "ckpt_every")
 def train_run(cfg, run_dir, *, device=None, fast="auto", console=False):
     """Train one run of experiment.py into run_dir, or resume it from run_dir's latest checkpoint.
 
-    cfg: DEFAULTS' keys (those left out take DEFAULTS' values). A finished run (its latest checkpoint at
+    cfg: DEFAULTS' keys (those left out take DEFAULTS' values). console: print the log lines too (True), or
+    print them after a label (a string); False: log.txt only. A finished run (its latest checkpoint at
     cfg["max_steps"]) is left as it is. Returns run_dir. Raises CheckpointError for a checkpoint that cannot
     continue this configuration, DataError for data that cannot be read, and SystemExit (one line) when a
     step or a save fails; run_dir is created only once training can start."""
@@ -316,8 +340,8 @@ class RunLog:
     def __call__(self, message):
         if self.rank == 0:
             line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
-            if self.console:
-                print(line, flush=True)
+            if self.console:  # True, or a label for the console lines (experiment.py: the run's name)
+                print(line if self.console is True else f"{self.console}: {line}", flush=True)
             if self.file is None:
                 self.pending.append(line + "\n")
                 return
@@ -337,15 +361,17 @@ class RunLog:
             self.file.close()
 
 
-def build_training_state(cfg, ckpt, ckpt_path, device, rank):
-    """(model, ema, averages, optimizer), fresh from cfg's seed or restored from the checkpoint."""
+def build_training_state(cfg, ckpt, ckpt_path, device, rank, fit=None):
+    """(model, ema, averages, optimizer), fresh from cfg's seed or restored from the checkpoint. fit: the
+    DiT kwargs that size a fresh model to its data (in_channels, input_size, num_classes)."""
     # Model init is the only draw from the global RNG; training noise comes from (seed, step).
     torch.manual_seed(cfg["seed"])
     if ckpt:
         model = load_model(ckpt_path, use_ema=False, device=device)[0].train()
         torch.set_rng_state(ckpt["rng"]["torch"])
     else:
-        model = build_model(cfg["model"], norm=cfg["norm"], dropout=cfg["dropout"], cap=cfg["cap"]).to(device)
+        model = build_model(cfg["model"], norm=cfg["norm"], dropout=cfg["dropout"], cap=cfg["cap"],
+                            **(fit or {})).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     # Other averages of the weights beside the DiT EMA (averaging.py); rank 0 alone keeps them.
     averages = WeightAverages(model, DEFAULT_AVERAGES) if rank == 0 else None
@@ -441,16 +467,28 @@ def make_train_step(fast, model, ema, diffusion, optimizer, ema_decay, world_siz
     return step
 
 
+def data_fit(images, model_name):
+    """The DiT kwargs that fit a model to the images (in_channels, input_size, num_classes); DataError when
+    the image size is no multiple of the model's patch size."""
+    channels, size, _ = images.shape
+    patch = DiT_models[model_name].arch["patch_size"]
+    if size % patch:
+        fits = ", ".join(str(s) for s in (size - size % patch, size - size % patch + patch) if s > 0)
+        raise DataError(f"{model_name} cuts {patch}x{patch} patches, so its images need a side that is a "
+                        f"multiple of {patch}, not {size}; pass --image-size {fits.replace(', ', ' or ')}")
+    return {"in_channels": channels, "input_size": size, "num_classes": images.num_classes}
+
+
 def check_data_fits(images, model):
-    """Why the model cannot train on these images (shape or class count), or None."""
+    """Why a resumed checkpoint's model cannot train on these images (shape or class count), or None."""
     cfg = model.config
     want = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
     if images.shape != want:
-        return (f"the {images.name} images are {'x'.join(map(str, images.shape))} but the model takes "
-                f"{'x'.join(map(str, want))}; pick a model of that size")
+        return (f"the {images.name} images are {'x'.join(map(str, images.shape))} but the checkpoint's model "
+                f"takes {'x'.join(map(str, want))}; resume it on the data it was trained on")
     if images.num_classes > cfg["num_classes"]:
-        return (f"the {images.name} images have {images.num_classes} classes but the model has "
-                f"{cfg['num_classes']}; pick a model with enough classes")
+        return (f"the {images.name} images have {images.num_classes} classes but the checkpoint's model has "
+                f"{cfg['num_classes']}; resume it on the data it was trained on")
     return None
 
 
@@ -459,9 +497,10 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
     start_step, max_steps, log_every = ckpt.get("step", 0), cfg["max_steps"], cfg["log_every"]
     log = RunLog(rank, console)
     # Everything that can fail at the start comes before the run folder, so that a failed start leaves none.
-    size = DiT_models[cfg["model"]].arch.get("input_size")
-    images = load_image_data(cfg["data"], cfg["data_path"], size) if cfg["data"] in IMAGE_DATA else None
-    model, ema, averages, optimizer = build_training_state(cfg, ckpt, ckpt_path, device, rank)
+    images = load_image_data(cfg["data"], cfg["data_path"], cfg.get("image_size")) \
+        if cfg["data"] in IMAGE_DATA else None
+    fit = data_fit(images, cfg["model"]) if images is not None else None
+    model, ema, averages, optimizer = build_training_state(cfg, ckpt, ckpt_path, device, rank, fit)
     if images is not None and check_data_fits(images, model):
         raise DataError(check_data_fits(images, model))
     diffusion = create_diffusion(timestep_respacing="", diffusion_steps=cfg["diffusion_steps"])

@@ -196,3 +196,93 @@ def test_a_bug_inside_the_loader_still_shows_its_traceback(bad_files, monkeypatc
     monkeypatch.setattr("ditnorm.checkpoint._check_keys", broken)
     with pytest.raises(KeyError, match="a bug"):
         load_model(bad_files["checkpoint of another model"])
+
+
+# Issue 37: the image trainer, the runner and the report meet more files a user brings.
+
+
+def png_claiming(path, width, height):
+    """A PNG whose header says width x height (a 1x1 image with its IHDR rewritten, its CRC fixed): what a
+    huge image is to PIL, which refuses it from the header before decoding a pixel."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    start = data.index(b"IHDR")
+    data[start + 4:start + 12] = struct.pack(">II", width, height)
+    data[start + 17:start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start:start + 17])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_15000_pixel_square_image_is_one_line(tmp_path, capsys):
+    import train
+    from ditnorm.trainer import IMAGE_DEFAULTS
+
+    (tmp_path / "pictures" / "cats").mkdir(parents=True)
+    png_claiming(tmp_path / "pictures" / "cats" / "huge.png", 15000, 15000)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data-path", str(tmp_path / "pictures"), "--model", "MnistDiT-XS/4", "--max-steps", "1",
+                    "--results-dir", str(tmp_path / "results")], defaults=IMAGE_DEFAULTS, prog="train.py")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith(f"train.py: error: image {tmp_path / 'pictures' / 'cats' / 'huge.png'} is too "
+                             "large for PIL to read safely (Image size (225000000 pixels) exceeds limit")
+    assert err[0].endswith("shrink or remove it") and not (tmp_path / "results").exists()
+
+
+def test_a_file_as_the_runners_results_dir_is_one_line(tmp_path, capsys):
+    import experiment
+
+    (tmp_path / "afile").write_text("a file, not a folder\n")
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["train", "--preset", "tiny", "--seeds", "0", "--results-dir",
+                         str(tmp_path / "afile")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"experiment.py: error: --results-dir {tmp_path / 'afile'}: "
+                                         f"{tmp_path / 'afile'} is a file, not a folder; pass a folder"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+ERRORS_CSV = ("data,measure,norm,seed,step,weights,mean,median,p99,max,nonfinite,ks_c\r\n"
+              "zeros,abs_x,layernorm,0,10,ema,117.1,88.1,375.1,508.7,0,nan\r\n"
+              "zeros,abs_x,layernorm,0,20,ema,17.1,8.1,75.1,108.7,0,nan\r\n")
+
+
+@pytest.mark.parametrize("content, reason", [
+    (ERRORS_CSV[:-12], "line 3 has fewer cells than the header"),  # a truncated last line
+    (ERRORS_CSV.replace("88.1", "eighty"), "line 2 has a cell that is no number"),
+    ("", "it holds no rows"),
+    (ERRORS_CSV.replace("layernorm,0,20", "batchnorm,0,20"),
+     "line 3 has norm 'batchnorm', which this preset does not measure"),
+])
+def test_a_damaged_errors_csv_ends_the_report_in_one_line(tmp_path, capsys, content, reason):
+    import experiment
+
+    run = tmp_path / "tiny" / "res" / "runs" / "zeros-layernorm-seed0"
+    run.mkdir(parents=True)
+    (run / "errors.csv").write_text(content, newline="")
+    before = tree(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["report", "--preset", "tiny", "--seeds", "0", "--results-dir", str(tmp_path)])
+    assert e.value.code == (f"experiment.py: error: cannot read {run / 'errors.csv'} ({reason}); delete it "
+                            "and run experiment.py measure again to rewrite it")
+    assert tree(tmp_path) == before, "the report wrote something"
+
+
+def test_a_nan_image_checkpoint_is_refused_for_its_weights(tmp_path, capsys):
+    model = perturb_zero_init(build_model("MnistDiT-XS/4", depth=1))
+    nan = {k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()}
+    torch.save({**resumable(model, name="MnistDiT-XS/4"), "ema": nan, "train_args": {"data": "mnist"}},
+               tmp_path / "nan.pt")  # save_checkpoint refuses to write it, as the trainer does
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "out" / "grid.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"sample.py: error: {tmp_path / 'nan.pt'} holds non-finite ema weights (")
+    assert err[0].endswith("a diverged run); pass an earlier checkpoint") and not (tmp_path / "out").exists()

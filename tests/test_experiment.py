@@ -375,3 +375,12 @@ def test_paper_statistics_of_every_weights_kind_incrementally(tmp_path, monkeypa
     results = (res / "results.md").read_text()
     assert "| zeros | ema_0.999 | 0 | p99.9 |" in results and "| zeros | power_0.05 |" not in results
     assert results.index("The direct statistic") < results.index("## The sampled error")
+
+
+def test_training_in_process_shows_each_runs_progress(tmp_path, capsys):
+    experiment.main(["train", "--preset", "tiny", "--seeds", "0", "--jobs", "1", "--results-dir",
+                     str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    for run in ("zeros-layernorm-seed0", "zeros-none-seed0"):  # a line every log_every steps, labelled
+        steps = [line for line in out if line.startswith(f"{run}: [") and "] step " in line]
+        assert [line.split("] step ")[1][:7] for line in steps] == [f"{s:07d}" for s in range(2, 21, 2)], out

@@ -112,3 +112,14 @@ def test_toy_notebook_refuses_runs_that_differ_in_more_than_the_norm(tmp_path):
 def test_unknown_notebook_parameter_is_refused():
     with pytest.raises(notebooks.NotebookError, match="has no parameter seeed"):
         notebooks.execute_notebook(ROOT / "ToyDiT_visualization.ipynb", dict(seeed=1))
+
+
+def test_a_report_says_which_notebook_it_runs_before_it_runs(tmp_path, monkeypatch, capsys):
+    said = []
+    def execute(*args, **kwargs):  # what was printed before the notebook started
+        said.append(capsys.readouterr().out)
+        return nbformat.v4.new_notebook()
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    notebooks.execute_notebook(ROOT / "ToyDiT_visualization.ipynb", dict(seed=1), tmp_path / "out.ipynb")
+    assert said == [f"running notebook ToyDiT_visualization.ipynb -> {tmp_path / 'out.ipynb'}\n"]
