@@ -15,6 +15,9 @@ folder of an earlier training is refused, not mixed; the paper preset's statisti
 record was kept are adopted where the checkpoints on disk give back their weights.csv exactly.
 """
 
+import datetime
+import os
+import platform
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -84,6 +87,22 @@ def measured_from(preset, run_dir, out):
     return stats_checkpoints(out, run_checkpoints(run_dir), adopt=adopt if "adopt" in preset else None)
 
 
+def hardware():
+    """One line each: CPU model and cores, GPUs, torch and python versions (said in the reports)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return [
+        f"CPU: {cpu}, {len(os.sched_getaffinity(0))} cores available",
+        f"GPU: {', '.join(gpus) if gpus else 'none'}",
+        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
+    ]
+
+
 def side_by_side(fn, jobs, tasks):
     """fn(*task) for every task, `jobs` processes at a time (in this process for one job)."""
     if jobs == 1 or len(tasks) <= 1:
@@ -91,6 +110,21 @@ def side_by_side(fn, jobs, tasks):
     # spawn, not fork: a forked torch process can deadlock in its thread pool.
     with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=get_context("spawn")) as pool:
         return list(pool.map(fn, *zip(*tasks, strict=True)))
+
+
+def report(name, preset, grid, record, runs_dir, now=None, machine=None):
+    """The preset's report phase into `record` from record/runs/; now and machine (hardware()'s lines), said
+    in some reports, default to this moment and this machine."""
+    torch.set_num_threads(1)
+    options = dict(
+        preset=name,
+        runs=grid,
+        runs_dir=runs_dir,
+        reference=ROOT / "res" / name / "headline.json",
+        now=now or datetime.datetime.now(),
+        hardware=machine or hardware(),
+    )
+    preset["report"](dict(preset, cfg=grid[0][1]), record, options)
 
 
 def main(argv=None):
@@ -124,14 +158,7 @@ def main(argv=None):
             record_checkpoints(out, recorded)
         results = side_by_side(measure_one, args.jobs, tasks)
     else:
-        torch.set_num_threads(1)
-        options = dict(
-            preset=args.preset,
-            runs=grid,
-            runs_dir=runs_dir,
-            reference=ROOT / "res" / args.preset / "headline.json",
-        )
-        preset["report"](dict(preset, cfg=grid[0][1]), record, options)
+        report(args.preset, preset, grid, record, runs_dir)
         results = [f"report in {record}"]
         if args.refresh_res:
             provenance.write(ROOT / "res")

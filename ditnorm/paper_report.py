@@ -9,7 +9,6 @@ for which they were written.
 """
 
 import csv
-import datetime
 from pathlib import Path
 
 import matplotlib
@@ -330,7 +329,7 @@ def report(preset, res, options):
     plot_writer_norms(weights, res / "writer_norms.png")
     lines = [f"# Paper-schedule study: {len({(r['norm'], r['seed']) for r in errors})} runs measured",
              "", f"Made by `python experiment.py report --preset {options['preset']}` from "
-             f"{res.parent.name}/{res.name}/runs/ on {datetime.date.today()}.",
+             f"{res.parent.name}/{res.name}/runs/ on {options['now'].date()}.",
              *(["", *direct_tables.section(direct, list(COLOURS), DIRECT_WEIGHTS), "## The sampled error",
                 "", "The predictions' outcome below rests on these tables, for which they were written."]
                if direct else []),

@@ -8,10 +8,7 @@ are as they were. In the sampled tables each seed's number is a statistic over a
 samples; a table cell is the median over seeds and [min, max] over seeds (records.seed_spread).
 """
 
-import datetime
 import json
-import os
-import platform
 from pathlib import Path
 
 import matplotlib
@@ -19,7 +16,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from ditnorm import direct_tables, notebooks  # noqa: E402
 from ditnorm.data import DATA_KINDS  # noqa: E402
@@ -314,8 +310,9 @@ def relation(ln, none):
     return "seed ranges overlap"
 
 
-def headline_of(preset, rows):
-    """The headline: per weights kind, each norm's median and max |x| at the last step, a value per seed."""
+def headline_of(preset, rows, machine):
+    """The headline: per weights kind, each norm's median and max |x| at the last step, a value per seed;
+    machine: experiment.hardware()'s lines."""
     cfg, m = preset["cfg"], preset["measure_args"]
     rows = [r for r in rows if r["measure"] == "abs_x"]
     step = max(r["step"] for r in rows)
@@ -338,7 +335,7 @@ def headline_of(preset, rows):
         sampling_steps=m["sampling_steps"],
         seeds=len({r["seed"] for r in rows}),
     )
-    return dict(setup=setup, step=step, values=values, machine=", ".join(hardware()[:2]))
+    return dict(setup=setup, step=step, values=values, machine=", ".join(machine[:2]))
 
 
 def headline_markdown(headline):
@@ -428,28 +425,6 @@ def plot_headline(rows, path, title):
     plt.close(fig)
 
 
-def hardware():
-    """One line each: CPU model and cores, GPUs, torch and python versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            cpu,
-        )
-    except OSError:
-        pass
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return [
-        f"CPU: {cpu}, {len(os.sched_getaffinity(0))} cores available",
-        f"GPU: {', '.join(gpus) if gpus else 'none'}",
-        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
-    ]
-
-
 def reproduce_report(preset, out, options):
     """headline.md/.json/.png against the committed headline, errors.md, the block diagram, and both
     notebooks on seed 0 when its run folders are there; results.md collects them."""
@@ -475,7 +450,7 @@ def reproduce_report(preset, out, options):
             "",
         ]
     write_atomic(out / "errors.md", "\n".join(tables))
-    headline = headline_of(preset, rows)
+    headline = headline_of(preset, rows, options["hardware"])
     reference = options["reference"]
     reference = json.loads(reference.read_text()) if reference.is_file() else None
     comparison = compare(headline, reference)
@@ -510,11 +485,11 @@ def reproduce_report(preset, out, options):
         "# Reproduction results",
         "",
         f"Made by `python experiment.py report --preset {options['preset']}` on "
-        f"{datetime.datetime.now().isoformat(timespec='seconds')}.",
+        f"{options['now'].isoformat(timespec='seconds')}.",
         "",
         "## Hardware",
         "",
-        *[f"- {h}" for h in hardware()],
+        *[f"- {h}" for h in options["hardware"]],
         "",
         *direct_part,
         *(["The headline and comparison below are of the sampled error (samples from one noise set), as "
