@@ -12,6 +12,7 @@ over seeds; with n1 against n2 seeds its smallest possible p is 1 / C(n1 + n2, n
 
 import numpy as np
 
+from ditnorm import tables
 from ditnorm.records import grouped
 from ditnorm.stats import rank_test, smallest_p
 
@@ -21,11 +22,7 @@ LAST = 3  # checkpoints per seed in the main table
 
 def spread(values):
     """'median [min, max] (n=k)' over seeds; '-' for none."""
-    v = np.asarray(list(values), dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return "-"
-    return f"{np.median(v):.2e} [{v.min():.2e}, {v.max():.2e}] (n={v.size})"
+    return tables.cell(values)
 
 
 def last_steps(rows, last=LAST):

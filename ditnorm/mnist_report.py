@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ditnorm import stats  # noqa: E402
+from ditnorm import stats, tables  # noqa: E402
 from ditnorm.analysis import outlier_stats, run_checkpoints  # noqa: E402
 from ditnorm.mnist_study import STATS_FILE, context, read_rows  # noqa: E402
 from ditnorm.records import savefig_atomic, write_atomic  # noqa: E402
@@ -69,13 +69,7 @@ def last_step(run):
 
 def spread(values, fmt):
     """'median [min, max] (n=k)' of values."""
-    values = [v for v in values if v is not None and np.isfinite(v)]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{fmt.format(values[0])} (n=1)"
-    return (f"{fmt.format(np.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}] "
-            f"(n={len(values)})")
+    return tables.cell(values, fmt, lone=True)
 
 
 def rank_test(layernorm, none):

@@ -8,7 +8,6 @@ committed runs were measured before it and have none. The predictions' outcome r
 for which they were written.
 """
 
-import csv
 from pathlib import Path
 
 import matplotlib
@@ -17,10 +16,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ditnorm import direct_tables  # noqa: E402
+from ditnorm import direct_tables, tables  # noqa: E402
 from ditnorm.measures import DIRECT_COLUMNS  # noqa: E402
 from ditnorm.measures import PAPER_WEIGHTS as WEIGHTS  # noqa: E402
-from ditnorm.records import savefig_atomic, write_atomic, write_rows  # noqa: E402
+from ditnorm.records import read_rows, savefig_atomic, write_atomic, write_rows  # noqa: E402
 
 # Averages by how far back they reach at 50k steps (the std of their weighting, in steps): EMA d ~ 1/(1-d),
 # a power EMA sigma_rel x 50k. The sphere EMA reaches as far as the DiT EMA.
@@ -37,7 +36,6 @@ COLUMNS = {"errors": ("norm", "seed", "step", "weights", "median", "p99", "max",
            "rms": ("norm", "seed", "step", "weights", "timestep", "block", "rms"),
            "perturb": ("norm", "seed", "step", "direction", "alpha", "median", "p99", "max"),
            "direct": DIRECT_COLUMNS}
-TEXT = ("norm", "weights", "tensor", "direction", "data", "measure")
 # The weights kinds of the direct statistic's tables (direct.csv holds all of them).
 DIRECT_WEIGHTS = ("raw", "ema", "ema_0.999", "sphere_0.9999")
 
@@ -57,27 +55,16 @@ def _gist(error):
 def read_table(path, name):
     """The rows of one run's <name>.csv, numbers converted; SystemExit naming the file if it is not one."""
     try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            lacking = [c for c in COLUMNS[name] if c not in (reader.fieldnames or ())]
-            rows = [] if lacking else list(reader)
-        if lacking:
-            raise unreadable(path, f"no {', '.join(lacking[:3])} column")
-        out = []
-        for i, row in enumerate(rows, start=2):
-            if None in row or None in row.values():
-                more = "more" if None in row else "fewer"
-                raise unreadable(path, f"line {i} has {more} cells than the header")
-            unknown = [f"{k} {row[k]!r}" for k, known in (("norm", COLOURS), ("weights", WEIGHTS))
-                       if k in row and row[k] not in known]
-            if unknown:
-                unknown = " and ".join(unknown)
-                raise unreadable(path, f"line {i} has {unknown}, which the paper preset does not measure")
-            row = {k: v if k in TEXT else float(v) for k, v in row.items()}
-            out.append({**row, **{k: int(row[k]) for k in ("seed", "step", "block", "timestep") if k in row}})
-        return out
+        rows = read_rows(path, COLUMNS[name], ints=("seed", "step", "block", "timestep"))
     except Exception as e:  # foreign data: any failure of its parse is the file's (OSError, csv.Error, ...)
         raise unreadable(path, _gist(e)) from None
+    for i, row in enumerate(rows, start=2):
+        unknown = [f"{k} {row[k]!r}" for k, known in (("norm", COLOURS), ("weights", WEIGHTS))
+                   if k in row and row[k] not in known]
+        if unknown:
+            unknown = " and ".join(unknown)
+            raise unreadable(path, f"line {i} has {unknown}, which the paper preset does not measure")
+    return rows
 
 
 def gather(res_dir, name):
@@ -108,12 +95,7 @@ def by_seed(rows, norm, weights, step, key):
 
 def spread(values):
     """'median [min, max] (n)' of the values over seeds."""
-    v = np.asarray(list(values), dtype=float)
-    if v.size == 0:
-        return "-"
-    if v.size == 1:
-        return f"{v[0]:.2e} (n=1)"
-    return f"{np.median(v):.2e} [{v.min():.2e}, {v.max():.2e}] (n={v.size})"
+    return tables.cell(values, lone=True)
 
 
 def bootstrap_ratio(res_dir, weights, stat, draws=2000, seed=0):

@@ -17,26 +17,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ditnorm import direct_tables, notebooks  # noqa: E402
+from ditnorm import direct_tables, notebooks, records, tables  # noqa: E402
 from ditnorm.data import DATA_KINDS  # noqa: E402
 from ditnorm.diagram import plot_dit_block  # noqa: E402
-from ditnorm.records import grouped, read_rows, savefig_atomic, seed_spread, write_atomic, write_rows  # noqa: E402
+from ditnorm.records import grouped, savefig_atomic, seed_spread, write_atomic, write_rows  # noqa: E402
 from models import NORM_KINDS  # noqa: E402
 
 ERROR_KEYS = ("mean", "median", "p99", "max")
 MEASURE_LABELS = {"abs_x": "|x|", "dev_const": "|x - mean(x)|"}
 TABLE_LABELS = {"abs_x": "abs x", "dev_const": "abs(x - mean x)"}  # no pipes inside markdown cells
 INTS = ("seed", "step", "block", "timestep", "nonfinite", "noise_seed", "inputs")
-TEXT = ("data", "measure", "norm", "weights", "tensor", "direction")
 
 
 def gather(out, name, grid=None):
     """Every run's rows of runs/<run>/<name>.csv, numbers converted, in the grid's order (data, norm, seed,
     step) when a grid is given; seeds outside grid["seed"] are left out."""
-    rows = []
-    for path in sorted(Path(out).glob(f"runs/*/{name}.csv")):
-        for row in read_rows(path):
-            rows.append({k: v if k in TEXT else int(v) if k in INTS else float(v) for k, v in row.items()})
+    rows = records.gather(out, name, ints=INTS)
     if grid is None:
         return rows
     rows = [r for r in rows if r["seed"] in grid["seed"]]
@@ -54,8 +50,7 @@ def gather(out, name, grid=None):
 
 def spread_cell(values, fmt=".2e"):
     """'median [min, max]' over seeds."""
-    med, low, high = seed_spread(values)
-    return f"{med:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
+    return tables.cell(values, fmt, count=False)
 
 
 def error_table(rows, with_step):
@@ -297,8 +292,7 @@ STATS = ("median", "max")
 
 
 def cell(values):
-    med, low, high = seed_spread(values)
-    return f"{med:.1e} [{low:.1e}, {high:.1e}]"
+    return tables.cell(values, ".1e", count=False)
 
 
 def relation(ln, none):
