@@ -2,32 +2,12 @@
 
 A preset names the grid of runs (model, norm, data, seeds), the training recipe, how a run folder is
 named, the checkpoints, what is measured of each (a function of measures.py, with its arguments) and the
-report (a function that reads whatever per-run files exist). A recipe is defined once, in RECIPES.
+report (a function that reads whatever per-run files exist). A recipe is defined once, in recipes.py.
 """
 
 from ditnorm import measures, mnist_report, mnist_study, paper_report, reports
-from ditnorm.trainer import DEFAULTS, IMAGE_DEFAULTS
-from ditnorm.trainer import PRESETS as TRAINER_PRESETS
+from ditnorm.recipes import RECIPES
 from models import NORM_KINDS
-
-# The training recipes: every train_run key but the grid's. The paper's is the trainer's DEFAULTS (DiT's
-# recipe at batch 2048 for 50k steps) and the CPU one its --preset cpu; each adds the checkpoints it keeps.
-PAPER = {k: v for k, v in DEFAULTS.items() if k not in ("model", "norm", "data", "seed", "data_path")}
-RECIPES = {
-    # Real images: the trainer's IMAGE_DEFAULTS (DiT's optimiser on the offline MNIST subset, batch 64,
-    # EMA 0.999, 10k steps, a checkpoint every 1k).
-    "mnist": {k: v for k, v in IMAGE_DEFAULTS.items()
-              if k not in ("model", "norm", "data", "seed", "data_path")},
-    "paper": dict(PAPER, ckpt_every=5000),
-    "cpu": {**PAPER, **TRAINER_PRESETS["cpu"], "ckpt_steps": "1000,2000,3000,4000,5000"},
-    # The 4-norm study's shorter CPU recipe: 48 runs in under an hour on 2 cores; the EMA keeps 6 time
-    # constants at the end (3000 x 0.002). Still short of convergence: the errors may still fall at the end.
-    "cpu-short": dict(PAPER, global_batch_size=128, lr=1e-3, ema_decay=0.998, max_steps=3000,
-                      ckpt_steps="500,1000,1500,2000,2500,3000"),
-    # The tests: a 2-block model, seconds.
-    "tiny": dict(PAPER, global_batch_size=16, lr=1e-3, ema_decay=0.9, max_steps=20, ckpt_steps="10,20",
-                 log_every=2),
-}
 
 # The direct statistic (measures.direct_rows): the denoiser's x_0 error at t = 0, 1 and 10 on 10^5 fresh
 # inputs per checkpoint and weights kind, from the noise set noise_seed + the run's seed; at every checkpoint

@@ -111,3 +111,16 @@ def test_the_walk_sees_a_late_private_import_and_a_cycle(tmp_path):
     assert imports(tmp_path / "late.py", modules, name="late") == [("ditnorm.checkpoint", ["_first_line"], 2)]
     assert find_cycle({"a": ["b"], "b": ["c"], "c": ["a"], "d": []}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": ["b"], "b": [], "c": ["a", "b"]}) is None
+
+
+def test_measure_and_report_never_load_the_trainer():
+    """experiment.py's measure and report phases, and every report, run without ditnorm.trainer (the
+    runner imports it only to train)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, experiment, ditnorm.reports, ditnorm.paper_report, ditnorm.mnist_report; "
+            "print(sorted(m for m in sys.modules if m.startswith('ditnorm.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            check=True)
+    assert "ditnorm.trainer" not in loaded.stdout, loaded.stdout
