@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ditnorm import provenance
+from ditnorm import layout, provenance
 from ditnorm.analysis import run_checkpoints
 from ditnorm.files import CheckpointError, record_checkpoints, stats_checkpoints
 from ditnorm.options import Parser, add_fast_flag, check_device, device, positive_int, seed_list, step_set
@@ -134,8 +134,7 @@ def main(argv=None):
         grids = preset["grid"] if isinstance(preset["grid"], list) else [preset["grid"]]
         grids = [dict(grid, seed=args.seeds) for grid in grids]
         preset = dict(preset, grid=grids if isinstance(preset["grid"], list) else grids[0])
-    runs_dir = Path(args.results_dir) / args.preset
-    record = ROOT / "res" / args.preset if args.refresh_res else runs_dir / "res"
+    runs_dir, record = layout.record_of(args.preset, args.results_dir, args.refresh_res)
     if args.phase == "train":
         tasks = [
             (cfg, runs_dir / name, args.device, args.fast)
@@ -146,7 +145,7 @@ def main(argv=None):
     elif args.phase == "measure":
         options = dict(device=args.device, fast=args.fast, steps=args.steps)
         tasks = [
-            (args.preset, name, cfg, runs_dir / name, record / "runs" / name, options)
+            (args.preset, name, cfg, runs_dir / name, layout.measured(record, name), options)
             for name, cfg in grid
             if run_checkpoints(runs_dir / name)
         ]

@@ -10,7 +10,7 @@ The ladder: MnistDiT-XS/4, -S/4, -B/4, -L/4 x (layernorm and none at seeds 0-2, 
 so its checkpoints are the trainer's. The runs advance one step each in turn, each on its own CUDA stream,
 so that the GPU overlaps the small kernels of one run with the next run's while Python launches them.
 Then ditnorm/mnist_study.measure_run measures each run into OUT/runs/<run>/measures.csv and
-ditnorm/mnist_report.report writes OUT/results.md and OUT/curves.png: the small statistics to commit.
+ditnorm/studies/mnist.report writes OUT/results.md and OUT/curves.png: the small statistics to commit.
 
 NEVER RUN ON A GPU; the estimate below is arithmetic, not a measurement. FLOPs per training step at batch
 64, forward + backward, as benchmarks/bench_image.py counts them (FlopCounterMode): XS 3.8, S 22.6, B 120,
@@ -40,10 +40,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from diffusion import create_diffusion  # noqa: E402
-from ditnorm import mnist_report, mnist_study  # noqa: E402
+from ditnorm import mnist_study  # noqa: E402
 from ditnorm.data import rank_batches  # noqa: E402
 from ditnorm.images import load_image_data  # noqa: E402
 from ditnorm.presets import PRESETS, RECIPES  # noqa: E402
+from ditnorm.studies import mnist as mnist_report  # noqa: E402
 from ditnorm.trainer import build_training_state, plain_train_step, save  # noqa: E402
 
 SIZES = {"XS": "MnistDiT-XS/4", "S": "MnistDiT-S/4", "B": "MnistDiT-B/4", "L": "MnistDiT-L/4"}

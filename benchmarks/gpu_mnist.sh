@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The MNIST ladder on one GPU in one command: benchmarks/gpu_mnist.py trains XS, S, B, L x (layernorm and
 # none at seeds 0-2, rmsnorm and dyt at seed 0) side by side in one process, then measures every run
-# (ditnorm/mnist_study.measure_run) and reports (ditnorm/mnist_report.report):
+# (ditnorm/mnist_study.measure_run) and reports (ditnorm/studies/mnist.report):
 #   bash benchmarks/gpu_mnist.sh [PYTHON] [OUT] [SIZES]      (default python3, ./gpu_out, XS,S)
 # OUT/mnist/runs/*/measures.csv, results.md and curves.png are the small statistics to commit (say which
 # device made them); OUT/gpu_mnist.log has everything printed. NEVER RUN ON A GPU.

@@ -5,8 +5,9 @@ named, the checkpoints, what is measured of each (a function of measures.py, wit
 report (a function that reads whatever per-run files exist). A recipe is defined once, in recipes.py.
 """
 
-from ditnorm import measures, mnist_report, mnist_study, paper_report, reports
+from ditnorm import measures, mnist_study
 from ditnorm.recipes import RECIPES
+from ditnorm.studies import mnist, paper, toy
 from models import NORM_KINDS
 
 # The direct statistic (measures.direct_rows): the denoiser's x_0 error at t = 0, 1 and 10 on 10^5 fresh
@@ -32,7 +33,7 @@ PRESETS = {
         # the direct statistic at the last 3 checkpoints only, which the report's main table uses: 48 runs
         # x 6 checkpoints x 10^5 inputs would cost the CPU more than the training does
         measure_args=dict(SAMPLE_ERRORS, direct=dict(DIRECT, last=3)),
-        report=reports.study_report,
+        report=toy.study_report,
     ),
     # The claim at the paper's own schedule: LayerNorm and no norm, raw weights, the EMA and five other
     # averages, with the predictions of res/paper/prediction.md.
@@ -50,9 +51,9 @@ PRESETS = {
             rms_batch=256,
             perturb_steps={1: (30_000, 40_000, 45_000, 50_000), 2: (50_000,)},
             # the direct statistic of the weights kinds the report tables (of the 7 sampled)
-            direct=dict(DIRECT, weights=paper_report.DIRECT_WEIGHTS),
+            direct=dict(DIRECT, weights=paper.DIRECT_WEIGHTS),
         ),
-        report=paper_report.report,
+        report=paper.report,
     ),
     # make reproduce: 3 seeds of both toy models at the CPU recipe, EMA and raw weights, the headline set
     # beside the committed one (res/reproduce/headline.json), and both notebooks on seed 0.
@@ -62,7 +63,7 @@ PRESETS = {
         run_name="{data}-{norm}-seed{seed}",
         measure=measures.sample_errors,
         measure_args=dict(SAMPLE_ERRORS, weights=("ema", "raw"), num_samples=500, sampling_steps=1000),
-        report=reports.reproduce_report,
+        report=toy.reproduce_report,
         notebook_steps=None,
     ),
     # The tests: make reproduce in seconds (no pretrained model, no download).
@@ -73,7 +74,7 @@ PRESETS = {
         measure=measures.sample_errors,
         measure_args=dict(SAMPLE_ERRORS, weights=("ema", "raw"), num_samples=20, sampling_steps=10,
                           direct=dict(DIRECT, num_inputs=2048)),
-        report=reports.reproduce_report,
+        report=toy.reproduce_report,
         notebook_steps=None,
         pretrained="",
     ),
@@ -91,7 +92,7 @@ PRESETS = {
         run_name="{model}-{norm}-seed{seed}",
         measure=mnist_study.measure,
         measure_args={},
-        report=mnist_report.preset_report,
+        report=mnist.preset_report,
     ),
 }
 

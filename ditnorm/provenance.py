@@ -70,10 +70,15 @@ NOTES = {
         "`classifier.pt`: the digit classifier behind the Fréchet distance and class accuracy, trained by "
         "`ditnorm.mnist_study.context` (one thread, seed 0) on the 4,500 training images; 0.95 on the "
         "held-out 500.",
+        "`yardsticks.csv`: that classifier's accuracy on the 500 held-out digits and their Fréchet distance "
+        "to the training digits, which `results.md` names in its header; written by "
+        "`ditnorm.studies.mnist.yardsticks` (from `ditnorm.mnist_study.context`) on 2026-12-07, so that "
+        "`report` reads them instead of loading MNIST and the classifier again.",
         "`pilot/`: the first pair (MnistDiT-XS/4, layernorm and none, seed 0) at DiT's lr 1e-4, measured "
         "like the rest; its report by `python -c 'from ditnorm import mnist_report; mnist_report.report("
-        "\"res/mnist/pilot\", title=\"MNIST pilot at lr 1e-4\")'`. Its samples were no digits, so the "
-        "study's recipe became lr 1e-3 (`prediction.md`'s note).",
+        "\"res/mnist/pilot\", title=\"MNIST pilot at lr 1e-4\")'` of 2026-12-04 (the report is now "
+        "`ditnorm.studies.mnist.report`, whose later tables the pilot's lacks). Its samples were no digits, "
+        "so the study's recipe became lr 1e-3 (`prediction.md`'s note).",
         "`runs/<model>-<norm>-seed<k>/measures.csv`: `measure` of each finished run (raw weights every "
         "other checkpoint; everything at the last one). The runs of 2026-12-04 were trained by "
         "`ditnorm.trainer.train_run` with the preset's configuration, two runs side by side with one "

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ditnorm import layout
+
 
 def _umask():
     """The process's umask (os has no getter: set it and put it back)."""
@@ -128,7 +130,7 @@ def read_rows(path, columns=(), exact=False, ints=None, text=TEXT):
 
 def gather(record, name, **kwargs):
     """Every run's rows of <record>/runs/<run>/<name>.csv (read_rows' kwargs), runs in name order."""
-    return [row for path in sorted(Path(record).glob(f"runs/*/{name}.csv"))
+    return [row for path in layout.measured_files(record, f"{name}.csv")
             for row in read_rows(path, **kwargs)]
 
 

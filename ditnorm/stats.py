@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ditnorm.layout import measured_files
 from ditnorm.records import read_rows
 
 QUANTILES = (0.5, 0.99, 0.999)
@@ -94,7 +95,7 @@ NORMS = ("layernorm", "none")
 def _pixels(res_dir, weights):
     """{norm: {seed: (N, P) |x| of the last step}} from runs/<norm>-seed<k>/pixels.npz."""
     out = {}
-    for path in sorted(Path(res_dir).glob("runs/*/pixels.npz")):
+    for path in measured_files(res_dir, "pixels.npz"):
         norm, seed = path.parent.name.rsplit("-seed", 1)
         with np.load(path) as f:
             if weights in f:

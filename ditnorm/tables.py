@@ -127,11 +127,12 @@ def _column(row, across):
 
 
 def unit_values(rows, table):
-    """{column: [per unit: the median of its rows' values]} of the rows of one line."""
+    """{column: [per unit: the median of its rows' values, None if none has one]} of one line's rows."""
     out = {}
     for (col, _), group in grouped([{**r, "_col": _column(r, table.across)} for r in rows], "_col",
                                    table.unit).items():
-        out.setdefault(col, []).append(float(np.median([float(r[table.value]) for r in group])))
+        values = [float(r[table.value]) for r in group if r[table.value] is not None]
+        out.setdefault(col, []).append(float(np.median(values)) if values else None)
     return out
 
 

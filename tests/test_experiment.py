@@ -11,8 +11,9 @@ import pytest
 from builders import perturb_zero_init, save_model
 
 import experiment
-from ditnorm import analysis, checkpoint, direct_tables, measures, records, reports, stats
+from ditnorm import analysis, checkpoint, measures, records, stats, tables
 from ditnorm.presets import PRESETS, RECIPES, runs
+from ditnorm.studies import toy as reports
 from models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -316,8 +317,8 @@ def test_tiny_preset_end_to_end(tmp_path):
     line = next(x for x in results.splitlines() if x.startswith("| zeros | raw | 0 | p50 |"))
     test = stats.rank_test(table_["layernorm"], table_["none"])
     assert line == (
-        f"| zeros | raw | 0 | p50 | {direct_tables.spread(table_['layernorm'])} "
-        f"| {direct_tables.spread(table_['none'])} | {table_['layernorm'][0] / table_['none'][0]:.2f} "
+        f"| zeros | raw | 0 | p50 | {tables.cell(table_['layernorm'])} "
+        f"| {tables.cell(table_['none'])} | {table_['layernorm'][0] / table_['none'][0]:.2f} "
         f"| {test.u:g} of 1 | {test.p:.3f} (0.500) |"
     )
     assert results.index("The direct statistic") < results.index("Headline")

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("", "ditnorm", "diffusion", "fast", "benchmarks", "tests")
+FOLDERS = ("", "ditnorm", "ditnorm/studies", "diffusion", "fast", "benchmarks", "tests")
 
 
 def module_name(path):
@@ -119,7 +119,7 @@ def test_measure_and_report_never_load_the_trainer():
     import subprocess
     import sys
 
-    code = ("import sys, experiment, ditnorm.reports, ditnorm.paper_report, ditnorm.mnist_report; "
+    code = ("import sys, experiment, ditnorm.studies.toy, ditnorm.studies.paper, ditnorm.studies.mnist; "
             "print(sorted(m for m in sys.modules if m.startswith('ditnorm.')))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             check=True)

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from ditnorm import paper_report
+from ditnorm.studies import paper as paper_report
 
 ERRORS = "norm,seed,step,weights,median,p99,max,mean\nlayernorm,0,20,raw,0.1,0.2,0.3,0.1\n"
 WHOLE = {"text": b"hello world\n", "noise": random.Random(0).randbytes(2048), "empty": b"",

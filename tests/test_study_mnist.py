@@ -1,11 +1,13 @@
-"""ditnorm/mnist_report.py: tables and exact tests from per-run measures, n said everywhere."""
+"""ditnorm/studies/mnist.py: tables and exact tests from per-run measures, n said everywhere."""
 
 import json
 
 import pytest
 
-from ditnorm import mnist_report
+from ditnorm import layout
 from ditnorm.mnist_study import write_rows
+from ditnorm.studies import mnist as mnist_report
+from models import MNIST_MODELS
 
 
 def fake_run(root, norm, seed, nll, ratio):
@@ -87,14 +89,14 @@ def test_the_figure_pair_is_the_largest_finished_one(tmp_path):
 
     for norm in ("layernorm", "none"):
         fake_folder(f"MnistDiT-S-4-{norm}-seed0", (2, 4))  # training: 4 of 10 steps
-    pair, name = mnist_report.last_pair(tmp_path)
+    pair, name = layout.last_pair(tmp_path, MNIST_MODELS)
     assert name == "MnistDiT-S/4" and pair["none"].name == "0000004.pt"  # nothing finished: the largest
     fake_folder("MnistDiT-XS-4-layernorm-seed0", (5, 10))
     fake_folder("MnistDiT-XS-4-none-seed0", (5, 10))
-    pair, name = mnist_report.last_pair(tmp_path)
+    pair, name = layout.last_pair(tmp_path, MNIST_MODELS)
     assert name == "MnistDiT-XS/4" and pair["layernorm"].name == "0000010.pt"
     with pytest.raises(FileNotFoundError, match="train them with python experiment.py train --preset mnist"):
-        mnist_report.last_pair(tmp_path, seed=1)
+        layout.last_pair(tmp_path, MNIST_MODELS, seed=1)
 
 
 def test_one_seed_a_side_settles_no_test(tmp_path):

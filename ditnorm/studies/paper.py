@@ -3,7 +3,7 @@ recomputed from the per-run files under runs/ (whatever runs and checkpoints the
 
 Writes, beside runs/: errors.csv, weights.csv, rms.csv, direct.csv (every run's rows together), results.md
 (the tables), error_vs_step.png, averages_at_last_step.png, writer_norms.png, and the outcome under
-prediction.md. Where the runs have direct.csv, the direct statistic (direct_tables.py) heads results.md; the
+prediction.md. Where the runs have direct.csv, the direct statistic (studies/direct.py) heads results.md; the
 committed runs were measured before it and have none. The predictions' outcome rests on the sampled error,
 for which they were written.
 """
@@ -16,10 +16,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ditnorm import direct_tables, tables  # noqa: E402
+from ditnorm import tables  # noqa: E402
+from ditnorm.layout import measured_files  # noqa: E402
 from ditnorm.measures import DIRECT_COLUMNS  # noqa: E402
 from ditnorm.measures import PAPER_WEIGHTS as WEIGHTS  # noqa: E402
 from ditnorm.records import read_rows, savefig_atomic, write_atomic, write_rows  # noqa: E402
+from ditnorm.studies import direct as direct_statistic  # noqa: E402
 
 # Averages by how far back they reach at 50k steps (the std of their weighting, in steps): EMA d ~ 1/(1-d),
 # a power EMA sigma_rel x 50k. The sphere EMA reaches as far as the DiT EMA.
@@ -69,14 +71,14 @@ def read_table(path, name):
 
 def gather(res_dir, name):
     """Every run's rows of runs/<run>/<name>.csv, numbers converted."""
-    paths = sorted(Path(res_dir).glob(f"runs/*/{name}.csv"))
+    paths = measured_files(res_dir, f"{name}.csv")
     return [row for path in paths for row in read_table(path, name)]
 
 
 def read_pixels(res_dir):
     """{norm: [{weights: (N, P) |x| of one seed}]} of runs/<run>/pixels.npz; SystemExit naming a bad file."""
     pixels = {}
-    for path in sorted(Path(res_dir).glob("runs/*/pixels.npz")):
+    for path in measured_files(res_dir, "pixels.npz"):
         norm = path.parent.name.rsplit("-seed", 1)[0]
         try:
             with np.load(path) as f:
@@ -312,7 +314,7 @@ def report(preset, res, options):
     lines = [f"# Paper-schedule study: {len({(r['norm'], r['seed']) for r in errors})} runs measured",
              "", f"Made by `python experiment.py report --preset {options['preset']}` from "
              f"{res.parent.name}/{res.name}/runs/ on {options['now'].date()}.",
-             *(["", *direct_tables.section(direct, list(COLOURS), DIRECT_WEIGHTS), "## The sampled error",
+             *(["", *direct_statistic.section(direct, list(COLOURS), DIRECT_WEIGHTS), "## The sampled error",
                 "", "The predictions' outcome below rests on these tables, for which they were written."]
                if direct else []),
              f"Median |x| at step {last:,}: seed median [min, max] (n seeds).", "",
