@@ -29,7 +29,7 @@ from ditnorm import layout, provenance
 from ditnorm.analysis import run_checkpoints
 from ditnorm.files import CheckpointError, record_checkpoints, stats_checkpoints
 from ditnorm.options import Parser, add_fast_flag, check_device, device, positive_int, seed_list, step_set
-from ditnorm.presets import PRESETS, runs
+from ditnorm.presets import PRESETS, grids, runs
 
 ROOT = Path(__file__).resolve().parent
 
@@ -131,9 +131,8 @@ def main(argv=None):
     args = parse_args(argv)
     preset, grid = PRESETS[args.preset], runs(args.preset, args.seeds)
     if args.seeds is not None:
-        grids = preset["grid"] if isinstance(preset["grid"], list) else [preset["grid"]]
-        grids = [dict(grid, seed=args.seeds) for grid in grids]
-        preset = dict(preset, grid=grids if isinstance(preset["grid"], list) else grids[0])
+        listed = grids(preset, args.seeds)
+        preset = dict(preset, grid=listed if isinstance(preset["grid"], list) else listed[0])
     runs_dir, record = layout.record_of(args.preset, args.results_dir, args.refresh_res)
     if args.phase == "train":
         tasks = [

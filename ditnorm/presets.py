@@ -97,13 +97,16 @@ PRESETS = {
 }
 
 
-def runs(preset, seeds=None):
-    """The preset's grid (or list of grids) as [(run name, train_run cfg)], seeds replaced by `seeds`
+def grids(preset, seeds=None):
+    """A preset's grids as a list (a preset names one grid or a list of them), seeds replaced by `seeds`
     when given."""
-    grids = PRESETS[preset]["grid"]
-    out = []
-    for grid in grids if isinstance(grids, list) else [grids]:
-        out += _grid_runs(preset, dict(grid, **({"seed": list(seeds)} if seeds is not None else {})))
+    listed = preset["grid"] if isinstance(preset["grid"], list) else [preset["grid"]]
+    return [dict(grid, **({"seed": list(seeds)} if seeds is not None else {})) for grid in listed]
+
+
+def runs(preset, seeds=None):
+    """The preset's grids as [(run name, train_run cfg)], seeds replaced by `seeds` when given."""
+    out = [run for grid in grids(PRESETS[preset], seeds) for run in _grid_runs(preset, grid)]
     return list(dict(out).items())  # once each, in first-listed order (--seeds repeats per-seed grids)
 
 

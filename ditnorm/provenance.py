@@ -4,7 +4,7 @@ The table is generated from the preset dict; NOTES keep what the files cannot sa
 machine, which code of which day, what was lost), one entry per folder.
 """
 
-from ditnorm.presets import PRESETS, RECIPES
+from ditnorm.presets import PRESETS, RECIPES, grids
 from ditnorm.records import write_atomic
 
 NOTES = {
@@ -105,10 +105,10 @@ NOTES = {
 
 def preset_line(name):
     preset = PRESETS[name]
-    recipe, grids = RECIPES[preset["recipe"]], preset["grid"]
+    recipe = RECIPES[preset["recipe"]]
     made = f"`python experiment.py train\\|measure\\|report --preset {name} --refresh-res`"
     seeds = {}  # the grids' seeds merged per (model, norm, data), in the order listed
-    for grid in grids if isinstance(grids, list) else [grids]:
+    for grid in grids(preset):
         key = (", ".join(grid["model"]), ", ".join(grid["norm"]), ", ".join(grid["data"]))
         seeds.setdefault(key, []).extend(s for s in grid["seed"] if s not in seeds.get(key, []))
     runs = " and ".join(f"{model}; norms {norm}; data {data}; seeds {','.join(map(str, seed))}"

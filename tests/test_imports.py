@@ -124,3 +124,12 @@ def test_measure_and_report_never_load_the_trainer():
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             check=True)
     assert "ditnorm.trainer" not in loaded.stdout, loaded.stdout
+
+
+def test_the_notebooks_import_the_library_and_no_study():
+    import json
+
+    for notebook in sorted(ROOT.glob("*.ipynb")):
+        cells = json.loads(notebook.read_text())["cells"]
+        source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        assert "import" in source and "ditnorm.studies" not in source and "_report" not in source, notebook.name

@@ -4,20 +4,20 @@ import json
 
 import pytest
 
-from ditnorm import layout
+from ditnorm import layout, tables
 from ditnorm.mnist_study import write_rows
 from ditnorm.studies import mnist as mnist_report
 from models import MNIST_MODELS
 
 
-def fake_run(root, norm, seed, nll, ratio):
+def fake_run(root, norm, seed, nll, ratio, name=None):
     rows = [{"step": 10, "weights": w, "group": "nll", "quantity": "nll_bpd", "value": nll, "n": 5}
             for w in ("raw", "ema")]
     for b, r in enumerate((2.0, ratio, 3.0)):  # the middle block carries the ratio
         rows += [{"step": 10, "weights": "raw", "group": "probe", "quantity": f"block{b}_{k}", "value": v,
                   "n": 5} for k, v in (("ratio", r), ("lead_share", 0.5), ("top1", r), ("var_top1", 0.1),
                                        ("massive", 0.0))]
-    write_rows(root / "runs" / f"MnistDiT-XS-4-{norm}-seed{seed}" / "measures.csv", rows)
+    write_rows(root / "runs" / (name or f"MnistDiT-XS-4-{norm}-seed{seed}") / "measures.csv", rows)
 
 
 def test_the_report_gives_seed_spreads_and_exact_tests(tmp_path):
@@ -115,3 +115,22 @@ def test_two_seeds_a_side_cannot_settle_a_test_at_p_005(tmp_path):
     p1 = next(line for line in text.splitlines() if line.startswith("- **P1**"))
     assert "MnistDiT-XS-4: not settled (seed medians 30.5 vs 10.5, 4/4 pairs, p = 0.17, n = 2 vs 2; the " \
            "smallest p 2 vs 2 seeds allow is 0.17)" in p1
+
+
+def test_runs_of_a_grid_carry_its_keys_and_a_table_groups_them_by_intervention(tmp_path):
+    """How an intervention axis reads: a grid key of the runs' cfgs, a line key of a declared table, the
+    layernorm and none seeds tested within each intervention."""
+    grid = {}
+    for intervention, shift in (("dropout", 0.0), ("cap", 1.0)):
+        for seed in range(3):
+            for norm, nll in (("layernorm", 2.0), ("none", 1.0)):
+                name = f"MnistDiT-XS-4-{norm}-{intervention}-seed{seed}"
+                grid[name] = dict(model="MnistDiT-XS/4", norm=norm, seed=seed, intervention=intervention)
+                fake_run(tmp_path, norm, seed, nll=nll + shift + seed / 10, ratio=3.0, name=name)
+    runs = mnist_report.load_runs(tmp_path, grid)
+    assert len(runs) == 12 and {r["intervention"] for r in runs} == {"dropout", "cap"}
+    rows = [dict(r, value=mnist_report.value(r, 10, "ema", "nll_bpd")) for r in runs]
+    lines = tables.render(tables.Table(lines=("intervention",), fmt=".2f", holm=True), rows)
+    assert lines[2] == ("| cap | 3.10 [3.00, 3.20] (n=3) | 2.10 [2.00, 2.20] (n=3) | 1.48 | 9 of 9 "
+                        "| 0.050 (0.050) | 0.100 |")
+    assert lines[3].startswith("| dropout | 2.10 [2.00, 2.20] (n=3) | 1.10 [1.00, 1.20] (n=3) |")

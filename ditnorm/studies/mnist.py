@@ -35,12 +35,16 @@ FINAL = [
 ]
 
 
-def load_runs(stats_root):
-    """[{model, norm, seed, rows}] of every runs/<run>/measures.csv under stats_root."""
+def load_runs(stats_root, grid=None):
+    """[{model, norm, seed, ..., rows}] of every runs/<run>/measures.csv under stats_root. A run of grid
+    ({run name: train_run cfg}, a preset's runs) carries every key of its cfg (an intervention axis too);
+    any other is known by its name, <model>-<norm>-seed<k>."""
     runs = []
     for path in layout.measured_files(stats_root, STATS_FILE):
-        match = RUN_NAME.match(path.parent.name)
-        if match:
+        cfg, match = (grid or {}).get(path.parent.name), RUN_NAME.match(path.parent.name)
+        if cfg:
+            runs.append({**cfg, "model": cfg["model"].replace("/", "-"), "rows": read_rows(path)})
+        elif match:
             runs.append({"model": match["model"], "norm": match["norm"], "seed": int(match["seed"]),
                          "rows": read_rows(path)})
     return runs
@@ -249,11 +253,11 @@ def curves_figure(runs, path):
     plt.close(fig)
 
 
-def report(stats_root, out_dir=None, title="MNIST study: results", reference=None):
+def report(stats_root, out_dir=None, title="MNIST study: results", reference=None, grid=None):
     """Write results.md and curves.png into out_dir (default stats_root); returns results.md's text.
-    reference: mnist_study.context()'s classifier_accuracy and heldout_fid, said in the header if given."""
+    reference: yardsticks(), said in the header if given; grid: as load_runs'."""
     out_dir = Path(out_dir or stats_root)
-    runs = load_runs(stats_root)
+    runs = load_runs(stats_root, grid)
     counts = ", ".join(f"{m} {n}: {sum(r['model'] == m and r['norm'] == n for r in runs)}"
                        for m in sorted({r["model"] for r in runs}) for n in NORMS
                        if any(r["model"] == m and r["norm"] == n for r in runs))
@@ -295,7 +299,7 @@ def preset_report(preset, record, options):
     token_outliers.md; its pretrained and toy parts skipped)."""
     from ditnorm import notebooks
 
-    text = report(record, record, reference=yardsticks(record))
+    text = report(record, record, reference=yardsticks(record), grid=dict(options["runs"]))
     runs_dir = Path(options["runs_dir"])
     try:
         layout.last_pair(runs_dir, MNIST_MODELS)
