@@ -132,4 +132,5 @@ def test_the_notebooks_import_the_library_and_no_study():
     for notebook in sorted(ROOT.glob("*.ipynb")):
         cells = json.loads(notebook.read_text())["cells"]
         source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
-        assert "import" in source and "ditnorm.studies" not in source and "_report" not in source, notebook.name
+        assert "from ditnorm import" in source, notebook.name
+        assert "ditnorm.studies" not in source and "_report" not in source, notebook.name
