@@ -101,8 +101,9 @@ class Table:
     over `unit` of each unit's value of `value` (the median of its rows), then the test of column test[0]
     against test[1] over units (test_cells: rank_cells or pairs_cell), and Holm's adjusted p when holm.
 
-    heads: the header of a line key (default its name); right: the line keys whose column is right-aligned;
-    fmt: a format for every cell, or {value of the `fmt_key` line key: format}."""
+    heads: the header of a line key (default its name), names: of a column (default its value); right: the
+    line keys whose column is right-aligned; fmt: a format for every cell, or {value of `fmt_key` (a line
+    key or the across key): format}."""
 
     lines: tuple
     value: str = "value"
@@ -119,6 +120,7 @@ class Table:
     count: bool = True
     lone: bool = False
     heads: dict = field(default_factory=dict)
+    names: dict = field(default_factory=dict)
     right: tuple = ()
 
 
@@ -136,10 +138,17 @@ def unit_values(rows, table):
     return out
 
 
+def _format(table, line, column):
+    """The format of one cell."""
+    if isinstance(table.fmt, str):
+        return table.fmt
+    return table.fmt[line[table.lines.index(table.fmt_key)] if table.fmt_key in table.lines else column]
+
+
 def render(table, rows):
     """The markdown lines of the table over rows: header, separator, a line per group."""
     columns = list(table.order or dict.fromkeys(_column(r, table.across) for r in rows))
-    names = [" ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in columns]
+    names = [table.names.get(c, " ".join(map(str, c)) if isinstance(c, tuple) else str(c)) for c in columns]
     heads = [table.heads.get(k, k) for k in table.lines] + names
     align = ["---:" if k in table.right else "---" for k in table.lines] + ["---"] * len(columns)
     if table.test:
@@ -152,8 +161,8 @@ def render(table, rows):
     body, ps = [], []
     for key, group in grouped(rows, *table.lines).items():
         values = unit_values(group, table)
-        fmt = table.fmt if isinstance(table.fmt, str) else table.fmt[key[table.lines.index(table.fmt_key)]]
-        cells = [*map(str, key)] + [cell(values.get(c, []), fmt, table.count, table.lone) for c in columns]
+        cells = [*map(str, key)] + [cell(values.get(c, []), _format(table, key, c), table.count, table.lone)
+                                    for c in columns]
         if table.test:
             tested, p = table.test_cells(values.get(table.test[0], []), values.get(table.test[1], []))
             cells += tested

@@ -85,6 +85,9 @@ def rank_test(layernorm, none):
     return test.p, f"{test.u:g}", test.n1 * test.n2
 
 
+CURVES = {"nll_bpd": "NLL, bits/dim", "middle_ratio": "largest middle-block top-1/median"}
+
+
 def _said(label, better):
     return label if better == "neither" else f"{label} ({better} is better)"
 
@@ -216,19 +219,20 @@ def _all(runs, quantity):
 def training_table(runs):
     """Markdown: per model and norm, the seed median [min, max] of the held-out NLL and of the largest
     middle-block top-1/median (raw weights) at every checkpoint measured in all its runs."""
-    lines = ["## Over training (raw weights; seed median [min, max], n seeds)", "",
-             "| model | norm | step | NLL, bits/dim | largest middle-block top-1/median |",
-             "|---|---|---:|---|---|"]
+    rows = []
     for model in sorted({r["model"] for r in runs}):
         for norm in NORMS:
             group = [r for r in runs if (r["model"], r["norm"]) == (model, norm)]
             measured = [{x["step"] for x in r["rows"] if x["weights"] == "raw"} for r in group]
-            steps = set.intersection(*measured) if measured else set()
-            for step in sorted(steps):
-                cells = [spread([value(r, step, "raw", q) for r in group], fmt)
-                         for q, fmt in (("nll_bpd", "{:.3f}"), ("middle_ratio", "{:.1f}"))]
-                lines.append(f"| {model} | {norm} | {step} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + [""])
+            rows += [dict(model=model, norm=norm, step=step, seed=r["seed"], statistic=q,
+                          value=value(r, step, "raw", q))
+                     for step in sorted(set.intersection(*measured) if measured else set())
+                     for r in group for q in CURVES]
+    declared = tables.Table(lines=("model", "norm", "step"), across="statistic", order=tuple(CURVES),
+                            names=CURVES, test=None, fmt={"nll_bpd": "{:.3f}", "middle_ratio": "{:.1f}"},
+                            lone=True, right=("step",))
+    return "\n".join(["## Over training (raw weights; seed median [min, max], n seeds)", "",
+                      *tables.render(declared, rows), ""])
 
 
 def curves_figure(runs, path):

@@ -66,12 +66,9 @@ def error_table(rows, with_step):
 def outlier_table(outliers):
     """Markdown table of the per-block top-1 / median ratio, median [min, max] over seeds."""
     blocks = sorted({o["block"] for o in outliers})
-    lines = ["| data | norm | " + " | ".join(f"block {i}" for i in blocks) + " |",
-             "|---|---|" + "---|" * len(blocks)]
-    for (data, norm), group in grouped(outliers, "data", "norm").items():
-        cells = [spread_cell([g["ratio"] for g in group if g["block"] == i], ".3g") for i in blocks]
-        lines.append(f"| {data} | {norm} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    declared = tables.Table(lines=("data", "norm"), value="ratio", across="block", order=tuple(blocks),
+                            names={b: f"block {b}" for b in blocks}, test=None, fmt=".3g", count=False)
+    return "\n".join(tables.render(declared, outliers))
 
 
 def seed_note(rows):
