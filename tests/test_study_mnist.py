@@ -6,7 +6,7 @@ import pytest
 
 from ditnorm import layout, tables
 from ditnorm.mnist_study import write_rows
-from ditnorm.studies import mnist as mnist_report
+from ditnorm.studies import mnist
 from models import MNIST_MODELS
 
 
@@ -25,7 +25,7 @@ def test_the_report_gives_seed_spreads_and_exact_tests(tmp_path):
         fake_run(tmp_path, "layernorm", seed, nll=1.5 + seed / 10, ratio=20.0 + seed)
         fake_run(tmp_path, "none", seed, nll=1.2 + seed / 10, ratio=5.0 + seed)
     fake_run(tmp_path, "dyt", 0, nll=1.0, ratio=4.0)
-    text = mnist_report.report(tmp_path)
+    text = mnist.report(tmp_path)
     assert "MnistDiT-XS-4 layernorm: 3, MnistDiT-XS-4 none: 3, MnistDiT-XS-4 dyt: 1" in text
     nll_line = next(line for line in text.splitlines() if line.startswith("| NLL"))
     assert "1.600 [1.500, 1.700] (n=3)" in nll_line and "1.000 (n=1)" in nll_line
@@ -43,11 +43,11 @@ def test_the_ablation_rows_beside_the_probe_rows_do_not_break_the_report(tmp_pat
     for norm in ("layernorm", "none"):
         fake_run(tmp_path, norm, 0, nll=1.0, ratio=5.0)
         path = tmp_path / "runs" / f"MnistDiT-XS-4-{norm}-seed0" / "measures.csv"
-        rows = mnist_report.read_rows(path) + [
+        rows = mnist.read_rows(path) + [
             {"step": 10, "weights": "raw", "group": "ablation", "quantity": q, "value": v, "n": 5}
             for q, v in (("block", 1.0), ("top_rise", 0.2), ("random_rise", 0.1))]
         write_rows(path, rows)
-    text = mnist_report.report(tmp_path)
+    text = mnist.report(tmp_path)
     ratio_line = next(line for line in text.splitlines() if line.startswith("| largest middle-block")
                       and "raw" in line)
     assert "5.0 (n=1)" in ratio_line
@@ -57,7 +57,7 @@ def test_the_outcome_of_the_predictions_per_size_on_hand_made_runs(tmp_path):
     for seed in range(3):
         fake_run(tmp_path, "layernorm", seed, nll=2.0, ratio=20.0 + seed)
         fake_run(tmp_path, "none", seed, nll=2.0 + seed / 100, ratio=19.0 + 2 * seed)  # 19, 21, 23: overlaps
-    lines = mnist_report.prediction_outcome(mnist_report.load_runs(tmp_path)).splitlines()
+    lines = mnist.prediction_outcome(mnist.load_runs(tmp_path)).splitlines()
     p1 = next(line for line in lines if line.startswith("- **P1**"))
     assert "MnistDiT-XS-4: fails" in p1 and "4.5/9 pairs, p = 0.60" in p1  # the tie counts 1/2
     assert p1.endswith("; not yet measured at MnistDiT-S-4.")
@@ -69,12 +69,12 @@ def test_the_outcome_of_the_predictions_per_size_on_hand_made_runs(tmp_path):
     assert any(line.startswith("- **P5** (larger at S than at XS): not settled") for line in lines)
     # a massive block in one run makes P2 fail, naming the run
     path = tmp_path / "runs" / "MnistDiT-XS-4-none-seed1" / "measures.csv"
-    rows = mnist_report.read_rows(path)
+    rows = mnist.read_rows(path)
     for row in rows:
         if row["quantity"] == "block1_massive":
             row["value"] = 1.0
     write_rows(path, rows)
-    text = mnist_report.prediction_outcome(mnist_report.load_runs(tmp_path))
+    text = mnist.prediction_outcome(mnist.load_runs(tmp_path))
     assert "- **P2** no massive activation (top-1 > 100 and >= 1000x the median) in any block: fails: " \
            "[('MnistDiT-XS-4', 'none', 1)]" in text
 
@@ -102,7 +102,7 @@ def test_the_figure_pair_is_the_largest_finished_one(tmp_path):
 def test_one_seed_a_side_settles_no_test(tmp_path):
     fake_run(tmp_path, "layernorm", 0, nll=2.0, ratio=30.0)
     fake_run(tmp_path, "none", 0, nll=2.0, ratio=10.0)
-    text = mnist_report.prediction_outcome(mnist_report.load_runs(tmp_path))
+    text = mnist.prediction_outcome(mnist.load_runs(tmp_path))
     p1 = next(line for line in text.splitlines() if line.startswith("- **P1**"))
     assert "MnistDiT-XS-4: not settled (n = 1 and 1 seeds, no test)" in p1
 
@@ -111,7 +111,7 @@ def test_two_seeds_a_side_cannot_settle_a_test_at_p_005(tmp_path):
     for seed in range(2):
         fake_run(tmp_path, "layernorm", seed, nll=2.0, ratio=30.0 + seed)
         fake_run(tmp_path, "none", seed, nll=2.0, ratio=10.0 + seed)
-    text = mnist_report.prediction_outcome(mnist_report.load_runs(tmp_path))
+    text = mnist.prediction_outcome(mnist.load_runs(tmp_path))
     p1 = next(line for line in text.splitlines() if line.startswith("- **P1**"))
     assert "MnistDiT-XS-4: not settled (seed medians 30.5 vs 10.5, 4/4 pairs, p = 0.17, n = 2 vs 2; the " \
            "smallest p 2 vs 2 seeds allow is 0.17)" in p1
@@ -127,9 +127,9 @@ def test_runs_of_a_grid_carry_its_keys_and_a_table_groups_them_by_intervention(t
                 name = f"MnistDiT-XS-4-{norm}-{intervention}-seed{seed}"
                 grid[name] = dict(model="MnistDiT-XS/4", norm=norm, seed=seed, intervention=intervention)
                 fake_run(tmp_path, norm, seed, nll=nll + shift + seed / 10, ratio=3.0, name=name)
-    runs = mnist_report.load_runs(tmp_path, grid)
+    runs = mnist.load_runs(tmp_path, grid)
     assert len(runs) == 12 and {r["intervention"] for r in runs} == {"dropout", "cap"}
-    rows = [dict(r, value=mnist_report.value(r, 10, "ema", "nll_bpd")) for r in runs]
+    rows = [dict(r, value=mnist.value(r, 10, "ema", "nll_bpd")) for r in runs]
     lines = tables.render(tables.Table(lines=("intervention",), fmt=".2f", holm=True), rows)
     assert lines[2] == ("| cap | 3.10 [3.00, 3.20] (n=3) | 2.10 [2.00, 2.20] (n=3) | 1.48 | 9 of 9 "
                         "| 0.050 (0.050) | 0.100 |")
