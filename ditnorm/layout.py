@@ -13,11 +13,6 @@ CHECKPOINTS = "checkpoints"
 CONFIG = "config.json"
 
 
-def checkpoint_path(run_dir, step):
-    """The file of a run's checkpoint at `step`."""
-    return Path(run_dir) / CHECKPOINTS / f"{step:07d}.pt"
-
-
 def run_checkpoints(run_dir):
     """{step: path} of a run folder's checkpoints/NNNNNNN.pt."""
     paths = Path(run_dir, CHECKPOINTS).glob("*.pt")
