@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from ditnorm import layout, provenance
-from ditnorm.analysis import run_checkpoints
 from ditnorm.files import CheckpointError, record_checkpoints, stats_checkpoints
+from ditnorm.layout import run_checkpoints
 from ditnorm.options import Parser, add_fast_flag, check_device, device, positive_int, seed_list, step_set
 from ditnorm.presets import PRESETS, grids, runs
 
@@ -39,19 +39,15 @@ def parse_args(argv=None):
     parser = Parser(prog="experiment.py", description=summary, epilog=details)
     parser.add_argument("phase", choices=("train", "measure", "report"))
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True, help="the experiment")
-    parser.add_argument(
-        "--seeds", type=seed_list, help="comma-separated seeds, e.g. 0,1,2 (default: the preset's)"
-    )
+    parser.add_argument("--seeds", type=seed_list,
+                        help="comma-separated seeds, e.g. 0,1,2 (default: the preset's)")
     parser.add_argument("--jobs", type=positive_int, default=1, help="runs side by side, one thread each")
     parser.add_argument("--device", type=device, default="cpu", help="train and measure here")
     parser.add_argument("--steps", type=step_set, help="measure: only these comma-separated checkpoint steps")
     add_fast_flag(parser)
     parser.add_argument("--results-dir", default="results", help="run folders go to <this>/<preset>/")
-    parser.add_argument(
-        "--refresh-res",
-        action="store_true",
-        help="measure and report into the committed res/<preset>/ (maintainers)",
-    )
+    parser.add_argument("--refresh-res", action="store_true",
+                        help="measure and report into the committed res/<preset>/ (maintainers)")
     args = parser.parse_args(argv)
     if problem := check_device(args.device):
         parser.error(f"--device {args.device}: {problem}")
@@ -96,11 +92,9 @@ def hardware():
     except OSError:
         pass
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return [
-        f"CPU: {cpu}, {len(os.sched_getaffinity(0))} cores available",
-        f"GPU: {', '.join(gpus) if gpus else 'none'}",
-        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
-    ]
+    gpu = ", ".join(gpus) or "none"
+    return [f"CPU: {cpu}, {len(os.sched_getaffinity(0))} cores available", f"GPU: {gpu}",
+            f"torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}"]
 
 
 def side_by_side(fn, jobs, tasks):
@@ -116,14 +110,8 @@ def report(name, preset, grid, record, runs_dir, now=None, machine=None):
     """The preset's report phase into `record` from record/runs/; now and machine (hardware()'s lines), said
     in some reports, default to this moment and this machine."""
     torch.set_num_threads(1)
-    options = dict(
-        preset=name,
-        runs=grid,
-        runs_dir=runs_dir,
-        reference=ROOT / "res" / name / "headline.json",
-        now=now or datetime.datetime.now(),
-        hardware=machine or hardware(),
-    )
+    options = dict(preset=name, runs=grid, runs_dir=runs_dir, reference=ROOT / "res" / name / "headline.json",
+                   now=now or datetime.datetime.now(), hardware=machine or hardware())
     preset["report"](dict(preset, cfg=grid[0][1]), record, options)
 
 
@@ -135,19 +123,13 @@ def main(argv=None):
         preset = dict(preset, grid=listed if isinstance(preset["grid"], list) else listed[0])
     runs_dir, record = layout.record_of(args.preset, args.results_dir, args.refresh_res)
     if args.phase == "train":
-        tasks = [
-            (cfg, runs_dir / name, args.device, args.fast)
-            for name, cfg in grid
-            if cfg["max_steps"] not in run_checkpoints(runs_dir / name)
-        ]
+        tasks = [(cfg, runs_dir / name, args.device, args.fast) for name, cfg in grid
+                 if cfg["max_steps"] not in run_checkpoints(runs_dir / name)]
         results = side_by_side(train_one, args.jobs, tasks)
     elif args.phase == "measure":
         options = dict(device=args.device, fast=args.fast, steps=args.steps)
-        tasks = [
-            (args.preset, name, cfg, runs_dir / name, layout.measured(record, name), options)
-            for name, cfg in grid
-            if run_checkpoints(runs_dir / name)
-        ]
+        tasks = [(args.preset, name, cfg, runs_dir / name, layout.measured(record, name), options)
+                 for name, cfg in grid if run_checkpoints(runs_dir / name)]
         try:  # every run checked before any is measured or recorded
             digests = [(out, measured_from(preset, run_dir, out)) for *_, run_dir, out, _ in tasks]
         except CheckpointError as e:
