@@ -4,7 +4,8 @@ The table is generated from the preset dict; NOTES keep what the files cannot sa
 machine, which code of which day, what was lost), one entry per folder.
 """
 
-from ditnorm.presets import PRESETS, RECIPES, grids
+from ditnorm.presets import PRESETS, grids
+from ditnorm.recipes import RECIPES
 from ditnorm.records import write_atomic
 
 NOTES = {

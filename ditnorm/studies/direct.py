@@ -17,11 +17,6 @@ QUANTILES = ("p50", "p99", "p99.9")
 LAST = 3  # checkpoints per seed in the main table
 
 
-def spread(values):
-    """'median [min, max] (n=k)' over seeds; '-' for none."""
-    return tables.cell(values)
-
-
 def last_steps(rows, last=LAST):
     """The last `last` steps at which any run was measured."""
     return sorted({r["step"] for r in rows})[-last:]

@@ -69,11 +69,6 @@ def last_step(run):
     return max((r["step"] for r in run["rows"]), default=None)
 
 
-def spread(values, fmt):
-    """'median [min, max] (n=k)' of values."""
-    return tables.cell(values, fmt, lone=True)
-
-
 def rank_test(layernorm, none):
     """stats.rank_test that layernorm's values are larger than none's (exact, ties exact too): (p, pairs
     ordered that way with a tie counted 1/2, all pairs); None below 2 seeds a side."""

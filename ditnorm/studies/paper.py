@@ -95,11 +95,6 @@ def by_seed(rows, norm, weights, step, key):
             if r["norm"] == norm and r["weights"] == weights and r["step"] == step}
 
 
-def spread(values):
-    """'median [min, max] (n)' of the values over seeds."""
-    return tables.cell(values, lone=True)
-
-
 def bootstrap_ratio(res_dir, weights, stat, draws=2000, seed=0):
     """(ratio, low, high, seeds of layernorm, of none): layernorm / none of the seed median of `stat` (median
     or max of |x|) at the last step, with the 2.5 and 97.5 percentiles of its bootstrap over seeds and,
@@ -127,7 +122,7 @@ def bootstrap_ratio(res_dir, weights, stat, draws=2000, seed=0):
 def error_table(rows, step):
     lines = ["| weights | layernorm | none |", "|---|---|---|"]
     for weights in sorted(WEIGHTS, key=REACH.get):
-        cells = [spread(by_seed(rows, n, weights, step, "median").values()) for n in ("layernorm", "none")]
+        cells = [tables.cell(by_seed(rows, n, weights, step, "median").values(), lone=True) for n in COLOURS]
         lines.append(f"| {LABEL[weights]} | {cells[0]} | {cells[1]} |")
     return lines
 
@@ -248,11 +243,13 @@ def rms_table(rms_rows, step):
 
 def perturb_table(perturbed, errors, step):
     lines = ["| d | alpha | layernorm | none |", "|---|---|---|---|"]
-    raw = [spread(_raw_of_perturbed(perturbed, errors, n, step)) for n in COLOURS]
+    raw = [tables.cell(_raw_of_perturbed(perturbed, errors, n, step), lone=True)
+           for n in COLOURS]
     lines.append(f"| (raw weights) | 0 | {raw[0]} | {raw[1]} |")
     for direction in sorted({r["direction"] for r in perturbed}, reverse=True):
         for alpha in sorted({r["alpha"] for r in perturbed}):
-            cells = [spread(_perturbed(perturbed, n, step, direction, alpha)) for n in COLOURS]
+            cells = [tables.cell(_perturbed(perturbed, n, step, direction, alpha), lone=True)
+                     for n in COLOURS]
             lines.append(f"| {direction} | {alpha:g} | {cells[0]} | {cells[1]} |")
     return lines
 

@@ -42,11 +42,6 @@ def gather(out, name, grid=None):
                                        r["seed"], r["step"], measures.index(r.get("measure", "abs_x"))))
 
 
-def spread_cell(values, fmt=".2e"):
-    """'median [min, max]' over seeds."""
-    return tables.cell(values, fmt, count=False)
-
-
 def error_table(rows, with_step):
     """Markdown table: one line per (data, measure, norm[, step]) with the seed spread of each statistic."""
     keys = ("data", "measure", "norm") + (("step",) if with_step else ())
@@ -56,9 +51,9 @@ def error_table(rows, with_step):
     for key, group in grouped(rows, *keys).items():
         ks = [r["ks_c"] for r in group]
         cells = [key[0], TABLE_LABELS[key[1]], *map(str, key[2:]), str(len(group))]
-        cells += [spread_cell([r[k] for r in group]) for k in ERROR_KEYS]
+        cells += [tables.cell([r[k] for r in group], count=False) for k in ERROR_KEYS]
         cells += [str(sum(r["nonfinite"] for r in group)),
-                  spread_cell(ks, ".3f") if np.isfinite(ks).any() else ""]
+                  tables.cell(ks, ".3f", count=False) if np.isfinite(ks).any() else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -208,8 +203,8 @@ LABELS = {"layernorm": "LayerNorm", "none": "no norm"}
 STATS = ("median", "max")
 
 
-def cell(values):
-    return tables.cell(values, ".1e", count=False)
+def _cell(values):
+    return tables.cell(values, ".1e", count=False)  # the headline's cell, as headline.md has always had it
 
 
 def relation(ln, none):
@@ -252,8 +247,8 @@ def headline_markdown(headline):
         for stat in STATS:
             ln, none = (headline["values"][weights][f"{n} {stat}"] for n in LABELS)
             ratio = seed_spread(ln)[0] / seed_spread(none)[0]
-            lines.append(f"| {weights.upper() if weights == 'ema' else weights} | {stat} abs x | {cell(ln)} "
-                         f"| {cell(none)} | {ratio:.2g}x | {relation(ln, none)} |")
+            lines.append(f"| {weights.upper() if weights == 'ema' else weights} | {stat} abs x | {_cell(ln)} "
+                         f"| {_cell(none)} | {ratio:.2g}x | {relation(ln, none)} |")
     return "\n".join([*lines, "", f"Machine: {headline['machine']}."]) + "\n"
 
 
@@ -276,8 +271,8 @@ def compare(new, reference):
             if where != "inside":
                 outside.append(f"{weights} {key}")
             norm, stat = key.split()
-            lines.append(f"| {weights} | {stat} abs x | {LABELS[norm]} | {cell(values)} | "
-                         f"{cell(reference['values'][weights][key])} | {where} the committed seed range |")
+            lines.append(f"| {weights} | {stat} abs x | {LABELS[norm]} | {_cell(values)} | "
+                         f"{_cell(reference['values'][weights][key])} | {where} the committed seed range |")
     total = sum(len(v) for v in new["values"].values())
     return lines + ["", f"{total - len(outside)} of {total} new seed medians fall inside the committed seed "
                     "ranges" + (f"; outside: {', '.join(outside)}." if outside else ".")]
