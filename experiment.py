@@ -30,6 +30,7 @@ from ditnorm.files import CheckpointError, record_checkpoints, stats_checkpoints
 from ditnorm.layout import run_checkpoints
 from ditnorm.options import Parser, add_fast_flag, check_device, device, positive_int, seed_list, step_set
 from ditnorm.presets import PRESETS, grids, runs
+from ditnorm.records import RowsError
 
 ROOT = Path(__file__).resolve().parent
 
@@ -136,7 +137,10 @@ def main(argv=None):
             raise SystemExit(f"error: {e}") from None
         for out, recorded in digests:
             record_checkpoints(out, recorded)
-        results = side_by_side(measure_one, args.jobs, tasks)
+        try:
+            results = side_by_side(measure_one, args.jobs, tasks)
+        except RowsError as e:  # a measured file damaged or foreign: measuring on into it would lose rows
+            raise SystemExit(f"error: {e}; move it away and measure again") from None
     else:
         report(args.preset, preset, grid, record, runs_dir)
         results = [f"report in {record}"]

@@ -82,6 +82,19 @@ def test_measure_is_incremental_and_reads_each_checkpoint_once(tmp_path, monkeyp
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_a_damaged_measured_file_ends_measure_in_one_line_and_stays_as_it_was(tmp_path):
+    fake_runs(tmp_path)
+    flags = ["--preset", "tiny", "--results-dir", str(tmp_path), "--steps", "20"]
+    experiment.main(["measure", *flags])
+    bad = tmp_path / "tiny" / "res" / "runs" / "zeros-none-seed1" / "errors.csv"
+    bad.write_text(bad.read_text() + "zeros,abs_x,none\n")  # a line cut short
+    before = bad.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["measure", *flags[:-2]])
+    assert str(e.value.code).startswith(f"error: {bad}: line ") and "\n" not in str(e.value.code)
+    assert bad.read_bytes() == before
+
+
 def test_a_retrained_run_is_not_measured_into_the_statistics_of_an_earlier_training(tmp_path):
     fake_runs(tmp_path)
     flags = ["--preset", "tiny", "--results-dir", str(tmp_path), "--steps", "20"]
