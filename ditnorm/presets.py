@@ -2,7 +2,8 @@
 
 A preset names the grid of runs (model, norm, data, seeds), the training recipe, how a run folder is
 named, the checkpoints, what is measured of each (a function of measures.py, with its arguments) and the
-report (a function that reads whatever per-run files exist). A recipe is defined once, in recipes.py.
+report (a function of its study's file in studies/ that reads whatever per-run files exist). A recipe is
+defined once, in recipes.py.
 """
 
 from ditnorm import measures, mnist_study
