@@ -69,17 +69,6 @@ def last_step(run):
     return max((r["step"] for r in run["rows"]), default=None)
 
 
-def rank_test(layernorm, none):
-    """stats.rank_test that layernorm's values are larger than none's (exact, ties exact too): (p, pairs
-    ordered that way with a tie counted 1/2, all pairs); None below 2 seeds a side."""
-    a = [v for v in layernorm if v is not None]
-    b = [v for v in none if v is not None]
-    if len(a) < 2 or len(b) < 2:
-        return None
-    test = stats.rank_test(a, b)
-    return test.p, f"{test.u:g}", test.n1 * test.n2
-
-
 CURVES = {"nll_bpd": "NLL, bits/dim", "middle_ratio": "largest middle-block top-1/median"}
 
 
@@ -160,12 +149,13 @@ def prediction_outcome(runs):
 
     def separated(fmt):
         def verdict(a, b):  # layernorm above none, at the p that 3 seeds against 3 allow at best
-            test = rank_test(a, b)
-            if test is None:  # one seed a side: nothing to test yet
+            if len(a) < 2 or len(b) < 2:  # one seed a side: nothing to test yet
                 return None, f"n = {len(a)} and {len(b)} seeds, no test"
-            p, pairs, total = test
+            test = stats.rank_test(a, b)
+            p = test.p
             medians = " vs ".join(fmt.format(np.median(v)) for v in (a, b))
-            said = f"seed medians {medians}, {pairs}/{total} pairs, p = {p:.2f}, n = {len(a)} vs {len(b)}"
+            said = (f"seed medians {medians}, {test.u:g}/{test.n1 * test.n2} pairs, p = {p:.2f}, "
+                    f"n = {len(a)} vs {len(b)}")
             smallest = stats.smallest_p(len(a), len(b))
             if smallest > 0.05 + 1e-9:  # these seed counts cannot reach p = 0.05 (2 vs 2: 0.17)
                 return None, f"{said}; the smallest p {len(a)} vs {len(b)} seeds allow is {smallest:.2f}"
