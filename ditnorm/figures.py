@@ -10,9 +10,10 @@ from ditnorm.analysis import outlier_stats  # noqa: E402
 from ditnorm.records import seed_spread  # noqa: E402
 
 
-def band_plot(ax, groups):
-    """One line per label (median over seeds) with a min-max band; groups: {label: {x: [values]}}."""
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+def band_plot(ax, groups, colors=None):
+    """One line per label (median over seeds) with a min-max band; groups: {label: {x: [values]}}; colors:
+    one per label (matplotlib's cycle by default)."""
+    colors = colors or plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for color, (label, by_x) in zip(colors, groups.items(), strict=False):
         xs = sorted(by_x)
         med, low, high = np.array([seed_spread(by_x[x]) for x in xs]).T

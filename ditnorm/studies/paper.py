@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ditnorm import tables  # noqa: E402
+from ditnorm import figures, tables  # noqa: E402
 from ditnorm.layout import measured_files  # noqa: E402
 from ditnorm.measures import DIRECT_COLUMNS  # noqa: E402
 from ditnorm.measures import PAPER_WEIGHTS as WEIGHTS  # noqa: E402
@@ -130,19 +130,13 @@ def error_table(rows, step):
 def plot_error_vs_step(rows, path):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
     for ax, weights in zip(axes, ("raw", "ema", "sphere_0.9999"), strict=True):
-        for norm, colour in COLOURS.items():
-            steps = sorted({r["step"] for r in rows if r["norm"] == norm and r["weights"] == weights})
-            cells = [list(by_seed(rows, norm, weights, s, "median").values()) for s in steps]
-            if not steps:
-                continue
-            n = max(len(c) for c in cells)
-            ax.plot(steps, [np.median(c) for c in cells], color=colour, marker="o", ms=3,
-                    label=f"{norm} (seeds: {_count([len(c) for c in cells])})")
-            if n > 1:
-                ax.fill_between(steps, [min(c) for c in cells], [max(c) for c in cells], color=colour,
-                                alpha=0.2)
-        ax.set(title=LABEL[weights], xlabel="training step", yscale="log")
-        ax.grid(alpha=0.3)
+        cells = {}  # {norm: {step: [a median per seed]}}
+        for r in sorted(rows, key=lambda r: r["step"]):
+            if r["weights"] == weights:
+                cells.setdefault(r["norm"], {}).setdefault(r["step"], []).append(r["median"])
+        figures.band_plot(ax, {f"{n} (seeds: {_count([len(v) for v in c.values()])})": c
+                               for n, c in cells.items()}, [COLOURS[n] for n in cells])
+        ax.set(title=LABEL[weights], xlabel="training step")
     axes[0].set_ylabel("median |x| (seed median; band: seed min-max)")
     axes[0].legend()
     fig.tight_layout()
