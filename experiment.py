@@ -15,6 +15,9 @@ folder of an earlier training is refused, not mixed; the paper preset's statisti
 record was kept are adopted where the checkpoints on disk give back their weights.csv exactly.
 """
 
+import datetime
+import os
+import platform
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -22,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ditnorm import provenance
-from ditnorm.analysis import run_checkpoints
+from ditnorm import layout, provenance
 from ditnorm.files import CheckpointError, record_checkpoints, stats_checkpoints
+from ditnorm.layout import run_checkpoints
 from ditnorm.options import (
     Parser,
     add_fast_flag,
@@ -35,7 +38,8 @@ from ditnorm.options import (
     seed_list,
     step_set,
 )
-from ditnorm.presets import PRESETS, runs
+from ditnorm.presets import PRESETS, grids, runs
+from ditnorm.records import RowsError
 
 ROOT = Path(__file__).resolve().parent
 
@@ -45,19 +49,15 @@ def parse_args(argv=None):
     parser = Parser(prog="experiment.py", description=summary, epilog=details)
     parser.add_argument("phase", choices=("train", "measure", "report"))
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True, help="the experiment")
-    parser.add_argument(
-        "--seeds", type=seed_list, help="comma-separated seeds, e.g. 0,1,2 (default: the preset's)"
-    )
+    parser.add_argument("--seeds", type=seed_list,
+                        help="comma-separated seeds, e.g. 0,1,2 (default: the preset's)")
     parser.add_argument("--jobs", type=positive_int, default=1, help="runs side by side, one thread each")
     parser.add_argument("--device", type=device, default="cpu", help="train and measure here")
     parser.add_argument("--steps", type=step_set, help="measure: only these comma-separated checkpoint steps")
     add_fast_flag(parser)
     parser.add_argument("--results-dir", default="results", help="run folders go to <this>/<preset>/")
-    parser.add_argument(
-        "--refresh-res",
-        action="store_true",
-        help="measure and report into the committed res/<preset>/ (maintainers)",
-    )
+    parser.add_argument("--refresh-res", action="store_true",
+                        help="measure and report into the committed res/<preset>/ (maintainers)")
     args = parser.parse_args(argv)
     if problem := check_device(args.device):
         parser.error(f"--device {args.device}: {problem}")
@@ -95,6 +95,20 @@ def measured_from(preset, run_dir, out):
     return stats_checkpoints(out, run_checkpoints(run_dir), adopt=adopt if "adopt" in preset else None)
 
 
+def hardware():
+    """One line each: CPU model and cores, GPUs, torch and python versions (said in the reports)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    gpu = ", ".join(gpus) or "none"
+    return [f"CPU: {cpu}, {len(os.sched_getaffinity(0))} cores available", f"GPU: {gpu}",
+            f"torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}"]
+
+
 def side_by_side(fn, jobs, tasks):
     """fn(*task) for every task, `jobs` processes at a time (in this process for one job)."""
     if jobs == 1 or len(tasks) <= 1:
@@ -104,45 +118,42 @@ def side_by_side(fn, jobs, tasks):
         return list(pool.map(fn, *zip(*tasks, strict=True)))
 
 
+def report(name, preset, grid, record, runs_dir, now=None, machine=None):
+    """The preset's report phase into `record` from record/runs/; now and machine (hardware()'s lines), said
+    in some reports, default to this moment and this machine."""
+    torch.set_num_threads(1)
+    options = dict(preset=name, runs=grid, runs_dir=runs_dir, reference=ROOT / "res" / name / "headline.json",
+                   now=now or datetime.datetime.now(), hardware=machine or hardware())
+    preset["report"](dict(preset, cfg=grid[0][1]), record, options)
+
+
 def main(argv=None):
     args = parse_args(argv)
     preset, grid = PRESETS[args.preset], runs(args.preset, args.seeds)
     if args.seeds is not None:
-        grids = preset["grid"] if isinstance(preset["grid"], list) else [preset["grid"]]
-        grids = [dict(grid, seed=args.seeds) for grid in grids]
-        preset = dict(preset, grid=grids if isinstance(preset["grid"], list) else grids[0])
-    runs_dir = Path(args.results_dir) / args.preset
-    record = ROOT / "res" / args.preset if args.refresh_res else runs_dir / "res"
+        listed = grids(preset, args.seeds)
+        preset = dict(preset, grid=listed if isinstance(preset["grid"], list) else listed[0])
+    runs_dir, record = layout.record_of(args.preset, args.results_dir, args.refresh_res)
     if args.phase == "train":
-        tasks = [
-            (cfg, runs_dir / name, args.device, args.fast)
-            for name, cfg in grid
-            if cfg["max_steps"] not in run_checkpoints(runs_dir / name)
-        ]
+        tasks = [(cfg, runs_dir / name, args.device, args.fast) for name, cfg in grid
+                 if cfg["max_steps"] not in run_checkpoints(runs_dir / name)]
         results = side_by_side(train_one, args.jobs, tasks)
     elif args.phase == "measure":
         options = dict(device=args.device, fast=args.fast, steps=args.steps)
-        tasks = [
-            (args.preset, name, cfg, runs_dir / name, record / "runs" / name, options)
-            for name, cfg in grid
-            if run_checkpoints(runs_dir / name)
-        ]
+        tasks = [(args.preset, name, cfg, runs_dir / name, layout.measured(record, name), options)
+                 for name, cfg in grid if run_checkpoints(runs_dir / name)]
         try:  # every run checked before any is measured or recorded
             digests = [(out, measured_from(preset, run_dir, out)) for *_, run_dir, out, _ in tasks]
         except CheckpointError as e:
             raise SystemExit(f"error: {e}") from None
         for out, recorded in digests:
             record_checkpoints(out, recorded)
-        results = side_by_side(measure_one, args.jobs, tasks)
+        try:
+            results = side_by_side(measure_one, args.jobs, tasks)
+        except RowsError as e:  # a measured file damaged or foreign: measuring on into it would lose rows
+            raise SystemExit(f"error: {e}; move it away and measure again") from None
     else:
-        torch.set_num_threads(1)
-        options = dict(
-            preset=args.preset,
-            runs=grid,
-            runs_dir=runs_dir,
-            reference=ROOT / "res" / args.preset / "headline.json",
-        )
-        preset["report"](dict(preset, cfg=grid[0][1]), record, options)
+        report(args.preset, preset, grid, record, runs_dir)
         results = [f"report in {record}"]
         if args.refresh_res:
             provenance.write(ROOT / "res")

@@ -45,6 +45,7 @@ from ditnorm.checkpoint import (
 )
 from ditnorm.data import CONSTANT_RANGE
 from ditnorm.images import write_grid
+from ditnorm.layout import CHECKPOINTS
 from ditnorm.options import (
     Parser,
     add_fast_flag,
@@ -278,8 +279,8 @@ def resolve_checkpoint(args):
     --weights raw needs a file that holds both weights; the published official checkpoints are EMA only."""
     path = Path(args.ckpt)
     if path.is_dir():
-        folder = path if (path / "checkpoints").is_dir() else path.parent
-        if not (folder / "checkpoints").is_dir():
+        folder = path if (path / CHECKPOINTS).is_dir() else path.parent
+        if not (folder / CHECKPOINTS).is_dir():
             raise SampleError(f"{args.ckpt} is a folder without checkpoints/<step>.pt; pass a run folder of "
                               "train_toy.py or train.py, or a checkpoint file")
         path = checkpoint_at(folder, args.step)

@@ -14,7 +14,7 @@ With --preset interventions the ladder is instead the interventions study (res/i
 baseline, weight decay 0.1 and 1.0, dropout 0.3, the cap 4, for layernorm and none) at the larger sizes;
 its dropout masks come from the one process's global RNG, which the runs share, so a run's masks are not
 those that experiment.py would draw for it alone. Then ditnorm/mnist_study.measure_run measures each run
-into OUT/runs/<run>/measures.csv and ditnorm/mnist_report.report writes OUT/results.md and
+into OUT/runs/<run>/measures.csv and ditnorm/studies/mnist.report writes OUT/results.md and
 OUT/curves.png: the small statistics to commit.
 
 NEVER RUN ON A GPU; the estimate below is arithmetic, not a measurement. FLOPs per training step at batch
@@ -46,10 +46,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from diffusion import create_diffusion  # noqa: E402
-from ditnorm import mnist_report, mnist_study  # noqa: E402
+from ditnorm import mnist_study  # noqa: E402
 from ditnorm.data import rank_batches  # noqa: E402
 from ditnorm.images import load_image_data  # noqa: E402
 from ditnorm.presets import runs as preset_runs  # noqa: E402
+from ditnorm.studies import mnist as mnist_report  # noqa: E402
 from ditnorm.trainer import build_training_state, plain_train_step, save  # noqa: E402
 
 SIZES = {"XS": "MnistDiT-XS/4", "S": "MnistDiT-S/4", "B": "MnistDiT-B/4", "L": "MnistDiT-L/4"}

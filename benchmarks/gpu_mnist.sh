@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The MNIST ladder on one GPU in one command: benchmarks/gpu_mnist.py trains XS, S, B, L x (layernorm and
 # none at seeds 0-2, rmsnorm and dyt at seed 0) side by side in one process, then measures every run
-# (ditnorm/mnist_study.measure_run) and reports (ditnorm/mnist_report.report):
+# (ditnorm/mnist_study.measure_run) and reports (ditnorm/studies/mnist.report):
 #   bash benchmarks/gpu_mnist.sh [PYTHON] [OUT] [SIZES] [PRESET] [SEEDS]   (default python3, ./gpu_out, XS,S,
 #                                                            mnist, 0,1,2)
 #   bash benchmarks/gpu_mnist.sh python3 gpu_out S interventions 0   # the interventions' seed 0 at S (~250 s)

@@ -1,2 +1,3 @@
-"""The library behind the entry points: loading and saving, data, weight averages, shared flags,
-measurements, statistics and reports. Nothing here is run directly; the scripts at the top level are."""
+"""The library behind the entry points: loading and saving, data, weight averages, shared flags, recipes and
+presets, measurements, the report engine (tables.py) and the studies' reports (studies/). Nothing here is
+run directly; the scripts at the top level are."""

@@ -19,6 +19,7 @@ import torch
 
 from diffusion import create_diffusion
 from ditnorm.checkpoint import FORMAT, CheckpointError, diffusion_of, load_for_sampling, read_checkpoint
+from ditnorm.layout import run_checkpoints
 from ditnorm.stats import fixed_quantiles
 from fast import sample_toy
 from models import TOY_MODELS
@@ -143,12 +144,6 @@ def find_runs(results_dir, norm, model="ToyDiT/1"):
     runs = [p for p in Path(results_dir).glob(pattern) if (p / "checkpoints").is_dir()]
     return sorted(runs, key=lambda p: (int(p.name.split("-")[0]) if p.name.split("-")[0].isdigit() else -1,
                                        p.name))
-
-
-def run_checkpoints(run_dir):
-    """{step: path} of a run folder's checkpoints/NNNNNNN.pt."""
-    paths = Path(run_dir, "checkpoints").glob("*.pt")
-    return dict(sorted((int(p.stem), p) for p in paths if p.stem.isdigit()))
 
 
 def latest_run(results_dir, norm, model="ToyDiT/1"):

@@ -6,7 +6,6 @@ quantities (nll, probe, precision, samples, ablation) is measured for a (step, w
 lacks it, and the file is rewritten whole (records.write_atomic) after each group.
 """
 
-import csv
 from pathlib import Path
 
 import torch
@@ -16,7 +15,8 @@ from ditnorm.analysis import run_checkpoints
 from ditnorm.checkpoint import diffusion_of, load_for_sampling
 from ditnorm.classifier import embed, gaussian_fit, load_classifier, save_classifier, train_classifier
 from ditnorm.images import load_image_data
-from ditnorm.records import csv_text, write_atomic
+from ditnorm.records import RowsError, csv_text, write_atomic
+from ditnorm.records import read_rows as read_measured
 
 FIELDS = ("step", "weights", "group", "quantity", "value", "n")
 STATS_FILE = "measures.csv"
@@ -29,16 +29,11 @@ LAST = {"raw": ("nll", "probe", "precision"), "ema": ("nll", "probe", "precision
 
 
 def read_rows(path):
-    """The rows of a measures.csv (values as floats), [] when there is none."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != FIELDS:
-            raise ValueError(f"{path} is not a measures.csv of this study (columns {reader.fieldnames}); "
-                             "move it away and measure again")
-        return [{**r, "step": int(r["step"]), "value": float(r["value"]), "n": int(r["n"])} for r in reader]
+    """The rows of a measures.csv (values as floats), [] when there is none (records.read_rows)."""
+    try:
+        return read_measured(path, FIELDS, exact=True, ints=("step", "n"))
+    except RowsError as e:
+        raise ValueError(f"{e}: not a measures.csv of this study; move it away and measure again") from None
 
 
 def write_rows(path, rows):

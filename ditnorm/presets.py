@@ -2,32 +2,14 @@
 
 A preset names the grid of runs (model, norm, data, seeds), the training recipe, how a run folder is
 named, the checkpoints, what is measured of each (a function of measures.py, with its arguments) and the
-report (a function that reads whatever per-run files exist). A recipe is defined once, in RECIPES.
+report (a function of its study's file in studies/ that reads whatever per-run files exist). A recipe is
+defined once, in recipes.py.
 """
 
-from ditnorm import measures, mnist_report, mnist_study, paper_report, reports
-from ditnorm.trainer import DEFAULTS, IMAGE_DEFAULTS
-from ditnorm.trainer import PRESETS as TRAINER_PRESETS
+from ditnorm import measures, mnist_study
+from ditnorm.recipes import RECIPES
+from ditnorm.studies import mnist, paper, toy
 from models import NORM_KINDS
-
-# The training recipes: every train_run key but the grid's. The paper's is the trainer's DEFAULTS (DiT's
-# recipe at batch 2048 for 50k steps) and the CPU one its --preset cpu; each adds the checkpoints it keeps.
-PAPER = {k: v for k, v in DEFAULTS.items() if k not in ("model", "norm", "data", "seed", "data_path")}
-RECIPES = {
-    # Real images: the trainer's IMAGE_DEFAULTS (DiT's optimiser on the offline MNIST subset, batch 64,
-    # EMA 0.999, 10k steps, a checkpoint every 1k).
-    "mnist": {k: v for k, v in IMAGE_DEFAULTS.items()
-              if k not in ("model", "norm", "data", "seed", "data_path")},
-    "paper": dict(PAPER, ckpt_every=5000),
-    "cpu": {**PAPER, **TRAINER_PRESETS["cpu"], "ckpt_steps": "1000,2000,3000,4000,5000"},
-    # The 4-norm study's shorter CPU recipe: 48 runs in under an hour on 2 cores; the EMA keeps 6 time
-    # constants at the end (3000 x 0.002). Still short of convergence: the errors may still fall at the end.
-    "cpu-short": dict(PAPER, global_batch_size=128, lr=1e-3, ema_decay=0.998, max_steps=3000,
-                      ckpt_steps="500,1000,1500,2000,2500,3000"),
-    # The tests: a 2-block model, seconds.
-    "tiny": dict(PAPER, global_batch_size=16, lr=1e-3, ema_decay=0.9, max_steps=20, ckpt_steps="10,20",
-                 log_every=2),
-}
 
 # The interventions of the "When does LayerNorm hurt?" study (res/interventions/prediction.md), a grid axis:
 # each names the training keys it changes from its preset's recipe. At lr 1e-3 over 10k steps AdamW's decay
@@ -68,7 +50,7 @@ PRESETS = {
         # the direct statistic at the last 3 checkpoints only, which the report's main table uses: 48 runs
         # x 6 checkpoints x 10^5 inputs would cost the CPU more than the training does
         measure_args=dict(SAMPLE_ERRORS, direct=dict(DIRECT, last=3)),
-        report=reports.study_report,
+        report=toy.study_report,
     ),
     # The claim at the paper's own schedule: LayerNorm and no norm, raw weights, the EMA and five other
     # averages, with the predictions of res/paper/prediction.md.
@@ -86,9 +68,9 @@ PRESETS = {
             rms_batch=256,
             perturb_steps={1: (30_000, 40_000, 45_000, 50_000), 2: (50_000,)},
             # the direct statistic of the weights kinds the report tables (of the 7 sampled)
-            direct=dict(DIRECT, weights=paper_report.DIRECT_WEIGHTS),
+            direct=dict(DIRECT, weights=paper.DIRECT_WEIGHTS),
         ),
-        report=paper_report.report,
+        report=paper.report,
     ),
     # make reproduce: 3 seeds of both toy models at the CPU recipe, EMA and raw weights, the headline set
     # beside the committed one (res/reproduce/headline.json), and both notebooks on seed 0.
@@ -98,7 +80,7 @@ PRESETS = {
         run_name="{data}-{norm}-seed{seed}",
         measure=measures.sample_errors,
         measure_args=dict(SAMPLE_ERRORS, weights=("ema", "raw"), num_samples=500, sampling_steps=1000),
-        report=reports.reproduce_report,
+        report=toy.reproduce_report,
         notebook_steps=None,
     ),
     # The tests: make reproduce in seconds (no pretrained model, no download).
@@ -109,7 +91,7 @@ PRESETS = {
         measure=measures.sample_errors,
         measure_args=dict(SAMPLE_ERRORS, weights=("ema", "raw"), num_samples=20, sampling_steps=10,
                           direct=dict(DIRECT, num_inputs=2048)),
-        report=reports.reproduce_report,
+        report=toy.reproduce_report,
         notebook_steps=None,
         pretrained="",
     ),
@@ -127,7 +109,7 @@ PRESETS = {
         run_name="{model}-{norm}-seed{seed}",
         measure=mnist_study.measure,
         measure_args={},
-        report=mnist_report.preset_report,
+        report=mnist.preset_report,
     ),
     # When does LayerNorm hurt? (res/interventions/prediction.md): weight decay, dropout and a cap on
     # each block's output, MnistDiT-XS/4, layernorm and none, 3 seeds; the baseline is the mnist preset's XS
@@ -141,18 +123,21 @@ PRESETS = {
         run_name="{model}-{norm}-{intervention}-seed{seed}",
         measure=mnist_study.measure,
         measure_args={},
-        report=mnist_report.preset_report,
+        report=mnist.preset_report,
     ),
 }
 
 
-def runs(preset, seeds=None):
-    """The preset's grid (or list of grids) as [(run name, train_run cfg)], seeds replaced by `seeds`
+def grids(preset, seeds=None):
+    """A preset's grids as a list (a preset names one grid or a list of them), seeds replaced by `seeds`
     when given."""
-    grids = PRESETS[preset]["grid"]
-    out = []
-    for grid in grids if isinstance(grids, list) else [grids]:
-        out += _grid_runs(preset, dict(grid, **({"seed": list(seeds)} if seeds is not None else {})))
+    listed = preset["grid"] if isinstance(preset["grid"], list) else [preset["grid"]]
+    return [dict(grid, **({"seed": list(seeds)} if seeds is not None else {})) for grid in listed]
+
+
+def runs(preset, seeds=None):
+    """The preset's grids as [(run name, train_run cfg)], seeds replaced by `seeds` when given."""
+    out = [run for grid in grids(PRESETS[preset], seeds) for run in _grid_runs(preset, grid)]
     return list(dict(out).items())  # once each, in first-listed order (--seeds repeats per-seed grids)
 
 

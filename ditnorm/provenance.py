@@ -4,7 +4,8 @@ The table is generated from the preset dict; NOTES keep what the files cannot sa
 machine, which code of which day, what was lost), one entry per folder.
 """
 
-from ditnorm.presets import PRESETS, RECIPES
+from ditnorm.presets import PRESETS, grids
+from ditnorm.recipes import RECIPES
 from ditnorm.records import write_atomic
 
 NOTES = {
@@ -70,10 +71,15 @@ NOTES = {
         "`classifier.pt`: the digit classifier behind the Fréchet distance and class accuracy, trained by "
         "`ditnorm.mnist_study.context` (one thread, seed 0) on the 4,500 training images; 0.95 on the "
         "held-out 500.",
+        "`yardsticks.csv`: that classifier's accuracy on the 500 held-out digits and their Fréchet distance "
+        "to the training digits, which `results.md` names in its header; written by "
+        "`ditnorm.studies.mnist.yardsticks` (from `ditnorm.mnist_study.context`) on 2026-12-07, so that "
+        "`report` reads them instead of loading MNIST and the classifier again.",
         "`pilot/`: the first pair (MnistDiT-XS/4, layernorm and none, seed 0) at DiT's lr 1e-4, measured "
         "like the rest; its report by `python -c 'from ditnorm import mnist_report; mnist_report.report("
-        "\"res/mnist/pilot\", title=\"MNIST pilot at lr 1e-4\")'`. Its samples were no digits, so the "
-        "study's recipe became lr 1e-3 (`prediction.md`'s note).",
+        "\"res/mnist/pilot\", title=\"MNIST pilot at lr 1e-4\")'` of 2026-12-04 (the report is now "
+        "`ditnorm.studies.mnist.report`, whose later tables the pilot's lacks). Its samples were no digits, "
+        "so the study's recipe became lr 1e-3 (`prediction.md`'s note).",
         "`runs/<model>-<norm>-seed<k>/measures.csv`: `measure` of each finished run (raw weights every "
         "other checkpoint; everything at the last one). The runs of 2026-12-04 were trained by "
         "`ditnorm.trainer.train_run` with the preset's configuration, two runs side by side with one "
@@ -100,10 +106,10 @@ NOTES = {
 
 def preset_line(name):
     preset = PRESETS[name]
-    recipe, grids = RECIPES[preset["recipe"]], preset["grid"]
+    recipe = RECIPES[preset["recipe"]]
     made = f"`python experiment.py train\\|measure\\|report --preset {name} --refresh-res`"
     seeds = {}  # the grids' seeds merged per (model, norm, data), in the order listed
-    for grid in grids if isinstance(grids, list) else [grids]:
+    for grid in grids(preset):
         key = (", ".join(grid["model"]), ", ".join(grid["norm"]), ", ".join(grid["data"]))
         seeds.setdefault(key, []).extend(s for s in grid["seed"] if s not in seeds.get(key, []))
     runs = " and ".join(f"{model}; norms {norm}; data {data}; seeds {','.join(map(str, seed))}"

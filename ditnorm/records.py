@@ -1,6 +1,7 @@
-"""The files an experiment writes, written so that a kill at any moment leaves each one whole: every
-write goes to a temporary file in the same folder, then os.replace puts it under its name. Also the seed
-spread that every table and figure reports."""
+"""The files an experiment writes and reads. A write goes to a temporary file in the same folder, then
+os.replace puts it under its name, so that a kill at any moment leaves each file whole. read_rows is the one
+reader of measured rows (runs/<run>/<name>.csv), gather reads a record's; grouped and seed_spread are what
+every table (tables.py) and figure groups and reports."""
 
 import csv
 import io
@@ -10,6 +11,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ditnorm import layout
 
 
 def _umask():
@@ -79,12 +82,56 @@ def savefig_atomic(fig, path, **kwargs):
     write_atomic(path, buffer.getvalue())
 
 
-def read_rows(path):
-    """The rows of a csv as dicts of strings; [] when there is no file."""
-    if not Path(path).is_file():
+# The columns that hold names, not numbers, in every measured file of the repository.
+TEXT = ("data", "measure", "norm", "weights", "tensor", "direction", "group", "quantity", "model",
+        "intervention", "statistic", "run")
+
+
+class RowsError(ValueError):
+    """A measured file that cannot be read as rows; the message names it."""
+
+
+#################################################################################
+#                               Reading rows                                    #
+#################################################################################
+
+
+def read_rows(path, columns=(), exact=False, ints=None, text=TEXT):
+    """The rows of a csv as dicts; [] when nothing is at path.
+
+    Cells stay strings unless `ints` is given: then a column in `text` stays a string, one in `ints`
+    becomes an int and any other a float. columns: names the header must hold (exactly, in this order,
+    when exact). A missing column, a line with more or fewer cells than the header, or a cell that is no
+    number is a RowsError naming the file (and the line)."""
+    path = Path(path)
+    if not path.exists():
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        header = tuple(reader.fieldnames or ())
+        if exact and header != tuple(columns):
+            raise RowsError(f"{path} has the columns {list(header)}, not {list(columns)}")
+        lacking = [c for c in columns if c not in header]
+        if lacking:
+            raise RowsError(f"{path} has no {', '.join(lacking[:3])} column")
+        rows = list(reader)
+    for i, row in enumerate(rows, start=2):
+        if None in row or None in row.values():
+            more = "more" if None in row else "fewer"
+            raise RowsError(f"{path}: line {i} has {more} cells than the header")
+    if ints is None:
+        return rows
+    try:
+        return [{k: v if k in text else int(v) if k in ints else float(v) for k, v in row.items()}
+                for row in rows]
+    except ValueError as e:
+        raise RowsError(f"{path}: {e}") from None
+
+
+def gather(record, name, **kwargs):
+    """Every run's rows of <record>/runs/<run>/<name>.csv (read_rows' kwargs), runs in name order."""
+    return [row for path in layout.measured_files(record, f"{name}.csv")
+            for row in read_rows(path, **kwargs)]
 
 
 def csv_text(rows, fieldnames=None, lineterminator="\r\n"):
@@ -104,7 +151,7 @@ def write_rows(path, rows, key=None):
 
 def seed_spread(values):
     """(median, min, max) over seeds of the finite values; nan if there are none."""
-    v = np.asarray(list(values), dtype=np.float64)
+    v = np.asarray([np.nan if x is None else x for x in values], dtype=np.float64)
     v = v[np.isfinite(v)]
     return (float(np.median(v)), float(v.min()), float(v.max())) if v.size else (np.nan,) * 3
 

@@ -10,13 +10,15 @@
   recomputed from the committed files there (errors.csv, weights.csv, perturb.csv, runs/*/pixels.npz).
 """
 
-import csv
 import itertools
 import math
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from ditnorm.layout import measured_files
+from ditnorm.records import read_rows
 
 QUANTILES = (0.5, 0.99, 0.999)
 # Splits enumerated at most; C(16, 8) = 12870, far beyond any seed count of this repository.
@@ -90,15 +92,10 @@ def fixed_quantiles(values, quantiles=QUANTILES):
 NORMS = ("layernorm", "none")
 
 
-def _read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _pixels(res_dir, weights):
     """{norm: {seed: (N, P) |x| of the last step}} from runs/<norm>-seed<k>/pixels.npz."""
     out = {}
-    for path in sorted(Path(res_dir).glob("runs/*/pixels.npz")):
+    for path in measured_files(res_dir, "pixels.npz"):
         norm, seed = path.parent.name.rsplit("-seed", 1)
         with np.load(path) as f:
             if weights in f:
@@ -156,7 +153,7 @@ def worst_samples(res_dir, weights_kinds=("raw", "ema")):
 def gate_changes(res_dir, first=10_000, last=50_000):
     """Per norm: the raw gate rows' norm change first -> last, and EMA 0.9999 / raw - 1 at last, each
     per (seed, block) as a list; the pooled writers' change beside them."""
-    rows = _read_csv(Path(res_dir) / "weights.csv")
+    rows = read_rows(Path(res_dir) / "weights.csv")
     l2 = {(r["norm"], int(r["seed"]), int(r["step"]), r["weights"], r["tensor"]): float(r["l2"])
           for r in rows}
     out = {}
@@ -181,7 +178,7 @@ def gate_changes(res_dir, first=10_000, last=50_000):
 def average_against_raw(res_dir, step=50_000, weights="ema_0.999"):
     """Per norm: the `weights` average's pooled writers against the raw ones at `step` (norm / raw - 1 and
     cosine, per seed), and the lowest cosine of any single tensor with its name."""
-    rows = _read_csv(Path(res_dir) / "weights.csv")
+    rows = read_rows(Path(res_dir) / "weights.csv")
     l2 = {(r["norm"], r["seed"], r["weights"], r["tensor"]): float(r["l2"]) for r in rows
           if int(r["step"]) == step}
     out = {}
@@ -197,7 +194,7 @@ def average_against_raw(res_dir, step=50_000, weights="ema_0.999"):
 
 def average_over_raw(res_dir, step=50_000):
     """{norm: {weights: seed median of the median |x| / that of the raw weights}} at `step`."""
-    rows = [r for r in _read_csv(Path(res_dir) / "errors.csv") if int(r["step"]) == step]
+    rows = [r for r in read_rows(Path(res_dir) / "errors.csv") if int(r["step"]) == step]
     out = {}
     for norm in NORMS:
         medians = {}
@@ -211,7 +208,7 @@ def average_over_raw(res_dir, step=50_000):
 
 def raw_median_ratio_by_step(res_dir, seed=1):
     """{step: layernorm / none of the raw median |x|} for one seed, at every step both measured."""
-    rows = _read_csv(Path(res_dir) / "errors.csv")
+    rows = read_rows(Path(res_dir) / "errors.csv")
     medians = {(r["norm"], int(r["step"])): float(r["median"]) for r in rows
                if r["weights"] == "raw" and int(r["seed"]) == seed}
     steps = sorted({s for n, s in medians if n == "layernorm"} & {s for n, s in medians if n == "none"})
@@ -221,9 +218,9 @@ def raw_median_ratio_by_step(res_dir, seed=1):
 def perturb_ratios(res_dir, direction, alpha):
     """{norm: [(seed, step, perturbed median / raw median)]} of perturb.csv against errors.csv."""
     errors = {(r["norm"], int(r["seed"]), int(r["step"])): float(r["median"])
-              for r in _read_csv(Path(res_dir) / "errors.csv") if r["weights"] == "raw"}
+              for r in read_rows(Path(res_dir) / "errors.csv") if r["weights"] == "raw"}
     out = {norm: [] for norm in NORMS}
-    for r in _read_csv(Path(res_dir) / "perturb.csv"):
+    for r in read_rows(Path(res_dir) / "perturb.csv"):
         if r["direction"] == direction and float(r["alpha"]) == alpha:
             key = (r["norm"], int(r["seed"]), int(r["step"]))
             out[r["norm"]].append((key[1], key[2], float(r["median"]) / errors[key]))
@@ -281,7 +278,7 @@ def paper_statistics(res_dir="res/paper"):
               "| ratio | " + " | ".join(f"{v:.2f}" for v in by_step.values()) + " |"]
     pilot = Path(res_dir) / "pilot" / "raw" / "study_errors.csv"
     if pilot.exists():
-        medians = {r["norm"]: float(r["median"]) for r in _read_csv(pilot)
+        medians = {r["norm"]: float(r["median"]) for r in read_rows(pilot)
                    if r["measure"] == "abs_x" and int(r["step"]) == 50_000}
         lines += ["", "The one-seed pilot (`pilot/raw/study_errors.csv`), raw weights at 50k: "
                   f"LayerNorm / none of the median |x| {medians['layernorm'] / medians['none']:.2f}"]

@@ -44,37 +44,14 @@ from ditnorm.options import (
     positive_int,
     step_list,
 )
+from ditnorm.recipes import CPU, DEFAULTS, IMAGE_DEFAULTS  # noqa: F401 (train.py takes IMAGE_DEFAULTS here)
 from ditnorm.records import write_atomic
 from fast import make_optimizer, proven_loss
 from models import MNIST_MODELS, TOY_MODELS, DiT_models, build_model
 
-# The toy study: the DiT recipe (AdamW, constant lr 1e-4, no weight decay, EMA 0.9999) at global batch 2048.
-DEFAULTS = {
-    "model": "ToyDiT/1", "norm": "layernorm", "global_batch_size": 2048, "lr": 1e-4, "ema_decay": 0.9999,
-    "max_steps": 50_000, "ckpt_steps": "10000,50000", "ckpt_every": 0, "log_every": 100, "seed": 0,
-    "diffusion_steps": 1000, "data": "zeros", "data_path": None, "image_size": None,
-    # The interventions of the study, all off in DiT's recipe: AdamW's decoupled weight decay (on every
-    # trainable parameter, as AdamW(model.parameters()) gives it), dropout in every attention and MLP, and
-    # the cap on each block's output (models.cap_to_rms); 0 is off.
-    "weight_decay": 0.0, "dropout": 0.0, "cap": 0.0,
-}
-# Real images (train.py): DiT's optimiser (AdamW, constant lr, no weight decay) on the offline MNIST subset,
-# at a batch a 2-core CPU trains in hours. The learning rate is 1e-3, not DiT's 1e-4: at 1e-4 a 10k-step
-# MnistDiT-XS/4 still drew no recognisable digit (res/mnist/pilot/). The EMA decay is 0.999, not 0.9999:
-# over a 10k-step run DiT's decay would still weight the initial weights by e^-1 at the end.
-IMAGE_DEFAULTS = {
-    **DEFAULTS, "model": "MnistDiT-S/4", "global_batch_size": 64, "lr": 1e-3, "ema_decay": 0.999,
-    "max_steps": 10_000, "ckpt_steps": "", "ckpt_every": 1000, "data": "mnist",
-}
 # What train.py offers: pixel-space DiTs, each built to fit its data (channels, size, classes).
 IMAGE_MODELS = MNIST_MODELS + tuple(name for name in DiT_models if name.startswith("DiT-"))
-# The CPU preset trades the study's batch (8x fewer samples per step) and learning rate (10x larger) for a
-# 10x shorter run. Its EMA decay keeps the study's EMA horizon relative to the run length: 5 time constants
-# at the last checkpoint (50k x 1e-4 = 5k x 1e-3) and 1 at the first (10k x 1e-4 = 1k x 1e-3).
-PRESETS = {
-    "cpu": {"global_batch_size": 256, "lr": 1e-3, "ema_decay": 0.999, "max_steps": 5000,
-            "ckpt_steps": "1000,5000", "log_every": 100},
-}
+PRESETS = {"cpu": CPU}  # train_toy.py --preset cpu (ditnorm/recipes.py)
 PRESET_HELP = (
     "cpu: batch 256, lr 1e-3, EMA 0.999, 5000 steps, checkpoints at 1000 and 5000. It shows the effect of "
     "the norm on a 2-core CPU in minutes, but trades away the study's batch (noisier gradients), its "

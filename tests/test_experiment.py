@@ -11,8 +11,9 @@ import pytest
 from builders import perturb_zero_init, save_model
 
 import experiment
-from ditnorm import analysis, checkpoint, direct_tables, measures, records, reports, stats
+from ditnorm import analysis, checkpoint, measures, records, stats, tables
 from ditnorm.presets import PRESETS, RECIPES, runs
+from ditnorm.studies import toy as reports
 from models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,19 @@ def test_measure_is_incremental_and_reads_each_checkpoint_once(tmp_path, monkeyp
     ]
     assert {r["step"] for r in rows(tmp_path / "tiny/res/runs/zeros-none-seed1/outliers.csv")} == {"20"}
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_damaged_measured_file_ends_measure_in_one_line_and_stays_as_it_was(tmp_path):
+    fake_runs(tmp_path)
+    flags = ["--preset", "tiny", "--results-dir", str(tmp_path), "--steps", "20"]
+    experiment.main(["measure", *flags])
+    bad = tmp_path / "tiny" / "res" / "runs" / "zeros-none-seed1" / "errors.csv"
+    bad.write_text(bad.read_text() + "zeros,abs_x,none\n")  # a line cut short
+    before = bad.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["measure", *flags[:-2]])
+    assert str(e.value.code).startswith(f"error: {bad}: line ") and "\n" not in str(e.value.code)
+    assert bad.read_bytes() == before
 
 
 def test_a_retrained_run_is_not_measured_into_the_statistics_of_an_earlier_training(tmp_path):
@@ -159,7 +173,7 @@ def test_the_comparison_says_where_each_new_median_falls():
         for s in range(3)
     ]
     preset = dict(PRESETS["reproduce"], cfg=runs("reproduce")[0][1])
-    new = reports.headline_of(preset, rows_)
+    new = reports.headline_of(preset, rows_, ["CPU: x", "GPU: none"])
     assert reports.compare(new, new)[-1] == "8 of 8 new seed medians fall inside the committed seed ranges."
     low = json.loads(json.dumps(new))
     low["values"]["ema"]["none max"] = [1.0, 2.0, 3.0]
@@ -316,8 +330,8 @@ def test_tiny_preset_end_to_end(tmp_path):
     line = next(x for x in results.splitlines() if x.startswith("| zeros | raw | 0 | p50 |"))
     test = stats.rank_test(table_["layernorm"], table_["none"])
     assert line == (
-        f"| zeros | raw | 0 | p50 | {direct_tables.spread(table_['layernorm'])} "
-        f"| {direct_tables.spread(table_['none'])} | {table_['layernorm'][0] / table_['none'][0]:.2f} "
+        f"| zeros | raw | 0 | p50 | {tables.cell(table_['layernorm'])} "
+        f"| {tables.cell(table_['none'])} | {table_['layernorm'][0] / table_['none'][0]:.2f} "
         f"| {test.u:g} of 1 | {test.p:.3f} (0.500) |"
     )
     assert results.index("The direct statistic") < results.index("Headline")

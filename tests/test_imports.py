@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("", "ditnorm", "diffusion", "fast", "benchmarks", "tests")
+FOLDERS = ("", "ditnorm", "ditnorm/studies", "diffusion", "fast", "benchmarks", "tests")
 
 
 def module_name(path):
@@ -111,3 +111,26 @@ def test_the_walk_sees_a_late_private_import_and_a_cycle(tmp_path):
     assert imports(tmp_path / "late.py", modules, name="late") == [("ditnorm.checkpoint", ["_first_line"], 2)]
     assert find_cycle({"a": ["b"], "b": ["c"], "c": ["a"], "d": []}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": ["b"], "b": [], "c": ["a", "b"]}) is None
+
+
+def test_measure_and_report_never_load_the_trainer():
+    """experiment.py's measure and report phases, and every report, run without ditnorm.trainer (the
+    runner imports it only to train)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, experiment, ditnorm.studies.toy, ditnorm.studies.paper, ditnorm.studies.mnist; "
+            "print(sorted(m for m in sys.modules if m.startswith('ditnorm.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            check=True)
+    assert "ditnorm.trainer" not in loaded.stdout, loaded.stdout
+
+
+def test_the_notebooks_import_the_library_and_no_study():
+    import json
+
+    for notebook in sorted(ROOT.glob("*.ipynb")):
+        cells = json.loads(notebook.read_text())["cells"]
+        source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        assert "from ditnorm import" in source, notebook.name
+        assert "ditnorm.studies" not in source and "_report" not in source, notebook.name

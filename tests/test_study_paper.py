@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from ditnorm import paper_report
+from ditnorm.studies import paper
 
 ERRORS = "norm,seed,step,weights,median,p99,max,mean\nlayernorm,0,20,raw,0.1,0.2,0.3,0.1\n"
 WHOLE = {"text": b"hello world\n", "noise": random.Random(0).randbytes(2048), "empty": b"",
@@ -21,10 +21,10 @@ def damaged(name, kind):
     """The bytes of a bad runs/<run>/<name> (None: a folder in its place)."""
     if kind in WHOLE:
         return WHOLE[kind]
-    columns = paper_report.COLUMNS[name.removesuffix(".csv")]
+    columns = paper.COLUMNS[name.removesuffix(".csv")]
     if kind == "another table":
         other = "rms" if name == "errors.csv" else "errors"
-        columns = paper_report.COLUMNS[other]
+        columns = paper.COLUMNS[other]
     cells = ["layernorm", "0", "20", "raw" if "weights" in columns else "random"]
     cells += ["1"] * (len(columns) - len(cells))
     row = {"a short row": cells[:-2], "a long row": [*cells, "9"],
@@ -49,7 +49,7 @@ def test_a_bad_measured_file_is_one_line_and_nothing_is_written(tmp_path, name, 
     before = tree(tmp_path)
     with pytest.raises(SystemExit) as e:
         options = {"runs": [("layernorm-seed0", {"seed": 0})], "preset": "paper"}
-        paper_report.report("paper", tmp_path, options)
+        paper.report("paper", tmp_path, options)
     message = str(e.value.code)
     assert "\n" not in message and message.startswith(f"experiment.py: error: cannot read {bad} "), message
     assert tree(tmp_path) == before

@@ -1,7 +1,6 @@
 """The MNIST study's report: tables, exact rank tests and figures from whatever runs/<run>/measures.csv
 exist, each number with the count of seeds it rests on."""
 
-import json
 import re
 from pathlib import Path
 
@@ -11,8 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ditnorm import stats  # noqa: E402
-from ditnorm.analysis import outlier_stats, run_checkpoints  # noqa: E402
+from ditnorm import layout, records, stats, tables  # noqa: E402
 from ditnorm.mnist_study import STATS_FILE, context, read_rows  # noqa: E402
 from ditnorm.records import savefig_atomic, write_atomic  # noqa: E402
 from models import MNIST_MODELS  # noqa: E402
@@ -37,12 +35,16 @@ FINAL = [
 ]
 
 
-def load_runs(stats_root):
-    """[{model, norm, seed, rows}] of every runs/<run>/measures.csv under stats_root."""
+def load_runs(stats_root, grid=None):
+    """[{model, norm, seed, ..., rows}] of every runs/<run>/measures.csv under stats_root. A run of grid
+    ({run name: train_run cfg}, a preset's runs) carries every key of its cfg (an intervention axis too);
+    any other is known by its name, <model>-<norm>-seed<k>."""
     runs = []
-    for path in sorted(Path(stats_root, "runs").glob(f"*/{STATS_FILE}")):
-        match = RUN_NAME.match(path.parent.name)
-        if match:
+    for path in layout.measured_files(stats_root, STATS_FILE):
+        cfg, match = (grid or {}).get(path.parent.name), RUN_NAME.match(path.parent.name)
+        if cfg:
+            runs.append({**cfg, "model": cfg["model"].replace("/", "-"), "rows": read_rows(path)})
+        elif match:
             runs.append({"model": match["model"], "norm": match["norm"], "seed": int(match["seed"]),
                          "rows": read_rows(path)})
     return runs
@@ -67,26 +69,11 @@ def last_step(run):
     return max((r["step"] for r in run["rows"]), default=None)
 
 
-def spread(values, fmt):
-    """'median [min, max] (n=k)' of values."""
-    values = [v for v in values if v is not None and np.isfinite(v)]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{fmt.format(values[0])} (n=1)"
-    return (f"{fmt.format(np.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}] "
-            f"(n={len(values)})")
+CURVES = {"nll_bpd": "NLL, bits/dim", "middle_ratio": "largest middle-block top-1/median"}
 
 
-def rank_test(layernorm, none):
-    """stats.rank_test that layernorm's values are larger than none's (exact, ties exact too): (p, pairs
-    ordered that way with a tie counted 1/2, all pairs); None below 2 seeds a side."""
-    a = [v for v in layernorm if v is not None]
-    b = [v for v in none if v is not None]
-    if len(a) < 2 or len(b) < 2:
-        return None
-    test = stats.rank_test(a, b)
-    return test.p, f"{test.u:g}", test.n1 * test.n2
+def _said(label, better):
+    return label if better == "neither" else f"{label} ({better} is better)"
 
 
 def final_table(runs):
@@ -94,20 +81,16 @@ def final_table(runs):
     lines = []
     for model in sorted({r["model"] for r in runs}):
         group = [r for r in runs if r["model"] == model]
-        norms = [n for n in NORMS if any(r["norm"] == n for r in group)]
+        norms = tuple(n for n in NORMS if any(r["norm"] == n for r in group))
+        rows = [dict(statistic=_said(label, better), norm=r["norm"], seed=r["seed"],
+                     value=value(r, last_step(r), weights, quantity))
+                for label, weights, quantity, _, better in FINAL for r in group]
+        formats = {_said(label, better): fmt for label, _, _, fmt, better in FINAL}
+        declared = tables.Table(lines=("statistic",), order=norms, fmt=formats, lone=True,
+                                test_cells=tables.pairs_cell, test_align="---",
+                                test_heads=("layernorm > none: pairs (a tie counts 1/2), exact one-sided p",))
         lines += [f"**{model}** (last checkpoint of each run; seed median [min, max], n seeds)", "",
-                  "| statistic | " + " | ".join(norms)
-                  + " | layernorm > none: pairs (a tie counts 1/2), exact one-sided p |",
-                  "|---|" + "---|" * len(norms) + "---|"]
-        for label, weights, quantity, fmt, better in FINAL:
-            by_norm = {norm: [value(r, last_step(r), weights, quantity) for r in group if r["norm"] == norm]
-                       for norm in norms}
-            cells = [spread(by_norm[norm], fmt) for norm in norms]
-            test = rank_test(by_norm.get("layernorm", []), by_norm.get("none", []))
-            cell = f"{test[1]}/{test[2]}, p = {test[0]:.2f}" if test else "n < 2"
-            said = "" if better == "neither" else f" ({better} is better)"
-            lines.append(f"| {label}{said} | " + " | ".join(cells) + f" | {cell} |")
-        lines.append("")
+                  *tables.render(declared, rows), ""]
     return "\n".join(lines)
 
 
@@ -166,12 +149,13 @@ def prediction_outcome(runs):
 
     def separated(fmt):
         def verdict(a, b):  # layernorm above none, at the p that 3 seeds against 3 allow at best
-            test = rank_test(a, b)
-            if test is None:  # one seed a side: nothing to test yet
+            if len(a) < 2 or len(b) < 2:  # one seed a side: nothing to test yet
                 return None, f"n = {len(a)} and {len(b)} seeds, no test"
-            p, pairs, total = test
+            test = stats.rank_test(a, b)
+            p = test.p
             medians = " vs ".join(fmt.format(np.median(v)) for v in (a, b))
-            said = f"seed medians {medians}, {pairs}/{total} pairs, p = {p:.2f}, n = {len(a)} vs {len(b)}"
+            said = (f"seed medians {medians}, {test.u:g}/{test.n1 * test.n2} pairs, p = {p:.2f}, "
+                    f"n = {len(a)} vs {len(b)}")
             smallest = stats.smallest_p(len(a), len(b))
             if smallest > 0.05 + 1e-9:  # these seed counts cannot reach p = 0.05 (2 vs 2: 0.17)
                 return None, f"{said}; the smallest p {len(a)} vs {len(b)} seeds allow is {smallest:.2f}"
@@ -220,19 +204,20 @@ def _all(runs, quantity):
 def training_table(runs):
     """Markdown: per model and norm, the seed median [min, max] of the held-out NLL and of the largest
     middle-block top-1/median (raw weights) at every checkpoint measured in all its runs."""
-    lines = ["## Over training (raw weights; seed median [min, max], n seeds)", "",
-             "| model | norm | step | NLL, bits/dim | largest middle-block top-1/median |",
-             "|---|---|---:|---|---|"]
+    rows = []
     for model in sorted({r["model"] for r in runs}):
         for norm in NORMS:
             group = [r for r in runs if (r["model"], r["norm"]) == (model, norm)]
             measured = [{x["step"] for x in r["rows"] if x["weights"] == "raw"} for r in group]
-            steps = set.intersection(*measured) if measured else set()
-            for step in sorted(steps):
-                cells = [spread([value(r, step, "raw", q) for r in group], fmt)
-                         for q, fmt in (("nll_bpd", "{:.3f}"), ("middle_ratio", "{:.1f}"))]
-                lines.append(f"| {model} | {norm} | {step} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + [""])
+            rows += [dict(model=model, norm=norm, step=step, seed=r["seed"], statistic=q,
+                          value=value(r, step, "raw", q))
+                     for step in sorted(set.intersection(*measured) if measured else set())
+                     for r in group for q in CURVES]
+    declared = tables.Table(lines=("model", "norm", "step"), across="statistic", order=tuple(CURVES),
+                            names=CURVES, test=None, fmt={"nll_bpd": "{:.3f}", "middle_ratio": "{:.1f}"},
+                            lone=True, right=("step",))
+    return "\n".join(["## Over training (raw weights; seed median [min, max], n seeds)", "",
+                      *tables.render(declared, rows), ""])
 
 
 def curves_figure(runs, path):
@@ -257,11 +242,11 @@ def curves_figure(runs, path):
     plt.close(fig)
 
 
-def report(stats_root, out_dir=None, title="MNIST study: results", reference=None):
+def report(stats_root, out_dir=None, title="MNIST study: results", reference=None, grid=None):
     """Write results.md and curves.png into out_dir (default stats_root); returns results.md's text.
-    reference: mnist_study.context()'s classifier_accuracy and heldout_fid, said in the header if given."""
+    reference: yardsticks(), said in the header if given; grid: as load_runs'."""
     out_dir = Path(out_dir or stats_root)
-    runs = load_runs(stats_root)
+    runs = load_runs(stats_root, grid)
     counts = ", ".join(f"{m} {n}: {sum(r['model'] == m and r['norm'] == n for r in runs)}"
                        for m in sorted({r["model"] for r in runs}) for n in NORMS
                        if any(r["model"] == m and r["norm"] == n for r in runs))
@@ -282,18 +267,31 @@ def report(stats_root, out_dir=None, title="MNIST study: results", reference=Non
     return text
 
 
+YARDSTICKS = "yardsticks.csv"
+
+
+def yardsticks(record):
+    """{heldout, classifier_accuracy, heldout_fid} from record/yardsticks.csv (statistic, value, n); the
+    file is written from mnist_study.context() (MNIST and the classifier loaded) only when it is missing."""
+    path = Path(record) / YARDSTICKS
+    if not path.is_file():
+        ctx = context()
+        records.write_rows(path, [dict(statistic=k, value=repr(ctx[k]), n=len(ctx["y"]))
+                          for k in ("classifier_accuracy", "heldout_fid")])
+    rows = records.read_rows(path, ("statistic", "value", "n"), ints=("n",))
+    return dict(heldout=rows[0]["n"], **{r["statistic"]: r["value"] for r in rows})
+
+
 def preset_report(preset, record, options):
     """The mnist preset's report phase (experiment.py): report() on record/runs/ into record, and
     TokenEmbeddingsViz.ipynb's side-by-side figure of the largest seed-0 pair (mnist_token_embeddings.png,
     token_outliers.md; its pretrained and toy parts skipped)."""
     from ditnorm import notebooks
 
-    ctx = context()
-    text = report(record, record, reference=dict(heldout=len(ctx["y"]), heldout_fid=ctx["heldout_fid"],
-                                                 classifier_accuracy=ctx["classifier_accuracy"]))
+    text = report(record, record, reference=yardsticks(record), grid=dict(options["runs"]))
     runs_dir = Path(options["runs_dir"])
     try:
-        last_pair(runs_dir)
+        layout.last_pair(runs_dir, MNIST_MODELS)
     except FileNotFoundError as e:
         print(f"SKIPPED the notebook: {e}")
         return text
@@ -302,59 +300,3 @@ def preset_report(preset, record, options):
     notebooks.execute_notebook(notebooks.ROOT / "TokenEmbeddingsViz.ipynb", params,
                                runs_dir / "executed" / "TokenEmbeddingsViz.ipynb")
     return text
-
-
-def last_pair(runs_dir, model=None, seed=0):
-    """({"layernorm": checkpoint, "none": checkpoint}, model) at the last checkpoint step that the layernorm
-    and none runs of `seed` share under runs_dir: of the largest MNIST model (or `model`) whose pair has
-    finished (a checkpoint at the max_steps of its config.json), else of the largest with any common step;
-    FileNotFoundError if there is none."""
-    pairs = []
-    for name in [model] if model else reversed(MNIST_MODELS):
-        dirs = {norm: Path(runs_dir) / f"{name.replace('/', '-')}-{norm}-seed{seed}"
-                for norm in ("layernorm", "none")}
-        found = {norm: run_checkpoints(folder) for norm, folder in dirs.items()}
-        common = set(found["layernorm"]) & set(found["none"])
-        if common:
-            pair = {norm: found[norm][max(common)] for norm in found}
-            if all(_max_steps(folder) in common for folder in dirs.values()):
-                return pair, name
-            pairs.append((pair, name))
-    if pairs:
-        return pairs[0]
-    raise FileNotFoundError(f"no layernorm and none runs of seed {seed} with a common checkpoint under "
-                            f"{runs_dir}; train them with python experiment.py train --preset mnist")
-
-
-def _max_steps(run_dir):
-    """The max_steps a run folder's config.json names, or None."""
-    try:
-        return json.loads((Path(run_dir) / "config.json").read_text())["train_args"]["max_steps"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def plot_streams_side_by_side(streams, tokens, *, sample=0, title=""):
-    """|value| against channel of the residual stream after each block, one column per model in
-    `streams` ({label: depth tensors (N, T, D)}), the given tokens of one sample overlaid; each row's
-    label gives that model's top-1 and top-1/median over all samples and tokens."""
-    labels = list(streams)
-    depth = max(len(v) for v in streams.values())
-    fig, axes = plt.subplots(depth, len(labels), figsize=(4.2 * len(labels), 1.1 * depth + 1.0),
-                             sharex=True, squeeze=False)
-    for col, label in enumerate(labels):
-        stats = outlier_stats(streams[label])
-        for block, h in enumerate(streams[label]):
-            ax = axes[block, col]
-            for token in tokens:
-                ax.plot(h[sample, token].abs().numpy(), linewidth=0.6, alpha=0.8)
-            ax.tick_params(labelsize=6)
-            top1, ratio = stats[block]["top1"], stats[block]["ratio"]
-            ax.set_ylabel(f"block {block}\nmax {top1:.3g}\nx{ratio:.3g} med", fontsize=6, rotation=0,
-                          ha="right", va="center")
-        axes[0, col].set_title(label, fontsize=9)
-        axes[-1, col].set_xlabel("channel", fontsize=7)
-    shown = ", ".join(map(str, tokens))
-    fig.suptitle(f"{title}\n|value| of the residual stream after each block, tokens {shown}", fontsize=9)
-    fig.tight_layout()
-    return fig

@@ -10,22 +10,11 @@ over seeds; with n1 against n2 seeds its smallest possible p is 1 / C(n1 + n2, n
 """
 
 
-import numpy as np
-
+from ditnorm import tables
 from ditnorm.records import grouped
-from ditnorm.stats import rank_test, smallest_p
 
 QUANTILES = ("p50", "p99", "p99.9")
 LAST = 3  # checkpoints per seed in the main table
-
-
-def spread(values):
-    """'median [min, max] (n=k)' over seeds; '-' for none."""
-    v = np.asarray(list(values), dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return "-"
-    return f"{np.median(v):.2e} [{v.min():.2e}, {v.max():.2e}] (n={v.size})"
 
 
 def last_steps(rows, last=LAST):
@@ -33,57 +22,24 @@ def last_steps(rows, last=LAST):
     return sorted({r["step"] for r in rows})[-last:]
 
 
-def seed_values(rows, steps, quantile):
-    """{norm: [per seed: the median of `quantile` over its rows at `steps`]} of rows of one table line."""
-    out = {}
-    for (norm, _seed), group in grouped(rows, "norm", "seed").items():
-        values = [float(r[quantile]) for r in group if r["step"] in steps]
-        if values:
-            out.setdefault(norm, []).append(float(np.median(values)))
-    return out
-
-
-def rank_cells(values):
-    """The layernorm / none ratio of seed medians, the rank test's pairs, and its p with the smallest
-    possible p; '-' cells without both norms."""
-    ln, none = values.get("layernorm", []), values.get("none", [])
-    if not ln or not none:
-        return ["-", "-", "-"]
-    test = rank_test(ln, none)
-    smallest = smallest_p(test.n1, test.n2)
-    return [f"{np.median(ln) / np.median(none):.2f}", f"{test.u:g} of {test.n1 * test.n2}",
-            f"{test.p:.3f} ({smallest:.3f})"]
-
-
 def table(rows, norms, steps):
     """Markdown lines: one line per (data, weights, timestep, quantile); per norm the seed spread of each
     seed's median over `steps`, then the test of layernorm against none."""
-    head = ("| data | weights | t | quantile | " + " | ".join(norms)
-            + " | layernorm / none | pairs layernorm > none | p, exact one-sided (smallest possible) |")
-    lines = [head, "|---|---|---:|---|" + "---|" * len(norms) + "---:|---:|---:|"]
-    for (data, weights, t), group in grouped(rows, "data", "weights", "timestep").items():
-        for quantile in QUANTILES:
-            values = seed_values(group, set(steps), quantile)
-            cells = [spread(values.get(n, [])) for n in norms] + rank_cells(values)
-            lines.append(f"| {data} | {weights} | {t} | {quantile} | " + " | ".join(cells) + " |")
-    return lines
+    declared = tables.Table(lines=("data", "weights", "timestep", "statistic"), order=tuple(norms),
+                            heads={"timestep": "t", "statistic": "quantile"}, right=("timestep",))
+    return tables.render(declared, tables.long([r for r in rows if r["step"] in set(steps)], QUANTILES))
 
 
 def step_table(rows, norms, timestep=0):
     """Markdown lines: the seed spread of each quantile at every checkpoint, at one timestep."""
-    lines = ["| data | weights | norm | step | " + " | ".join(QUANTILES) + " |",
-             "|---|---|---|---:|" + "---|" * len(QUANTILES)]
-    rows = [r for r in rows if r["timestep"] == timestep]
-    groups = grouped(rows, "data", "weights", "norm", "step")
-    # grouped keeps the order first seen, in which a step measured for a later seed only (an early
-    # checkpoint) comes after the steps of the seeds before it: steps ascend within each line instead.
-    line = {key[:3]: i for i, key in enumerate(dict.fromkeys(k[:3] for k in groups))}
-    for (data, weights, norm, step), group in sorted(groups.items(),
-                                                     key=lambda kv: (line[kv[0][:3]], int(kv[0][3]))):
-        if norm in norms:
-            cells = [spread(r[q] for r in group) for q in QUANTILES]
-            lines.append(f"| {data} | {weights} | {norm} | {step} | " + " | ".join(cells) + " |")
-    return lines
+    rows = [r for r in rows if r["timestep"] == timestep and r["norm"] in norms]
+    # a step measured for a later seed only (an early checkpoint) is first seen after the steps of the seeds
+    # before it: steps ascend within each line instead
+    line = {key: i for i, key in enumerate(grouped(rows, "data", "weights", "norm"))}
+    rows = sorted(rows, key=lambda r: (line[r["data"], r["weights"], r["norm"]], r["step"]))
+    declared = tables.Table(lines=("data", "weights", "norm", "step"), across="statistic", order=QUANTILES,
+                            test=None, right=("step",))
+    return tables.render(declared, tables.long(rows, QUANTILES))
 
 
 def order(rows, norms, weights=None):

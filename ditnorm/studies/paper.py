@@ -3,13 +3,11 @@ recomputed from the per-run files under runs/ (whatever runs and checkpoints the
 
 Writes, beside runs/: errors.csv, weights.csv, rms.csv, direct.csv (every run's rows together), results.md
 (the tables), error_vs_step.png, averages_at_last_step.png, writer_norms.png, and the outcome under
-prediction.md. Where the runs have direct.csv, the direct statistic (direct_tables.py) heads results.md; the
+prediction.md. Where the runs have direct.csv, the direct statistic (studies/direct.py) heads results.md; the
 committed runs were measured before it and have none. The predictions' outcome rests on the sampled error,
 for which they were written.
 """
 
-import csv
-import datetime
 from pathlib import Path
 
 import matplotlib
@@ -18,10 +16,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ditnorm import direct_tables  # noqa: E402
+from ditnorm import figures, tables  # noqa: E402
+from ditnorm.layout import measured_files  # noqa: E402
 from ditnorm.measures import DIRECT_COLUMNS  # noqa: E402
 from ditnorm.measures import PAPER_WEIGHTS as WEIGHTS  # noqa: E402
-from ditnorm.records import savefig_atomic, write_atomic, write_rows  # noqa: E402
+from ditnorm.records import read_rows, savefig_atomic, write_atomic, write_rows  # noqa: E402
+from ditnorm.studies import direct as direct_statistic  # noqa: E402
 
 # Averages by how far back they reach at 50k steps (the std of their weighting, in steps): EMA d ~ 1/(1-d),
 # a power EMA sigma_rel x 50k. The sphere EMA reaches as far as the DiT EMA.
@@ -38,7 +38,6 @@ COLUMNS = {"errors": ("norm", "seed", "step", "weights", "median", "p99", "max",
            "rms": ("norm", "seed", "step", "weights", "timestep", "block", "rms"),
            "perturb": ("norm", "seed", "step", "direction", "alpha", "median", "p99", "max"),
            "direct": DIRECT_COLUMNS}
-TEXT = ("norm", "weights", "tensor", "direction", "data", "measure")
 # The weights kinds of the direct statistic's tables (direct.csv holds all of them).
 DIRECT_WEIGHTS = ("raw", "ema", "ema_0.999", "sphere_0.9999")
 
@@ -58,39 +57,28 @@ def _gist(error):
 def read_table(path, name):
     """The rows of one run's <name>.csv, numbers converted; SystemExit naming the file if it is not one."""
     try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            lacking = [c for c in COLUMNS[name] if c not in (reader.fieldnames or ())]
-            rows = [] if lacking else list(reader)
-        if lacking:
-            raise unreadable(path, f"no {', '.join(lacking[:3])} column")
-        out = []
-        for i, row in enumerate(rows, start=2):
-            if None in row or None in row.values():
-                more = "more" if None in row else "fewer"
-                raise unreadable(path, f"line {i} has {more} cells than the header")
-            unknown = [f"{k} {row[k]!r}" for k, known in (("norm", COLOURS), ("weights", WEIGHTS))
-                       if k in row and row[k] not in known]
-            if unknown:
-                unknown = " and ".join(unknown)
-                raise unreadable(path, f"line {i} has {unknown}, which the paper preset does not measure")
-            row = {k: v if k in TEXT else float(v) for k, v in row.items()}
-            out.append({**row, **{k: int(row[k]) for k in ("seed", "step", "block", "timestep") if k in row}})
-        return out
+        rows = read_rows(path, COLUMNS[name], ints=("seed", "step", "block", "timestep"))
     except Exception as e:  # foreign data: any failure of its parse is the file's (OSError, csv.Error, ...)
         raise unreadable(path, _gist(e)) from None
+    for i, row in enumerate(rows, start=2):
+        unknown = [f"{k} {row[k]!r}" for k, known in (("norm", COLOURS), ("weights", WEIGHTS))
+                   if k in row and row[k] not in known]
+        if unknown:
+            unknown = " and ".join(unknown)
+            raise unreadable(path, f"line {i} has {unknown}, which the paper preset does not measure")
+    return rows
 
 
 def gather(res_dir, name):
     """Every run's rows of runs/<run>/<name>.csv, numbers converted."""
-    paths = sorted(Path(res_dir).glob(f"runs/*/{name}.csv"))
+    paths = measured_files(res_dir, f"{name}.csv")
     return [row for path in paths for row in read_table(path, name)]
 
 
 def read_pixels(res_dir):
     """{norm: [{weights: (N, P) |x| of one seed}]} of runs/<run>/pixels.npz; SystemExit naming a bad file."""
     pixels = {}
-    for path in sorted(Path(res_dir).glob("runs/*/pixels.npz")):
+    for path in measured_files(res_dir, "pixels.npz"):
         norm = path.parent.name.rsplit("-seed", 1)[0]
         try:
             with np.load(path) as f:
@@ -105,16 +93,6 @@ def by_seed(rows, norm, weights, step, key):
     """{seed: value} of one cell."""
     return {int(r["seed"]): r[key] for r in rows
             if r["norm"] == norm and r["weights"] == weights and r["step"] == step}
-
-
-def spread(values):
-    """'median [min, max] (n)' of the values over seeds."""
-    v = np.asarray(list(values), dtype=float)
-    if v.size == 0:
-        return "-"
-    if v.size == 1:
-        return f"{v[0]:.2e} (n=1)"
-    return f"{np.median(v):.2e} [{v.min():.2e}, {v.max():.2e}] (n={v.size})"
 
 
 def bootstrap_ratio(res_dir, weights, stat, draws=2000, seed=0):
@@ -144,7 +122,7 @@ def bootstrap_ratio(res_dir, weights, stat, draws=2000, seed=0):
 def error_table(rows, step):
     lines = ["| weights | layernorm | none |", "|---|---|---|"]
     for weights in sorted(WEIGHTS, key=REACH.get):
-        cells = [spread(by_seed(rows, n, weights, step, "median").values()) for n in ("layernorm", "none")]
+        cells = [tables.cell(by_seed(rows, n, weights, step, "median").values(), lone=True) for n in COLOURS]
         lines.append(f"| {LABEL[weights]} | {cells[0]} | {cells[1]} |")
     return lines
 
@@ -152,19 +130,13 @@ def error_table(rows, step):
 def plot_error_vs_step(rows, path):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
     for ax, weights in zip(axes, ("raw", "ema", "sphere_0.9999"), strict=True):
-        for norm, colour in COLOURS.items():
-            steps = sorted({r["step"] for r in rows if r["norm"] == norm and r["weights"] == weights})
-            cells = [list(by_seed(rows, norm, weights, s, "median").values()) for s in steps]
-            if not steps:
-                continue
-            n = max(len(c) for c in cells)
-            ax.plot(steps, [np.median(c) for c in cells], color=colour, marker="o", ms=3,
-                    label=f"{norm} (seeds: {_count([len(c) for c in cells])})")
-            if n > 1:
-                ax.fill_between(steps, [min(c) for c in cells], [max(c) for c in cells], color=colour,
-                                alpha=0.2)
-        ax.set(title=LABEL[weights], xlabel="training step", yscale="log")
-        ax.grid(alpha=0.3)
+        cells = {}  # {norm: {step: [a median per seed]}}
+        for r in sorted(rows, key=lambda r: r["step"]):
+            if r["weights"] == weights:
+                cells.setdefault(r["norm"], {}).setdefault(r["step"], []).append(r["median"])
+        figures.band_plot(ax, {f"{n} (seeds: {_count([len(v) for v in c.values()])})": c
+                               for n, c in cells.items()}, [COLOURS[n] for n in cells])
+        ax.set(title=LABEL[weights], xlabel="training step")
     axes[0].set_ylabel("median |x| (seed median; band: seed min-max)")
     axes[0].legend()
     fig.tight_layout()
@@ -265,11 +237,13 @@ def rms_table(rms_rows, step):
 
 def perturb_table(perturbed, errors, step):
     lines = ["| d | alpha | layernorm | none |", "|---|---|---|---|"]
-    raw = [spread(_raw_of_perturbed(perturbed, errors, n, step)) for n in COLOURS]
+    raw = [tables.cell(_raw_of_perturbed(perturbed, errors, n, step), lone=True)
+           for n in COLOURS]
     lines.append(f"| (raw weights) | 0 | {raw[0]} | {raw[1]} |")
     for direction in sorted({r["direction"] for r in perturbed}, reverse=True):
         for alpha in sorted({r["alpha"] for r in perturbed}):
-            cells = [spread(_perturbed(perturbed, n, step, direction, alpha)) for n in COLOURS]
+            cells = [tables.cell(_perturbed(perturbed, n, step, direction, alpha), lone=True)
+                     for n in COLOURS]
             lines.append(f"| {direction} | {alpha:g} | {cells[0]} | {cells[1]} |")
     return lines
 
@@ -330,8 +304,8 @@ def report(preset, res, options):
     plot_writer_norms(weights, res / "writer_norms.png")
     lines = [f"# Paper-schedule study: {len({(r['norm'], r['seed']) for r in errors})} runs measured",
              "", f"Made by `python experiment.py report --preset {options['preset']}` from "
-             f"{res.parent.name}/{res.name}/runs/ on {datetime.date.today()}.",
-             *(["", *direct_tables.section(direct, list(COLOURS), DIRECT_WEIGHTS), "## The sampled error",
+             f"{res.parent.name}/{res.name}/runs/ on {options['now'].date()}.",
+             *(["", *direct_statistic.section(direct, list(COLOURS), DIRECT_WEIGHTS), "## The sampled error",
                 "", "The predictions' outcome below rests on these tables, for which they were written."]
                if direct else []),
              f"Median |x| at step {last:,}: seed median [min, max] (n seeds).", "",

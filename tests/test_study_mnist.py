@@ -1,21 +1,23 @@
-"""ditnorm/mnist_report.py: tables and exact tests from per-run measures, n said everywhere."""
+"""ditnorm/studies/mnist.py: tables and exact tests from per-run measures, n said everywhere."""
 
 import json
 
 import pytest
 
-from ditnorm import mnist_report
+from ditnorm import layout, tables
 from ditnorm.mnist_study import write_rows
+from ditnorm.studies import mnist
+from models import MNIST_MODELS
 
 
-def fake_run(root, norm, seed, nll, ratio):
+def fake_run(root, norm, seed, nll, ratio, name=None):
     rows = [{"step": 10, "weights": w, "group": "nll", "quantity": "nll_bpd", "value": nll, "n": 5}
             for w in ("raw", "ema")]
     for b, r in enumerate((2.0, ratio, 3.0)):  # the middle block carries the ratio
         rows += [{"step": 10, "weights": "raw", "group": "probe", "quantity": f"block{b}_{k}", "value": v,
                   "n": 5} for k, v in (("ratio", r), ("lead_share", 0.5), ("top1", r), ("var_top1", 0.1),
                                        ("massive", 0.0))]
-    write_rows(root / "runs" / f"MnistDiT-XS-4-{norm}-seed{seed}" / "measures.csv", rows)
+    write_rows(root / "runs" / (name or f"MnistDiT-XS-4-{norm}-seed{seed}") / "measures.csv", rows)
 
 
 def test_the_report_gives_seed_spreads_and_exact_tests(tmp_path):
@@ -23,7 +25,7 @@ def test_the_report_gives_seed_spreads_and_exact_tests(tmp_path):
         fake_run(tmp_path, "layernorm", seed, nll=1.5 + seed / 10, ratio=20.0 + seed)
         fake_run(tmp_path, "none", seed, nll=1.2 + seed / 10, ratio=5.0 + seed)
     fake_run(tmp_path, "dyt", 0, nll=1.0, ratio=4.0)
-    text = mnist_report.report(tmp_path)
+    text = mnist.report(tmp_path)
     assert "MnistDiT-XS-4 layernorm: 3, MnistDiT-XS-4 none: 3, MnistDiT-XS-4 dyt: 1" in text
     nll_line = next(line for line in text.splitlines() if line.startswith("| NLL"))
     assert "1.600 [1.500, 1.700] (n=3)" in nll_line and "1.000 (n=1)" in nll_line
@@ -41,11 +43,11 @@ def test_the_ablation_rows_beside_the_probe_rows_do_not_break_the_report(tmp_pat
     for norm in ("layernorm", "none"):
         fake_run(tmp_path, norm, 0, nll=1.0, ratio=5.0)
         path = tmp_path / "runs" / f"MnistDiT-XS-4-{norm}-seed0" / "measures.csv"
-        rows = mnist_report.read_rows(path) + [
+        rows = mnist.read_rows(path) + [
             {"step": 10, "weights": "raw", "group": "ablation", "quantity": q, "value": v, "n": 5}
             for q, v in (("block", 1.0), ("top_rise", 0.2), ("random_rise", 0.1))]
         write_rows(path, rows)
-    text = mnist_report.report(tmp_path)
+    text = mnist.report(tmp_path)
     ratio_line = next(line for line in text.splitlines() if line.startswith("| largest middle-block")
                       and "raw" in line)
     assert "5.0 (n=1)" in ratio_line
@@ -55,7 +57,7 @@ def test_the_outcome_of_the_predictions_per_size_on_hand_made_runs(tmp_path):
     for seed in range(3):
         fake_run(tmp_path, "layernorm", seed, nll=2.0, ratio=20.0 + seed)
         fake_run(tmp_path, "none", seed, nll=2.0 + seed / 100, ratio=19.0 + 2 * seed)  # 19, 21, 23: overlaps
-    lines = mnist_report.prediction_outcome(mnist_report.load_runs(tmp_path)).splitlines()
+    lines = mnist.prediction_outcome(mnist.load_runs(tmp_path)).splitlines()
     p1 = next(line for line in lines if line.startswith("- **P1**"))
     assert "MnistDiT-XS-4: fails" in p1 and "4.5/9 pairs, p = 0.60" in p1  # the tie counts 1/2
     assert p1.endswith("; not yet measured at MnistDiT-S-4.")
@@ -67,12 +69,12 @@ def test_the_outcome_of_the_predictions_per_size_on_hand_made_runs(tmp_path):
     assert any(line.startswith("- **P5** (larger at S than at XS): not settled") for line in lines)
     # a massive block in one run makes P2 fail, naming the run
     path = tmp_path / "runs" / "MnistDiT-XS-4-none-seed1" / "measures.csv"
-    rows = mnist_report.read_rows(path)
+    rows = mnist.read_rows(path)
     for row in rows:
         if row["quantity"] == "block1_massive":
             row["value"] = 1.0
     write_rows(path, rows)
-    text = mnist_report.prediction_outcome(mnist_report.load_runs(tmp_path))
+    text = mnist.prediction_outcome(mnist.load_runs(tmp_path))
     assert "- **P2** no massive activation (top-1 > 100 and >= 1000x the median) in any block: fails: " \
            "[('MnistDiT-XS-4', 'none', 1)]" in text
 
@@ -87,20 +89,20 @@ def test_the_figure_pair_is_the_largest_finished_one(tmp_path):
 
     for norm in ("layernorm", "none"):
         fake_folder(f"MnistDiT-S-4-{norm}-seed0", (2, 4))  # training: 4 of 10 steps
-    pair, name = mnist_report.last_pair(tmp_path)
+    pair, name = layout.last_pair(tmp_path, MNIST_MODELS)
     assert name == "MnistDiT-S/4" and pair["none"].name == "0000004.pt"  # nothing finished: the largest
     fake_folder("MnistDiT-XS-4-layernorm-seed0", (5, 10))
     fake_folder("MnistDiT-XS-4-none-seed0", (5, 10))
-    pair, name = mnist_report.last_pair(tmp_path)
+    pair, name = layout.last_pair(tmp_path, MNIST_MODELS)
     assert name == "MnistDiT-XS/4" and pair["layernorm"].name == "0000010.pt"
     with pytest.raises(FileNotFoundError, match="train them with python experiment.py train --preset mnist"):
-        mnist_report.last_pair(tmp_path, seed=1)
+        layout.last_pair(tmp_path, MNIST_MODELS, seed=1)
 
 
 def test_one_seed_a_side_settles_no_test(tmp_path):
     fake_run(tmp_path, "layernorm", 0, nll=2.0, ratio=30.0)
     fake_run(tmp_path, "none", 0, nll=2.0, ratio=10.0)
-    text = mnist_report.prediction_outcome(mnist_report.load_runs(tmp_path))
+    text = mnist.prediction_outcome(mnist.load_runs(tmp_path))
     p1 = next(line for line in text.splitlines() if line.startswith("- **P1**"))
     assert "MnistDiT-XS-4: not settled (n = 1 and 1 seeds, no test)" in p1
 
@@ -109,7 +111,26 @@ def test_two_seeds_a_side_cannot_settle_a_test_at_p_005(tmp_path):
     for seed in range(2):
         fake_run(tmp_path, "layernorm", seed, nll=2.0, ratio=30.0 + seed)
         fake_run(tmp_path, "none", seed, nll=2.0, ratio=10.0 + seed)
-    text = mnist_report.prediction_outcome(mnist_report.load_runs(tmp_path))
+    text = mnist.prediction_outcome(mnist.load_runs(tmp_path))
     p1 = next(line for line in text.splitlines() if line.startswith("- **P1**"))
     assert "MnistDiT-XS-4: not settled (seed medians 30.5 vs 10.5, 4/4 pairs, p = 0.17, n = 2 vs 2; the " \
            "smallest p 2 vs 2 seeds allow is 0.17)" in p1
+
+
+def test_runs_of_a_grid_carry_its_keys_and_a_table_groups_them_by_intervention(tmp_path):
+    """How an intervention axis reads: a grid key of the runs' cfgs, a line key of a declared table, the
+    layernorm and none seeds tested within each intervention."""
+    grid = {}
+    for intervention, shift in (("dropout", 0.0), ("cap", 1.0)):
+        for seed in range(3):
+            for norm, nll in (("layernorm", 2.0), ("none", 1.0)):
+                name = f"MnistDiT-XS-4-{norm}-{intervention}-seed{seed}"
+                grid[name] = dict(model="MnistDiT-XS/4", norm=norm, seed=seed, intervention=intervention)
+                fake_run(tmp_path, norm, seed, nll=nll + shift + seed / 10, ratio=3.0, name=name)
+    runs = mnist.load_runs(tmp_path, grid)
+    assert len(runs) == 12 and {r["intervention"] for r in runs} == {"dropout", "cap"}
+    rows = [dict(r, value=mnist.value(r, 10, "ema", "nll_bpd")) for r in runs]
+    lines = tables.render(tables.Table(lines=("intervention",), fmt=".2f", holm=True), rows)
+    assert lines[2] == ("| cap | 3.10 [3.00, 3.20] (n=3) | 2.10 [2.00, 2.20] (n=3) | 1.48 | 9 of 9 "
+                        "| 0.050 (0.050) | 0.100 |")
+    assert lines[3].startswith("| dropout | 2.10 [2.00, 2.20] (n=3) | 1.10 [1.00, 1.20] (n=3) |")

@@ -1,7 +1,8 @@
 """The direct statistic's tables on hand-made rows, and the checkpoints it is measured at."""
 
-from ditnorm import direct_tables, measures
+from ditnorm import measures
 from ditnorm.presets import PRESETS, RECIPES
+from ditnorm.studies import direct as direct_tables
 
 
 def hand_rows(values):

@@ -1,0 +1,175 @@
+"""The report engine under every study: measured rows, one "median [min, max]" formatter, one
+exact rank test with Holm's correction beside it, and tables declared rather than written.
+
+Rows: every measured file is a csv of one run (<record>/runs/<run>/<name>.csv), one row per measurement
+with its keys (norm, seed, step, weights, ...) and its values; records.read_rows reads one (the one
+reader), records.gather a record's, and `long` here turns a row of several statistics (p50, p99, ...) into
+one row per statistic (statistic, value).
+
+A table is a `Table`: which value, which keys make a line (any grid key: data, model, intervention, ...),
+which key makes the columns (norm by default) and which two columns are tested against each other over
+the seeds of a line. `render` writes its markdown: a cell is the seed median [min, max] (n seeds) of each
+seed's value (the median of its rows: one, or several checkpoints), the test is stats.rank_test (exact,
+one-sided) with, when asked, Holm's step-down adjustment over the table's lines in a column of its own.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ditnorm.records import grouped, seed_spread
+from ditnorm.stats import rank_test, smallest_p
+
+
+def long(rows, statistics, key="statistic"):
+    """One row per (row, statistic): the row's other keys, key=statistic and value=its value."""
+    return [{**{k: v for k, v in row.items() if k not in statistics}, key: s, "value": row[s]}
+            for row in rows for s in statistics]
+
+
+#################################################################################
+#                      The cell: median [min, max] over seeds                   #
+#################################################################################
+
+
+def number(value, fmt):
+    """value in fmt: a format spec ('.2e') or a format string ('{:.3f}')."""
+    return fmt.format(value) if "{" in fmt else format(value, fmt)
+
+
+def cell(values, fmt=".2e", count=True, lone=False, empty="-"):
+    """'median [min, max] (n=k)' of the finite values (None and nan left out); without the count when not
+    count, 'value (n=1)' for a single one when lone; `empty` for none."""
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return empty
+    n = f" (n={len(values)})" if count else ""
+    if lone and len(values) == 1:
+        return f"{number(values[0], fmt)}{n}"
+    med, low, high = seed_spread(values)
+    return f"{number(med, fmt)} [{number(low, fmt)}, {number(high, fmt)}]{n}"
+
+
+#################################################################################
+#                    The test: exact rank test, Holm beside it                  #
+#################################################################################
+
+
+def holm(ps):
+    """Holm's step-down adjustment of the p-values ps (None left as None), in their order: the k-th
+    smallest of m is multiplied by m - k + 1, kept at least its predecessor's and at most 1."""
+    known = sorted((p, i) for i, p in enumerate(ps) if p is not None)
+    out, running = list(ps), 0.0
+    for k, (p, i) in enumerate(known):
+        running = max(running, min(1.0, (len(known) - k) * p))
+        out[i] = running
+    return out
+
+
+def rank_cells(x, y):
+    """(cells, p) of the test of x > y: the ratio of the medians, the pairs ordered that way (a tie 1/2)
+    and the exact one-sided p with, in brackets, the smallest its counts allow; '-' cells without both."""
+    x, y = [v for v in x if v is not None], [v for v in y if v is not None]
+    if not x or not y:
+        return ["-", "-", "-"], None
+    test = rank_test(x, y)
+    return [f"{np.median(x) / np.median(y):.2f}", f"{test.u:g} of {test.n1 * test.n2}",
+            f"{test.p:.3f} ({smallest_p(test.n1, test.n2):.3f})"], test.p
+
+
+RANK_HEADS = ("{x} / {y}", "pairs {x} > {y}", "p, exact one-sided (smallest possible)")
+
+
+def pairs_cell(x, y):
+    """(['u/total, p = ...'], p) of the test of x > y; 'n < 2' below two values a side."""
+    x, y = [v for v in x if v is not None], [v for v in y if v is not None]
+    if len(x) < 2 or len(y) < 2:
+        return ["n < 2"], None
+    test = rank_test(x, y)
+    return [f"{test.u:g}/{test.n1 * test.n2}, p = {test.p:.2f}"], test.p
+
+
+#################################################################################
+#                                Declared tables                                #
+#################################################################################
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table: a line per value of the `lines` keys (first-seen order), a column per value of `across`
+    (a key or a tuple of keys; `order` picks and orders the columns, else first-seen), each cell the spread
+    over `unit` of each unit's value of `value` (the median of its rows), then the test of column test[0]
+    against test[1] over units (test_cells: rank_cells or pairs_cell), and Holm's adjusted p when holm.
+
+    heads: the header of a line key (default its name), names: of a column (default its value); right: the
+    line keys whose column is right-aligned; fmt: a format for every cell, or {value of `fmt_key` (a line
+    key or the across key): format}."""
+
+    lines: tuple
+    value: str = "value"
+    across: str | tuple = "norm"
+    order: tuple = ()
+    unit: str = "seed"
+    test: tuple | None = ("layernorm", "none")
+    test_cells: object = rank_cells
+    test_heads: tuple = RANK_HEADS
+    test_align: str = "---:"
+    holm: bool = False
+    fmt: str | dict = ".2e"
+    fmt_key: str = "statistic"
+    count: bool = True
+    lone: bool = False
+    heads: dict = field(default_factory=dict)
+    names: dict = field(default_factory=dict)
+    right: tuple = ()
+
+
+def _column(row, across):
+    return tuple(row[k] for k in across) if isinstance(across, tuple) else row[across]
+
+
+def unit_values(rows, table):
+    """{column: [per unit: the median of its rows' values, None if none has one]} of one line's rows."""
+    out = {}
+    for (col, _), group in grouped([{**r, "_col": _column(r, table.across)} for r in rows], "_col",
+                                   table.unit).items():
+        values = [float(r[table.value]) for r in group if r[table.value] is not None]
+        out.setdefault(col, []).append(float(np.median(values)) if values else None)
+    return out
+
+
+def _format(table, line, column):
+    """The format of one cell."""
+    if isinstance(table.fmt, str):
+        return table.fmt
+    return table.fmt[line[table.lines.index(table.fmt_key)] if table.fmt_key in table.lines else column]
+
+
+def render(table, rows):
+    """The markdown lines of the table over rows: header, separator, a line per group."""
+    columns = list(table.order or dict.fromkeys(_column(r, table.across) for r in rows))
+    names = [table.names.get(c, " ".join(map(str, c)) if isinstance(c, tuple) else str(c)) for c in columns]
+    heads = [table.heads.get(k, k) for k in table.lines] + names
+    align = ["---:" if k in table.right else "---" for k in table.lines] + ["---"] * len(columns)
+    if table.test:
+        x, y = (" ".join(map(str, c)) if isinstance(c, tuple) else c for c in table.test)
+        heads += [h.format(x=x, y=y) for h in table.test_heads]
+        align += [table.test_align] * len(table.test_heads)
+        if table.holm:
+            heads.append("p, Holm over the table's lines")
+            align.append(table.test_align)
+    body, ps = [], []
+    for key, group in grouped(rows, *table.lines).items():
+        values = unit_values(group, table)
+        cells = [*map(str, key)] + [cell(values.get(c, []), _format(table, key, c), table.count, table.lone)
+                                    for c in columns]
+        if table.test:
+            tested, p = table.test_cells(values.get(table.test[0], []), values.get(table.test[1], []))
+            cells += tested
+            ps.append(p)
+        body.append(cells)
+    if table.test and table.holm:
+        for cells, p in zip(body, holm(ps), strict=True):
+            cells.append("-" if p is None else f"{p:.3f}")
+    return ["| " + " | ".join(heads) + " |", "|" + "|".join(align) + "|",
+            *("| " + " | ".join(cells) + " |" for cells in body)]
