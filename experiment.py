@@ -153,7 +153,11 @@ def main(argv=None):
         except RowsError as e:  # a measured file damaged or foreign: measuring on into it would lose rows
             raise SystemExit(f"error: {e}; move it away and measure again") from None
     else:
-        report(args.preset, preset, grid, record, runs_dir)
+        try:
+            report(args.preset, preset, grid, record, runs_dir)
+        except RowsError as e:  # before anything is written: the report reads every file first
+            raise SystemExit(f"experiment.py: error: {e}; delete it and run experiment.py measure again to "
+                             "rewrite it") from None
         results = [f"report in {record}"]
         if args.refresh_res:
             provenance.write(ROOT / "res")

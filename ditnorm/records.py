@@ -109,6 +109,8 @@ def read_rows(path, columns=(), exact=False, ints=None, text=TEXT):
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         header = tuple(reader.fieldnames or ())
+        if not header:
+            raise RowsError(f"{path} is empty (not even a header)")
         if exact and header != tuple(columns):
             raise RowsError(f"{path} has the columns {list(header)}, not {list(columns)}")
         lacking = [c for c in columns if c not in header]

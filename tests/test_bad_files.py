@@ -255,11 +255,11 @@ ERRORS_CSV = ("data,measure,norm,seed,step,weights,mean,median,p99,max,nonfinite
 
 
 @pytest.mark.parametrize("content, reason", [
-    (ERRORS_CSV[:-12], "line 3 has fewer cells than the header"),  # a truncated last line
-    (ERRORS_CSV.replace("88.1", "eighty"), "line 2 has a cell that is no number"),
-    ("", "it holds no rows"),
+    (ERRORS_CSV[:-12], "{path}: line 3 has fewer cells than the header"),  # a truncated last line
+    (ERRORS_CSV.replace("88.1", "eighty"), "{path}: could not convert string to float: 'eighty'"),
+    ("", "{path} is empty (not even a header)"),
     (ERRORS_CSV.replace("layernorm,0,20", "batchnorm,0,20"),
-     "line 3 has norm 'batchnorm', which this preset does not measure"),
+     "{record}/runs/*/errors.csv: a row has norm 'batchnorm', which this preset does not measure"),
 ])
 def test_a_damaged_errors_csv_ends_the_report_in_one_line(tmp_path, capsys, content, reason):
     import experiment
@@ -270,8 +270,9 @@ def test_a_damaged_errors_csv_ends_the_report_in_one_line(tmp_path, capsys, cont
     before = tree(tmp_path)
     with pytest.raises(SystemExit) as e:
         experiment.main(["report", "--preset", "tiny", "--seeds", "0", "--results-dir", str(tmp_path)])
-    assert e.value.code == (f"experiment.py: error: cannot read {run / 'errors.csv'} ({reason}); delete it "
-                            "and run experiment.py measure again to rewrite it")
+    said = reason.format(path=run / "errors.csv", record=tmp_path / "tiny" / "res")
+    assert e.value.code == (f"experiment.py: error: {said}; delete it and run experiment.py measure again "
+                            "to rewrite it")
     assert tree(tmp_path) == before, "the report wrote something"
 
 

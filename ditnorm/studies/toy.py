@@ -38,6 +38,12 @@ def gather(out, name, grid=None):
         return rows
     rows = [r for r in rows if r["seed"] in grid["seed"]]
     measures = list(MEASURE_LABELS)
+    known = {"data": grid["data"], "norm": grid["norm"], "measure": measures}
+    for r in rows:
+        foreign = [f"{k} {r[k]!r}" for k, values in known.items() if k in r and r[k] not in values]
+        if foreign:
+            raise records.RowsError(f"{out}/runs/*/{name}.csv: a row has {' and '.join(foreign)}, which this "
+                                    "preset does not measure")
     return sorted(rows, key=lambda r: (grid["data"].index(r["data"]), grid["norm"].index(r["norm"]),
                                        r["seed"], r["step"], measures.index(r.get("measure", "abs_x"))))
 
