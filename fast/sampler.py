@@ -78,11 +78,11 @@ def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cp
 
     fast: "auto" takes the fast path once fast.proof has checked one step of it against diffusion.p_sample
     with the model as it is and, on the CPU, fast/speed.py has found its step faster than p_sample's for
-    num_samples samples (timed once per CPU, model, sample count and thread count; log gets both times
-    when timed now); "proven" skips the timing (tests, benchmarks); "off" (or a failed check, or a slower
-    fast step) samples with diffusion.p_sample_loop, and log (a callable; default warnings.warn) gets the
-    reason in one line. On CUDA the loop replays a captured CUDA graph per step (index_driven_loop) and
-    shows no progress bar.
+    num_samples samples (timed once per CPU, model, sample count and thread count; log, if given, gets
+    both times when timed now); "proven" skips the timing (tests, benchmarks); "off" (or a failed check,
+    or a slower fast step) samples with diffusion.p_sample_loop, and log (a callable; default
+    warnings.warn) gets the reason in one line. On CUDA the loop replays a captured CUDA graph per step
+    (index_driven_loop) and shows no progress bar.
 
     On the CPU fast path this calls kernels.keep_freed_memory(), a process-wide glibc setting (freed
     memory stays in the heap instead of going back to the OS after every step)."""
@@ -93,8 +93,8 @@ def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cp
         reason = check_sampler_step(lambda m: _one_step(m, diffusion, device), model, diffusion)
     if reason is None and fast == "auto" and torch.device(device).type == "cpu":
         timing = _timing(model, diffusion, num_samples)
-        if timing["choice"] == "fast" and not timing["cached"]:
-            (log or warnings.warn)("fast sampler timed against the plain one: " + describe(timing, "step"))
+        if timing["choice"] == "fast" and not timing["cached"] and log:
+            log("fast sampler timed against the plain one: " + describe(timing, "step"))
         if timing["choice"] != "fast":
             reason = "not clearly faster here: " + describe(timing, "step")
     if reason is not None:
