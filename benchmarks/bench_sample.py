@@ -91,8 +91,9 @@ def main():
             times[name].append(time.perf_counter() - t0)
     medians = {name: statistics.median(t) for name, t in times.items()}
     print(f"{args.model}: {args.batch} samples x {diffusion.num_timesteps} ancestral steps on {args.device}, "
-          f"{torch.get_num_threads()} threads, {args.repeats} alternating repeats; same generator, max "
-          "relative difference to p_sample_loop: "
+          f"{torch.get_num_threads()} threads (PyTorch's CPU capability: "
+          f"{torch.backends.cpu.get_cpu_capability()}), {args.repeats} alternating repeats; same generator, "
+          "max relative difference to p_sample_loop: "
           + ", ".join(f"{name} {err:.1e}" for name, err in list(errors.items())[1:]))
     print("| sampler | median s | speed-up |")
     print("|---|---:|---:|")

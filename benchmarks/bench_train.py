@@ -163,7 +163,8 @@ def bench(args):
     medians = {name: statistics.median(t) for name, t in times.items()}
     where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"{args.model} batch {args.batch} fp32, {where}, {args.repeats} alternating repeats after "
-          f"{args.warmup} warm-up; CPU flags include: {', '.join(sorted(cpu_flags() & SHOWN_FLAGS)) or '?'}")
+          f"{args.warmup} warm-up; CPU flags include: {', '.join(sorted(cpu_flags() & SHOWN_FLAGS)) or '?'}; "
+          f"PyTorch's CPU capability: {torch.backends.cpu.get_cpu_capability()}")
     ref = first["official-style"]
     print("first-step loss (relative difference to the official-style one): "
           + ", ".join(f"{k} {loss:.7f} ({abs(loss - ref) / abs(ref):.1e})" for k, loss in first.items()))
