@@ -6,8 +6,9 @@ first layer to the last; `dit_train` also computes the hybrid loss and every gra
 `sampler()` does one ancestral step per call. Without a working C compiler there are no kernels
 (`c_kernels()` returns None) and the callers run the plain PyTorch step and sampler.
 
-The library is compiled once with the system C compiler, cached per source, compiler, flags and CPU, and
-loaded with ctypes. Loading it changes nothing global (see `_build` for the flush-to-zero trap it avoids).
+The library is compiled once with the system C compiler for an instruction set (`isa_target`: this CPU's,
+or AVX2 / AVX-512 by name), cached per source, compiler, flags and CPU, and loaded with ctypes. Loading it
+changes nothing global (see `_build` for the flush-to-zero trap it avoids).
 """
 
 import ctypes
@@ -75,7 +76,7 @@ def isa_runs_here(isa):
 
 def vector_floats(isa):
     """Floats per vector register that fused_dit.c blocks for when built for `isa` on this CPU."""
-    return 16 if ISA_NEEDS["avx512"] <= (cpu_flags() if isa == "native" else ISA_NEEDS.get(isa, set())) else 8
+    return 16 if "avx512f" in (cpu_flags() if isa == "native" else ISA_NEEDS.get(isa, set())) else 8
 
 
 def compile_flags(isa):
