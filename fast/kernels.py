@@ -109,7 +109,11 @@ _LIBS = {}  # ISA name -> the loaded library, False once building failed in this
 def load_c_kernels(isa=None):
     """The fused CPU kernels for `isa` (isa_target) as a ctypes library, or None (with a warning) when they
     cannot be built or this CPU cannot run them."""
-    isa = isa_target(isa)
+    try:
+        isa = isa_target(isa)
+    except ValueError as err:  # a mistyped $DITNORM_FAST_ISA: the plain path runs, and says why
+        warnings.warn(f"fused CPU kernels unavailable: {err}", stacklevel=2)
+        return None
     if isa not in _LIBS:
         try:
             if not isa_runs_here(isa):

@@ -30,7 +30,7 @@ def fast_sampler_reason(model, diffusion, device):
     if kind != "cpu":
         return f"no fast sampler for device {device}"
     if c_kernels() is None:
-        return "no C compiler here (the C kernels did not build)"
+        return "the C kernels did not build or load here (the warning says why)"
     return DiTPlan(model).reason
 
 

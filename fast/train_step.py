@@ -50,7 +50,7 @@ def proven_loss(model, diffusion, batch_size=None):
     reason = DiTPlan(model).reason
     kernels = c_kernels() if reason is None else None
     if reason is None and kernels is None:
-        reason = "no C compiler here (the C kernels did not build)"
+        reason = "the C kernels did not build or load here (the warning says why)"
     if reason is not None:
         return None, reason
     hybrid = hybrid_loss_supported(diffusion) is None
