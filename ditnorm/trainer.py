@@ -488,7 +488,7 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
     log(f"run folder {run_dir}" + (f", resumed from {ckpt_path} at step {start_step}" if ckpt else ""))
     log(f"world size {world_size}, device {device}, step path {train_step.path}"
         + (f" (fast path not used: {train_step.fast_reason})" if train_step.fast_reason else "")
-        + (f" ({describe_timing(train_step.fast_timing, 'step')})"
+        + (f" ({describe_timing(train_step.fast_timing, 'step (loss and gradients)')})"
            if train_step.fast_timing else "")
         + f", train args {json.dumps(cfg)}")
     log(f"model {json.dumps(model_config)}, {sum(p.numel() for p in model.parameters()):,} parameters")

@@ -69,7 +69,7 @@ def proven_loss(model, diffusion, batch_size=None):
     if batch_size:
         loss.timing = _timing(model, diffusion, loss, kernels, batch_size, hybrid)
         if loss.timing["choice"] != "fast":
-            return None, "not clearly faster here: " + describe(loss.timing, "step")
+            return None, "not clearly faster here: " + describe(loss.timing, "step (loss and gradients)")
     return loss, None
 
 

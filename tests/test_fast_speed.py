@@ -72,8 +72,8 @@ def test_a_slower_fast_loss_keeps_the_plain_step_and_says_why(monkeypatch):
     monkeypatch.setattr(speed, "measure", fake)
     step = toy_step(32)
     assert step.path == "plain" and step.fast_timing is None and fake.calls == 1
-    assert step.fast_reason.startswith("not clearly faster here: fast 200 ms, plain 100 ms per step: 0.50x, "
-                                       "plain path kept (needs 1.2x; timed now, ")
+    assert step.fast_reason.startswith("not clearly faster here: fast 200 ms, plain 100 ms per step (loss "
+                                       "and gradients): 0.50x, plain path kept (needs 1.2x; timed now, ")
 
 
 @needs_c
@@ -139,10 +139,11 @@ def test_the_times_and_the_choice_are_in_the_log_and_config(tmp_path, monkeypatc
     assert fast["step_path"] == "tiled-cpu" and fast["fast_reason"] is None
     assert {k: fast["fast_timing"][k] for k in ("fast_ms", "plain_ms", "choice")} == {
         "fast_ms": 10.0, "plain_ms": 40.0, "choice": "fast"}
-    assert "step path tiled-cpu (fast 10 ms, plain 40 ms per step: 4.00x, fast path used" in (
-        fast_dir / "log.txt").read_text()
+    assert ("step path tiled-cpu (fast 10 ms, plain 40 ms per step (loss and gradients): 4.00x, fast path "
+            "used") in (fast_dir / "log.txt").read_text()
     assert plain["step_path"] == "plain" and plain["fast_timing"] is None
-    assert "fast 40 ms, plain 10 ms per step: 0.25x, plain path kept" in plain["fast_reason"]
+    assert "fast 40 ms, plain 10 ms per step (loss and gradients): 0.25x, plain path kept" in (
+        plain["fast_reason"])
     assert "(fast path not used: not clearly faster here: fast 40 ms" in (plain_dir / "log.txt").read_text()
 
 
