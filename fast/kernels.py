@@ -97,7 +97,7 @@ def library_key(isa):
     return hashlib.sha256("\0".join(recipe).encode()).hexdigest()[:16]
 
 
-def _cache_dir():
+def cache_dir():
     """Where built kernels are kept (one file per source/compiler/flags/CPU combination)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "dit-norm-study"
@@ -142,7 +142,7 @@ def _build(isa):
     """Compile, then link, _C_SOURCE for `isa` with the system C compiler unless a cached build exists;
     load it."""
     cc = os.environ.get("CC", "cc")
-    path = _cache_dir() / f"fused_dit_{library_key(isa)}.so"
+    path = cache_dir() / f"fused_dit_{library_key(isa)}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .kernels import _cache_dir
+from .kernels import cache_dir
 
 MARGIN = 1.2  # the fast path must be this many times faster; nearer than that, timing noise decides
 ROUNDS = 3
@@ -41,7 +41,7 @@ def measure(fast_run, plain_run, rounds=ROUNDS, clock=time.perf_counter):
 def record_path(key):
     """The cache file of one timing: key is a JSON-able dict naming everything the times depend on."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return _cache_dir() / f"speed_{digest}.json"
+    return cache_dir() / f"speed_{digest}.json"
 
 
 def choose(key, fast_run, plain_run):

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(autouse=True)
 def fresh_cache(tmp_path, monkeypatch):
     """Every test times into its own empty cache (the built kernels stay where they are)."""
-    monkeypatch.setattr(speed, "_cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(speed, "cache_dir", lambda: tmp_path / "cache")
 
 
 class FakeTimes:

@@ -19,6 +19,7 @@ from models import NORM_KINDS, build_model
 
 LIB = fused_dit.load_c_kernels()
 needs_c = pytest.mark.skipif(LIB is None, reason="needs the C kernels (a C compiler)")
+pytestmark = pytest.mark.usefixtures("one_thread")
 # The kernels as built for this CPU and, on an AVX-512 CPU, also for AVX2 (8-float blocking), so that
 # every machine that runs the tests checks both micro-kernels it can run.
 WIDER = kernels.vector_floats("native") == 16
@@ -32,8 +33,6 @@ def lib(request):
     if built is None:
         pytest.skip(f"no C kernels for {request.param} here")
     return built
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fast_step(model, optimizer, diffusion=None, ema_decay=0.9, world_size=1, ema=None):
