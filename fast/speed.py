@@ -81,7 +81,14 @@ def describe(timing, unit):
             f"{timing['speedup']:.2f}x, {used} (needs {timing['margin']}x; {origin}, {timing['file']})")
 
 
+# What limits the plain path's instruction set besides the CPU (PyTorch's own kernels, MKL, oneDNN)
+PLAIN_ISA_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
 def key_of(kind, kernels, model, **more):
-    """The cache key of a timing: what is timed, the CPU and kernel build, the model, threads, torch."""
+    """The cache key of a timing: what is timed, the CPU and kernel build, the model, threads, torch and
+    the instruction set its kernels use."""
     return {"kind": kind, "library": kernels.lib.key, "isa": kernels.lib.isa, "model": dict(model.config),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "margin": MARGIN, **more}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "margin": MARGIN,
+            "torch_cpu": torch.backends.cpu.get_cpu_capability(),
+            **{name: os.environ.get(name) for name in PLAIN_ISA_ENV}, **more}

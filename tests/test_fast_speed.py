@@ -110,6 +110,11 @@ def test_the_timing_is_cached_per_model_batch_threads_and_kernel_build(monkeypat
         monkeypatch.setenv("DITNORM_FAST_ISA", "avx2")
         toy_step(32)
         assert fake.calls == 5
+        monkeypatch.delenv("DITNORM_FAST_ISA")
+        fake.calls = 4
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")  # the plain side limited to another ISA
+    toy_step(32)
+    assert fake.calls == 5
     # a cached record says which way it went: a slower record keeps the plain step on the next run too
     fake.times = (0.5, 0.1)
     toy_step(48)
