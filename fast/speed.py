@@ -4,9 +4,10 @@ A fast path that computes the right thing can still be slower on some CPU (issue
 of fused_dit.c ran 6-9x slower than plain PyTorch on an AVX2-only AMD EPYC). So before a fast path is
 used, `choose` times it against the plain path on the model and batch actually used (one warm-up call
 each, then ROUNDS alternating calls, medians) and keeps the plain path unless the fast one is at least
-MARGIN times faster. The result is cached per CPU, kernel build, model, batch, thread count and torch
-version (a small JSON file beside the built kernels), so a machine times each case once; delete the
-file (its path is in the record) to time it again.
+MARGIN times faster. The result is cached per CPU, kernel build, model, batch, thread count, torch
+version and PyTorch's instruction set (a small JSON file beside the built kernels), so a machine times
+each case once, and a decision taken under unusual load stays until the file (its path is in the record
+and the log) is deleted.
 """
 
 import hashlib
