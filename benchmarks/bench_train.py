@@ -4,11 +4,14 @@
     python benchmarks/bench_train.py --threads 1 --repeats 20
     python benchmarks/bench_train.py --ddp                 # 2 gloo ranks x 1 thread vs 1 rank x 2 threads
     python benchmarks/bench_train.py --profile             # also: the repo step's time per op (CPU)
+    python benchmarks/bench_train.py --isa native,avx2     # the C kernels built for each, side by side
     python benchmarks/bench_train.py --device cuda         # the same on CUDA (the repository's step is the
                                                            # trainer's plain one there)
-The repository's step is the trainer's (ditnorm.trainer.make_train_step with --fast auto): fast/'s C step
-once proven, else the plain step. Both steps start from the same weights and see the same inputs;
-repetitions alternate between them after a warm-up, and the medians are compared. FLOPs are counted
+The repository's steps are the trainer's (ditnorm.trainer.make_train_step): with --fast off the plain step,
+with --fast auto fast/'s C step once proven (not gated by its speed here: this script is the timing), its
+kernels built for each --isa. Every step starts from the same weights and sees the same inputs;
+repetitions alternate between them (the order flips every repeat) after a warm-up, and medians are
+compared, as ratios within the run. FLOPs are counted
 analytically (see `model_flops`).
 """
 
@@ -32,7 +35,11 @@ from official_style import make_official_step, official_model_from  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from ditnorm.trainer import make_train_step  # noqa: E402
 from fast import make_optimizer  # noqa: E402
+from fast.kernels import ISA_ENV, ISA_FLAGS, cpu_flags  # noqa: E402
 from models import build_model  # noqa: E402
+
+
+SHOWN_FLAGS = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "amx_tile"}
 
 
 def model_flops(cfg, batch):
@@ -90,43 +97,62 @@ def trained_like(name, norm, seed=0):
     return model
 
 
-def repository_step(model, ema, diffusion, optimizer, ema_decay, world_size=1):
-    """The trainer's step for the toy data, as train_toy.py builds it (--fast auto)."""
-    return make_train_step("auto", model, ema, diffusion, optimizer, ema_decay, world_size, False)
+def repository_step(model, ema, diffusion, optimizer, ema_decay, world_size=1, fast="auto"):
+    """The trainer's step for the toy data, as train_toy.py builds it (--fast auto: fast/'s C loss once
+    proven; no batch size, so not timed against the plain one: this script does the timing)."""
+    return make_train_step(fast, model, ema, diffusion, optimizer, ema_decay, world_size, False)
 
 
-def build_steps(model, device, make):
-    """A fresh copy of model on device with its EMA, AdamW (DiT recipe) and the step built by `make`.
+def build_steps(model, device, make, isa=None, fast="auto"):
+    """A fresh copy of model on device with its EMA, AdamW (DiT recipe) and the step built by `make`, its
+    C kernels built for `isa` (fast/kernels.py; None: $DITNORM_FAST_ISA or native).
 
     The repository's step gets train_toy.py's optimizer (make_optimizer: fused AdamW); the official-style
     step keeps AdamW's default implementation, as the official training script does."""
     model = copy.deepcopy(model).to(device)
     if make is make_official_step:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
-    else:
-        opt = make_optimizer(model.parameters(), 1e-4)
-    return model, make(model, copy.deepcopy(model).requires_grad_(False), create_diffusion(""), opt,
-                       ema_decay=0.9999)
+        return model, make(model, copy.deepcopy(model).requires_grad_(False), create_diffusion(""), opt,
+                           ema_decay=0.9999)
+    opt = make_optimizer(model.parameters(), 1e-4)
+    saved = os.environ.get(ISA_ENV)
+    if isa:
+        os.environ[ISA_ENV] = isa
+    try:
+        return model, make(model, copy.deepcopy(model).requires_grad_(False), create_diffusion(""), opt,
+                           ema_decay=0.9999, fast=fast)
+    finally:
+        if saved is None:
+            os.environ.pop(ISA_ENV, None)
+        else:
+            os.environ[ISA_ENV] = saved
 
 
 def bench(args):
-    """Alternate the official-style step and the repository's step; print medians and the ratio."""
+    """Alternate the official-style step, the trainer's plain step and the repository's step for each ISA
+    target; print medians and the ratios."""
     device = args.device
     base_model = trained_like(args.model, "layernorm")
     cfg = base_model.config
-    official, official_step = build_steps(official_model_from(base_model), device, make_official_step)
-    setup = time.perf_counter()
-    repo, repo_step = build_steps(base_model, device, repository_step)
-    setup = time.perf_counter() - setup  # the fast path's proof against the model included
+    steps = {"official-style": build_steps(official_model_from(base_model), device, make_official_step)[1]}
+    if device == "cpu":
+        steps["trainer, --fast off"] = build_steps(base_model, device, repository_step, fast="off")[1]
+    setups = {}
+    for isa in args.isa if device == "cpu" else [None]:
+        setup = time.perf_counter()
+        step = build_steps(base_model, device, repository_step, isa=isa)[1]
+        name = f"trainer, --fast auto ({step.path}{', ' + isa if isa and step.path != 'plain' else ''})"
+        setups[name] = time.perf_counter() - setup  # the fast path's proof against the model included
+        steps[name] = step
     inputs = toy_inputs(cfg, args.batch, device)
-    loss_official, loss_repo = official_step(*inputs), repo_step(*inputs)
-    loss_err = abs(loss_repo.item() - loss_official.item()) / abs(loss_official.item())
+    first = {name: step(*inputs).item() for name, step in steps.items()}
     for _ in range(args.warmup):
-        official_step(*inputs)
-        repo_step(*inputs)
-    times = {"official": [], "repo": []}
-    for _ in range(args.repeats):
-        for name, step in (("official", official_step), ("repo", repo_step)):
+        for step in steps.values():
+            step(*inputs)
+    times = {name: [] for name in steps}
+    for r in range(args.repeats):
+        order = list(steps.items())
+        for name, step in order if r % 2 == 0 else order[::-1]:
             _sync(device)
             t0 = time.perf_counter()
             step(*inputs)
@@ -134,23 +160,28 @@ def bench(args):
             times[name].append(time.perf_counter() - t0)
     peak = matmul_gflops(device)
     flops = model_flops(cfg, args.batch)
-    official_s, repo_s = statistics.median(times["official"]), statistics.median(times["repo"])
+    medians = {name: statistics.median(t) for name, t in times.items()}
     where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"{args.model} batch {args.batch} fp32, {where}, {args.repeats} "
-          f"alternating repeats after {args.warmup} warm-up; repo path: {repo_step.path}")
-    print(f"first-step loss: official {loss_official.item():.7f}  repo {loss_repo.item():.7f}  "
-          f"(relative difference {loss_err:.1e})")
+    print(f"{args.model} batch {args.batch} fp32, {where}, {args.repeats} alternating repeats after "
+          f"{args.warmup} warm-up; CPU flags include: {', '.join(sorted(cpu_flags() & SHOWN_FLAGS)) or '?'}; "
+          f"PyTorch's CPU capability: {torch.backends.cpu.get_cpu_capability()}")
+    ref = first["official-style"]
+    print("first-step loss (relative difference to the official-style one): "
+          + ", ".join(f"{k} {loss:.7f} ({abs(loss - ref) / abs(ref):.1e})" for k, loss in first.items()))
     print(f"model FLOPs per step (matmuls, fwd+bwd): {flops / 1e9:.2f} GFLOP; "
           f"large fp32 matmul here: {peak:.0f} GFLOP/s")
-    print("| step | median ms | GFLOP/s | steps/s | 50k steps |")
-    print("|---|---|---|---|---|")
-    for name, sec in (("official-style", official_s), ("repository", repo_s)):
+    plain = medians.get("trainer, --fast off")
+    print("| step | median ms | GFLOP/s | steps/s | 50k steps | vs official-style | vs --fast off |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, sec in medians.items():
         print(f"| {name} | {sec * 1e3:.1f} | {flops / sec / 1e9:.0f} | {1 / sec:.1f} | "
-              f"{50_000 * sec / 3600:.2f} h |")
-    print(f"speed-up: {official_s / repo_s:.2f}x; set-up of the repository's step (copy, optimizer, and "
-          f"the fast path's check against the model): {setup:.2f} s, not in the step times")
+              f"{50_000 * sec / 3600:.2f} h | {medians['official-style'] / sec:.2f}x | "
+              f"{f'{plain / sec:.2f}x' if plain else '-'} |")
+    for name, sec in setups.items():
+        print(f"set-up of {name} (copy, optimizer, the fast path's check against the model): {sec:.2f} s, "
+              "not in the step times")
     if args.profile and device == "cpu":
-        profile_repo_step(repo_step, inputs)
+        profile_repo_step(steps[list(setups)[0]], inputs)
 
 
 def profile_repo_step(step, inputs, steps=5):
@@ -235,7 +266,13 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--ddp", action="store_true", help="time 2 gloo ranks against 1 process (CPU)")
     parser.add_argument("--profile", action="store_true", help="also time the repo step per op (CPU)")
+    parser.add_argument("--isa", default="native",
+                        help="comma-separated instruction sets to build the C kernels for, each timed as its "
+                        f"own step side by side ({', '.join(ISA_FLAGS)}; avx2 runs on an AVX-512 CPU too)")
     args = parser.parse_args()
+    args.isa = [isa.strip() for isa in args.isa.split(",") if isa.strip()]
+    if not args.isa or set(args.isa) - set(ISA_FLAGS):
+        parser.error(f"--isa takes a comma-separated list of {', '.join(ISA_FLAGS)}")
     if args.batch < 2 or args.batch % 2:
         parser.error("--batch must be an even number >= 2")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -46,7 +46,7 @@ from ditnorm.options import (
 )
 from ditnorm.recipes import CPU, DEFAULTS, IMAGE_DEFAULTS  # noqa: F401 (train.py takes IMAGE_DEFAULTS here)
 from ditnorm.records import write_atomic
-from fast import make_optimizer, proven_loss
+from fast import describe_timing, make_optimizer, proven_loss
 from models import MNIST_MODELS, TOY_MODELS, DiT_models, build_model
 
 # What train.py offers: pixel-space DiTs, each built to fit its data (channels, size, classes).
@@ -430,17 +430,19 @@ def plain_train_step(model, ema, diffusion, optimizer, ema_decay, world_size):
     return step_with(plain_loss(model, diffusion), model, ema, optimizer, ema_decay, world_size)
 
 
-def make_train_step(fast, model, ema, diffusion, optimizer, ema_decay, world_size, class_dropout):
-    """The step around fast/'s proven loss with fast="auto" (fast.proven_loss), else around the plain loss;
-    step.path names which ("plain" for the plain one), step.fast_reason why not fast (or None)."""
+def make_train_step(fast, model, ema, diffusion, optimizer, ema_decay, world_size, class_dropout,
+                    batch_size=None):
+    """The step around fast/'s proven loss with fast="auto" (fast.proven_loss; given batch_size, the local
+    batch, it must also be faster on it), else around the plain loss; step.path names which ("plain" for
+    the plain one), step.fast_reason why not fast (or None), step.fast_timing both times (or None)."""
     if fast == "off":
         loss, reason = None, "fast='off'"
     elif class_dropout:
         loss, reason = None, "class dropout (drawn per step) is not in the fast path"
     else:
-        loss, reason = proven_loss(model, diffusion)
+        loss, reason = proven_loss(model, diffusion, batch_size)
     step = step_with(loss or plain_loss(model, diffusion), model, ema, optimizer, ema_decay, world_size)
-    step.fast_reason = reason
+    step.fast_reason, step.fast_timing = reason, getattr(loss, "timing", None)
     return step
 
 
@@ -487,7 +489,7 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
         # error, the size of the effects the study measures. Training stays fp32 throughout.
         torch.backends.cudnn.allow_tf32 = False
     train_step = make_train_step(args.fast, model, ema, diffusion, optimizer, cfg["ema_decay"], world_size,
-                                 drop_prob > 0)
+                                 drop_prob > 0, cfg["global_batch_size"] // world_size)
     model_config = {"model": cfg["model"], **model.config}
     # The toys have one class (label 0, no class dropout): zeros, or constants with --data constant.
     local_batch = cfg["global_batch_size"] // world_size
@@ -498,7 +500,7 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         run_config = {"train_args": cfg, "model_config": model_config, "world_size": world_size,
                       "device": str(device), "fast": args.fast, "step_path": train_step.path,
-                      "fast_reason": train_step.fast_reason,
+                      "fast_reason": train_step.fast_reason, "fast_timing": train_step.fast_timing,
                       "averages": list(DEFAULT_AVERAGES), "resumed_from": str(ckpt_path) if ckpt else None,
                       "start_step": start_step, "torch": torch.__version__}
         # Replaced whole: a run killed while writing it (a resume rewrites it) must not leave half a JSON.
@@ -508,6 +510,8 @@ def train(args, cfg, ckpt_steps, ckpt_path, ckpt, run_dir, rank, world_size, dev
     log(f"run folder {run_dir}" + (f", resumed from {ckpt_path} at step {start_step}" if ckpt else ""))
     log(f"world size {world_size}, device {device}, step path {train_step.path}"
         + (f" (fast path not used: {train_step.fast_reason})" if train_step.fast_reason else "")
+        + (f" ({describe_timing(train_step.fast_timing, 'step (loss and gradients)')})"
+           if train_step.fast_timing else "")
         + f", train args {json.dumps(cfg)}")
     log(f"model {json.dumps(model_config)}, {sum(p.numel() for p in model.parameters()):,} parameters")
 

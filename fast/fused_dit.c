@@ -113,12 +113,14 @@ INLINE void gelu_rows(fp x, cfp bias, fp y, fp dy, i64 rows, i64 cols) {
         float *xr = x + r * cols, *yr = y + r * cols;
         #pragma omp simd
         for (i64 c = 0; c < cols; c++) {
-            /* 0.5 v (1 + tanh z) = v sigmoid(2 z): one exp, which vectorises well */
+            /* 0.5 v (1 + tanh z) = v sigmoid(2 z): one exp, which vectorises well. 1 - s is computed as
+               e s: where s rounds to 1 - 1 ulp (AVX2's approximate reciprocal under -ffast-math), 1 - s
+               would be 6e-8 instead of 0, times v^3 in the derivative (1e-2 off at v = 100). */
             float v = bias ? xr[c] + bias[c] : xr[c];
             if (bias) xr[c] = v;
-            float s = 1.f / (1.f + expf(GELU_EXP_ARG(v)));
+            float e = expf(GELU_EXP_ARG(v)), s = 1.f / (1.f + e);
             yr[c] = v * s;
-            if (dy) dy[r * cols + c] = s + 2.f * v * s * (1.f - s) * GELU_C * (1.f + 3.f * GELU_A * v * v);
+            if (dy) dy[r * cols + c] = s + 2.f * v * s * (e * s) * GELU_C * (1.f + 3.f * GELU_A * v * v);
         }
     }
 }
@@ -228,51 +230,69 @@ INLINE void attn_bwd_sample(cfp dout, cfp base, cfp probs, fp dbase, int T, int 
 
 /* ============================================================== 2. the whole network, tile by tile */
 
-/* The tiles' matmuls: a register-blocked micro-kernel in GCC vector extensions (16 floats; -march=native
-   makes them AVX-512 or AVX2 registers). C[i, j] (+)= sum_p A[i asi + p asp] B[p ldb + j] for MR rows and
-   16 NV columns; 6 x 64 keeps 24 accumulators, 4 B vectors and a broadcast in the 32 AVX-512 registers.
-   In a development micro-benchmark on one core of the 2-core Xeon (tiles of 256 rows, K and N in
-   {64, 192, 256}, data in cache) it ran at 165-191 GFLOP/s, as fast as MKL's sgemm called on the same
-   tiles; inside the training step the two were equally fast too, so no BLAS is needed. */
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-#define KERNEL(MR, NV)                                                                                     \
-    static void kern_##MR##x##NV(int K, const float *A, i64 asi, i64 asp, const float *B, i64 ldb,        \
-                                 float *C, i64 ldc, int acc) {                                             \
-        v16 c[MR][NV];                                                                                     \
-        for (int i = 0; i < MR; i++)                                                                       \
-            for (int v = 0; v < NV; v++) c[i][v] = (v16){0};                                               \
+/* The tiles' matmuls: a register-blocked micro-kernel in GCC vector extensions, blocked for the registers
+   the compiler targets (chosen at build time, fast/kernels.py: -march=native or an ISA named there).
+   C[i, j] (+)= sum_p A[i asi + p asp] B[p ldb + j] for MR = 6 rows and NV vectors of VW floats.
+   AVX-512 (32 registers of 16 floats): 6 x 4 vectors keep 24 accumulators, 4 B vectors and a broadcast
+   in registers. In a development micro-benchmark on one core of the 2-core Xeon (tiles of 256 rows, K and
+   N in {64, 192, 256}, data in cache) it ran at 165-191 GFLOP/s, as fast as MKL's sgemm called on the
+   same tiles; inside the training step the two were equally fast too, so no BLAS is needed.
+   Otherwise (AVX2: 16 registers of 8 floats): 6 x 2 vectors, 12 accumulators, 2 B vectors and a
+   broadcast. The AVX-512 blocking compiled for AVX2 needs 48 accumulator registers of 16 and spills
+   (issue 35: 6-9x slower than plain PyTorch on an AVX2-only AMD EPYC). */
+#if defined(__AVX512F__)
+#define VW 16
+#define NV 4
+#else
+#define VW 8
+#define NV 2
+#endif
+#define MR 6
+typedef float vf __attribute__((vector_size(VW * sizeof(float)), aligned(4)));
+#define KERNEL(R, V)                                                                                       \
+    static void kern_##R##x##V(int K, const float *A, i64 asi, i64 asp, const float *B, i64 ldb,          \
+                               float *C, i64 ldc, int acc) {                                               \
+        vf c[R][V];                                                                                        \
+        for (int i = 0; i < R; i++)                                                                        \
+            for (int v = 0; v < V; v++) c[i][v] = (vf){0};                                                 \
         for (int p = 0; p < K; p++) {                                                                      \
-            v16 b[NV];                                                                                     \
-            for (int v = 0; v < NV; v++) b[v] = *(const v16 *)(B + p * ldb + 16 * v);                      \
-            for (int i = 0; i < MR; i++) {                                                                 \
+            vf b[V];                                                                                       \
+            for (int v = 0; v < V; v++) b[v] = *(const vf *)(B + p * ldb + VW * v);                        \
+            for (int i = 0; i < R; i++) {                                                                  \
                 float a = A[i * asi + p * asp];                                                            \
-                for (int v = 0; v < NV; v++) c[i][v] += a * b[v];                                          \
+                for (int v = 0; v < V; v++) c[i][v] += a * b[v];                                           \
             }                                                                                              \
         }                                                                                                  \
         if (acc)                                                                                           \
-            for (int i = 0; i < MR; i++)                                                                   \
-                for (int v = 0; v < NV; v++) *(v16 *)(C + i * ldc + 16 * v) += c[i][v];                    \
+            for (int i = 0; i < R; i++)                                                                    \
+                for (int v = 0; v < V; v++) *(vf *)(C + i * ldc + VW * v) += c[i][v];                      \
         else                                                                                               \
-            for (int i = 0; i < MR; i++)                                                                   \
-                for (int v = 0; v < NV; v++) *(v16 *)(C + i * ldc + 16 * v) = c[i][v];                     \
+            for (int i = 0; i < R; i++)                                                                    \
+                for (int v = 0; v < V; v++) *(vf *)(C + i * ldc + VW * v) = c[i][v];                       \
     }
-KERNEL(1, 4) KERNEL(2, 4) KERNEL(3, 4) KERNEL(4, 4) KERNEL(5, 4) KERNEL(6, 4)
+#define KERNEL_OF(R, V) KERNEL(R, V)  /* expands NV before pasting */
+KERNEL_OF(1, NV) KERNEL_OF(2, NV) KERNEL_OF(3, NV) KERNEL_OF(4, NV) KERNEL_OF(5, NV) KERNEL_OF(6, NV)
 KERNEL(1, 1) KERNEL(2, 1) KERNEL(3, 1) KERNEL(4, 1) KERNEL(5, 1) KERNEL(6, 1)
 #undef KERNEL
 typedef void (*kern_t)(int, const float *, i64, i64, const float *, i64, float *, i64, int);
-static const kern_t KERN4[7] = {0, kern_1x4, kern_2x4, kern_3x4, kern_4x4, kern_5x4, kern_6x4};
-static const kern_t KERN1[7] = {0, kern_1x1, kern_2x1, kern_3x1, kern_4x1, kern_5x1, kern_6x1};
+#define KERN_ROW(V) {0, kern_1x##V, kern_2x##V, kern_3x##V, kern_4x##V, kern_5x##V, kern_6x##V}
+#define KERN_ROW_OF(V) KERN_ROW(V)
+static const kern_t KERNW[MR + 1] = KERN_ROW_OF(NV);
+static const kern_t KERN1[MR + 1] = KERN_ROW(1);
+
+/* The vector width the library was built for (fast/kernels.py checks it against the target it asked for) */
+int vector_floats(void) { return VW; }
 
 /* C (M, N; row stride ldc) = or += A' (M, K) B (K, N; row stride ldb), A'[i, p] = A[i asi + p asp] */
 static void gemm(int M, int N, int K, const float *A, i64 asi, i64 asp, const float *B, i64 ldb, float *C,
                  i64 ldc, int acc) {
     int j = 0;
-    for (; j + 64 <= N; j += 64)
-        for (int i = 0; i < M; i += 6)
-            KERN4[M - i < 6 ? M - i : 6](K, A + i * asi, asi, asp, B + j, ldb, C + i * ldc + j, ldc, acc);
-    for (; j + 16 <= N; j += 16)
-        for (int i = 0; i < M; i += 6)
-            KERN1[M - i < 6 ? M - i : 6](K, A + i * asi, asi, asp, B + j, ldb, C + i * ldc + j, ldc, acc);
+    for (; j + VW * NV <= N; j += VW * NV)
+        for (int i = 0; i < M; i += MR)
+            KERNW[M - i < MR ? M - i : MR](K, A + i * asi, asi, asp, B + j, ldb, C + i * ldc + j, ldc, acc);
+    for (; j + VW <= N; j += VW)
+        for (int i = 0; i < M; i += MR)
+            KERN1[M - i < MR ? M - i : MR](K, A + i * asi, asi, asp, B + j, ldb, C + i * ldc + j, ldc, acc);
     for (; j < N; j++)
         for (int i = 0; i < M; i++) {
             float s = 0.f;

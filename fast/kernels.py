@@ -6,8 +6,9 @@ first layer to the last; `dit_train` also computes the hybrid loss and every gra
 `sampler()` does one ancestral step per call. Without a working C compiler there are no kernels
 (`c_kernels()` returns None) and the callers run the plain PyTorch step and sampler.
 
-The library is compiled once with the system C compiler, cached per source, compiler, flags and CPU, and
-loaded with ctypes. Loading it changes nothing global (see `_build` for the flush-to-zero trap it avoids).
+The library is compiled once with the system C compiler for an instruction set (`isa_target`: this CPU's,
+or AVX2 / AVX-512 by name), cached per source, compiler, flags and CPU, and loaded with ctypes. Loading it
+changes nothing global (see `_build` for the flush-to-zero trap it avoids).
 """
 
 import ctypes
@@ -38,30 +39,91 @@ _C_SOURCE = (Path(__file__).resolve().parent / "fused_dit.c").read_text()
 # compiling. At link time it must not be given: gcc then links crtfastmath.o into the library, whose
 # constructor switches the loading thread to flush-to-zero / denormals-are-zero, silently changing every
 # later float computation of the user's process (gcc 12 does this even for -shared).
-COMPILE_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC"]
+COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC"]
 LINK_FLAGS = ["-shared", "-fopenmp"]
 
+# The instruction set the kernels are built for; fused_dit.c blocks its matmuls for the vector registers
+# that it gets (16 floats x 32 registers with AVX-512, 8 x 16 otherwise). "native" is this CPU's;
+# "avx2" (x86-64-v3) and "avx512" (x86-64-v4) let a wider CPU build and run the narrower variant, as the
+# tests and benchmarks do. The environment variable picks one for a whole process.
+ISA_ENV = "DITNORM_FAST_ISA"
+ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3"],
+             "avx512": ["-march=x86-64-v4", "-mprefer-vector-width=512"]}
+ISA_NEEDS = {"avx2": {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"},
+             "avx512": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}}
 
-def _cache_dir():
+
+def cpu_flags():
+    """The CPU's feature flags (/proc/cpuinfo), empty where there is no such file."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return set()
+    with open("/proc/cpuinfo") as info:
+        return set(next((line for line in info if line.startswith("flags")), "").partition(":")[2].split())
+
+
+def isa_target(isa=None):
+    """The ISA name to build for: `isa`, else $DITNORM_FAST_ISA, else "native"; ValueError if unknown."""
+    isa = isa or os.environ.get(ISA_ENV) or "native"
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"{ISA_ENV}={isa} is not a kernel target; use one of {', '.join(ISA_FLAGS)}")
+    return isa
+
+
+def isa_runs_here(isa):
+    """Whether this CPU can run kernels built for `isa`."""
+    return isa == "native" or ISA_NEEDS[isa] <= cpu_flags()
+
+
+def vector_floats(isa):
+    """Floats per vector register that fused_dit.c blocks for when built for `isa` on this CPU."""
+    return 16 if "avx512f" in (cpu_flags() if isa == "native" else ISA_NEEDS.get(isa, set())) else 8
+
+
+def compile_flags(isa):
+    """The compiler flags for `isa` (512-bit vectors for the auto-vectorised loops only with AVX-512)."""
+    flags = COMPILE_FLAGS + ISA_FLAGS[isa]
+    if isa == "native" and "avx512f" in cpu_flags():
+        flags.append("-mprefer-vector-width=512")
+    return flags
+
+
+def library_key(isa):
+    """The cache key of the library for `isa`: source, compiler, flags and CPU."""
+    cpu = platform.processor() + platform.machine() + " ".join(sorted(cpu_flags()))
+    # The recipe is in the key, so a library built by an older recipe (one that set flush-to-zero) is
+    # never reused.
+    cc = os.environ.get("CC", "cc")
+    recipe = [_C_SOURCE, cc, "compile", *compile_flags(isa), "link", *LINK_FLAGS, cpu]
+    return hashlib.sha256("\0".join(recipe).encode()).hexdigest()[:16]
+
+
+def cache_dir():
     """Where built kernels are kept (one file per source/compiler/flags/CPU combination)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "dit-norm-study"
 
 
-_LIB = None  # the loaded library, False once building failed in this process
+_LIBS = {}  # ISA name -> the loaded library, False once building failed in this process
 
 
-def load_c_kernels():
-    """The fused CPU kernels as a ctypes library, or None (with a warning) when they cannot be built."""
-    global _LIB
-    if _LIB is None:
+def load_c_kernels(isa=None):
+    """The fused CPU kernels for `isa` (isa_target) as a ctypes library, or None (with a warning) when they
+    cannot be built or this CPU cannot run them."""
+    try:
+        isa = isa_target(isa)
+    except ValueError as err:  # a mistyped $DITNORM_FAST_ISA: the plain path runs, and says why
+        warnings.warn(f"fused CPU kernels unavailable: {err}", stacklevel=2)
+        return None
+    if isa not in _LIBS:
         try:
-            _LIB = _build()
+            if not isa_runs_here(isa):
+                raise OSError(f"this CPU lacks {' '.join(sorted(ISA_NEEDS[isa] - cpu_flags()))} for {isa}")
+            _LIBS[isa] = _build(isa)
         except (OSError, subprocess.SubprocessError) as err:
             warnings.warn(f"fused CPU kernels unavailable ({err}); the plain PyTorch step and sampler run "
                           "instead", stacklevel=2)
-            _LIB = False
-    return _LIB or None
+            _LIBS[isa] = False
+    return _LIBS[isa] or None
 
 
 def denormals_survive():
@@ -76,24 +138,17 @@ def _run(cmd):
         raise OSError(f"{cmd[0]} failed: {done.stderr.strip()[-300:]}")
 
 
-def _build():
-    """Compile, then link, _C_SOURCE with the system C compiler unless a cached build exists; load it."""
+def _build(isa):
+    """Compile, then link, _C_SOURCE for `isa` with the system C compiler unless a cached build exists;
+    load it."""
     cc = os.environ.get("CC", "cc")
-    cpu = platform.processor() + platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as info:
-            cpu += next((line for line in info if line.startswith("flags")), "")
-    # The recipe is in the key, so a library built by an older recipe (one that set flush-to-zero) is
-    # never reused.
-    recipe = [_C_SOURCE, cc, "compile", *COMPILE_FLAGS, "link", *LINK_FLAGS, cpu]
-    key = hashlib.sha256("\0".join(recipe).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"fused_dit_{key}.so"
+    path = cache_dir() / f"fused_dit_{library_key(isa)}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             src, obj, out = Path(tmp) / "fused_dit.c", Path(tmp) / "fused_dit.o", Path(tmp) / "fused_dit.so"
             src.write_text(_C_SOURCE)
-            _run([cc, *COMPILE_FLAGS, "-c", str(src), "-o", str(obj)])
+            _run([cc, *compile_flags(isa), "-c", str(src), "-o", str(obj)])
             _run([cc, *LINK_FLAGS, str(obj), "-o", str(out), "-lm"])
             # Same directory as the target, so the final rename is atomic when ranks build at once.
             fd, staged = tempfile.mkstemp(dir=path.parent, suffix=".so")
@@ -106,12 +161,16 @@ def _build():
     if before and not denormals_survive():  # e.g. a CC that links fast-math start-up code anyway
         torch.set_flush_denormal(False)  # undo it on this thread, and do not use the library
         raise OSError(f"{path} switches the process to flush-to-zero mode; delete it and check $CC")
+    if lib.vector_floats() != vector_floats(isa):  # e.g. a $CC that ignores -march
+        raise OSError(f"{path} blocks for {lib.vector_floats()}-float vectors, not the {vector_floats(isa)} "
+                      f"of {isa}; delete it and check $CC")
     P, I = ctypes.c_void_p, ctypes.c_int
     lib.set_num_threads.argtypes = [I]
     lib.dit_fwd.argtypes = [ctypes.POINTER(NetArgs), P, P]
     lib.dit_bwd.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P, P]
     lib.dit_sample_step.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P]
     lib.dit_train.argtypes = [ctypes.POINTER(NetArgs), P, P, P, P, P, P, P, P, P, P]
+    lib.isa, lib.key = isa, library_key(isa)
     return lib
 
 
@@ -286,9 +345,9 @@ class TiledKernels:
         return step
 
 
-def c_kernels():
-    """TiledKernels when the C compiler works here, else None."""
-    lib = load_c_kernels()
+def c_kernels(isa=None):
+    """TiledKernels for `isa` (isa_target) when the C compiler works here, else None."""
+    lib = load_c_kernels(isa)
     return TiledKernels(lib) if lib is not None else None
 
 

@@ -20,6 +20,12 @@ import torch
 # kind, docs/performance.md). An edit shows at the size of its own effect: exact instead of tanh GELU moved
 # a gradient by 2e-6 relative, a changed DyT or block order by 1e-4 and more (tests/test_fast_proof.py).
 RTOL = 1e-5
+# A sampler step can amplify float32 rounding far beyond RTOL: at t = 0 a trained toy's x_0 = (x_1 - 0.01
+# eps) / 0.99995 is the small difference of two near-equal terms (its error is what the study measures),
+# and correct fast steps were refused at 1.2-1.5x RTOL on trained checkpoints (docs/results-notes.md). So
+# a step is also allowed what moving the plain network's output by float32 rounding moves it:
+# OUTPUT_ULPS ulps at random, a few times the 4e-7 by which two correct implementations' outputs differ.
+OUTPUT_ULPS = 16
 CHECK_BATCH = 32
 SEED = 1234
 
@@ -112,7 +118,8 @@ def check_loss(make_loss, plain_loss, model, diffusion, rtol=RTOL):
 def check_sampler_step(make_step, model, diffusion, rtol=RTOL, batch=8):
     """None if make_step(m)(x, i, generator) returns diffusion.p_sample(m, x, i, ...)'s sample (class 0, the
     same generator state) at the last, a middle and the first timestep, for m the model and its perturbed
-    copy; else the reason."""
+    copy; else the reason. Allowed: rtol of the sample's norm, or what moving the plain network's outputs
+    by OUTPUT_ULPS float32 ulps moves it, whichever is larger."""
     cfg = model.config
     device = next(model.parameters()).device
     shape = (batch, cfg["in_channels"], cfg["input_size"], cfg["input_size"])
@@ -130,7 +137,20 @@ def check_sampler_step(make_step, model, diffusion, rtol=RTOL, batch=8):
                     return f"the fast sampler failed on the check batch: {_one_line(err)}"
                 plain = diffusion.p_sample(m, x, t, model_kwargs={"y": y},
                                            generator=torch.Generator().manual_seed(SEED))["sample"]
-            reason = _compare(f"the sampler's step at t={i}", fast, plain, rtol, 0.0)
+                rounded = diffusion.p_sample(_rounded(m, OUTPUT_ULPS), x, t, model_kwargs={"y": y},
+                                             generator=torch.Generator().manual_seed(SEED))["sample"]
+            spread = (rounded.double() - plain.double()).norm().item()
+            reason = _compare(f"the sampler's step at t={i}", fast, plain, rtol, spread / rtol)
             if reason:
                 return reason + label
     return None
+
+
+def _rounded(model, ulps, seed=SEED):
+    """model(x, t, **kwargs) with each output value moved by up to `ulps` float32 ulps (a fixed draw): what
+    float32 rounding may change in a correct implementation's output."""
+    def forward(x, t, **kwargs):
+        out = model(x, t, **kwargs)
+        jitter = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device) * 2 - 1
+        return out * (1 + ulps * torch.finfo(torch.float32).eps * jitter)
+    return forward

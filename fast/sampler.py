@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .fused_dit import DiTPlan, adaln_stacked, c_kernels, keep_freed_memory
 from .proof import check_sampler_step
+from .speed import choose, describe, key_of
 
 
 def fast_sampler_reason(model, diffusion, device):
@@ -29,7 +30,7 @@ def fast_sampler_reason(model, diffusion, device):
     if kind != "cpu":
         return f"no fast sampler for device {device}"
     if c_kernels() is None:
-        return "no C compiler here (the C kernels did not build)"
+        return "the C kernels did not build or load here (the warning says why)"
     return DiTPlan(model).reason
 
 
@@ -76,9 +77,12 @@ def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cp
     """Return (num_samples, C, H, W) final samples of p_sample_loop for class label 0.
 
     fast: "auto" takes the fast path once fast.proof has checked one step of it against diffusion.p_sample
-    with the model as it is; "off" (or a failed check) samples with diffusion.p_sample_loop, and log (a
-    callable; default warnings.warn) gets the reason in one line. On CUDA the loop replays a captured CUDA
-    graph per step (index_driven_loop) and shows no progress bar.
+    with the model as it is and, on the CPU, fast/speed.py has found its step faster than p_sample's for
+    num_samples samples (timed once per CPU, model, sample count and thread count; log, if given, gets
+    both times when timed now); "proven" skips the timing (tests, benchmarks); "off" (or a failed check,
+    or a slower fast step) samples with diffusion.p_sample_loop, and log (a callable; default
+    warnings.warn) gets the reason in one line. On CUDA the loop replays a captured CUDA graph per step
+    (index_driven_loop) and shows no progress bar.
 
     On the CPU fast path this calls kernels.keep_freed_memory(), a process-wide glibc setting (freed
     memory stays in the heap instead of going back to the OS after every step)."""
@@ -87,6 +91,12 @@ def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cp
     reason = "fast='off'" if fast == "off" else fast_sampler_reason(model, diffusion, device)
     if reason is None:
         reason = check_sampler_step(lambda m: _one_step(m, diffusion, device), model, diffusion)
+    if reason is None and fast == "auto" and torch.device(device).type == "cpu":
+        timing = _timing(model, diffusion, num_samples)
+        if timing["choice"] == "fast" and not timing["cached"] and log:
+            log("fast sampler timed against the plain one: " + describe(timing, "step"))
+        if timing["choice"] != "fast":
+            reason = "not clearly faster here: " + describe(timing, "step")
     if reason is not None:
         if fast != "off":
             (log or warnings.warn)(f"fast sampler not used: {reason}; sampling with diffusion.p_sample_loop")
@@ -110,6 +120,23 @@ def sample_toy(model, diffusion, num_samples: int, *, generator=None, device="cp
         # drawn at every step, as p_sample does, even when unused (t = 0)
         sampler.step(x, _randn(shape, device, generator), i)
     return x
+
+
+def _timing(model, diffusion, num_samples):
+    """fast/speed.py's record of one fast CPU step against one diffusion.p_sample, num_samples samples."""
+    keep_freed_memory()  # as the fast path runs (process-wide; the plain loop runs under it too)
+    sampler, i = _CpuSampler(model, diffusion, num_samples), diffusion.num_timesteps // 2
+    cfg = model.config
+    generator = torch.Generator().manual_seed(0)
+    x, z = (torch.randn(num_samples, cfg["in_channels"], cfg["input_size"], cfg["input_size"],
+                        generator=generator) for _ in range(2))  # (N, C, H, W)
+    t, y = torch.full((num_samples,), i), torch.zeros(num_samples, dtype=torch.long)
+
+    def plain():
+        return diffusion.p_sample(model, x, t, clip_denoised=False, model_kwargs={"y": y})
+
+    key = key_of("sample", sampler.kern, model, batch=num_samples)
+    return choose(key, lambda: sampler.step(x.clone(), z, i), plain)
 
 
 def _ancestral_step(x, out, coef_t, z):

@@ -121,3 +121,41 @@ def test_reasons_name_the_difference():
     assert proof._compare("x", plain * (1 + 1e-7), plain, 1e-5, 0.0) is None
     assert "x differs" in proof._compare("x", plain * 1.001, plain, 1e-5, 0.0)
     assert "differs" in proof._compare("x", plain * float("nan"), plain, 1e-5, 0.0)
+
+
+class CancellingDenoiser(nn.Module):
+    """eps = gain x, its gain set so that at t = 0 the x_0 prediction (x - sqrt(1 - ab) eps) / sqrt(ab) is
+    1e-4 of either term, as a trained toy's is: the step there amplifies its output's rounding ~1e4-fold."""
+
+    config = {"in_channels": 2, "input_size": 2}
+
+    def __init__(self, diffusion):
+        super().__init__()
+        ratio = diffusion.sqrt_recip_alphas_cumprod[0] / diffusion.sqrt_recipm1_alphas_cumprod[0]
+        self.gain = nn.Parameter(torch.tensor(float(ratio * (1 - 1e-4))))
+
+    def forward(self, x, t, y):
+        return torch.cat([self.gain * x, torch.zeros_like(x)], dim=1)  # (N, 2C, H, W): eps, variance 0
+
+
+def test_a_sampler_step_is_allowed_what_float32_rounding_moves_it(monkeypatch):
+    diffusion = create_diffusion("")
+    model = CancellingDenoiser(diffusion)
+
+    def scaled_output(m, scale):  # a "fast" step: p_sample with the network's output multiplied by scale
+        def step(x, i, generator):
+            t, y = torch.full((len(x),), i), torch.zeros(len(x), dtype=torch.long)
+            return diffusion.p_sample(lambda *a, **k: m(*a, **k) * scale, x, t, model_kwargs={"y": y},
+                                      generator=generator)["sample"]
+        return step
+
+    eps = torch.finfo(torch.float32).eps
+    # 4 ulps off in the output, as another correct float32 network might be: 5e-5 relative at t = 0
+    assert proof.check_sampler_step(lambda m: scaled_output(m, 1 + 4 * eps), model, diffusion) is None
+    # within RTOL alone it would be refused: the rounding allowance is what accepts it
+    monkeypatch.setattr(proof, "OUTPUT_ULPS", 0)
+    assert "t=0" in proof.check_sampler_step(lambda m: scaled_output(m, 1 + 4 * eps), model, diffusion)
+    monkeypatch.undo()
+    # an edit of 1e-5 in the output (the size of exact against tanh GELU) is refused
+    reason = proof.check_sampler_step(lambda m: scaled_output(m, 1 + 1e-5), model, diffusion)
+    assert reason is not None and "the sampler's step at t=0 differs" in reason

@@ -1,4 +1,5 @@
-"""sample_toy: the same numbers as diffusion.p_sample_loop with the same generator or noise."""
+"""sample_toy: the same numbers as diffusion.p_sample_loop with the same generator or noise (the C loop with
+fast="proven", whether or not it is faster here; tests/test_fast_speed.py checks the timing gate)."""
 
 import pytest
 import torch
@@ -33,10 +34,10 @@ def assert_same_samples(got, want):
 @pytest.mark.parametrize("norm", ["layernorm", "none", "dyt"])
 def test_matches_p_sample_loop_with_the_same_generator(norm):
     model, diffusion = trained_like("ToyDiT-XS/1", norm), create_diffusion("")
-    got = sample_toy(model, diffusion, 6, generator=torch.Generator().manual_seed(3))
+    got = sample_toy(model, diffusion, 6, generator=torch.Generator().manual_seed(3), fast="proven")
     want = plain(model, diffusion, 6, generator=torch.Generator().manual_seed(3))
     assert_same_samples(got, want)
-    other = sample_toy(model, diffusion, 6, generator=torch.Generator().manual_seed(4))
+    other = sample_toy(model, diffusion, 6, generator=torch.Generator().manual_seed(4), fast="proven")
     assert not torch.allclose(got, other)  # the generator really drives the draws
 
 
@@ -44,7 +45,8 @@ def test_matches_with_given_noise_and_respacing():
     model, diffusion = trained_like("ToyDiT/1"), create_diffusion("100")
     noise = torch.randn(5, 2, 2, 2)
     kept = noise.clone()
-    got = sample_toy(model, diffusion, 5, noise=noise, generator=torch.Generator().manual_seed(1))
+    got = sample_toy(model, diffusion, 5, noise=noise, generator=torch.Generator().manual_seed(1),
+                     fast="proven")
     assert torch.equal(noise, kept)  # the caller's noise is not the sampler's working buffer
     want = plain(model, diffusion, 5, noise=noise, generator=torch.Generator().manual_seed(1))
     assert_same_samples(got, want)
@@ -61,7 +63,7 @@ def test_matches_for_patches_larger_than_one_pixel():
     # The C sampling step cuts images into patches and puts them back itself; patch 4 of 4 channels.
     model = trained_like("DiT-S/4", input_size=8, depth=2, num_classes=1)
     diffusion = create_diffusion("20")
-    got = sample_toy(model, diffusion, 3, generator=torch.Generator().manual_seed(5))
+    got = sample_toy(model, diffusion, 3, generator=torch.Generator().manual_seed(5), fast="proven")
     y = torch.zeros(3, dtype=torch.long)
     want = diffusion.p_sample_loop(model, (3, 4, 8, 8), model_kwargs={"y": y},
                                    generator=torch.Generator().manual_seed(5))
