@@ -9,6 +9,7 @@ Two questions are asked of a trained DiT here:
 """
 
 import contextlib
+import json
 import math
 import textwrap
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from diffusion import create_diffusion
 from ditnorm.checkpoint import FORMAT, CheckpointError, diffusion_of, load_for_sampling, read_checkpoint
+from ditnorm.files import SHIPPED_SUFFIX
 from ditnorm.stats import fixed_quantiles
 from fast import sample_toy
 from models import TOY_MODELS
@@ -146,9 +148,12 @@ def find_runs(results_dir, norm, model="ToyDiT/1"):
 
 
 def run_checkpoints(run_dir):
-    """{step: path} of a run folder's checkpoints/NNNNNNN.pt."""
-    paths = Path(run_dir, "checkpoints").glob("*.pt")
-    return dict(sorted((int(p.stem), p) for p in paths if p.stem.isdigit()))
+    """{step: path} of a run folder's checkpoints/NNNNNNN.pt, or of a shipped weights folder's
+    NNNNNNN.safetensors (pretrained.py; a .pt of the same step wins)."""
+    folder = Path(run_dir, "checkpoints")
+    found = {int(p.stem): p for suffix in (SHIPPED_SUFFIX, ".pt") for p in folder.glob(f"*{suffix}")
+             if p.stem.isdigit()}
+    return dict(sorted(found.items()))
 
 
 def latest_run(results_dir, norm, model="ToyDiT/1"):
@@ -187,21 +192,37 @@ def run_setup(run_dir):
     return setup
 
 
+def _is_run_of(folder, norm, model):
+    """Whether folder is a run of `norm` and `model` (None: any toy model): by its config.json (the trainer
+    writes one), else by its name, train_toy.py's <index>-<model>-<norm> or a preset's, whose parts hold
+    the norm (<data>-<norm>-seed<k>, <model>-<norm>-seed<k>; a shipped weights folder's are the same)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())["model_config"]
+        right_model = config["model"] == model if model else config["model"] in TOY_MODELS
+        return config["norm"] == norm and right_model
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if model:
+        return f"-{model.replace('/', '-')}-{norm}" in f"-{folder.name}-"
+    return norm in folder.name.split("-")
+
+
 def all_runs(results_dir, norm, model=None):
-    """Run folders <index>-<model>-<norm> (any model if None) with checkpoints anywhere under results_dir,
-    oldest first (by the time their first checkpoint was written)."""
-    pattern = f"*-{model.replace('/', '-')}-{norm}" if model else f"*-{norm}"
-    runs = [p for p in Path(results_dir).rglob(pattern) if run_checkpoints(p)]
+    """Run folders of (model, norm) with checkpoints anywhere under results_dir (any toy model if model is
+    None), oldest first (by the time their first checkpoint was written)."""
+    runs = [p for p in Path(results_dir).rglob(f"*{norm}*") if p.is_dir() and _is_run_of(p, norm, model)
+            and run_checkpoints(p)]
     return sorted(runs, key=lambda p: (min(c.stat().st_mtime for c in run_checkpoints(p).values()), str(p)))
 
 
-def find_run_pair(results_dir="results", layernorm_run="", none_run="", model=None):
+def find_run_pair(results_dir="results", layernorm_run="", none_run="", model=None, shipped=""):
     """(layernorm run, none run) trained with the same configuration but the norm; ValueError otherwise.
 
     A run that is not given is the newest one under results_dir whose configuration matches the other run
     (for two missing runs: the newest LayerNorm run); FileNotFoundError when there is none of a norm. Two
     runs that differ in anything but the norm (seed, length, batch, ...) are not a comparison of the norm:
-    ValueError naming both and the settings that differ.
+    ValueError naming both and the settings that differ. shipped: a weights folder (pretrained.py) searched
+    instead when neither run is given and results_dir holds no run of a norm.
     """
     given = {"layernorm": layernorm_run, "none": none_run}
     for norm, run in given.items():
@@ -211,6 +232,8 @@ def find_run_pair(results_dir="results", layernorm_run="", none_run="", model=No
     candidates = {norm: ([Path(run)] if run else all_runs(results_dir, norm, model)[::-1])
                   for norm, run in given.items()}
     missing = [norm for norm, runs in candidates.items() if not runs]
+    if missing and shipped and not (layernorm_run or none_run) and Path(shipped).is_dir():
+        return find_run_pair(shipped, model=model)
     if missing:
         raise FileNotFoundError(f"no {model or 'toy'} run for norm {' or '.join(missing)} under "
                                 f"{results_dir}; run make reproduce (or train_toy.py) or set the run folders")

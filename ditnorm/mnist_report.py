@@ -5,17 +5,16 @@ import json
 import re
 from pathlib import Path
 
-import matplotlib
+# No matplotlib.use("Agg") here: TokenEmbeddingsViz.ipynb imports this module, and forcing Agg there would
+# hide its figures (a headless run picks Agg by itself).
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ditnorm import stats  # noqa: E402
-from ditnorm.analysis import outlier_stats, run_checkpoints  # noqa: E402
-from ditnorm.mnist_study import STATS_FILE, context, read_rows  # noqa: E402
-from ditnorm.records import savefig_atomic, write_atomic  # noqa: E402
-from models import MNIST_MODELS  # noqa: E402
+from ditnorm import stats
+from ditnorm.analysis import outlier_stats, run_checkpoints
+from ditnorm.mnist_study import STATS_FILE, context, read_rows
+from ditnorm.records import savefig_atomic, write_atomic
+from models import MNIST_MODELS
 
 BLOCK = re.compile(r"block(\d+)_")
 RUN_NAME = re.compile(r"(?P<model>.+)-(?P<norm>layernorm|none|rmsnorm|dyt)-seed(?P<seed>\d+)$")
@@ -298,17 +297,18 @@ def preset_report(preset, record, options):
         print(f"SKIPPED the notebook: {e}")
         return text
     params = dict(checkpoint="", mnist_dir=notebooks.shown(runs_dir), results_dir=notebooks.shown(runs_dir),
-                  out_dir=notebooks.shown(record))
+                  out_dir=notebooks.shown(record), mnist_shipped="", toy_shipped="")  # this study's runs only
     notebooks.execute_notebook(notebooks.ROOT / "TokenEmbeddingsViz.ipynb", params,
                                runs_dir / "executed" / "TokenEmbeddingsViz.ipynb")
     return text
 
 
-def last_pair(runs_dir, model=None, seed=0):
+def last_pair(runs_dir, model=None, seed=0, shipped=""):
     """({"layernorm": checkpoint, "none": checkpoint}, model) at the last checkpoint step that the layernorm
     and none runs of `seed` share under runs_dir: of the largest MNIST model (or `model`) whose pair has
     finished (a checkpoint at the max_steps of its config.json), else of the largest with any common step;
-    FileNotFoundError if there is none."""
+    else the same of the weights folder `shipped` (pretrained.py), when given; FileNotFoundError if there
+    is none."""
     pairs = []
     for name in [model] if model else reversed(MNIST_MODELS):
         dirs = {norm: Path(runs_dir) / f"{name.replace('/', '-')}-{norm}-seed{seed}"
@@ -322,6 +322,8 @@ def last_pair(runs_dir, model=None, seed=0):
             pairs.append((pair, name))
     if pairs:
         return pairs[0]
+    if shipped and Path(shipped).is_dir():
+        return last_pair(shipped, model, seed)
     raise FileNotFoundError(f"no layernorm and none runs of seed {seed} with a common checkpoint under "
                             f"{runs_dir}; train them with python experiment.py train --preset mnist")
 

@@ -90,8 +90,20 @@ NOTES = {
         "(`errors.csv`) of the checkpoints in `checkpoints.json`. The `errors.csv` files are byte for byte "
         "those of the `make reproduce ARGS=--refresh-res` of 2026-12-01 on the same kind of machine "
         "(reproduce.py driving study.py, the runner's predecessors), which the retraining reproduced "
-        "exactly. Everything else at the top: that command's `report --refresh-res` of 2026-12-04 (the "
-        "headline values unchanged; the pretrained DiT-XL/2 part of the notebook SKIPPED, no network).",
+        "exactly. `headline.*`, `errors.*`, `direct.csv` and `dit_block.png`: that command's `report "
+        "--refresh-res` of 2026-12-04 (the headline values unchanged).",
+        "`weights/`: the seed-0 pair (layernorm and none) at 1k and 5k steps, EMA and raw weights in "
+        "float32, retrained on 2026-12-07 on the 2-core Intel Xeon (AVX-512) by `python experiment.py "
+        "train --preset reproduce --seeds 0 --jobs 1` and written by `python export.py weights` (each "
+        "file's line in `weights/README.md`, its SHA-256 in `weights/SHA256SUMS`); the notebooks fall "
+        "back on it on a fresh clone. It is not the training measured in `runs/*-seed0/` (AMD EPYC, "
+        "2026-12-04, checkpoints gone): retrained on this CPU the toy's trajectory differs (seed 0's raw "
+        "median |x| at 5k without a norm, 100 samples: 4.5e-4 here, 2.5e-3 there). `toydit_1k.png`, "
+        "`toydit_5k.png`, `toydit_errors.md`, `toydit_token_embeddings_*.png`, `token_outliers.md` and "
+        "`results.md` (whose tables include them): `report --refresh-res` of 2026-12-07 on that Intel "
+        "Xeon, the notebooks run on this pair (the pretrained DiT-XL/2 part SKIPPED, no network); "
+        "`results.md`'s machine is the report's. `tests/test_notebooks.py` runs both notebooks on "
+        "`weights/` and checks that they give these tables.",
         "`legacy/seeds/`: the study.py reports of the 2026-12-01 command (EMA; `raw/`), unchanged; their "
         "outlier tables rest on per-seed values that were not kept.",
     ],
@@ -123,7 +135,9 @@ def write(res):
         "Written by `python experiment.py report --preset NAME --refresh-res` from the presets of "
         "ditnorm/presets.py. Every file here was written by one of the repository's commands; none was "
         "edited by hand. Per-run statistics are in `<preset>/runs/<run>/`, the report in `<preset>/`; the "
-        "run folders behind them (checkpoints, logs) are under `results/`, which git does not keep.",
+        "run folders behind them (checkpoints, logs) are under `results/`, which git does not keep; the one "
+        "exception, `<preset>/weights/`, holds the few small weights behind the notebooks' figures "
+        "(`python export.py weights`; their provenance and SHA-256 in its `README.md`).",
         "",
         "| folder | made by | runs |",
         "|---|---|---|",
