@@ -23,7 +23,7 @@ from ditnorm.checkpoint import FORMAT, CheckpointError, diffusion_of, load_for_s
 from ditnorm.files import SHIPPED_SUFFIX
 from ditnorm.stats import fixed_quantiles
 from fast import sample_toy
-from models import TOY_MODELS
+from models import TOY_MODELS, DiT_models
 
 # Sun et al. 2024 call an activation massive when it is over 100 in magnitude and about 1000x the median.
 MASSIVE_MIN_VALUE = 100.0
@@ -195,16 +195,19 @@ def run_setup(run_dir):
 def _is_run_of(folder, norm, model):
     """Whether folder is a run of `norm` and `model` (None: any toy model): by its config.json (the trainer
     writes one), else by its name, train_toy.py's <index>-<model>-<norm> or a preset's, whose parts hold
-    the norm (<data>-<norm>-seed<k>, <model>-<norm>-seed<k>; a shipped weights folder's are the same)."""
+    the norm (<data>-<norm>-seed<k>, <model>-<norm>-seed<k>; a shipped weights folder's are the same), and
+    for a toy model no other registry model."""
     try:
         config = json.loads((folder / "config.json").read_text())["model_config"]
         right_model = config["model"] == model if model else config["model"] in TOY_MODELS
         return config["norm"] == norm and right_model
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    name = f"-{folder.name}-"
     if model:
-        return f"-{model.replace('/', '-')}-{norm}" in f"-{folder.name}-"
-    return norm in folder.name.split("-")
+        return f"-{model.replace('/', '-')}-{norm}-" in name
+    others = (m.replace("/", "-") for m in DiT_models if m not in TOY_MODELS)
+    return f"-{norm}-" in name and not any(f"-{other}-" in name for other in others)
 
 
 def all_runs(results_dir, norm, model=None):

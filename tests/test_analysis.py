@@ -146,8 +146,9 @@ def test_find_run_pair_matches_configurations_and_names_both_otherwise(tmp_path)
 
 
 def test_find_run_pair_finds_a_presets_toy_runs_and_passes_over_other_models(tmp_path):
-    """make reproduce's folders (<data>-<norm>-seed<k>) are toy runs; an MNIST run (its config.json says
-    so) is not one, however new; with none under results_dir, the shipped folder is searched."""
+    """make reproduce's folders (<data>-<norm>-seed<k>) are toy runs; an MNIST run (its config.json or,
+    without one, its name says so) is not one, however new; with none under results_dir, the shipped folder
+    is searched."""
     import json
 
     from builders import save_model
@@ -161,6 +162,9 @@ def test_find_run_pair_finds_a_presets_toy_runs_and_passes_over_other_models(tmp
                mnist / "checkpoints" / "0000030.pt")  # the newest: written last
     (mnist / "config.json").write_text(json.dumps({"model_config": {"model": "MnistDiT-XS/4",
                                                                      "norm": "layernorm"}}))
+    shipped = tmp_path / "results" / "weights" / "MnistDiT-S-4-layernorm-seed0"  # no config.json: its name
+    save_model(build_model("ToyDiT-XS/1", norm="layernorm"), "ToyDiT-XS/1",
+               shipped / "checkpoints" / "0000030.pt")
     assert analysis.find_run_pair(tmp_path / "results") == (runs["layernorm"], runs["none"])
     (tmp_path / "empty").mkdir()
     assert analysis.find_run_pair(tmp_path / "empty", shipped=reproduce) == \
