@@ -82,6 +82,17 @@ NOTES = {
         "them). `runs/*/checkpoints.json`: the sha256 of each checkpoint file a folder was measured from, "
         "which `measure` now records and checks; for the runs measured before it did, recorded afterwards "
         "from the same checkpoints (`ditnorm.files.record_checkpoints`).",
+        "`weights/`: the EMA weights in float32 of the MnistDiT-XS/4 seed-0 pair (layernorm and none) at "
+        "10k steps: this preset's recipe retrained on 2026-12-07 on the 2-core Intel Xeon as the "
+        "`interventions` preset's baseline (`python experiment.py train --preset interventions --seeds "
+        "0`), not the training measured in `runs/MnistDiT-XS-4-*-seed0/` (AMD EPYC, 2026-12-04); written "
+        "by `python export.py weights` (each file's line in `weights/README.md`, its SHA-256 in "
+        "`weights/SHA256SUMS`). `mnist_token_embeddings.png` and `token_outliers.md`: "
+        "TokenEmbeddingsViz.ipynb on that pair (`papermill TokenEmbeddingsViz.ipynb /tmp/out.ipynb --cwd "
+        ". -p checkpoint \"\" -p mnist_dir res/mnist/weights -p mnist_shipped \"\" -p results_dir "
+        "res/mnist/weights -p toy_shipped \"\" -p out_dir res/mnist`, 2026-12-07); until then they were of "
+        "the MnistDiT-S/4 seed-0 pair, whose checkpoints are gone. `tests/test_notebooks.py` runs the "
+        "notebook on `weights/` and checks that it gives these tables.",
     ],
     "reproduce": [
         "`runs/zeros-<norm>-seed<k>/`: `python experiment.py train --preset reproduce --jobs 2`, then "
