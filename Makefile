@@ -2,7 +2,8 @@
 #   make reproduce   3 seeds of both toy models, the headline, both notebooks; writes results/reproduce/
 #                    and compares the headline with the committed res/reproduce/ (ARGS=--refresh-res
 #                    rewrites res/reproduce/: maintainers only)
-#   make notebooks   open both notebooks in JupyterLab (this environment's kernel)
+#   make notebooks   open both notebooks in JupyterLab (this environment's kernel); with nothing trained
+#                    they use the weights shipped in res/*/weights/
 #   make test        ruff and the test suite
 # One target per preset of ditnorm/presets.py: train (or resume), measure what is not yet measured, report.
 # Outputs go to results/<preset>/; ARGS=--refresh-res writes the committed res/<preset>/ instead.

@@ -9,6 +9,7 @@ Two questions are asked of a trained DiT here:
 """
 
 import contextlib
+import json
 import math
 import textwrap
 from pathlib import Path
@@ -22,7 +23,7 @@ from ditnorm.checkpoint import FORMAT, CheckpointError, diffusion_of, load_for_s
 from ditnorm.layout import run_checkpoints
 from ditnorm.stats import fixed_quantiles
 from fast import sample_toy
-from models import TOY_MODELS
+from models import TOY_MODELS, DiT_models
 
 # Sun et al. 2024 call an activation massive when it is over 100 in magnitude and about 1000x the median.
 MASSIVE_MIN_VALUE = 100.0
@@ -182,21 +183,40 @@ def run_setup(run_dir):
     return setup
 
 
+def _is_run_of(folder, norm, model):
+    """Whether folder is a run of `norm` and `model` (None: any toy model): by its config.json (the trainer
+    writes one), else by its name, train_toy.py's <index>-<model>-<norm> or a preset's, whose parts hold
+    the norm (<data>-<norm>-seed<k>, <model>-<norm>-seed<k>; a shipped weights folder's are the same), and
+    for a toy model no other registry model."""
+    try:
+        config = json.loads((folder / "config.json").read_text())["model_config"]
+        right_model = config["model"] == model if model else config["model"] in TOY_MODELS
+        return config["norm"] == norm and right_model
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    name = f"-{folder.name}-"
+    if model:
+        return f"-{model.replace('/', '-')}-{norm}-" in name
+    others = (m.replace("/", "-") for m in DiT_models if m not in TOY_MODELS)
+    return f"-{norm}-" in name and not any(f"-{other}-" in name for other in others)
+
+
 def all_runs(results_dir, norm, model=None):
-    """Run folders <index>-<model>-<norm> (any model if None) with checkpoints anywhere under results_dir,
-    oldest first (by the time their first checkpoint was written)."""
-    pattern = f"*-{model.replace('/', '-')}-{norm}" if model else f"*-{norm}"
-    runs = [p for p in Path(results_dir).rglob(pattern) if run_checkpoints(p)]
+    """Run folders of (model, norm) with checkpoints anywhere under results_dir (any toy model if model is
+    None), oldest first (by the time their first checkpoint was written)."""
+    runs = [p for p in Path(results_dir).rglob(f"*{norm}*") if p.is_dir() and _is_run_of(p, norm, model)
+            and run_checkpoints(p)]
     return sorted(runs, key=lambda p: (min(c.stat().st_mtime for c in run_checkpoints(p).values()), str(p)))
 
 
-def find_run_pair(results_dir="results", layernorm_run="", none_run="", model=None):
+def find_run_pair(results_dir="results", layernorm_run="", none_run="", model=None, shipped=""):
     """(layernorm run, none run) trained with the same configuration but the norm; ValueError otherwise.
 
     A run that is not given is the newest one under results_dir whose configuration matches the other run
     (for two missing runs: the newest LayerNorm run); FileNotFoundError when there is none of a norm. Two
     runs that differ in anything but the norm (seed, length, batch, ...) are not a comparison of the norm:
-    ValueError naming both and the settings that differ.
+    ValueError naming both and the settings that differ. shipped: a weights folder (pretrained.py) searched
+    instead when neither run is given and results_dir holds no run of a norm.
     """
     given = {"layernorm": layernorm_run, "none": none_run}
     for norm, run in given.items():
@@ -206,6 +226,8 @@ def find_run_pair(results_dir="results", layernorm_run="", none_run="", model=No
     candidates = {norm: ([Path(run)] if run else all_runs(results_dir, norm, model)[::-1])
                   for norm, run in given.items()}
     missing = [norm for norm, runs in candidates.items() if not runs]
+    if missing and shipped and not (layernorm_run or none_run) and Path(shipped).is_dir():
+        return find_run_pair(shipped, model=model)
     if missing:
         raise FileNotFoundError(f"no {model or 'toy'} run for norm {' or '.join(missing)} under "
                                 f"{results_dir}; run make reproduce (or train_toy.py) or set the run folders")

@@ -2,9 +2,12 @@
 atomically.
 
 read_checkpoint is torch.load(weights_only=True) with every failure of the parse of a damaged or foreign
-file turned into one CheckpointError line naming it. save_checkpoint writes a temporary file and renames it
-(records.py), and refuses weights (model, EMA, averages) with a NaN or an infinity before it opens a file.
-stats_checkpoints and record_checkpoints keep a folder of statistics to the one training measured.
+file turned into one CheckpointError line naming it. A .safetensors file is shipped weights
+(ditnorm/pretrained.py writes them): read_checkpoint checks its SHA-256 against the SHA256SUMS of its
+weights folder and returns it as a checkpoint of this repository's format, in float32. save_checkpoint
+writes a temporary file and renames it (records.py), and refuses weights (model, EMA, averages) with a NaN
+or an infinity before it opens a file. stats_checkpoints and record_checkpoints keep a folder of statistics
+to the one training measured.
 """
 
 import argparse
@@ -12,11 +15,13 @@ import hashlib
 import json
 import pickle
 import re
+import struct
 import warnings
 from pathlib import Path
 
 import torch
 
+from ditnorm.layout import SHIPPED_SUFFIX
 from ditnorm.records import write_atomic
 
 FORMAT = "dit-norm-study/1"
@@ -96,10 +101,13 @@ def _load_failure(error):
 
 def read_checkpoint(path) -> dict:
     """torch.load on CPU with weights_only=True; only argparse.Namespace (official args) is allow-listed.
+    A .safetensors file: read_shipped's checkpoint.
 
     Whatever cannot be read is a CheckpointError naming the file: torch.load's unpickler and zip reader raise
     any exception type on a damaged or foreign file (KeyError for a text file), so the parse itself is caught
     whole; nothing else is inside that try."""
+    if Path(path).suffix == SHIPPED_SUFFIX:
+        return read_shipped(path)
     problem = _container_problem(path)
     if problem:
         raise CheckpointError(f"cannot read {path}: it {problem}, so no PyTorch checkpoint; pass a "
@@ -124,6 +132,71 @@ def read_checkpoint(path) -> dict:
                               "checkpoint written by torch.save") from None
 
 
+# Shipped weights (pretrained.py writes them): <weights>/<run>/checkpoints/<step>.safetensors, the tensors of
+# each weights kind under "<kind>.<name>" ("ema", and "model" for the raw ones), the rest of a checkpoint in
+# the metadata as JSON; <weights>/SHA256SUMS, as sha256sum writes it, holds each file's digest.
+SUMS = "SHA256SUMS"
+SHIPPED_KINDS = ("ema", "model")
+SHIPPED_METADATA = ("config", "train_args", "step", "provenance")  # JSON text each; "format" plain
+
+
+def shipped_sums(path):
+    """(SHA256SUMS file, {relative path: hex digest}) of the weights folder holding path (the nearest of its
+    parents, up to <weights>/<run>/checkpoints/), or (None, {}) when none holds one."""
+    for folder in list(Path(path).absolute().parents)[:3]:
+        sums = folder / SUMS
+        if sums.is_file():
+            try:
+                lines = sums.read_text().splitlines()
+                pairs = [line.split(maxsplit=1) for line in lines if line.strip()]
+                return sums, {name.lstrip("*"): digest for digest, name in pairs}
+            except (OSError, UnicodeDecodeError, ValueError):
+                raise CheckpointError(f"{sums} is damaged; restore it (git checkout) or write the weights "
+                                      "again with export.py weights") from None
+    return None, {}
+
+
+def read_shipped(path) -> dict:
+    """A shipped .safetensors file as a checkpoint dict of FORMAT (its tensors in float32); CheckpointError
+    naming the file when it is damaged, foreign, or not the file its SHA256SUMS lists."""
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        reason = e.strerror or e
+        raise CheckpointError(f"cannot read {path} ({reason}); pass a weights file you can read") from None
+    sums, digests = shipped_sums(path)
+    if sums is not None:
+        name = Path(path).absolute().relative_to(sums.parent.absolute()).as_posix()
+        if name not in digests:
+            raise CheckpointError(f"{path} is not listed in {sums}; write it with export.py weights")
+        if hashlib.sha256(data).hexdigest() != digests[name]:
+            raise CheckpointError(f"{path} does not match its SHA-256 in {sums} (damaged or replaced); "
+                                  "restore it (git checkout) or write it again with export.py weights")
+    try:
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + size])
+        tensors = load_safetensors(data)
+    except Exception as e:  # a damaged file: any failure of its parse is the file's
+        raise CheckpointError(f"cannot read {path} as safetensors weights ({first_line(e)}); restore it "
+                              "(git checkout) or write it again with export.py weights") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not (isinstance(metadata, dict) and metadata.get("format") == FORMAT
+            and set(SHIPPED_METADATA) <= set(metadata)):
+        raise CheckpointError(f"{path} holds no {FORMAT} weights (no config in its metadata); pass weights "
+                              "written by export.py weights")
+    try:
+        checkpoint = {"format": FORMAT, **{key: json.loads(metadata[key]) for key in SHIPPED_METADATA}}
+    except ValueError:
+        raise CheckpointError(f"{path} holds damaged metadata; write it again with export.py "
+                              "weights") from None
+    for kind in SHIPPED_KINDS:
+        part = {name[len(kind) + 1:]: t.float() if t.is_floating_point() else t
+                for name, t in tensors.items() if name.startswith(kind + ".")}
+        if part:
+            checkpoint[kind] = part
+    return checkpoint
 
 
 # The checkpoints a folder of statistics was measured from: <stats>/checkpoints.json, {step: sha256 of the

@@ -13,10 +13,16 @@ CHECKPOINTS = "checkpoints"
 CONFIG = "config.json"
 
 
+SHIPPED_SUFFIX = ".safetensors"  # the weights shipped in res/<preset>/weights/ (pretrained.py)
+
+
 def run_checkpoints(run_dir):
-    """{step: path} of a run folder's checkpoints/NNNNNNN.pt."""
-    paths = Path(run_dir, CHECKPOINTS).glob("*.pt")
-    return dict(sorted((int(p.stem), p) for p in paths if p.stem.isdigit()))
+    """{step: path} of a run folder's checkpoints/NNNNNNN.pt, or of a shipped weights folder's
+    NNNNNNN.safetensors (pretrained.py; a .pt of the same step wins)."""
+    folder = Path(run_dir, CHECKPOINTS)
+    found = {int(p.stem): p for suffix in (SHIPPED_SUFFIX, ".pt") for p in folder.glob(f"*{suffix}")
+             if p.stem.isdigit()}
+    return dict(sorted(found.items()))
 
 
 def max_steps(run_dir):
@@ -44,11 +50,12 @@ def measured_files(record, name):
     return sorted(Path(record).glob(f"runs/*/{name}"))
 
 
-def last_pair(runs_dir, models, model=None, seed=0):
+def last_pair(runs_dir, models, model=None, seed=0, shipped=""):
     """({"layernorm": checkpoint, "none": checkpoint}, model) at the last checkpoint step that the layernorm
     and none runs of `seed` share under runs_dir (folders <model>-<norm>-seed<k>): of the largest of models
     (or `model`) whose pair has finished (a checkpoint at the max_steps of its config.json), else of the
-    largest with any common step; FileNotFoundError if there is none."""
+    largest with any common step; else the same of the weights folder `shipped` (pretrained.py), when
+    given; FileNotFoundError if there is none."""
     pairs = []
     for name in [model] if model else reversed(models):
         dirs = {norm: Path(runs_dir) / f"{name.replace('/', '-')}-{norm}-seed{seed}"
@@ -62,5 +69,7 @@ def last_pair(runs_dir, models, model=None, seed=0):
             pairs.append((pair, name))
     if pairs:
         return pairs[0]
+    if shipped and Path(shipped).is_dir():
+        return last_pair(shipped, models, model, seed)
     raise FileNotFoundError(f"no layernorm and none runs of seed {seed} with a common checkpoint under "
                             f"{runs_dir}; train them with python experiment.py train --preset mnist")

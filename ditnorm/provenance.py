@@ -88,6 +88,17 @@ NOTES = {
         "them). `runs/*/checkpoints.json`: the sha256 of each checkpoint file a folder was measured from, "
         "which `measure` now records and checks; for the runs measured before it did, recorded afterwards "
         "from the same checkpoints (`ditnorm.files.record_checkpoints`).",
+        "`weights/`: the EMA weights in float32 of the MnistDiT-XS/4 seed-0 pair (layernorm and none) at "
+        "10k steps: this preset's recipe retrained on 2026-12-07 on the 2-core Intel Xeon as the "
+        "`interventions` preset's baseline (`python experiment.py train --preset interventions --seeds "
+        "0`), not the training measured in `runs/MnistDiT-XS-4-*-seed0/` (AMD EPYC, 2026-12-04); written "
+        "by `python export.py weights` (each file's line in `weights/README.md`, its SHA-256 in "
+        "`weights/SHA256SUMS`). `mnist_token_embeddings.png` and `token_outliers.md`: "
+        "TokenEmbeddingsViz.ipynb on that pair (`papermill TokenEmbeddingsViz.ipynb /tmp/out.ipynb --cwd "
+        ". -p checkpoint \"\" -p mnist_dir res/mnist/weights -p mnist_shipped \"\" -p results_dir "
+        "res/mnist/weights -p toy_shipped \"\" -p out_dir res/mnist`, 2026-12-07); until then they were of "
+        "the MnistDiT-S/4 seed-0 pair, whose checkpoints are gone. `tests/test_notebooks.py` runs the "
+        "notebook on `weights/` and checks that it gives these tables.",
     ],
     "reproduce": [
         "`runs/zeros-<norm>-seed<k>/`: `python experiment.py train --preset reproduce --jobs 2`, then "
@@ -96,8 +107,20 @@ NOTES = {
         "(`errors.csv`) of the checkpoints in `checkpoints.json`. The `errors.csv` files are byte for byte "
         "those of the `make reproduce ARGS=--refresh-res` of 2026-12-01 on the same kind of machine "
         "(reproduce.py driving study.py, the runner's predecessors), which the retraining reproduced "
-        "exactly. Everything else at the top: that command's `report --refresh-res` of 2026-12-04 (the "
-        "headline values unchanged; the pretrained DiT-XL/2 part of the notebook SKIPPED, no network).",
+        "exactly. `headline.*`, `errors.*`, `direct.csv` and `dit_block.png`: that command's `report "
+        "--refresh-res` of 2026-12-04 (the headline values unchanged).",
+        "`weights/`: the seed-0 pair (layernorm and none) at 1k and 5k steps, EMA and raw weights in "
+        "float32, retrained on 2026-12-07 on the 2-core Intel Xeon (AVX-512) by `python experiment.py "
+        "train --preset reproduce --seeds 0 --jobs 1` and written by `python export.py weights` (each "
+        "file's line in `weights/README.md`, its SHA-256 in `weights/SHA256SUMS`); the notebooks fall "
+        "back on it on a fresh clone. It is not the training measured in `runs/*-seed0/` (AMD EPYC, "
+        "2026-12-04, checkpoints gone): retrained on this CPU the toy's trajectory differs (seed 0's raw "
+        "median |x| at 5k without a norm, 100 samples: 4.5e-4 here, 2.5e-3 there). `toydit_1k.png`, "
+        "`toydit_5k.png`, `toydit_errors.md`, `toydit_token_embeddings_*.png`, `token_outliers.md` and "
+        "`results.md` (whose tables include them): `report --refresh-res` of 2026-12-07 on that Intel "
+        "Xeon, the notebooks run on this pair (the pretrained DiT-XL/2 part SKIPPED, no network); "
+        "`results.md`'s machine is the report's. `tests/test_notebooks.py` runs both notebooks on "
+        "`weights/` and checks that they give these tables.",
         "`legacy/seeds/`: the study.py reports of the 2026-12-01 command (EMA; `raw/`), unchanged; their "
         "outlier tables rest on per-seed values that were not kept.",
     ],
@@ -129,7 +152,9 @@ def write(res):
         "Written by `python experiment.py report --preset NAME --refresh-res` from the presets of "
         "ditnorm/presets.py. Every file here was written by one of the repository's commands; none was "
         "edited by hand. Per-run statistics are in `<preset>/runs/<run>/`, the report in `<preset>/`; the "
-        "run folders behind them (checkpoints, logs) are under `results/`, which git does not keep.",
+        "run folders behind them (checkpoints, logs) are under `results/`, which git does not keep; the one "
+        "exception, `<preset>/weights/`, holds the few small weights behind the notebooks' figures "
+        "(`python export.py weights`; their provenance and SHA-256 in its `README.md`).",
         "",
         "| folder | made by | runs |",
         "|---|---|---|",

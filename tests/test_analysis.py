@@ -145,6 +145,34 @@ def test_find_run_pair_matches_configurations_and_names_both_otherwise(tmp_path)
         analysis.paired_steps(runs.values(), [30])
 
 
+def test_find_run_pair_finds_a_presets_toy_runs_and_passes_over_other_models(tmp_path):
+    """make reproduce's folders (<data>-<norm>-seed<k>) are toy runs; an MNIST run (its config.json or,
+    without one, its name says so) is not one, however new; with none under results_dir, the shipped folder
+    is searched."""
+    import json
+
+    from builders import save_model
+
+    reproduce = tmp_path / "results" / "reproduce"
+    runs = {norm: reproduce / f"zeros-{norm}-seed0" for norm in ("layernorm", "none")}
+    for norm, run in runs.items():
+        save_model(build_model("ToyDiT-XS/1", norm=norm), "ToyDiT-XS/1", run / "checkpoints" / "0000020.pt")
+    mnist = tmp_path / "results" / "mnist" / "MnistDiT-XS-4-layernorm-seed0"
+    save_model(build_model("ToyDiT-XS/1", norm="layernorm"), "ToyDiT-XS/1",
+               mnist / "checkpoints" / "0000030.pt")  # the newest: written last
+    (mnist / "config.json").write_text(json.dumps({"model_config": {"model": "MnistDiT-XS/4",
+                                                                     "norm": "layernorm"}}))
+    shipped = tmp_path / "results" / "weights" / "MnistDiT-S-4-layernorm-seed0"  # no config.json: its name
+    save_model(build_model("ToyDiT-XS/1", norm="layernorm"), "ToyDiT-XS/1",
+               shipped / "checkpoints" / "0000030.pt")
+    assert analysis.find_run_pair(tmp_path / "results") == (runs["layernorm"], runs["none"])
+    (tmp_path / "empty").mkdir()
+    assert analysis.find_run_pair(tmp_path / "empty", shipped=reproduce) == \
+        (runs["layernorm"], runs["none"])
+    with pytest.raises(FileNotFoundError, match="no toy run"):
+        analysis.find_run_pair(tmp_path / "empty", shipped=tmp_path / "missing")
+
+
 def test_scatter_title_is_wrapped_to_the_figure():
     fig = analysis.plot_toy_scatter({"a": np.full((2, 2, 2, 2), 1e-3)}, title="x" * 30 + " " + "y" * 200)
     assert len(fig._suptitle.get_text().splitlines()) >= 3

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from builders import perturb_zero_init, save_model
+from safetensors.torch import save_file
 
 import export
 import probe
@@ -23,6 +24,7 @@ import sample
 import train_toy
 from ditnorm import analysis
 from ditnorm.checkpoint import FORMAT, CheckpointError, load_model, save_checkpoint
+from ditnorm.pretrained import export_weights
 from models import build_model
 
 TOY = "ToyDiT-XS/1"
@@ -98,6 +100,15 @@ def make_files(folder):
     paths["diffusers folder with a list for its config"] = folder / "diffusers_list"
     paths["diffusers folder with a list for its config"].mkdir()
     (folder / "diffusers_list" / "config.json").write_text("[1, 2]\n")
+    # Shipped weights (pretrained.py): damaged, foreign, or not the file its SHA256SUMS lists
+    shipped = export_weights(good, folder / "weights", run="run", trained_by="t", command="c")
+    data = shipped.read_bytes()
+    paths["truncated shipped weights"] = folder / "truncated.safetensors"  # outside a weights folder
+    paths["truncated shipped weights"].write_bytes(data[: len(data) // 2])
+    paths["shipped weights not matching their SHA-256"] = shipped
+    shipped.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    paths["foreign safetensors"] = folder / "foreign.safetensors"
+    save_file({"w": torch.ones(3)}, paths["foreign safetensors"])
     good.unlink()
     return paths
 
@@ -145,7 +156,8 @@ KINDS = ["text", "noise", "noise after a pickle header", "noise after a zip head
          "torch.save of a foreign dict", "checkpoint of another model", "checkpoint with a garbled config",
          "checkpoint with non-tensor weights", "checkpoint of a none-norm model", "empty folder",
          "run folder with a text checkpoint", "diffusers folder with a text config",
-         "diffusers folder with a list for its config"]
+         "diffusers folder with a list for its config", "truncated shipped weights",
+         "shipped weights not matching their SHA-256", "foreign safetensors"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -175,17 +187,19 @@ def test_load_model_raises_one_checkpoint_error(bad_files, kind):
 
 
 # find_run_pair reads a run's setup (config and train_args) from its last checkpoint, not its weights.
-UNREADABLE = KINDS[:KINDS.index("checkpoint of another model")]
+UNREADABLE = KINDS[:KINDS.index("checkpoint of another model")] + ["truncated shipped weights",
+                                                                   "foreign safetensors"]
 
 
 @pytest.mark.parametrize("kind", UNREADABLE)
 def test_find_run_pair_raises_one_checkpoint_error(bad_files, none_run, tmp_path, kind):
     run = tmp_path / "000-ToyDiT-XS-1-layernorm"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "checkpoints" / "0000010.pt").write_bytes(bad_files[kind].read_bytes())
+    name = f"0000010{bad_files[kind].suffix or '.pt'}"
+    (run / "checkpoints" / name).write_bytes(bad_files[kind].read_bytes())
     with pytest.raises(CheckpointError) as e:
         analysis.find_run_pair(layernorm_run=run, none_run=none_run)
-    assert "\n" not in str(e.value) and "0000010.pt" in str(e.value), str(e.value)
+    assert "\n" not in str(e.value) and name in str(e.value), str(e.value)
 
 
 def test_a_bug_inside_the_loader_still_shows_its_traceback(bad_files, monkeypatch):

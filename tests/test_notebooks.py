@@ -123,3 +123,43 @@ def test_a_report_says_which_notebook_it_runs_before_it_runs(tmp_path, monkeypat
     monkeypatch.setattr(papermill, "execute_notebook", execute)
     notebooks.execute_notebook(ROOT / "ToyDiT_visualization.ipynb", dict(seed=1), tmp_path / "out.ipynb")
     assert said == [f"running notebook ToyDiT_visualization.ipynb -> {tmp_path / 'out.ipynb'}\n"]
+
+
+def table_rows(text):
+    """The rows of every markdown table in text (the statistics, without the titles that name files)."""
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")
+            and not line.startswith("| layer")]
+
+
+def test_a_fresh_clone_shows_the_committed_figures_from_the_shipped_weights(tmp_path):
+    """No results/ anywhere: both notebooks fall back on res/*/weights/ and give the committed statistics
+    (the toy's at 5k only, half the sampling; the committed table holds 1k too)."""
+    empty, out = tmp_path / "results", tmp_path / "figures"
+    empty.mkdir()
+    toy = notebooks.execute_notebook(ROOT / "ToyDiT_visualization.ipynb", dict(
+        results_dir=str(empty), out_dir=str(out), steps=[5000]))
+    token = notebooks.execute_notebook(ROOT / "TokenEmbeddingsViz.ipynb", dict(
+        results_dir=str(empty), mnist_dir=str(empty), checkpoint="", out_dir=str(out)))
+    for nb in (toy, token):
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        assert not [o for o in outputs if o.output_type == "error"]
+        assert any("image/png" in o.get("data", {}) for o in outputs), "no figure shown"
+    assert "runs res/reproduce/weights/zeros-layernorm-seed0 and res/reproduce/weights/zeros-none-seed0" \
+        in notebooks.notebook_text(toy)
+    committed = ROOT / "res" / "reproduce"
+    rows = table_rows((out / "toydit_errors.md").read_text())
+    assert len(rows) == 4 and rows == [r for r in table_rows((committed / "toydit_errors.md").read_text())
+                                       if "| 5000 |" in r]
+    tables = (out / "token_outliers.md").read_text()
+    assert tables.count("**ToyDiT/1 norm=") == 2
+    mnist_part, toy_part = tables.split("**ToyDiT/1", 1)
+    assert table_rows(toy_part) == table_rows((committed / "token_outliers.md").read_text())
+    mnist = ROOT / "res" / "mnist"
+    if (mnist / "weights").is_dir():  # the shipped MNIST pair made res/mnist's figure and tables
+        assert mnist_part.count("**MnistDiT-") == 2 and (out / "mnist_token_embeddings.png").is_file()
+        assert table_rows(mnist_part) == table_rows((mnist / "token_outliers.md").read_text())
+    else:
+        assert "SKIPPED the MNIST models" in notebooks.notebook_text(token)
+    for name in ("toydit_5k.png", "toydit_token_embeddings_layernorm.png",
+                 "toydit_token_embeddings_none.png"):
+        assert (out / name).stat().st_size > 0

@@ -296,7 +296,7 @@ def preset_report(preset, record, options):
         print(f"SKIPPED the notebook: {e}")
         return text
     params = dict(checkpoint="", mnist_dir=notebooks.shown(runs_dir), results_dir=notebooks.shown(runs_dir),
-                  out_dir=notebooks.shown(record))
+                  out_dir=notebooks.shown(record), mnist_shipped="", toy_shipped="")  # this study's runs only
     notebooks.execute_notebook(notebooks.ROOT / "TokenEmbeddingsViz.ipynb", params,
                                runs_dir / "executed" / "TokenEmbeddingsViz.ipynb")
     return text
