@@ -1,13 +1,12 @@
 """The figures every study draws: a seed median with its min-max band, and residual streams side by side."""
 
-import matplotlib
+# No matplotlib.use("Agg") here: TokenEmbeddingsViz.ipynb imports this module, and forcing Agg would hide its
+# figures (the report modules that import it set Agg themselves; a headless run picks Agg by itself).
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ditnorm.analysis import outlier_stats  # noqa: E402
-from ditnorm.records import seed_spread  # noqa: E402
+from ditnorm.analysis import outlier_stats
+from ditnorm.records import seed_spread
 
 
 def band_plot(ax, groups, colors=None):
