@@ -12,7 +12,12 @@
   top-1/median as the toys' (analysis.outlier_stats), plus which channel leads each token and how much of
   each token's variance (what LayerNorm divides by) its top channels hold.
 - ablation: zero one block's recurring top channels and compare the held-out loss with zeroing as many
-  random channels.
+  random channels (ditnorm/ablation.py separates content from renormalisation).
+
+The later instruments (docs/instruments.md): nll_fresh (the bound with fresh timestep and noise draws per
+image, both clip_denoised settings), sample_draws and real_floor (several draws, and what real images of
+the same count score), capture_points and input_outliers (per-input top-1/median, the stream entering
+block 0 and the final layer).
 """
 
 import math
@@ -50,26 +55,37 @@ def nll(model, diffusion, x, y, *, strata=20, seed=0, batch=250):
 
 
 @torch.no_grad()
-def nll_fresh(model, diffusion, x, y, *, strata=20, exact=10, spacing="geometric", seed=0, batch=500):
+def nll_fresh(model, diffusion, x, y, *, strata=20, exact=10, spacing="geometric", draws=2, seed=0,
+              batch=500):
     """The held-out bound with fresh draws for every image, under both clip_denoised settings.
 
-    Each image gets its own estimate: the prior, the terms t = 0..exact, and one timestep drawn uniformly
-    inside each of `strata` strata of the rest (bound_strata with size=N, geometric widths by default),
-    each term with its own noise.
-    The estimates are independent across images, so their standard error over images includes the
-    timestep and noise sampling. Both settings come from the same network calls. Returns {"clipped":
-    {"nll_bpd", "nll_se", "n"}, "unclipped": {...}}."""
+    Each image gets `draws` independent estimates, averaged: the prior, the terms t = 0..exact, and one
+    timestep drawn uniformly inside each of `strata` strata of the rest (bound_strata with size=N,
+    geometric widths by default), each term with its own noise. The estimates are independent across
+    images, so nll_se, the standard error over images, includes the timestep and noise sampling as well
+    as which images the held-out set holds. nll_draw_se is the sampling's part alone (from the spread
+    between an image's draws): what separates two models measured on the same images. Both settings come
+    from the same network calls. Returns {"clipped": {"nll_bpd", "nll_se", "nll_draw_se", "n"},
+    "unclipped": {...}}."""
     generator = torch.Generator().manual_seed(seed)
-    totals = []
-    for rows in _batches(len(x), batch):
-        chosen = diffusion.bound_strata(strata, generator, exact=exact, size=rows.stop - rows.start,
-                                        spacing=spacing)
-        out = diffusion.calc_bpd_loop(model, x[rows], model_kwargs={"y": y[rows]}, timesteps=chosen,
-                                      generator=generator, clip_denoised=(True, False))
-        totals.append(out["total_bpd"])  # (2, n)
-    total = torch.cat(totals, dim=1)
-    return {name: {"nll_bpd": t.mean().item(), "nll_se": (t.std() / math.sqrt(len(t))).item(), "n": len(t)}
-            for name, t in zip(("clipped", "unclipped"), total, strict=True)}
+    estimates = []
+    for _ in range(draws):
+        totals = []
+        for rows in _batches(len(x), batch):
+            chosen = diffusion.bound_strata(strata, generator, exact=exact, size=rows.stop - rows.start,
+                                            spacing=spacing)
+            out = diffusion.calc_bpd_loop(model, x[rows], model_kwargs={"y": y[rows]}, timesteps=chosen,
+                                          generator=generator, clip_denoised=(True, False))
+            totals.append(out["total_bpd"])  # (2, n)
+        estimates.append(torch.cat(totals, dim=1))
+    estimates = torch.stack(estimates)  # (draws, 2, N)
+    per_image = estimates.mean(dim=0)  # (2, N)
+    n = per_image.shape[1]
+    # The variance of an image's mean over its draws is the draws' variance / draws.
+    draw_var = estimates.var(dim=0) / draws if draws > 1 else torch.full_like(per_image, float("nan"))
+    return {name: {"nll_bpd": mean.mean().item(), "nll_se": (mean.std() / math.sqrt(n)).item(),
+                   "nll_draw_se": math.sqrt(var.mean().item() / n), "n": n}
+            for name, mean, var in zip(("clipped", "unclipped"), per_image, draw_var, strict=True)}
 
 
 def histogram_quantile(counts, q):

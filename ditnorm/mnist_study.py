@@ -131,7 +131,8 @@ def _new_group_rows(group, model, diffusion, sampler, ctx, *, per_class):
     x, y = ctx["x"], ctx["y"]
     if group == "nll2":
         out = metrics.nll_fresh(model, diffusion, x, y)
-        return [(f"{clip}_{k}", out[clip][k], out[clip]["n"]) for clip in out for k in ("nll_bpd", "nll_se")]
+        return [(f"{clip}_{k}", out[clip][k], out[clip]["n"]) for clip in out
+                for k in ("nll_bpd", "nll_se", "nll_draw_se")]
     if group == "samples3":
         draws, pooled = metrics.sample_draws(model, sampler, ctx["classifier"], ctx["reference"], per_class,
                                              draws=SAMPLE_DRAWS)

@@ -138,9 +138,16 @@ def test_the_fresh_draw_bound_averages_to_the_full_sum_within_its_standard_error
         assert out[name]["n"] == 400 and abs(out[name]["nll_bpd"] - row.mean().item()) < 4 * se
         assert 4 * se < 0.1 * tail  # a wrong stratum weight would show
     assert out["clipped"]["nll_bpd"] < out["unclipped"]["nll_bpd"]
-    # The standard error includes the timestep draws: one draw shared by every copy scatters far more.
+    # The standard error includes the timestep draws; one draw shared by every copy leaves them out.
     shared = metrics.nll(model, diffusion, x, y, strata=8, seed=3)
     assert shared["nll_se"] < out["unclipped"]["nll_se"]
+    # The draws' part: all of the standard error where every input is one image; none of it for a model
+    # that knows each image (every term is then the same for every draw), whose images still differ.
+    one = metrics.nll_fresh(model, diffusion, x[:1].repeat(400, 1, 1, 1), y[:1].repeat(400), strata=8,
+                            exact=5, seed=4)["unclipped"]
+    assert abs(one["nll_draw_se"] / one["nll_se"] - 1) < 0.2
+    known = metrics.nll_fresh(oracle(diffusion, x), diffusion, x, y, strata=8, exact=5)["unclipped"]
+    assert known["nll_draw_se"] < 1e-6 < known["nll_se"]
 
 
 def test_the_stream_is_probed_entering_block_0_after_each_block_and_entering_the_final_layer(one_thread):
