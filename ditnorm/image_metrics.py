@@ -193,13 +193,12 @@ def capture_points(model, diffusion, x, y, fractions=PROBE_FRACTIONS, seed=0):
     """capture's residual streams with the two ends added: {"input": the stream entering block 0
     (x_embedder + pos_embed), "block0".."block{depth-1}": each block's output, "final": the final layer's
     input}, each (len(fractions) * N, T, D), from the same noise draws as capture."""
-    names = ["input"] + [f"block{b}" for b in range(len(model.blocks))] + ["final"]
-    modules = [model.blocks[0]] + list(model.blocks) + [model.final_layer]
-    seen = {name: [] for name in names}
+    blocks = [f"block{b}" for b in range(len(model.blocks))]
+    seen = {name: [] for name in ["input", *blocks, "final"]}
     hooks = [model.blocks[0].register_forward_pre_hook(lambda _m, args: seen["input"].append(args[0])),
              model.final_layer.register_forward_pre_hook(lambda _m, args: seen["final"].append(args[0]))]
     hooks += [block.register_forward_hook(lambda _m, _a, out, name=name: seen[name].append(out))
-              for name, block in zip(names[1:-1], modules[1:-1], strict=True)]
+              for name, block in zip(blocks, model.blocks, strict=True)]
     generator = torch.Generator().manual_seed(seed)
     try:
         for timestep in (int(f * diffusion.num_timesteps) for f in fractions):
