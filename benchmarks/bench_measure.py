@@ -54,7 +54,8 @@ def main():
                     out = metrics.nll_fresh(model, diffusion, ctx["x"], ctx["y"], strata=count,
                                             spacing=args.spacing)
                     print(f"{kind} nll2 {count} {args.spacing} strata: " + ", ".join(
-                        f"{clip} {v['nll_bpd']:.4f} +- {v['nll_se']:.4f}" for clip, v in out.items())
+                        f"{clip} {v['nll_bpd']:.4f} +- {v['nll_se']:.4f} (draws {v['nll_draw_se']:.4f})"
+                        for clip, v in out.items())
                         + f" ({_took(start, cpu)})", flush=True)
                 continue
             for group in args.groups.split(","):
