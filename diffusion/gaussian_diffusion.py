@@ -258,10 +258,10 @@ class GaussianDiffusion:
 
     # ----------------------------------------------------------------------------- losses
 
-    def _vb_terms_bpd(self, mean_out, var_out, x_start, x_t, c: Coefficients, t):
+    def _vb_terms_bpd(self, mean_out, var_out, x_start, x_t, c: Coefficients, t, clip_denoised=False):
         """Per-sample VB term in bits: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), or the decoder NLL at t=0."""
         true_mean, _, true_log_variance = self._q_posterior(x_start, x_t, c)
-        out = self._p_from_output(mean_out, var_out, x_t, c, clip_denoised=False)
+        out = self._p_from_output(mean_out, var_out, x_t, c, clip_denoised=clip_denoised)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"]))
         kl = kl / math.log(2.0)
         decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
@@ -320,7 +320,7 @@ class GaussianDiffusion:
         return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
     @torch.no_grad()
-    def vb_terms_bpd(self, model, x_start, t, noise=None, model_kwargs=None):
+    def vb_terms_bpd(self, model, x_start, t, noise=None, model_kwargs=None, clip_denoised=False):
         """The bound's term at each sample's timestep t, in bits per dimension: KL(q(x_{t-1} | x_t, x_0) ||
         p(x_{t-1} | x_t)) for t > 0 and the discretised decoder's -log p(x_0 | x_1) at t = 0.
 
@@ -328,65 +328,81 @@ class GaussianDiffusion:
         :param x_start: (N, C, ...) data on the 256 levels of [-1, 1] (the decoder's bins).
         :param t: (N,) long timestep indices.
         :param noise: optional eps for x_t; standard normal when None.
-        :return: (N,) tensor.
+        :param clip_denoised: clamp the predicted x_0 to [-1, 1] before the posterior mean (the official
+            calc_bpd_loop's default, for pixels); a tuple of settings gets each from the one network call.
+        :return: (N,) tensor, or (len(clip_denoised), N) for a tuple of settings.
         """
         if noise is None:
             noise = torch.randn_like(x_start)
         c = self.coefficients(t, x_start)
         x_t = c.sqrt_alphas_cumprod * x_start + c.sqrt_one_minus_alphas_cumprod * noise
         mean_out, var_out = self._call_model(model, x_t, t, model_kwargs)
-        return self._vb_terms_bpd(mean_out, var_out, x_start, x_t, c, t)
+        if isinstance(clip_denoised, tuple):
+            return torch.stack([self._vb_terms_bpd(mean_out, var_out, x_start, x_t, c, t, clip)
+                                for clip in clip_denoised])
+        return self._vb_terms_bpd(mean_out, var_out, x_start, x_t, c, t, clip_denoised)
 
     @torch.no_grad()
-    def calc_bpd_loop(self, model, x_start, model_kwargs=None, timesteps=None, generator=None):
+    def calc_bpd_loop(self, model, x_start, model_kwargs=None, timesteps=None, generator=None,
+                      clip_denoised=False):
         """The variational bound on -log p(x_0) in bits per dimension: prior + sum over t of the VB terms.
 
         With timesteps=None every term is computed (num_timesteps network calls per batch). Otherwise
         `timesteps` is a sorted list of K indices, one from each of K strata [s_k, s_{k+1}) that split
         1..T-1 (t = 0, the decoder, is always computed exactly): each stratum's sum is estimated as its
         size times its one term, an estimate of the bound that is unbiased when each index is drawn
-        uniformly from its stratum (see bound_strata).
+        uniformly from its stratum (see bound_strata). An index may be an (N,) tensor, one per sample.
+        The official calc_bpd_loop clips by default; here clip_denoised=False is the default.
 
         :param model: callable model(x_t, t, **model_kwargs) -> (N, C or 2C, ...).
         :param x_start: (N, C, ...) data on the 256 levels of [-1, 1].
         :param model_kwargs: extra keyword arguments for the model, e.g. dict(y=labels).
         :param timesteps: None, or the (strata, drawn index) pairs of bound_strata.
         :param generator: torch.Generator for the noise of each term (None: the global one).
+        :param clip_denoised: as for vb_terms_bpd; a tuple of settings adds a leading dimension to every
+            returned tensor.
         :return: dict of (N,) tensors: "total_bpd", "prior_bpd", "decoder_bpd" (t = 0) and
             "vb_bpd" (the terms over t > 0, summed or estimated).
         """
         n = x_start.shape[0]
 
         def term(t_index):
-            t = torch.full((n,), t_index, dtype=torch.long, device=x_start.device)
+            t = torch.as_tensor(t_index, dtype=torch.long).expand(n).to(x_start.device)
             noise = torch.randn(x_start.shape, generator=generator, dtype=x_start.dtype).to(x_start.device)
-            return self.vb_terms_bpd(model, x_start, t, noise=noise, model_kwargs=model_kwargs)
+            return self.vb_terms_bpd(model, x_start, t, noise=noise, model_kwargs=model_kwargs,
+                                     clip_denoised=clip_denoised)
 
         decoder = term(0)
         if timesteps is None:
             strata = [((t, t + 1), t) for t in range(1, self.num_timesteps)]
         else:
             strata = timesteps
-        vb = torch.zeros(n, dtype=torch.float64, device=x_start.device)
+        vb = torch.zeros(decoder.shape, dtype=torch.float64, device=x_start.device)
         for (low, high), t_index in strata:
             vb += (high - low) * term(t_index).double()
-        prior = self.prior_bpd(x_start)
+        prior = self.prior_bpd(x_start).expand(decoder.shape)
         total = prior.double() + decoder.double() + vb
         return {"total_bpd": total, "prior_bpd": prior, "decoder_bpd": decoder, "vb_bpd": vb}
 
-    def bound_strata(self, count, generator=None, exact=10):
+    def bound_strata(self, count, generator=None, exact=10, size=None, spacing="uniform"):
         """Strata for calc_bpd_loop's unbiased estimate of the bound: [((low, high), t), ...].
 
         Timesteps 1..exact are their own strata (their terms are the largest and vary fastest with t);
-        `count` strata split the rest evenly, each with one index drawn uniformly from it."""
+        `count` strata split the rest evenly ("uniform") or with geometrically growing widths
+        ("geometric": narrow where the terms are large and change fast, so a far smaller variance for
+        the same count; rounding may merge a few), each with one index drawn uniformly from it, or with
+        size=N an (N,) tensor of indices drawn independently for each of N samples."""
         exact = min(exact, self.num_timesteps - 1)
         strata = [((t, t + 1), t) for t in range(1, exact + 1)]
         rest = self.num_timesteps - 1 - exact
-        edges = np.linspace(exact + 1, self.num_timesteps, min(count, rest) + 1).round().astype(int)
+        if spacing not in ("uniform", "geometric"):
+            raise ValueError(f"unknown spacing {spacing!r}; choose uniform or geometric")
+        space = np.linspace if spacing == "uniform" else np.geomspace
+        edges = space(exact + 1, self.num_timesteps, min(count, rest) + 1).round().astype(int)
         for low, high in zip(edges[:-1], edges[1:], strict=True):
             if high > low:
-                pick = int(torch.randint(int(low), int(high), (1,), generator=generator))
-                strata.append(((int(low), int(high)), pick))
+                pick = torch.randint(int(low), int(high), (1 if size is None else size,), generator=generator)
+                strata.append(((int(low), int(high)), int(pick) if size is None else pick))
         return strata
 
     # ----------------------------------------------------------------------------- samplers

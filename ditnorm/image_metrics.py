@@ -12,7 +12,12 @@
   top-1/median as the toys' (analysis.outlier_stats), plus which channel leads each token and how much of
   each token's variance (what LayerNorm divides by) its top channels hold.
 - ablation: zero one block's recurring top channels and compare the held-out loss with zeroing as many
-  random channels.
+  random channels (ditnorm/ablation.py separates content from renormalisation).
+
+The later instruments (docs/instruments.md): nll_fresh (the bound with fresh timestep and noise draws per
+image, both clip_denoised settings), sample_draws and real_floor (several draws, and what real images of
+the same count score), capture_points and input_outliers (per-input top-1/median, the stream entering
+block 0 and the final layer).
 """
 
 import math
@@ -47,6 +52,40 @@ def nll(model, diffusion, x, y, *, strata=20, seed=0, batch=250):
     total = torch.cat(totals)
     return {"nll_bpd": total.mean().item(), "nll_se": (total.std() / math.sqrt(len(total))).item(),
             "n": len(total)}
+
+
+@torch.no_grad()
+def nll_fresh(model, diffusion, x, y, *, strata=20, exact=10, spacing="geometric", draws=2, seed=0,
+              batch=500):
+    """The held-out bound with fresh draws for every image, under both clip_denoised settings.
+
+    Each image gets `draws` independent estimates, averaged: the prior, the terms t = 0..exact, and one
+    timestep drawn uniformly inside each of `strata` strata of the rest (bound_strata with size=N,
+    geometric widths by default), each term with its own noise. The estimates are independent across
+    images, so nll_se, the standard error over images, includes the timestep and noise sampling as well
+    as which images the held-out set holds. nll_draw_se is the sampling's part alone (from the spread
+    between an image's draws): what separates two models measured on the same images. Both settings come
+    from the same network calls. Returns {"clipped": {"nll_bpd", "nll_se", "nll_draw_se", "n"},
+    "unclipped": {...}}."""
+    generator = torch.Generator().manual_seed(seed)
+    estimates = []
+    for _ in range(draws):
+        totals = []
+        for rows in _batches(len(x), batch):
+            chosen = diffusion.bound_strata(strata, generator, exact=exact, size=rows.stop - rows.start,
+                                            spacing=spacing)
+            out = diffusion.calc_bpd_loop(model, x[rows], model_kwargs={"y": y[rows]}, timesteps=chosen,
+                                          generator=generator, clip_denoised=(True, False))
+            totals.append(out["total_bpd"])  # (2, n)
+        estimates.append(torch.cat(totals, dim=1))
+    estimates = torch.stack(estimates)  # (draws, 2, N)
+    per_image = estimates.mean(dim=0)  # (2, N)
+    n = per_image.shape[1]
+    # The variance of an image's mean over its draws is the draws' variance / draws.
+    draw_var = estimates.var(dim=0) / draws if draws > 1 else torch.full_like(per_image, float("nan"))
+    return {name: {"nll_bpd": mean.mean().item(), "nll_se": (mean.std() / math.sqrt(n)).item(),
+                   "nll_draw_se": math.sqrt(var.mean().item() / n), "n": n}
+            for name, mean, var in zip(("clipped", "unclipped"), per_image, draw_var, strict=True)}
 
 
 def histogram_quantile(counts, q):
@@ -113,6 +152,27 @@ def sample_scores(classifier, images, labels, reference_fit):
             "accuracy": (predicted == labels).double().mean().item(), "n": len(labels)}
 
 
+def sample_draws(model, diffusion, classifier, reference_fit, per_class, *, draws=3, num_classes=10, seed=0):
+    """sample_scores of `draws` independent sample draws (seeds seed, seed + 1, ...; seed 0 is the samples
+    group's draw) and of all of them pooled: ([per-draw scores], pooled scores)."""
+    scores, pooled = [], []
+    for draw in range(draws):
+        images, labels = samples(model, diffusion, per_class, num_classes=num_classes, seed=seed + draw)
+        scores.append(sample_scores(classifier, images, labels, reference_fit))
+        pooled.append((images, labels))
+    images, labels = (torch.cat(parts) for parts in zip(*pooled, strict=True))
+    return scores, sample_scores(classifier, images, labels, reference_fit)
+
+
+def real_floor(features, reference_fit, size, *, draws=10, seed=0):
+    """The Fréchet distance of `draws` random subsets of `size` real images' features (N, F) to
+    reference_fit: what a perfect model's samples of that size would score. (mean, sd) over the draws."""
+    generator = torch.Generator().manual_seed(seed)
+    subsets = [torch.randperm(len(features), generator=generator)[:size] for _ in range(draws)]
+    values = [frechet_distance(gaussian_fit(features[rows].numpy()), reference_fit) for rows in subsets]
+    return float(np.mean(values)), float(np.std(values, ddof=1))
+
+
 @torch.no_grad()
 def capture(model, diffusion, x, y, fractions=PROBE_FRACTIONS, seed=0):
     """The residual stream after every block over the images x at t = fraction * T for each fraction:
@@ -126,6 +186,43 @@ def capture(model, diffusion, x, y, fractions=PROBE_FRACTIONS, seed=0):
         per_block = [[h] for h in outputs] if per_block is None else [p + [h] for p, h in
                                                                        zip(per_block, outputs, strict=True)]
     return [torch.cat(p) for p in per_block]
+
+
+@torch.no_grad()
+def capture_points(model, diffusion, x, y, fractions=PROBE_FRACTIONS, seed=0):
+    """capture's residual streams with the two ends added: {"input": the stream entering block 0
+    (x_embedder + pos_embed), "block0".."block{depth-1}": each block's output, "final": the final layer's
+    input}, each (len(fractions) * N, T, D), from the same noise draws as capture."""
+    blocks = [f"block{b}" for b in range(len(model.blocks))]
+    seen = {name: [] for name in ["input", *blocks, "final"]}
+    hooks = [model.blocks[0].register_forward_pre_hook(lambda _m, args: seen["input"].append(args[0])),
+             model.final_layer.register_forward_pre_hook(lambda _m, args: seen["final"].append(args[0]))]
+    hooks += [block.register_forward_hook(lambda _m, _a, out, name=name: seen[name].append(out))
+              for name, block in zip(blocks, model.blocks, strict=True)]
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        for timestep in (int(f * diffusion.num_timesteps) for f in fractions):
+            t = torch.full((len(x),), timestep, dtype=torch.long)
+            model(diffusion.q_sample(x, t, noise=torch.randn(x.shape, generator=generator)), t, y)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: torch.cat(parts).detach().cpu() for name, parts in seen.items()}
+
+
+def input_outliers(h):
+    """Sun et al.'s statistic per input (one image at one timestep) of a stream h (N, T, D): the largest
+    |value| over its tokens and channels over their median, as quantiles over the N inputs, and the share
+    of inputs with a massive activation (analysis.outlier_stats' thresholds, per input)."""
+    a = h.abs().flatten(1).double()  # (N, T * D)
+    top1, median = a.amax(dim=1), a.median(dim=1).values
+    ratio = top1 / median.clamp_min(1e-30)
+    massive = (top1 > analysis.MASSIVE_MIN_VALUE) & (ratio >= analysis.MASSIVE_MIN_RATIO)
+    quantiles = torch.tensor([0.5, 0.9], dtype=torch.float64)
+    (ratio_p50, ratio_p90), (top1_p50, top1_p90) = ratio.quantile(quantiles), top1.quantile(quantiles)
+    return {"ratio_p50": ratio_p50.item(), "ratio_p90": ratio_p90.item(), "ratio_max": ratio.max().item(),
+            "top1_p50": top1_p50.item(), "top1_p90": top1_p90.item(), "median_p50": median.median().item(),
+            "massive_share": massive.double().mean().item(), "inputs": len(a)}
 
 
 def stream_stats(h):
@@ -154,18 +251,23 @@ def recurring_channels(h, k=2):
 
 
 @torch.no_grad()
-def heldout_loss(model, diffusion, x, y, *, draws=2, seed=0, batch=500):
-    """The eps MSE of the training loss on the held-out images, at `draws` fixed (t, noise) per image."""
+def input_losses(model, diffusion, x, y, *, draws=2, seed=0, batch=500):
+    """The eps MSE of the training loss of each image at each of `draws` fixed (t, noise): (draws * N,)."""
     generator = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
+    losses = []
     for _ in range(draws):
         for rows in _batches(len(x), batch):
             x0 = x[rows]
             t = torch.randint(0, diffusion.num_timesteps, (len(x0),), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)
-            mse = diffusion.training_losses(model, x0, t, model_kwargs={"y": y[rows]}, noise=noise)["mse"]
-            total, count = total + mse.sum().item(), count + len(x0)
-    return total / count
+            out = diffusion.training_losses(model, x0, t, model_kwargs={"y": y[rows]}, noise=noise)
+            losses.append(out["mse"])
+    return torch.cat(losses)
+
+
+def heldout_loss(model, diffusion, x, y, *, draws=2, seed=0, batch=500):
+    """The eps MSE of the training loss on the held-out images, at `draws` fixed (t, noise) per image."""
+    return input_losses(model, diffusion, x, y, draws=draws, seed=seed, batch=batch).double().mean().item()
 
 
 def ablation(model, diffusion, x, y, block, channels, *, random_draws=8, seed=0):

@@ -4,12 +4,17 @@ Each run folder's checkpoints are measured into <stats>/<run>/measures.csv, one 
 quantity) with the count it rests on. Measuring is incremental and survives being killed: a group of
 quantities (nll, probe, precision, samples, ablation) is measured for a (step, weights) only if the file
 lacks it, and the file is rewritten whole (records.write_atomic) after each group.
+
+The groups nll2, samples3, ablation2 and outliers (docs/instruments.md) came later and leave the earlier
+groups and their rows as they were: a run measured before them gets only them, at its last checkpoint.
 """
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ditnorm import ablation as ablations
 from ditnorm import image_metrics as metrics
 from ditnorm.analysis import run_checkpoints
 from ditnorm.checkpoint import diffusion_of, load_for_sampling
@@ -26,6 +31,13 @@ CLASSIFIER = Path(__file__).resolve().parents[1] / "res" / "mnist" / "classifier
 # with) and the precision of the raw weights too.
 CURVE = ("nll", "probe")
 LAST = {"raw": ("nll", "probe", "precision"), "ema": ("nll", "probe", "precision", "samples", "ablation")}
+# The instruments that resolve the differences the report reads (issue 36), at the last checkpoint: the
+# bound with fresh draws per image, samples over 3 draws with the real-data floor, the ablation that
+# separates content from renormalisation, per-input outliers with the stream's two ends.
+LAST2 = {"raw": ("nll2", "ablation2", "outliers"), "ema": ("nll2", "samples3", "ablation2", "outliers")}
+SAMPLE_DRAWS = 3
+# The training images the ablation chooses its block and channels on: this many of each class.
+CHOOSE_PER_CLASS = 50
 
 
 def read_rows(path):
@@ -59,7 +71,9 @@ def context(classifier_path=CLASSIFIER):
         save_classifier(classifier, path)
     train_features, _ = embed(classifier, train_x)
     heldout_features, predicted = embed(classifier, heldout_x)
-    return {"x": heldout_x, "y": heldout_y, "classifier": classifier,
+    chosen = torch.cat([torch.nonzero(train_y == c).flatten()[:CHOOSE_PER_CLASS] for c in range(10)])
+    return {"x": heldout_x, "y": heldout_y, "classifier": classifier, "train_features": train_features,
+            "choose_x": train_x[chosen], "choose_y": train_y[chosen],
             "reference": gaussian_fit(train_features.numpy()),
             "classifier_accuracy": (predicted == heldout_y).double().mean().item(),
             "heldout_fid": metrics.frechet_distance(gaussian_fit(heldout_features.numpy()),
@@ -101,15 +115,63 @@ def _group_rows(group, model, diffusion, sampler, ctx, *, per_class, num_inputs)
         out = metrics.ablation(model, diffusion, x, y, block, metrics.recurring_channels(streams[block]))
         return [(k, float(out[k]), len(x)) for k in ("block", "base", "top", "random", "top_rise",
                                                       "random_rise")]
+    # The later groups' quantities carry their group's name, so that none shares a name (or a report's
+    # pattern, such as block<N>_ratio) with an earlier group's.
+    return [(f"{group}_{q}", v, n) for q, v, n in _new_group_rows(group, model, diffusion, sampler, ctx,
+                                                                   per_class=per_class)]
+
+
+def _new_group_rows(group, model, diffusion, sampler, ctx, *, per_class):
+    """[(quantity, value, n)] of one of LAST2's groups measured on one model."""
+    x, y = ctx["x"], ctx["y"]
+    if group == "nll2":
+        out = metrics.nll_fresh(model, diffusion, x, y)
+        return [(f"{clip}_{k}", out[clip][k], out[clip]["n"]) for clip in out
+                for k in ("nll_bpd", "nll_se", "nll_draw_se")]
+    if group == "samples3":
+        draws, pooled = metrics.sample_draws(model, sampler, ctx["classifier"], ctx["reference"], per_class,
+                                             draws=SAMPLE_DRAWS)
+        rows = [(f"{k}_draw{i}", d[k], d["n"]) for i, d in enumerate(draws) for k in ("fid", "accuracy")]
+        rows += [(f"{k}_pooled", pooled[k], pooled["n"]) for k in ("fid", "accuracy")]
+        for k in ("fid", "accuracy"):
+            values = np.array([d[k] for d in draws])
+            rows += [(f"{k}_mean", values.mean(), len(draws)), (f"{k}_sd", values.std(ddof=1), len(draws))]
+        size = draws[0]["n"]
+        if ("floor", size) not in ctx:  # what real images of the same count score: the same for every run
+            ctx["floor", size] = metrics.real_floor(ctx["train_features"], ctx["reference"], size)
+        mean, sd = ctx["floor", size]
+        return rows + [("floor_heldout", ctx["heldout_fid"], len(x)), ("floor_mean", mean, size),
+                       ("floor_sd", sd, size)]
+    if group == "ablation2":
+        block, channels, channel_mean = ablations.choose(model, diffusion, ctx["choose_x"], ctx["choose_y"])
+        out = ablations.ablation_modes(model, diffusion, x, y, block, channels, channel_mean)
+        rows = [("block", block, len(ctx["choose_x"]))]
+        rows += [(f"channel{i}", c, len(ctx["choose_x"])) for i, c in enumerate(channels)]
+        rows.append(("base", out["base"], out["n"]))
+        for mode in ablations.MODES:
+            rows += [(f"{mode}_{k}", out[f"{mode}_{k}"], out["n"]) for k in ("top_rise", "top_rise_se",
+                                                                              "random_rise")]
+            rows.append((f"{mode}_random_rise_sd", out[f"{mode}_random_rise_sd"], len(out["random_sets"])))
+        return rows
+    if group == "outliers":
+        rows = []
+        for point, h in metrics.capture_points(model, diffusion, x, y).items():
+            per_input, pooled = metrics.input_outliers(h), metrics.stream_stats(h)
+            rows += [(f"{point}_{k}", per_input[k], per_input["inputs"])
+                     for k in ("ratio_p50", "ratio_p90", "ratio_max", "top1_p50", "top1_p90", "median_p50",
+                               "massive_share")]
+            rows += [(f"{point}_pooled_{k}", float(pooled[k]), h.shape[0] * h.shape[1])
+                     for k in ("ratio", "top1", "median", "lead_share", "var_top1")]
+        return rows
     raise ValueError(f"unknown group {group!r}")
 
 
 def plan(steps):
     """{(step, weights): groups} for a run with checkpoints at `steps`: CURVE for the raw weights at every
-    other checkpoint counting back from the last, LAST at the last."""
+    other checkpoint counting back from the last, LAST and then LAST2 at the last."""
     steps = sorted(steps)
     todo = {(step, "raw"): CURVE for step in steps[-1::-2]}
-    todo.update({(steps[-1], kind): groups for kind, groups in LAST.items()})
+    todo.update({(steps[-1], kind): groups + LAST2[kind] for kind, groups in LAST.items()})
     return todo
 
 

@@ -20,6 +20,20 @@ def randomize(model, seed=0, std=0.1, add=False):
     return model
 
 
+def tiny_dit(norm="layernorm", seed=0):
+    """A 2-block MnistDiT-XS/4 on 8x8 images (4 tokens, width 64) with every branch alive."""
+    torch.manual_seed(seed)
+    model = build_model("MnistDiT-XS/4", input_size=8, depth=2, norm=norm)
+    return randomize(model, seed=seed, std=0.05).eval()
+
+
+def levels(n, seed=0):
+    """n random 8x8 images on the 256 levels of [-1, 1], about half their pixels background (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (n, 1, 8, 8), generator=g) * (torch.rand(n, 1, 8, 8, generator=g) < 0.5)
+    return pixels / 127.5 - 1
+
+
 def perturb_zero_init(model, seed=0, std=0.02):
     """adaLN-Zero makes a fresh DiT output exactly 0: move every weight a little off its initial value."""
     return randomize(model, seed, std=std, add=True)

@@ -61,3 +61,27 @@ def test_a_wrong_variance_costs_bits_and_singleton_strata_give_the_whole_sum():
         for _ in range(200)]).squeeze(1)
     error = abs(estimates.mean().item() - full["vb_bpd"].item())
     assert 0 < estimates.std() and error < 4 * estimates.std().item() / math.sqrt(len(estimates))
+
+
+def test_per_sample_geometric_strata_partition_the_steps_and_both_clip_settings_share_one_call():
+    diffusion = create_diffusion("", diffusion_steps=200)
+    strata = diffusion.bound_strata(12, torch.Generator().manual_seed(0), exact=5, size=300,
+                                    spacing="geometric")
+    assert [t for (low, high), _ in strata for t in range(low, high)] == list(range(1, 200))
+    widths = [high - low for (low, high), _ in strata[5:]]
+    assert widths[0] < widths[-1] / 10  # narrow where the terms change fast
+    assert [t for _, t in strata[:5]] == [1, 2, 3, 4, 5]  # the exact terms: the same for every sample
+    for (low, high), t in strata[5:]:
+        assert t.shape == (300,) and int(t.min()) >= low and int(t.max()) < high
+        assert high - low == 1 or len(t.unique()) > 1  # each sample draws its own timestep
+    # One network call per term gives both settings, each what a call with that setting alone gives.
+    x_start = torch.full((3, 1, 2, 2), -1.0 + 2.0 * 30 / 255.0, dtype=torch.float64)
+    model = oracle(diffusion, x_start * 1.5, v=0.5)  # it predicts x_0 outside [-1, 1]: clipping matters
+    chosen = diffusion.bound_strata(6, torch.Generator().manual_seed(1), exact=3, size=3, spacing="geometric")
+    both = diffusion.calc_bpd_loop(model, x_start, timesteps=chosen, clip_denoised=(True, False),
+                                   generator=torch.Generator().manual_seed(2))["total_bpd"]
+    for i, clip in enumerate((True, False)):
+        alone = diffusion.calc_bpd_loop(model, x_start, timesteps=chosen, clip_denoised=clip,
+                                        generator=torch.Generator().manual_seed(2))["total_bpd"]
+        assert both.shape == (2, 3) and torch.allclose(both[i], alone, rtol=1e-12)
+    assert (both[0] < both[1]).all()  # the clipped mean is nearer the data's

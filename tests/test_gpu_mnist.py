@@ -41,7 +41,8 @@ def test_tiny_trains_measures_and_reports_on_the_cpu(tmp_path):
     for name in ("MnistDiT-XS-4-layernorm-seed0", "MnistDiT-XS-4-none-seed0"):
         assert sorted(run_checkpoints(tmp_path / "train" / name)) == [2, 4]
         groups = {r["group"] for r in read_rows(tmp_path / "runs" / name / "measures.csv")}
-        assert groups == {"nll", "probe", "precision", "samples", "ablation"}
+        assert groups == {"nll", "probe", "precision", "samples", "ablation", "nll2", "samples3", "ablation2",
+                          "outliers"}
     assert "MnistDiT-XS-4 layernorm: 1, MnistDiT-XS-4 none: 1" in (tmp_path / "results.md").read_text()
     ckpt = torch.load(tmp_path / "train" / "MnistDiT-XS-4-none-seed0" / "checkpoints" / "0000004.pt",
                       weights_only=True)
