@@ -123,7 +123,7 @@ PRESETS = {
         run_name="{model}-{norm}-{intervention}-seed{seed}",
         measure=mnist_study.measure,
         measure_args={},
-        report=mnist.preset_report,
+        report=mnist.interventions_report,
     ),
 }
 

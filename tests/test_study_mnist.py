@@ -134,3 +134,35 @@ def test_runs_of_a_grid_carry_its_keys_and_a_table_groups_them_by_intervention(t
     assert lines[2] == ("| cap | 3.10 [3.00, 3.20] (n=3) | 2.10 [2.00, 2.20] (n=3) | 1.48 | 9 of 9 "
                         "| 0.050 (0.050) | 0.100 |")
     assert lines[3].startswith("| dropout | 2.10 [2.00, 2.20] (n=3) | 1.10 [1.00, 1.20] (n=3) |")
+
+
+def test_the_interventions_report_reads_out_each_condition_against_baseline(tmp_path):
+    from ditnorm.presets import runs
+
+    grid = runs("interventions")
+    rows_of = {}
+    for name, cfg in grid:
+        intervention = name.split("-")[-2]
+        if intervention not in ("baseline", "wd1"):
+            continue
+        # LayerNorm pays 0.3 bits/dim under wd1
+        shift = 0.3 if intervention == "wd1" and cfg["norm"] == "layernorm" else 0.0
+        nll = 2.0 + shift + 0.01 * cfg["seed"] + (0.05 if cfg["norm"] == "layernorm" else 0.0)
+        nll2 = dict(step=10_000, weights="ema", group="nll2", n=500)
+        rows = [dict(nll2, quantity="nll2_clipped_nll_bpd", value=nll),
+                dict(nll2, quantity="nll2_clipped_nll_se", value=0.02)]
+        rows += [dict(step=10_000, weights="raw", group="outliers", quantity=f"outliers_block{b}_ratio_p50",
+                      value=10.0 + b + (20 if cfg["norm"] == "layernorm" else 0), n=2000) for b in range(4)]
+        rows_of[name] = rows
+        write_rows(tmp_path / "runs" / name / "measures.csv", rows)
+    text = mnist.interventions_report({}, tmp_path, dict(runs=grid))
+    assert "baseline layernorm: 3, baseline none: 3, wd1 layernorm: 3, wd1 none: 3" in text
+    main, readout = text.split("## The read-out")
+    line = next(r for r in main.splitlines() if r.startswith("| NLL, bits/dim, x_0 clipped (EMA) | wd1 |"))
+    assert "9 of 9" in line and "0.050 (0.050)" in line  # LayerNorm above none in every pair
+    middle = next(r for r in main.splitlines() if r.startswith("| middle-block top-1/median, per-input"))
+    assert "32.0 [32.0, 32.0] (n=3)" in middle  # the larger of blocks 1 and 2, not of 0-3
+    read = next(r for r in readout.splitlines() if r.startswith("| NLL, bits/dim, x_0 clipped (EMA) | wd1 |"))
+    assert "0.35 [0.35, 0.35] (n=3)" in read and "9/9, p = 0.05" in read  # the difference grew by 0.3
+    assert "(EMA) | baseline |" not in readout  # baseline is the reference, not a condition
+    assert (tmp_path / "results.md").read_text() == text

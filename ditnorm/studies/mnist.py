@@ -43,7 +43,8 @@ def load_runs(stats_root, grid=None):
     for path in layout.measured_files(stats_root, STATS_FILE):
         cfg, match = (grid or {}).get(path.parent.name), RUN_NAME.match(path.parent.name)
         if cfg:
-            runs.append({**cfg, "model": cfg["model"].replace("/", "-"), "rows": read_rows(path)})
+            runs.append({**cfg, "model": cfg["model"].replace("/", "-"), "run": path.parent.name,
+                         "rows": read_rows(path)})
         elif match:
             runs.append({"model": match["model"], "norm": match["norm"], "seed": int(match["seed"]),
                          "rows": read_rows(path)})
@@ -299,4 +300,95 @@ def preset_report(preset, record, options):
                   out_dir=notebooks.shown(record), mnist_shipped="", toy_shipped="")  # this study's runs only
     notebooks.execute_notebook(notebooks.ROOT / "TokenEmbeddingsViz.ipynb", params,
                                runs_dir / "executed" / "TokenEmbeddingsViz.ipynb")
+    return text
+
+
+#################################################################################
+#          The interventions study (res/interventions/prediction.md)           #
+#################################################################################
+
+# (label, weights, quantity; derived ones: see intervention_value), format: the instruments of issue 36
+INTERVENED = [
+    ("NLL, bits/dim, x_0 clipped (EMA)", "ema", "nll2_clipped_nll_bpd", ".3f"),
+    ("its standard error over images (EMA)", "ema", "nll2_clipped_nll_se", ".4f"),
+    ("Fréchet distance, mean of 3 draws (EMA)", "ema", "samples3_fid_mean", ".1f"),
+    ("class accuracy, mean of 3 draws (EMA)", "ema", "samples3_accuracy_mean", ".3f"),
+    ("background error p99.9, t = 0 (raw)", "raw", "t0_bg_p999", ".2e"),
+    ("middle-block top-1/median, per-input median (raw)", "raw", "middle_input_ratio", ".1f"),
+    ("middle-block top-1/median, pooled (raw)", "raw", "middle_pooled_ratio", ".1f"),
+    ("input to block 0, top-1/median per-input median (raw)", "raw", "outliers_input_ratio_p50", ".1f"),
+    ("final layer's input, top-1/median per-input median (raw)", "raw", "outliers_final_ratio_p50", ".1f"),
+    ("loss rise, top channels zeroed / random (EMA)", "ema", "zero_factor", ".2f"),
+    ("loss rise, norm statistics kept / random (EMA)", "ema", "stats_factor", ".2f"),
+]
+
+
+def intervention_value(run, quantity):
+    """A run's value of quantity at its last step (INTERVENED's derived ones included), or None."""
+    step = last_step(run)
+    table = {r["quantity"]: r["value"] for r in run["rows"] if r["step"] == step and r["weights"] == (
+        "ema" if quantity.endswith("_factor") else "raw")}
+    if quantity in ("middle_input_ratio", "middle_pooled_ratio"):
+        key = "ratio_p50" if quantity == "middle_input_ratio" else "pooled_ratio"
+        blocks = sorted({int(q.split("_")[1][5:]) for q in table if re.match(r"outliers_block\d+_", q)})
+        found = [table.get(f"outliers_block{b}_{key}") for b in (blocks[1:-1] or blocks)]
+        return max(found) if found and None not in found else None
+    if quantity.endswith("_factor"):
+        mode = quantity[: -len("_factor")]
+        top, random = table.get(f"ablation2_{mode}_top_rise"), table.get(f"ablation2_{mode}_random_rise")
+        return top / random if top is not None and random not in (None, 0) else None
+    weights = next(w for _, w, q, _ in INTERVENED if q == quantity)
+    return value(run, step, weights, quantity)
+
+
+def interventions_report(preset, record, options):
+    """results.md of the interventions preset: per statistic and condition, layernorm against none over seeds
+    (Holm over the table's lines), and each condition's seed-paired difference layernorm - none against
+    baseline's (the read-out of res/interventions/prediction.md)."""
+    grid = dict(options["runs"])
+    runs = [r for r in load_runs(record, grid) if r["rows"]]
+    conditions = list(dict.fromkeys(name.split("-")[-2] for name in grid))  # <model>-<norm>-<it>-seed<k>
+    for r in runs:
+        r["intervention"] = r["run"].split("-")[-2]
+    rows = [dict(statistic=label, intervention=r["intervention"], norm=r["norm"], seed=r["seed"],
+                 value=intervention_value(r, quantity))
+            for label, _, quantity, _ in INTERVENED for r in runs]
+    formats = {label: fmt for label, _, _, fmt in INTERVENED}
+    main = tables.Table(lines=("statistic", "intervention"), order=("layernorm", "none"), fmt=formats,
+                        lone=True, holm=True)
+    differences = []
+    for label, *_ in INTERVENED:
+        paired = {}
+        for r in rows:
+            if r["statistic"] == label and r["value"] is not None:
+                paired.setdefault((r["intervention"], r["seed"]), {})[r["norm"]] = r["value"]
+        d = {key: v["layernorm"] - v["none"] for key, v in paired.items() if len(v) == 2}
+        for (condition, seed), diff in d.items():
+            if condition == "baseline":
+                continue
+            differences.append(dict(statistic=label, intervention=condition, side="under it", seed=seed,
+                                    value=diff))
+            differences += [dict(statistic=label, intervention=condition, side="baseline", seed=s, value=v)
+                            for (c, s), v in d.items() if c == "baseline" and s == seed]
+    interaction = tables.Table(lines=("statistic", "intervention"), across="side",
+                               order=("under it", "baseline"), test=("under it", "baseline"), fmt=".3g",
+                               lone=True, holm=True, test_cells=tables.pairs_cell, test_align="---",
+                               test_heads=("under it > baseline: pairs, exact one-sided p",))
+    counts = ", ".join(f"{c} {n}: {sum(r['intervention'] == c and r['norm'] == n for r in runs)}"
+                       for c in conditions for n in ("layernorm", "none")
+                       if any(r["intervention"] == c and r["norm"] == n for r in runs))
+    text = "\n".join([
+        "# When does LayerNorm hurt a DiT? The interventions: results", "",
+        f"MnistDiT-XS/4 at its last checkpoint (10k steps); runs measured (seeds): {counts or 'none yet'}. "
+        "The predictions (`prediction.md`) were committed before any run. A cell is the seed median "
+        "[min, max] (n seeds); the tests are exact one-sided rank tests over seeds (3 against 3: smallest "
+        "p 0.05), with Holm's adjustment over each table's lines beside them.", "",
+        "## LayerNorm against no norm under each condition", "", *tables.render(main, rows), "",
+        "## The read-out: the seed-paired difference layernorm - none under a condition against baseline's",
+        "", "A difference above baseline's means the condition moved LayerNorm up relative to no norm "
+        "(worse, for the quality lines; more concentrated, for the outlier lines).", "",
+        *(tables.render(interaction, differences) if differences else
+          ["No condition has a seed whose layernorm and none runs and baseline pair are all measured yet."]),
+        ""])
+    write_atomic(Path(record) / "results.md", text)
     return text
