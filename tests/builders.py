@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from ditnorm.checkpoint import FORMAT, save_checkpoint
+from ditnorm.checkpoint import FORMAT, read_checkpoint, save_checkpoint
 from models import build_model
 
 
@@ -115,3 +115,15 @@ def make_diffusers_transformers(root):
         folders[family] = Path(root) / family
         randomize(model, seed=i, std=0.1).save_pretrained(folders[family])
     return folders
+
+
+def tensors_of(path):
+    """model, ema and optimizer tensors of a checkpoint, flattened to one name -> tensor dict."""
+    ckpt = read_checkpoint(path)
+    out = {f"model.{k}": v for k, v in ckpt["model"].items()}
+    out.update({f"ema.{k}": v for k, v in ckpt["ema"].items()})
+    for index, state in ckpt["opt"]["state"].items():
+        out.update({f"opt.{index}.{k}": v for k, v in state.items()})
+    for label, average in ckpt.get("averages", {}).items():
+        out.update({f"averages.{label}.{k}": v for k, v in average["tensors"].items()})
+    return out

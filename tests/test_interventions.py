@@ -8,27 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import perturb_zero_init, tensors_of
 
 from ditnorm.checkpoint import load_model, read_checkpoint
 from ditnorm.presets import INTERVENTIONS, RECIPES, runs
 from ditnorm.trainer import train_run
 from models import DiT, build_model, cap_to_rms
-from tests.builders import perturb_zero_init
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model="ToyDiT-XS/1", norm="layernorm", global_batch_size=16, lr=1e-2, ema_decay=0.9,
             log_every=5, seed=3, ckpt_steps="10")
 ALL_THREE = dict(weight_decay=1.0, dropout=0.3, cap=2.0)
-
-
-def tensors(path):
-    """Every tensor a checkpoint holds (model, EMA, optimizer state), by name."""
-    ckpt = read_checkpoint(path)
-    out = {f"model.{k}": v for k, v in ckpt["model"].items()}
-    out.update({f"ema.{k}": v for k, v in ckpt["ema"].items()})
-    for index, state in ckpt["opt"]["state"].items():
-        out.update({f"opt.{index}.{k}": v for k, v in state.items()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +49,7 @@ def test_resume_with_every_intervention_is_bit_identical(straight, tmp_path):
     run_dir = tmp_path / "run"
     train_run(dict(TINY, max_steps=10, **ALL_THREE), run_dir)
     train_run(dict(TINY, max_steps=20, **ALL_THREE), run_dir)
-    resumed, reference = tensors(run_dir / "checkpoints" / "0000020.pt"), tensors(
+    resumed, reference = tensors_of(run_dir / "checkpoints" / "0000020.pt"), tensors_of(
         straight / "checkpoints" / "0000020.pt")
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)

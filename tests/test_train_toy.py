@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import tensors_of
 
 from diffusion import create_diffusion
 from ditnorm import data
@@ -47,18 +48,6 @@ def one_error_line(stderr):
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and stderr.strip().endswith(errors[0]), stderr
     return errors[0]
-
-
-def tensors_of(path):
-    """model, ema and optimizer tensors of a checkpoint, flattened to one name -> tensor dict."""
-    ckpt = read_checkpoint(path)
-    out = {f"model.{k}": v for k, v in ckpt["model"].items()}
-    out.update({f"ema.{k}": v for k, v in ckpt["ema"].items()})
-    for index, state in ckpt["opt"]["state"].items():
-        out.update({f"opt.{index}.{k}": v for k, v in state.items()})
-    for label, average in ckpt.get("averages", {}).items():
-        out.update({f"averages.{label}.{k}": v for k, v in average["tensors"].items()})
-    return out
 
 
 @pytest.fixture(scope="module")
