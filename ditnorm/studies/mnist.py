@@ -51,17 +51,24 @@ def load_runs(stats_root, grid=None):
     return runs
 
 
+# Derived quantities: the largest of the middle blocks' (every block but the first and the last) values of
+# <prefix><block>_<key>, and the ratio of a top-channel ablation's loss rise to the random channels'.
+MIDDLE = {"middle_ratio": ("block", "ratio"), "middle_lead_share": ("block", "lead_share"),
+          "middle_input_ratio": ("outliers_block", "ratio_p50"),
+          "middle_pooled_ratio": ("outliers_block", "pooled_ratio")}
+FACTORS = {"ablation_factor": "", "zero_factor": "ablation2_zero_", "stats_factor": "ablation2_stats_"}
+
+
 def value(run, step, weights, quantity):
-    """One measured value of a run (derived ones computed from the probe and ablation rows), or None."""
+    """One measured value of a run (MIDDLE and FACTORS derived from its rows), or None."""
     table = {r["quantity"]: r["value"] for r in run["rows"] if r["step"] == step and r["weights"] == weights}
-    if quantity in ("middle_ratio", "middle_lead_share"):
-        blocks = sorted({int(m[1]) for m in map(BLOCK.match, table) if m})
-        middle = blocks[1:-1] or blocks
-        key = "ratio" if quantity == "middle_ratio" else "lead_share"
-        found = [table.get(f"block{b}_{key}") for b in middle]
+    if quantity in MIDDLE:
+        prefix, key = MIDDLE[quantity]
+        blocks = sorted({int(m[1]) for m in (re.match(rf"{prefix}(\d+)_", q) for q in table) if m})
+        found = [table.get(f"{prefix}{b}_{key}") for b in blocks[1:-1] or blocks]
         return max(found) if found and None not in found else None
-    if quantity == "ablation_factor":
-        top, random = table.get("top_rise"), table.get("random_rise")
+    if quantity in FACTORS:
+        top, random = (table.get(f"{FACTORS[quantity]}{k}") for k in ("top_rise", "random_rise"))
         return top / random if top is not None and random not in (None, 0) else None
     return table.get(quantity)
 
@@ -307,7 +314,7 @@ def preset_report(preset, record, options):
 #          The interventions study (res/interventions/prediction.md)           #
 #################################################################################
 
-# (label, weights, quantity; derived ones: see intervention_value), format: the instruments of issue 36
+# (label, weights, quantity; derived ones: see value), format: the instruments of issue 36
 INTERVENED = [
     ("NLL, bits/dim, x_0 clipped (EMA)", "ema", "nll2_clipped_nll_bpd", ".3f"),
     ("its standard error over images (EMA)", "ema", "nll2_clipped_nll_se", ".4f"),
@@ -323,24 +330,6 @@ INTERVENED = [
 ]
 
 
-def intervention_value(run, quantity):
-    """A run's value of quantity at its last step (INTERVENED's derived ones included), or None."""
-    step = last_step(run)
-    table = {r["quantity"]: r["value"] for r in run["rows"] if r["step"] == step and r["weights"] == (
-        "ema" if quantity.endswith("_factor") else "raw")}
-    if quantity in ("middle_input_ratio", "middle_pooled_ratio"):
-        key = "ratio_p50" if quantity == "middle_input_ratio" else "pooled_ratio"
-        blocks = sorted({int(q.split("_")[1][5:]) for q in table if re.match(r"outliers_block\d+_", q)})
-        found = [table.get(f"outliers_block{b}_{key}") for b in (blocks[1:-1] or blocks)]
-        return max(found) if found and None not in found else None
-    if quantity.endswith("_factor"):
-        mode = quantity[: -len("_factor")]
-        top, random = table.get(f"ablation2_{mode}_top_rise"), table.get(f"ablation2_{mode}_random_rise")
-        return top / random if top is not None and random not in (None, 0) else None
-    weights = next(w for _, w, q, _ in INTERVENED if q == quantity)
-    return value(run, step, weights, quantity)
-
-
 def interventions_report(preset, record, options):
     """results.md of the interventions preset: per statistic and condition, layernorm against none over seeds
     (Holm over the table's lines), and each condition's seed-paired difference layernorm - none against
@@ -351,8 +340,8 @@ def interventions_report(preset, record, options):
     for r in runs:
         r["intervention"] = r["run"].split("-")[-2]
     rows = [dict(statistic=label, intervention=r["intervention"], norm=r["norm"], seed=r["seed"],
-                 value=intervention_value(r, quantity))
-            for label, _, quantity, _ in INTERVENED for r in runs]
+                 value=value(r, last_step(r), weights, quantity))
+            for label, weights, quantity, _ in INTERVENED for r in runs]
     formats = {label: fmt for label, _, _, fmt in INTERVENED}
     main = tables.Table(lines=("statistic", "intervention"), order=("layernorm", "none"), fmt=formats,
                         lone=True, holm=True)
