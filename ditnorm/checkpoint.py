@@ -45,8 +45,8 @@ OFFICIAL_CHECKPOINTS = {
 CONFIG_TYPES = {"model": str, "input_size": int, "patch_size": int, "in_channels": int, "hidden_size": int,
                 "depth": int, "num_heads": int, "mlp_ratio": (int, float), "class_dropout_prob": (int, float),
                 "num_classes": int, "learn_sigma": bool, "norm": str}
-# The interventions' kinds, checked when a config holds them (older checkpoints do not).
-OPTIONAL_CONFIG_TYPES = {"dropout": (int, float), "cap": (int, float)}
+# The interventions' kinds (numbers), checked when a config holds them (older checkpoints do not).
+OPTIONAL_CONFIG_TYPES = dict.fromkeys(INTERVENTION_KWARGS, (int, float))
 
 
 def _fetch(url, dst):

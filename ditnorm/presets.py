@@ -6,6 +6,8 @@ report (a function of its study's file in studies/ that reads whatever per-run f
 defined once, in recipes.py.
 """
 
+import itertools
+
 from ditnorm import measures, mnist_study
 from ditnorm.recipes import RECIPES
 from ditnorm.studies import mnist, paper, toy
@@ -143,14 +145,11 @@ def runs(preset, seeds=None):
 
 def _grid_runs(preset, grid):
     out = []
-    for intervention in grid.get("intervention", [None]):
-        for model in grid["model"]:
-            for data in grid["data"]:
-                for norm in grid["norm"]:
-                    for seed in grid["seed"]:
-                        cfg = dict(RECIPES[PRESETS[preset]["recipe"]], model=model, norm=norm, data=data,
-                                   seed=seed, **INTERVENTIONS.get(intervention, {}))
-                        name = PRESETS[preset]["run_name"].format(
-                            **dict(cfg, model=model.replace("/", "-"), intervention=intervention))
-                        out.append((name, cfg))
+    axes = (grid.get("intervention", [None]), grid["model"], grid["data"], grid["norm"], grid["seed"])
+    for intervention, model, data, norm, seed in itertools.product(*axes):
+        cfg = dict(RECIPES[PRESETS[preset]["recipe"]], model=model, norm=norm, data=data, seed=seed,
+                   **INTERVENTIONS.get(intervention, {}))
+        name = PRESETS[preset]["run_name"].format(
+            **dict(cfg, model=model.replace("/", "-"), intervention=intervention))
+        out.append((name, cfg))
     return out
