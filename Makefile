@@ -46,7 +46,8 @@ mnist: $(VENV)/.installed
 	$(call preset,mnist)
 
 # When does LayerNorm hurt? Weight decay, dropout and a cap on each block's output, MnistDiT-XS/4, layernorm and
-# none at 3 seeds (30 runs of about 25 min on one core; res/interventions/prediction.md).
+# none at 3 seeds (30 runs; ~22 min a run, two side by side at 7.3-7.8 steps/s each, on the 2-core Intel
+# Xeon with AVX-512, 2026-12-07; res/interventions/prediction.md).
 interventions: $(VENV)/.installed
 	$(call preset,interventions)
 
