@@ -65,8 +65,10 @@ def nll_fresh(model, diffusion, x, y, *, strata=20, exact=10, spacing="geometric
     images, so nll_se, the standard error over images, includes the timestep and noise sampling as well
     as which images the held-out set holds. nll_draw_se is the sampling's part alone (from the spread
     between an image's draws): what separates two models measured on the same images. Both settings come
-    from the same network calls. Returns {"clipped": {"nll_bpd", "nll_se", "nll_draw_se", "n"},
-    "unclipped": {...}}."""
+    from the same network calls. The draws depend on the images' count and seed only, so two models measured
+    on the same images get the same timesteps and noise, and their per-image difference pairs. Returns
+    {"clipped": {"nll_bpd", "nll_se", "nll_draw_se", "n", "images"}, "unclipped": {...}}, "images" each
+    image's estimate (a float64 numpy array)."""
     generator = torch.Generator().manual_seed(seed)
     estimates = []
     for _ in range(draws):
@@ -84,7 +86,7 @@ def nll_fresh(model, diffusion, x, y, *, strata=20, exact=10, spacing="geometric
     # The variance of an image's mean over its draws is the draws' variance / draws.
     draw_var = estimates.var(dim=0) / draws if draws > 1 else torch.full_like(per_image, float("nan"))
     return {name: {"nll_bpd": mean.mean().item(), "nll_se": (mean.std() / math.sqrt(n)).item(),
-                   "nll_draw_se": math.sqrt(var.mean().item() / n), "n": n}
+                   "nll_draw_se": math.sqrt(var.mean().item() / n), "n": n, "images": mean.double().numpy()}
             for name, mean, var in zip(("clipped", "unclipped"), per_image, draw_var, strict=True)}
 
 

@@ -126,8 +126,11 @@ def _new_group_rows(group, model, diffusion, sampler, ctx, *, per_class):
     x, y = ctx["x"], ctx["y"]
     if group == "nll2":
         out = metrics.nll_fresh(model, diffusion, x, y)
-        return [(f"{clip}_{k}", out[clip][k], out[clip]["n"]) for clip in out
+        rows = [(f"{clip}_{k}", out[clip][k], out[clip]["n"]) for clip in out
                 for k in ("nll_bpd", "nll_se", "nll_draw_se")]
+        # each held-out image's clipped estimate (the mean of its draws), for the report's test between two
+        # models paired over the same images and draws (studies/mnist.paired_nll)
+        return rows + [(f"clipped_image{i}", float(v), 1) for i, v in enumerate(out["clipped"]["images"])]
     if group == "samples3":
         draws, pooled = metrics.sample_draws(model, sampler, ctx["classifier"], ctx["reference"], per_class,
                                              draws=SAMPLE_DRAWS)

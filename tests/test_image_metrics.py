@@ -111,6 +111,11 @@ def test_a_run_is_measured_once_per_group_and_again_only_where_a_kill_left_a_gap
     assert all(q.startswith(("nll2_", "ablation2_", "outliers_")) for q in names)
     assert {"nll2_clipped_nll_se", "nll2_unclipped_nll_se", "ablation2_stats_top_rise",
             "outliers_input_ratio_p50", "outliers_block3_ratio_p90", "outliers_final_pooled_ratio"} <= names
+    for kind in ("raw", "ema"):  # each held-out image's clipped bound, for the paired test; their mean
+        got = {r["quantity"]: r["value"] for r in rows if r["weights"] == kind and r["group"] == "nll2"}
+        per_image = [v for q, v in got.items() if q.startswith("nll2_clipped_image")]
+        assert len(per_image) == len(ctx["x"]) and math.isclose(
+            sum(per_image) / len(per_image), got["nll2_clipped_nll_bpd"], rel_tol=1e-6)
     calls.clear()
     assert mnist_study.measure_run(tiny_run, tmp_path, ctx, **kwargs) == [] and calls == []
     # A kill after some groups: the file keeps whole groups only; the next run measures what is missing.

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from ditnorm import layout, tables
@@ -166,3 +167,35 @@ def test_the_interventions_report_reads_out_each_condition_against_baseline(tmp_
     assert "0.35 [0.35, 0.35] (n=3)" in read and "9/9, p = 0.05" in read  # the difference grew by 0.3
     assert "(EMA) | baseline |" not in readout  # baseline is the reference, not a condition
     assert (tmp_path / "results.md").read_text() == text
+
+
+def test_the_nll_difference_is_paired_over_the_images_so_their_spread_cancels(tmp_path):
+    from ditnorm.presets import runs
+
+    grid = [(n, c) for n, c in runs("interventions") if n.split("-")[-2] in ("baseline", "wd1") and
+            c["seed"] < 2]
+    images = np.random.default_rng(0).normal(2.0, 0.4, 500)  # every image's own difficulty, shared
+    noise = np.random.default_rng(1)
+    for name, cfg in grid:
+        shift = (0.05 if cfg["norm"] == "layernorm" else 0.0) + (0.3 if "wd1" in name and
+                                                                    cfg["norm"] == "layernorm" else 0.0)
+        own = images + shift + noise.normal(0, 0.01, 500)
+        nll2 = dict(step=10_000, weights="ema", group="nll2", n=500)
+        rows = [dict(nll2, quantity="nll2_clipped_nll_bpd", value=own.mean()),
+                dict(nll2, quantity="nll2_clipped_nll_se", value=own.std(ddof=1) / np.sqrt(500))]
+        rows += [dict(nll2, quantity=f"nll2_clipped_image{i}", value=v, n=1) for i, v in enumerate(own)]
+        write_rows(tmp_path / "runs" / name / "measures.csv", rows)
+    loaded = mnist.load_runs(tmp_path, dict(grid))
+    for r in loaded:
+        r["intervention"] = r["run"].split("-")[-2]
+    out = {(r["intervention"], r["seed"]): r for r in mnist.paired_nll(loaded)}
+    assert set(out) == {("baseline", 0), ("baseline", 1), ("wd1", 0), ("wd1", 1)}
+    base, wd1 = out["baseline", 0], out["wd1", 0]
+    # each model's standard error is the images' spread (0.4 / sqrt(500)); the paired one is the 0.01
+    # noise's alone: sqrt(2) 0.01 / sqrt(500)
+    assert abs(base["model_se"] - 0.018) < 0.003 and abs(base["se"] - 0.000632) < 0.0001
+    assert abs(base["diff"] - 0.05) < 4 * base["se"] and base["against_baseline"] is None
+    assert abs(wd1["against_baseline"] - 0.3) < 4 * wd1["against_se"] and wd1["against_se"] < 0.002
+    text = mnist.interventions_report({}, tmp_path, dict(runs=grid))
+    part = text.split("## The NLL difference of each seed pair")[1]
+    assert "| wd1 | 0 | +0.3" in part and "| baseline | 1 | +0.0" in part

@@ -378,6 +378,61 @@ def interventions_report(preset, record, options):
         "(worse, for the quality lines; more concentrated, for the outlier lines).", "",
         *(tables.render(interaction, differences) if differences else
           ["No condition has a seed whose layernorm and none runs and baseline pair are all measured yet."]),
-        ""])
+        "", "## The NLL difference of each seed pair, paired over the held-out images", "",
+        "The clipped bound of the EMA weights (the first table's first line), each held-out image's estimate "
+        "of one model minus the other's: both models see the same 500 images, timesteps and noise, so the "
+        "images' own spread, most of each model's standard error, cancels. These standard errors say "
+        "whether two trained models differ on these images; whether the norms differ is the seeds' test "
+        "above.", "", *paired_nll_lines(paired_nll(runs), conditions), ""])
     write_atomic(Path(record) / "results.md", text)
     return text
+
+
+def paired_nll(runs):
+    """The clipped EMA bound's difference layernorm - none of each measured seed pair, paired over the
+    held-out images (the same images, timesteps and noise for both: image_metrics.nll_fresh), and that
+    difference under a condition minus baseline's, paired the same way: [{intervention, seed, diff, se,
+    model_se, against_baseline, against_se}] (the last two None for baseline or without its pair). The
+    standard errors are over images and draws: they say whether these trained models differ on these
+    images, not whether the norms do (the seeds' rank test does)."""
+    images = {}
+    for r in runs:
+        step = last_step(r)
+        found = {q: v for q, v in ((x["quantity"], x["value"]) for x in r["rows"]
+                                   if x["step"] == step and x["weights"] == "ema")
+                 if q.startswith("nll2_clipped_image")}
+        if found:
+            key = (r["intervention"], r["seed"])
+            images.setdefault(key, {})[r["norm"]] = (
+                np.array([found[f"nll2_clipped_image{i}"] for i in range(len(found))]),
+                value(r, step, "ema", "nll2_clipped_nll_se"))
+    out, diffs = [], {}
+    for key, pair in images.items():
+        if {"layernorm", "none"} <= set(pair) and len(pair["layernorm"][0]) == len(pair["none"][0]):
+            diffs[key] = pair["layernorm"][0] - pair["none"][0]
+    for (condition, seed), d in diffs.items():
+        base = diffs.get(("baseline", seed)) if condition != "baseline" else None
+        contrast = d - base if base is not None and len(base) == len(d) else None
+        out.append(dict(intervention=condition, seed=seed, diff=d.mean(), se=d.std(ddof=1) / np.sqrt(len(d)),
+                        model_se=max(images[condition, seed][n][1] or 0.0 for n in ("layernorm", "none")),
+                        against_baseline=None if contrast is None else contrast.mean(),
+                        against_se=None if contrast is None else contrast.std(ddof=1) / np.sqrt(len(d))))
+    return out
+
+
+def paired_nll_lines(rows, conditions):
+    """Markdown lines of paired_nll's rows, conditions in their grid order."""
+    if not rows:
+        return ["No seed pair has its per-image bounds measured yet."]
+
+    def cell(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    lines = ["| condition | seed | layernorm - none, bits/dim | its SE, paired | each model's SE | "
+             "minus baseline's | its SE, paired |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (conditions.index(r["intervention"]), r["seed"])):
+        cells = [r["intervention"], r["seed"], cell(r["diff"], "+.4f"), cell(r["se"], ".4f"),
+                 cell(r["model_se"], ".4f"), cell(r["against_baseline"], "+.4f"),
+                 cell(r["against_se"], ".4f")]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return lines
