@@ -2,7 +2,7 @@
 
     python train_toy.py --norm none                                   # one process (GPU if present)
     torchrun --nproc_per_node=8 train_toy.py --norm layernorm         # ranks: NCCL on GPUs, gloo on CPU
-    python train_toy.py --norm none --preset cpu                      # shows the effect on a 2-core CPU
+    python train_toy.py --norm none --recipe cpu                      # shows the effect on a 2-core CPU
     python train_toy.py --resume results/000-ToyDiT-1-none --max-steps 60000   # continue a run
     python train_toy.py --norm dyt --fast off                         # the plain model, no fast path
 

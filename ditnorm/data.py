@@ -59,8 +59,17 @@ def constant_images(seed, step, global_batch, rank, world_size, shape, device):
     return c.view(-1, 1, 1, 1).expand(-1, *shape).contiguous()  # (b, C, H, W)
 
 
-def training_images(kind, seed, step, global_batch, rank, world_size, shape, device):
-    """This rank's (b, C, H, W) training images of step `step` for data kind `kind`."""
-    if kind == "constant":
-        return constant_images(seed, step, global_batch, rank, world_size, shape, device)
-    return torch.zeros(global_batch // world_size, *shape, device=device)
+class ToyData:
+    """The toys' training data of a data kind, with images.ImageData's batch(): one class (label 0), no
+    class dropout."""
+
+    def __init__(self, kind, model_config):
+        self.kind, size = kind, model_config["input_size"]
+        self.shape = (model_config["in_channels"], size, size)
+
+    def batch(self, seed, step, global_batch, rank, world_size, device, drop_prob=0.0):
+        """This rank's (x (b, C, H, W), y (b,), None) of training step `step`."""
+        local = global_batch // world_size
+        x = constant_images(seed, step, global_batch, rank, world_size, self.shape, device) \
+            if self.kind == "constant" else torch.zeros(local, *self.shape, device=device)
+        return x, torch.zeros(local, dtype=torch.long, device=device), None
