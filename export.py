@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 from ditnorm import hub, pretrained
-from ditnorm.analysis import checkpoint_at, run_checkpoints
 from ditnorm.checkpoint import CheckpointError, DownloadError, load_model
+from ditnorm.layout import checkpoint_at, run_checkpoints
 from ditnorm.options import Parser, step_set
 
 

@@ -35,6 +35,12 @@ def run_of(checkpoint):
     return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
 
 
+def run_name(checkpoint):
+    """<run folder>-<step> of a run's checkpoint file, else the file's stem (for default output names)."""
+    run = run_of(checkpoint)
+    return f"{run.name}-{Path(checkpoint).stem}" if run else Path(checkpoint).stem
+
+
 def new_run_dir(results_dir, model, norm):
     """Create results/<index>-<model>-<norm>/ with the next free index; never reuse an existing folder."""
     results_dir = Path(results_dir)

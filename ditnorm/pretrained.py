@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ditnorm import layout
 from ditnorm.checkpoint import load_model
 from ditnorm.files import (
     FORMAT,
@@ -33,11 +34,6 @@ from ditnorm.records import write_atomic
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 KINDS = {"ema": "ema", "raw": "model"}  # weights kind -> its tensors' prefix (a checkpoint's key)
-
-
-def shipped_path(weights_dir, run, step) -> Path:
-    """Where the weights of run `run` at `step` go in a weights folder."""
-    return Path(weights_dir) / run / "checkpoints" / f"{step:07d}{SHIPPED_SUFFIX}"
 
 
 def training_command(run_dir) -> str | None:
@@ -92,7 +88,7 @@ def export_weights(checkpoint_path, weights_dir, *, run, weights=("ema",), dtype
                 "provenance": json.dumps(provenance)}
     from safetensors.torch import save
 
-    path = shipped_path(weights_dir, run, step)
+    path = layout.checkpoint_path(Path(weights_dir, run), step, SHIPPED_SUFFIX)
     data = save(tensors, metadata=metadata)
     write_atomic(path, data)
     write_sums(weights_dir, {path.relative_to(weights_dir).as_posix(): hashlib.sha256(data).hexdigest()})
