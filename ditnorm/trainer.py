@@ -53,10 +53,6 @@ RESUME_PARTS = {"config": dict, "model": dict, "ema": dict, "opt": dict, "step":
 RESUMABLE_CHANGES = ("max_steps", "log_every", "ckpt_steps", "ckpt_every")
 
 
-#################################################################################
-#                                The command line                               #
-#################################################################################
-
 
 def parse_args(argv=None, defaults=DEFAULTS, prog="train_toy.py", description=__doc__):
     """Flags left out stay None; main fills them (flags > --recipe > the resumed checkpoint > defaults)."""
@@ -209,10 +205,6 @@ def train_run(cfg, run_dir, *, device=None, fast="auto", console=False):
     return run_dir
 
 
-#################################################################################
-#                                 The pieces                                    #
-#################################################################################
-
 
 def setup_distributed(device=None):
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU), or stay a world of 1 without one.
@@ -356,10 +348,6 @@ class RunLog:
         self(message)
         raise SystemExit(f"error: {message}" if self.rank == 0 else 1)
 
-
-#################################################################################
-#                                 The loop                                      #
-#################################################################################
 
 
 def train(cfg, run_dir, ckpt_path, ckpt, *, results_dir, fast, device, rank=0, world_size=1, console=True,
