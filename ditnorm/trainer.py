@@ -53,7 +53,6 @@ RESUME_PARTS = {"config": dict, "model": dict, "ema": dict, "opt": dict, "step":
 RESUMABLE_CHANGES = ("max_steps", "log_every", "ckpt_steps", "ckpt_every")
 
 
-
 def parse_args(argv=None, defaults=DEFAULTS, prog="train_toy.py", description=__doc__):
     """Flags left out stay None; main fills them (flags > --recipe > the resumed checkpoint > defaults)."""
     images = defaults["data"] in IMAGE_DATA
@@ -81,48 +80,25 @@ def parse_args(argv=None, defaults=DEFAULTS, prog="train_toy.py", description=__
     return parser, parser.parse_args(argv)
 
 
-def resume_problem(ckpt):
-    """Why a checkpoint cannot continue a run (another format, lacking or non-finite parts), or None."""
+def resumable(path):
+    """(checkpoint file, checkpoint) to continue a run from: a checkpoint file, or a run folder's latest;
+    CheckpointError when there is none, or when it cannot continue a run (lacking or non-finite parts)."""
+    ckpt_path = layout.latest_checkpoint(path)
+    if ckpt_path is None:
+        raise CheckpointError(f"--resume {path}: no such checkpoint file or run folder with checkpoints")
+    ckpt = read_checkpoint(ckpt_path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        return "is not a checkpoint written by train_toy.py"
+        raise CheckpointError(f"{ckpt_path} is not a checkpoint written by train_toy.py")
     lacking = [key for key, kind in RESUME_PARTS.items() if not isinstance(ckpt.get(key), kind)]
     if not lacking and not torch.is_tensor(ckpt["rng"].get("torch")):
         lacking = ["rng['torch']"]
     if lacking:
-        return (f"lacks {', '.join(lacking)}: it can be sampled but not resumed; resume from a checkpoint "
-                "that train_toy.py wrote")
-    bad = nonfinite_parts(ckpt)
-    if bad:
-        return (f"holds non-finite {', '.join(bad)} weights (a diverged run); resume from an earlier "
-                "checkpoint with a smaller --lr")
-    return None
-
-
-def read_resume(parser, args):
-    """(checkpoint path, checkpoint, run folder to continue in or None) of --resume; (None, {}, None)
-    without it. A checkpoint outside any run folder starts a new one under --results-dir."""
-    if not args.resume:
-        return None, {}, None
-    ckpt_path = layout.latest_checkpoint(args.resume)
-    if ckpt_path is None:
-        parser.error(f"--resume {args.resume}: no such checkpoint file or run folder with checkpoints")
-    try:
-        ckpt = read_checkpoint(ckpt_path)
-    except CheckpointError as err:
-        parser.error(str(err))
-    if problem := resume_problem(ckpt):
-        parser.error(f"--resume {ckpt_path} {problem}")
-    for key in ("model", "norm"):
-        wanted, found = getattr(args, key), ckpt["config"][key]
-        if wanted is not None and wanted != found:
-            parser.error(f"--resume {ckpt_path} holds {key} {found!r}, not --{key} {wanted!r}")
-    run_dir = layout.run_of(ckpt_path)
-    later = sorted(p.name for step, p in layout.run_checkpoints(run_dir).items() if step > ckpt["step"]) \
-        if run_dir else []
-    if later:
-        parser.error(f"{ckpt_path.parent} has later checkpoints ({', '.join(later)}) that this run would "
-                     "overwrite; resume from the run folder (its latest checkpoint) instead")
-    return ckpt_path, ckpt, run_dir
+        raise CheckpointError(f"{ckpt_path} lacks {', '.join(lacking)}: it can be sampled but not resumed; "
+                              "resume from a checkpoint that train_toy.py wrote")
+    if bad := nonfinite_parts(ckpt):
+        raise CheckpointError(f"{ckpt_path} holds non-finite {', '.join(bad)} weights (a diverged run); "
+                              "resume from an earlier checkpoint with a smaller --lr")
+    return ckpt_path, ckpt
 
 
 def main(argv=None, defaults=DEFAULTS, prog="train_toy.py", description=__doc__):
@@ -135,7 +111,21 @@ def main(argv=None, defaults=DEFAULTS, prog="train_toy.py", description=__doc__)
         args.recipe = args.recipe or args.preset
     if args.device is not None and (problem := check_device(args.device)):
         parser.error(f"--device {args.device}: {problem}")
-    ckpt_path, ckpt, run_dir = read_resume(parser, args)
+    try:
+        ckpt_path, ckpt = resumable(args.resume) if args.resume else (None, {})
+    except CheckpointError as err:
+        parser.error(str(err))
+    for key in ("model", "norm") if ckpt else ():
+        if getattr(args, key) not in (None, ckpt["config"][key]):
+            parser.error(f"--resume {ckpt_path} holds {key} {ckpt['config'][key]!r}, not --{key} "
+                         f"{getattr(args, key)!r}")
+    # A checkpoint in a run folder continues that run (log.txt appended); one outside any starts a new one.
+    run_dir = layout.run_of(ckpt_path) if ckpt else None
+    later = [p.name for step, p in layout.run_checkpoints(run_dir).items() if step > ckpt["step"]] \
+        if run_dir else []
+    if later:
+        parser.error(f"{ckpt_path.parent} has later checkpoints ({', '.join(later)}) that this run would "
+                     "overwrite; resume from the run folder (its latest checkpoint) instead")
     if run_dir is None and (problem := check_folder(args.results_dir)):
         parser.error(f"--results-dir {args.results_dir}: {problem}")
     resumed = ckpt.get("train_args", {})
@@ -186,11 +176,8 @@ def train_run(cfg, run_dir, *, device=None, fast="auto", console=False):
     CheckpointError for a checkpoint that cannot continue cfg, DataError for data that cannot be read, and
     SystemExit (one line) when a step or a save fails."""
     cfg, run_dir = {**DEFAULTS, **cfg}, Path(run_dir)
-    ckpt_path = layout.latest_checkpoint(run_dir) if run_dir.is_dir() else None
-    ckpt = read_checkpoint(ckpt_path) if ckpt_path else {}
-    if ckpt_path is not None:
-        if problem := resume_problem(ckpt):
-            raise CheckpointError(f"{ckpt_path} {problem}")
+    ckpt_path, ckpt = resumable(run_dir) if layout.latest_checkpoint(run_dir) else (None, {})
+    if ckpt:
         if ckpt["step"] >= cfg["max_steps"]:
             return run_dir
         saved = {**DEFAULTS, **ckpt["train_args"]}
@@ -203,7 +190,6 @@ def train_run(cfg, run_dir, *, device=None, fast="auto", console=False):
     train(cfg, run_dir, ckpt_path, ckpt, results_dir=run_dir.parent, fast=fast, console=console,
           device=device)
     return run_dir
-
 
 
 def setup_distributed(device=None):
@@ -347,7 +333,6 @@ class RunLog:
         """Stop every rank (all reach this with the same reduced losses); rank 0 says why in one line."""
         self(message)
         raise SystemExit(f"error: {message}" if self.rank == 0 else 1)
-
 
 
 def train(cfg, run_dir, ckpt_path, ckpt, *, results_dir, fast, device, rank=0, world_size=1, console=True,
