@@ -12,6 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = "checkpoints"
 CONFIG = "config.json"
+LOG = "log.txt"
 SHIPPED_SUFFIX = ".safetensors"  # the weights shipped in res/<preset>/weights/ (pretrained.py)
 SAMPLES = Path("results", "samples")  # sample.py's outputs unless --out says otherwise
 
@@ -19,14 +20,6 @@ SAMPLES = Path("results", "samples")  # sample.py's outputs unless --out says ot
 def checkpoint_path(run_dir, step, suffix=".pt"):
     """Where a run folder keeps its checkpoint of `step`."""
     return Path(run_dir, CHECKPOINTS, f"{step:07d}{suffix}")
-
-
-def config_path(run_dir):
-    return Path(run_dir, CONFIG)
-
-
-def log_path(run_dir):
-    return Path(run_dir, "log.txt")
 
 
 def run_of(checkpoint):
@@ -89,7 +82,7 @@ def latest_checkpoint(path):
 def max_steps(run_dir):
     """The max_steps a run folder's config.json names, or None."""
     try:
-        return json.loads(config_path(run_dir).read_text())["train_args"]["max_steps"]
+        return json.loads(Path(run_dir, CONFIG).read_text())["train_args"]["max_steps"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

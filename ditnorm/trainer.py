@@ -24,6 +24,7 @@ from ditnorm.averaging import DEFAULT_AVERAGES, WeightAverages, all_reduce_mean,
 from ditnorm.checkpoint import (
     FORMAT,
     CheckpointError,
+    first_line,
     load_model,
     nonfinite_parts,
     read_checkpoint,
@@ -148,7 +149,7 @@ def main(argv=None, defaults=DEFAULTS, prog="train_toy.py", description=__doc__)
         parser.error(f"the checkpoint is already at step {ckpt['step']}; pass a --max-steps above it")
     try:
         rank, world_size, device = setup_distributed(args.device)
-    except (ValueError, RuntimeError) as err:
+    except RuntimeError as err:  # torchrun's process group could not be joined
         parser.error(f"--device {args.device}: {err}")
     try:
         train(cfg, run_dir, ckpt_path, ckpt, results_dir=args.results_dir, fast=args.fast, rank=rank,
@@ -193,14 +194,11 @@ def train_run(cfg, run_dir, *, device=None, fast="auto", console=False):
 
 
 def setup_distributed(device=None):
-    """Join torchrun's process group (NCCL on CUDA, gloo on CPU), or stay a world of 1 without one.
-
-    Returns (rank, world_size, device); device defaults to cuda:LOCAL_RANK when CUDA is available."""
+    """(rank, world_size, device): torchrun's process group joined (NCCL on CUDA, gloo on CPU), or a world
+    of 1 without one; device defaults to cuda:LOCAL_RANK when CUDA is available (check_device checked it)."""
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("CUDA is not available here; use --device cpu")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if device.index is None
                               else device.index)
         torch.cuda.set_device(device)
@@ -230,10 +228,9 @@ def build_training_state(cfg, ckpt, ckpt_path, device, rank, fit=None):
                 averages.load_state_dict(ckpt["averages"])
             optimizer.load_state_dict(ckpt["opt"])
         except (KeyError, ValueError, RuntimeError, TypeError) as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"--resume {ckpt_path}: its EMA, averages or optimizer state do not fit "
-                                  f"the model ({type(err).__name__}: {reason}); resume from a complete "
-                                  "checkpoint of the same run") from None
+                                  f"the model ({first_line(err)}); resume from a complete checkpoint of the "
+                                  "same run") from None
         for group in optimizer.param_groups:
             group["lr"] = cfg["lr"]  # an explicit --lr on resume wins over the saved one
             group["foreach"], group["fused"] = None, True  # the fused kernel (the same update rule)
@@ -264,8 +261,7 @@ def image_data(cfg, ckpt_model=None):
 
 
 def diffusion_loss(model, diffusion, x, t, noise, y, drop=None):
-    """The batch mean of the official hybrid loss; drop (b,) marks the samples trained with the null class
-    (classifier-free guidance)."""
+    """The batch mean of the official hybrid loss; drop (b,): 1 where a sample trains the null class."""
     kwargs = {"y": y} if drop is None else {"y": y, "force_drop_ids": drop}
     return diffusion.training_losses(model, x, t, model_kwargs=kwargs, noise=noise)["loss"].mean()
 
@@ -316,7 +312,7 @@ class RunLog:
 
     def __init__(self, rank, console, run_dir):
         self.rank, self.console = rank, console
-        self.file = open(layout.log_path(run_dir), "a") if rank == 0 else None
+        self.file = open(Path(run_dir, layout.LOG), "a") if rank == 0 else None
 
     def __call__(self, message):
         if self.rank == 0:
@@ -356,7 +352,7 @@ def train(cfg, run_dir, ckpt_path, ckpt, *, results_dir, fast, device, rank=0, w
     if rank == 0:  # rank 0 alone owns the run folder and writes into it; config.json first, replaced whole
         run_dir = run_dir or layout.new_run_dir(results_dir, cfg["model"], cfg["norm"])
         layout.checkpoint_path(run_dir, 0).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(layout.config_path(run_dir), json.dumps({
+        write_atomic(Path(run_dir, layout.CONFIG), json.dumps({
             "train_args": cfg, "model_config": model_config, "world_size": world_size, "device": str(device),
             "fast": fast, "step_path": step_path, "fast_reason": fast_reason, "fast_timing": fast_timing,
             "averages": list(DEFAULT_AVERAGES), "resumed_from": str(ckpt_path) if ckpt else None,
