@@ -19,11 +19,8 @@ def step_seed(seed, step):
 
 
 def rank_batches(seed, steps, global_batch, rank, world_size, num_timesteps, shape, device, chunk=100):
-    """Yield this rank's (t, noise) for each step, sliced from the whole global batch drawn from (seed, step).
-
-    Drawn on the CPU (2048 x 8 floats: cheap) and moved to the device `chunk` steps at a time, the next
-    chunk drawn in a background thread meanwhile (drawn in line, it left a GPU idle after every host sync).
-    """
+    """Yield this rank's (t, noise) for each step, sliced from the whole global batch drawn from (seed, step)
+    on the CPU, `chunk` steps at a time, the next chunk drawn in a background thread (a GPU stays busy)."""
     local = global_batch // world_size
 
     def draw(start):  # (chunk, b) and (chunk, b, C, H, W)

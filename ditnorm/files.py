@@ -56,10 +56,8 @@ def nonfinite_parts(obj: dict) -> list[str]:
 
 
 def save_checkpoint(obj: dict, path) -> None:
-    """Write obj atomically: a temporary file in the same folder, fsync, then os.replace.
-
-    Refuses (CheckpointError, nothing written) weights that are not finite; removes the temporary files
-    of earlier saves that were killed mid-write."""
+    """Write obj atomically (records.write_atomic); CheckpointError, nothing written, for weights that are
+    not finite."""
     bad = nonfinite_parts(obj)
     if bad:
         raise CheckpointError(f"not saving {path}: its {', '.join(bad)} weights are not finite")

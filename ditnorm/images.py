@@ -149,10 +149,8 @@ def split_by_class(labels, heldout_fraction=HELDOUT_FRACTION):
 
 
 class ImageData:
-    """A fixed train/held-out split of uint8 images with labels, and the training batches of each step.
-
-    images (N, C, H, W) uint8 and labels (N,) are reordered so that rows [0, num_train) train and the
-    rest are held out (split_by_class)."""
+    """uint8 images (N, C, H, W) and labels (N,) in split_by_class's order (rows [0, num_train) train, the
+    rest are held out), and the training batches of each step."""
 
     def __init__(self, images, labels, name):
         order, self.num_train = split_by_class(labels)
@@ -169,10 +167,8 @@ class ImageData:
         return to_model_range(self.images[rows]), self.labels[rows]
 
     def batch(self, seed, step, global_batch, rank, world_size, device, drop_prob=0.0):
-        """This rank's (x (b, C, H, W), y (b,), drop (b,) int or None) of training step `step`.
-
-        Indices with replacement over the training rows, from (seed, step); drop marks the samples whose
-        label becomes the null class (classifier-free guidance), from a stream of its own."""
+        """This rank's (x (b, C, H, W), y (b,), drop (b,) or None) of step `step`: rows drawn with replacement
+        from (seed, step); drop, 1 where the label becomes the null class, from that stream too."""
         generator = torch.Generator().manual_seed(step_seed(seed, f"{step}:images"))
         index = torch.randint(0, self.num_train, (global_batch,), generator=generator)  # (B,)
         drop = None
@@ -189,8 +185,7 @@ class ImageData:
 
 def load_image_data(kind, data_path=None, image_size=None):
     """The ImageData of --data mnist (the offline subset, 28x28) or --data folder (--data-path, resized and
-    centre-cropped to image_size, default 28); both split 90/10 per class (the last tenth of each class's
-    images held out)."""
+    centre-cropped to image_size, default 28)."""
     if kind == "mnist":
         if image_size not in (None, MNIST_SIZE):
             raise DataError(f"the offline MNIST is {MNIST_SIZE}x{MNIST_SIZE}; drop --image-size {image_size} "
