@@ -421,3 +421,5 @@ def train(cfg, run_dir, ckpt_path, ckpt, *, results_dir, fast, device, rank=0, w
                          + (f"; {problem[1]}" if last_saved else ""))
     log(f"done: {len(steps)} steps in {time.perf_counter() - loop_start:.1f} s of training loop "
         "(the checkpoint saves included)")
+    if log.file:
+        log.file.close()
