@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ditnorm import hub, pretrained
+from ditnorm import hub, layout, pretrained
 from ditnorm.checkpoint import CheckpointError, DownloadError, load_model
 from ditnorm.layout import checkpoint_at, run_checkpoints
 from ditnorm.options import Parser, step_set
@@ -58,7 +58,7 @@ def export_run(args, parser):
     if run.is_file():
         if args.steps:
             parser.error("--steps picks checkpoints of a run folder; drop it or pass the run folder")
-        paths, run = [run], run.parent.parent
+        paths, run = [run], layout.run_of(run) or run.parent
     elif run_checkpoints(run):
         paths = [checkpoint_at(run, step) for step in sorted(args.steps or [max(run_checkpoints(run))])]
     else:

@@ -135,8 +135,7 @@ def sample_toy_checkpoint(model, config, train_args, args):
         print(f"sample means vs U{list(CONSTANT_RANGE)}: Kolmogorov-Smirnov distance {stats['ks_c']:.3f}")
     print(f"saved {out}")
     if args.scatter:
-        ckpt = Path(args.ckpt)
-        title = f"{ckpt.parent.parent.name}/{ckpt.name}, {args.weights} weights, {steps} sampling steps"
+        title = f"{layout.run_name(args.ckpt)}, {args.weights} weights, {steps} sampling steps"
         fig = analysis.plot_toy_scatter({f"norm={config['norm']}": samples}, title=title)
         Path(args.scatter).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.scatter, dpi=150)
