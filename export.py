@@ -58,7 +58,7 @@ def export_run(args, parser):
     if run.is_file():
         if args.steps:
             parser.error("--steps picks checkpoints of a run folder; drop it or pass the run folder")
-        paths, run = [run], layout.run_of(run) or run.parent
+        paths, run = [run], layout.run_of(run) or run.parent.parent  # (a loose file: as before)
     elif run_checkpoints(run):
         paths = [checkpoint_at(run, step) for step in sorted(args.steps or [max(run_checkpoints(run))])]
     else:
