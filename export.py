@@ -8,22 +8,18 @@ diffusers' forward of a DiT folder with ours (docs/diffusers.md).
     python export.py weights results/reproduce/zeros-none-seed0 res/reproduce/weights --steps 1000,5000 \
         --weights ema,raw                                                   # what the notebooks fall back on
 
-weights writes a run's checkpoints as res/<preset>/weights/<run>/checkpoints/<step>.safetensors with their
-SHA-256 and a provenance line (ditnorm/pretrained.py): a run folder the notebooks, sample.py and load_model
-read as they read a training's.
-
-Then in Python: DiTTransformer2DModel.from_pretrained("exported/toy"); call
-ditnorm.hub.use_official_dit_function(model) on it for the function the model was trained with. A file or
-folder that cannot be exported or compared ends in one line and exit status 2; a failed download in exit 1.
+weights writes a run's checkpoints as a shipped run folder with their SHA-256 and provenance
+(ditnorm/pretrained.py). An exported diffusers folder loads with DiTTransformer2DModel.from_pretrained;
+ditnorm.hub.use_official_dit_function(model) makes it compute the function the model was trained with.
 """
 
 import shlex
 import sys
 from pathlib import Path
 
-from ditnorm import hub, pretrained
-from ditnorm.analysis import checkpoint_at, run_checkpoints
+from ditnorm import hub, layout, pretrained
 from ditnorm.checkpoint import CheckpointError, DownloadError, load_model
+from ditnorm.layout import checkpoint_at, run_checkpoints
 from ditnorm.options import Parser, step_set
 
 
@@ -62,7 +58,7 @@ def export_run(args, parser):
     if run.is_file():
         if args.steps:
             parser.error("--steps picks checkpoints of a run folder; drop it or pass the run folder")
-        paths, run = [run], run.parent.parent
+        paths, run = [run], layout.run_of(run) or run.parent.parent  # (a loose file: as before)
     elif run_checkpoints(run):
         paths = [checkpoint_at(run, step) for step in sorted(args.steps or [max(run_checkpoints(run))])]
     else:

@@ -1,28 +1,22 @@
 """Sample a trained DiT: toy models to error statistics, image models (pixels or latents) to a grid.
 
-Toy checkpoints (ToyDiT, 2x2x2 images): N seeded samples saved as .npz, error statistics printed,
-optionally the 2-D pixel scatter. The error is |x| for a model trained on constant-zero data (the default
-of train_toy.py), and |x - mean(x)|, each pixel's distance from its own sample's mean (the nearest constant
-image), for one trained with --data constant, whose sample means should follow U[-1, 1] (their
-Kolmogorov-Smirnov distance to it is printed too). --ckpt takes a checkpoint file or a run folder (its
-last checkpoint, or the one at --step); --weights raw samples the training weights instead of their EMA.
+Toy checkpoints (ToyDiT, 2x2x2 images): N seeded samples saved as .npz and their error printed: |x| for a
+model trained on zeros, |x - mean(x)| (the distance to the nearest constant image) for one trained with
+--data constant, whose sample means should follow U[-1, 1] (their Kolmogorov-Smirnov distance is printed).
 
     python sample.py --ckpt results/reproduce/zeros-none-seed0 --scatter toy.png
-    python sample.py --ckpt results/reproduce/zeros-none-seed0 --step 1000 \
-        --weights raw --num-samples 1000
+    python sample.py --ckpt results/reproduce/zeros-none-seed0 --step 1000 --weights raw --num-samples 1000
 
-Pixel-space DiTs (train.py: MNIST or the user's own grey or RGB images): a class-conditional grid, one
-row per class (--class-labels; default every class, at most the first 16) and --per-class samples in each,
-with classifier-free guidance (--cfg-scale; 1 turns it off), saved as a PNG as the official sample.py
-saves its grid, and the samples themselves (in [-1, 1]) beside it as .npz.
+Image models, guided (--cfg-scale; 1 turns it off), saved as a grid PNG as the official sample.py saves
+it, the samples (in [-1, 1]) beside it as .npz. Pixel-space DiTs (train.py): a row per class
+(--class-labels; default every class, at most 16), --per-class samples in each. Latent DiTs (the official
+DiT-XL/2 by name, downloaded on first use, or a path): --num-samples images decoded by the SD VAE.
 
     python sample.py --ckpt results/mnist/MnistDiT-XS-4-layernorm-seed0 --cfg-scale 1 --out ln.png
-    python sample.py --ckpt results/000-MnistDiT-XS-4-none --step 4000 --cfg-scale 4 --seed 1
-
-Latent DiTs (the official DiT-XL/2 by name, downloaded on first use, or a path; or a latent checkpoint
-of this repository): classifier-free guidance, decoded with the Stable Diffusion VAE, saved as a grid.
-
     python sample.py --ckpt DiT-XL-2-256x256.pt --class-labels 207 360 387 974 --num-sampling-steps 50
+
+--ckpt takes a checkpoint file or a run folder (its last checkpoint, or the one at --step); --weights raw
+samples the training weights instead of their EMA.
 """
 
 import math
@@ -32,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ditnorm.analysis import checkpoint_at
+from ditnorm import layout
 from ditnorm.checkpoint import (
     OFFICIAL_CHECKPOINTS,
     CheckpointError,
@@ -45,7 +38,6 @@ from ditnorm.checkpoint import (
 )
 from ditnorm.data import CONSTANT_RANGE
 from ditnorm.images import write_grid
-from ditnorm.layout import CHECKPOINTS
 from ditnorm.options import (
     Parser,
     add_fast_flag,
@@ -62,7 +54,7 @@ from models import NORM_KINDS, TOY_MODELS
 VAE_SCALE = 0.18215  # latents were scaled by this factor for training (Stable Diffusion's constant)
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 DEFAULT_CFG_SCALE = 4.0
-DEFAULT_STEPS = {"toy": None, "pixel": 250, "latent": 250}  # None: every step of the checkpoint's diffusion
+DEFAULT_STEPS = 250  # image models (as DiT); toy models: every step of the checkpoint's diffusion
 DEFAULT_PER_CLASS = 8
 PIXEL_CHANNELS = (1, 3)  # grey or RGB images (train.py); 4 channels are the SD VAE's latents
 MAX_DEFAULT_ROWS = 16  # a pixel grid's rows when --class-labels is not given: every class, up to this many
@@ -70,25 +62,6 @@ MAX_DEFAULT_ROWS = 16  # a pixel grid's rows when --class-labels is not given: e
 
 class SampleError(Exception):
     """A request that cannot be sampled; the message says what to do."""
-
-
-def image_grid(images, ncol=None, pad=2, fill=255):
-    """(N, H, W, 3) uint8 images -> one (rows*(H+pad)+pad, ncol*(W+pad)+pad, 3) uint8 grid."""
-    n, h, w, c = images.shape
-    ncol = ncol or math.ceil(math.sqrt(n))
-    nrow = math.ceil(n / ncol)
-    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), fill, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, ncol)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top : top + h, left : left + w] = img
-    return grid
-
-
-def to_uint8(images):
-    """(N, 3, H, W) decoded images in [-1, 1] -> (N, H, W, 3) uint8."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def guided_model(model, cfg_scale, cfg_channels):
@@ -128,10 +101,9 @@ def sample_toy_checkpoint(model, config, train_args, args):
     if args.vae is not None or args.image_size is not None or args.cfg_scale is not None:
         raise SampleError(f"{args.ckpt} is a toy {config['model']} checkpoint (2x2x2 data, no VAE, "
                           "no guidance); drop --vae, --image-size and --cfg-scale")
-    if args.class_labels:
-        check_labels(args.class_labels, config["num_classes"])
+    check_labels(args.class_labels or [], config["num_classes"])
     num_samples = args.num_samples or 100
-    diffusion = diffusion_of(train_args, args.num_sampling_steps or DEFAULT_STEPS["toy"])
+    diffusion = diffusion_of(train_args, args.num_sampling_steps)
     steps = diffusion.num_timesteps
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     if args.device == "cpu":
@@ -142,8 +114,7 @@ def sample_toy_checkpoint(model, config, train_args, args):
 
     from ditnorm import analysis  # matplotlib is only needed here
 
-    # the data the model was trained on (train_toy.py --data); checkpoints without it are zeros runs
-    data = train_args.get("data", "zeros")
+    data = train_args.get("data", "zeros")  # the data it was trained on; checkpoints without: zeros runs
     errors = analysis.pixel_errors(samples)
     if data == "constant":
         label, stats = "|x - mean(x)|", analysis.error_stats(errors["dev_const"])
@@ -151,8 +122,8 @@ def sample_toy_checkpoint(model, config, train_args, args):
     else:
         label, stats = "|x|", analysis.error_stats(errors["abs_x"])
     weights = "" if args.weights == "ema" else f"-{args.weights}"
-    out = Path(args.out or f"results/samples/{Path(args.ckpt).stem}-{config['norm']}{weights}-seed{args.seed}"
-               ".npz")
+    name = f"{Path(args.ckpt).stem}-{config['norm']}{weights}-seed{args.seed}.npz"
+    out = Path(args.out or layout.SAMPLES / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, samples=samples, seed=args.seed, ckpt=str(args.ckpt), num_sampling_steps=steps, data=data,
              error=label, **stats)
@@ -164,8 +135,7 @@ def sample_toy_checkpoint(model, config, train_args, args):
         print(f"sample means vs U{list(CONSTANT_RANGE)}: Kolmogorov-Smirnov distance {stats['ks_c']:.3f}")
     print(f"saved {out}")
     if args.scatter:
-        ckpt = Path(args.ckpt)
-        title = f"{ckpt.parent.parent.name}/{ckpt.name}, {args.weights} weights, {steps} sampling steps"
+        title = f"{layout.run_name(args.ckpt)}, {args.weights} weights, {steps} sampling steps"
         fig = analysis.plot_toy_scatter({f"norm={config['norm']}": samples}, title=title)
         Path(args.scatter).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.scatter, dpi=150)
@@ -173,104 +143,62 @@ def sample_toy_checkpoint(model, config, train_args, args):
 
 
 @torch.no_grad()
-def sample_pixel_checkpoint(model, config, train_args, args):
-    """Pixel path: a class-conditional grid (a row per class, --per-class samples in each) -> png + npz."""
-    if args.vae is not None or args.scatter or args.num_samples is not None:
+def sample_image_checkpoint(model, config, train_args, args, latent):
+    """Image path: guided samples (latents decoded by the VAE) -> a grid png and the samples as .npz.
+    Pixel models: a row per class, --per-class samples in each; latent models: --num-samples images."""
+    if latent and (args.scatter or args.per_class is not None):
+        raise SampleError("--scatter plots toy samples and --per-class sets a pixel-space grid's columns; "
+                          "drop them for a latent model (--num-samples sets its images)")
+    if not latent and (args.vae is not None or args.scatter or args.num_samples is not None):
         raise SampleError(f"{args.ckpt} is a pixel-space model (no VAE, no scatter): drop --vae, --scatter "
                           "and --num-samples; --per-class sets the samples of each class")
     size = config["input_size"]
-    if args.image_size is not None and args.image_size != size:
-        raise SampleError(f"{args.ckpt} generates {size}x{size} images; pass --image-size {size} or another "
-                          "checkpoint")
-    labels = args.class_labels or list(range(min(config["num_classes"], MAX_DEFAULT_ROWS)))
-    check_labels(labels, config["num_classes"])
-    per_class = args.per_class or DEFAULT_PER_CLASS
+    shown = size * 8 if latent else size  # the SD VAE decodes each latent pixel to 8x8
+    if args.image_size is not None and args.image_size != shown:
+        raise SampleError(f"{args.ckpt} generates {shown}x{shown} images; pass --image-size {shown} or "
+                          "another checkpoint")
+    rows = args.class_labels or list(range(min(config["num_classes"], MAX_DEFAULT_ROWS)))
+    check_labels(rows, config["num_classes"])
     cfg_scale = DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     if cfg_scale != 1.0 and config["class_dropout_prob"] == 0:
         raise SampleError(f"{args.ckpt} was trained without class dropout (no null class); use --cfg-scale 1")
-    out = Path(args.out or f"results/samples/{run_name(args.ckpt)}-cfg{cfg_scale:g}-seed{args.seed}.png")
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    if not latent:  # a row per class
+        labels = [label for label in rows for _ in range(args.per_class or DEFAULT_PER_CLASS)]
+    elif args.class_labels:  # the labels, repeated to --num-samples
+        labels = [rows[i % len(rows)] for i in range(args.num_samples or len(rows))]
+    else:  # random labels
+        labels = torch.randint(0, config["num_classes"], (args.num_samples or 8,), generator=g,
+                               device=args.device).tolist()
+    per_row = math.ceil(math.sqrt(len(labels))) if latent else args.per_class or DEFAULT_PER_CLASS
+    steps = args.num_sampling_steps or DEFAULT_STEPS
+    diffusion = diffusion_of(train_args, steps)
+    vae = load_vae(args.vae or DEFAULT_VAE, args.device) if latent else None  # before sampling: fail fast
+    name = f"{layout.run_name(args.ckpt)}-cfg{cfg_scale:g}-seed{args.seed}.png"
+    out = Path(args.out or layout.SAMPLES / name)
     if out.suffix.lower() != ".png":
         raise SampleError(f"--out {out} names the grid, a .png (the samples go beside it as .npz); pass a "
                           ".png")
-    steps = args.num_sampling_steps or DEFAULT_STEPS["pixel"]
-    diffusion = diffusion_of(train_args, steps)
-    g = torch.Generator(device=args.device).manual_seed(args.seed)
-    n, c = len(labels) * per_class, config["in_channels"]
-    y = torch.tensor(labels, device=args.device).repeat_interleave(per_class)  # (N,): row k is labels[k]
-    x = torch.randn(n, c, size, size, generator=g, device=args.device)  # (N, C, H, W)
-    if cfg_scale != 1.0:  # as the latent path, guiding exactly the C noise channels
-        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, config["num_classes"])])
-        fn = lambda x_t, t, y: model.forward_with_cfg(x_t, t, y, cfg_scale, guided_channels=None)  # noqa: E731
-    else:
-        fn = model
-    images = diffusion.p_sample_loop(fn, x.shape, noise=x, clip_denoised=True, model_kwargs={"y": y},
-                                     device=args.device, progress=True, generator=g)[:n]  # (N, C, H, W)
-    npz = write_grid(out, images, per_class, labels=y[:n].cpu().numpy(), seed=args.seed, cfg_scale=cfg_scale,
-                     num_sampling_steps=steps, ckpt=str(args.ckpt), weights=args.weights)
-    print(f"{config['model']} norm={config['norm']}, {args.weights} weights: {len(labels)} classes x "
-          f"{per_class} samples of {c}x{size}x{size}, labels {labels}, cfg {cfg_scale:g}, {steps} steps, "
-          f"seed {args.seed}")
-    print(f"saved {out} (a row per class) and {npz}")
-
-
-def run_name(ckpt):
-    """<run folder>-<step> of a run's checkpoint file, else the file's stem (for default output names)."""
-    ckpt = Path(ckpt)
-    return f"{ckpt.parent.parent.name}-{ckpt.stem}" if ckpt.parent.name == "checkpoints" else ckpt.stem
-
-
-def nonfinite_weights(model):
-    """Names of the model's tensors that hold a NaN or an infinity."""
-    return [name for name, value in model.state_dict().items()
-            if value.is_floating_point() and not torch.isfinite(value).all()]
-
-
-@torch.no_grad()
-def sample_latent_checkpoint(model, config, train_args, args):
-    """Latent path: guided samples decoded by the VAE -> image grid png."""
-    if args.scatter:
-        raise SampleError("--scatter plots toy samples; drop it for a latent model")
-    if args.per_class is not None:
-        raise SampleError("--per-class sets a pixel-space grid's columns; pass --num-samples for a latent "
-                          "model")
-    expected_size = config["input_size"] * 8
-    if args.image_size is not None and args.image_size != expected_size:
-        raise SampleError(f"{args.ckpt} generates {expected_size}x{expected_size} images; "
-                          f"pass --image-size {expected_size} or another checkpoint")
-    g = torch.Generator(device=args.device).manual_seed(args.seed)
-    if args.class_labels:
-        check_labels(args.class_labels, config["num_classes"])
-        n = args.num_samples or len(args.class_labels)
-        labels = [args.class_labels[i % len(args.class_labels)] for i in range(n)]
-    else:
-        n = args.num_samples or 8
-        labels = torch.randint(0, config["num_classes"], (n,), generator=g, device=args.device).tolist()
-    cfg_scale = DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
-    if cfg_scale != 1.0 and config["class_dropout_prob"] == 0:
-        raise SampleError(f"{args.ckpt} was trained without class dropout (no null class); use --cfg-scale 1")
-    steps = args.num_sampling_steps or DEFAULT_STEPS["latent"]
-    diffusion = diffusion_of(train_args, steps)
-    vae = load_vae(args.vae or DEFAULT_VAE, args.device)  # before sampling: fail fast
-    size = config["input_size"]
-    z = torch.randn(n, 4, size, size, generator=g, device=args.device)  # (N, 4, h, w)
-    y = torch.tensor(labels, device=args.device)
+    n, c = len(labels), config["in_channels"]
+    x = torch.randn(n, c, size, size, generator=g, device=args.device)  # (N, C, h, w)
+    y = torch.tensor(labels, device=args.device)  # (N,)
+    fn = model
     if cfg_scale != 1.0:
         # Conditional and unconditional halves share the noise; the null label is the extra row num_classes.
-        z, y = torch.cat([z, z]), torch.cat([y, torch.full_like(y, config["num_classes"])])
-        fn = guided_model(model, cfg_scale, args.cfg_channels)
-    else:
-        fn = model
-    latents = diffusion.p_sample_loop(fn, z.shape, noise=z, clip_denoised=False, model_kwargs={"y": y},
-                                      device=args.device, progress=True, generator=g)
-    latents = latents[:n]  # (N, 4, h, w): the guided half
-    images = vae.decode(latents / VAE_SCALE).sample  # (N, 3, H, W) in about [-1, 1]
-    grid = image_grid(to_uint8(images))
-    out = Path(args.out or f"results/samples/{Path(args.ckpt).stem}-cfg{cfg_scale:g}-seed{args.seed}.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(out)
-    print(f"{config['model']}: {n} images {images.shape[-1]}x{images.shape[-2]}, labels {labels}, "
-          f"cfg {cfg_scale:g} ({args.cfg_channels} channels), {steps} steps, seed {args.seed}")
-    print(f"saved {out}")
+        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, config["num_classes"])])
+        fn = guided_model(model, cfg_scale, args.cfg_channels if latent else "all")
+    images = diffusion.p_sample_loop(fn, x.shape, noise=x, clip_denoised=not latent, model_kwargs={"y": y},
+                                     device=args.device, progress=True, generator=g)[:n]  # the guided half
+    if latent:
+        images = vae.decode(images / VAE_SCALE).sample  # (N, 3, H, W) in about [-1, 1]
+    npz = write_grid(out, images, per_row, labels=np.array(labels), seed=args.seed, cfg_scale=cfg_scale,
+                     num_sampling_steps=steps, ckpt=str(args.ckpt), weights=args.weights)
+    what = (f"{len(rows)} classes x {per_row} samples" if not latent else f"{n} samples") + " of " + \
+        "x".join(map(str, images.shape[1:]))
+    print(f"{config['model']} norm={config['norm']}, {args.weights} weights: {what}, labels "
+          f"{labels if latent else rows}, cfg {cfg_scale:g}"
+          + (f" ({args.cfg_channels} channels)" if latent else "") + f", {steps} steps, seed {args.seed}")
+    print(f"saved {out} and {npz}")
 
 
 def resolve_checkpoint(args):
@@ -279,11 +207,11 @@ def resolve_checkpoint(args):
     --weights raw needs a file that holds both weights; the published official checkpoints are EMA only."""
     path = Path(args.ckpt)
     if path.is_dir():
-        folder = path if (path / CHECKPOINTS).is_dir() else path.parent
-        if not (folder / CHECKPOINTS).is_dir():
+        folder = path if (path / layout.CHECKPOINTS).is_dir() else path.parent
+        if not (folder / layout.CHECKPOINTS).is_dir():
             raise SampleError(f"{args.ckpt} is a folder without checkpoints/<step>.pt; pass a run folder of "
                               "train_toy.py or train.py, or a checkpoint file")
-        path = checkpoint_at(folder, args.step)
+        path = layout.checkpoint_at(folder, args.step)
     elif args.step is not None:
         raise SampleError("--step picks a checkpoint of a run folder; drop it or pass the run folder as "
                           "--ckpt")
@@ -312,8 +240,8 @@ def build_parser():
                         f"{DEFAULT_PER_CLASS})")
     p.add_argument("--seed", type=seed, default=0, help="seed of the noise and of random labels")
     p.add_argument("--num-sampling-steps", type=positive_int, default=None,
-                   help="respaced steps of the checkpoint's own diffusion (at most its length); default 250 "
-                        "for image models (as DiT), all of them (the full training schedule) for toy models")
+                   help=f"respaced steps of the checkpoint's own diffusion (at most its length); default "
+                        f"{DEFAULT_STEPS} for image models (as DiT), all of them for toy models")
     p.add_argument("--cfg-scale", type=finite_float, default=None,
                    help=f"guidance scale of image models (default {DEFAULT_CFG_SCALE}); 1 disables it")
     p.add_argument("--cfg-channels", choices=("all", "3"), default="3",
@@ -335,8 +263,8 @@ def build_parser():
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda falls back to cpu when no GPU is present")
     p.add_argument("--out", default=None,
-                   help="output .npz (toy) or .png grid (image models; a pixel grid's samples go beside it "
-                        "as .npz); default under results/samples/")
+                   help="output .npz (toy) or .png grid (image models; their samples go beside it as .npz); "
+                        "default under results/samples/")
     p.add_argument("--scatter", default=None, help="toy only: also save the 2-D pixel scatter png here")
     return p
 
@@ -359,17 +287,16 @@ def main(argv=None):
         # The steps and schedule of the diffusion come from the checkpoint (diffusion_of), never a default.
         model, config, train_args = load_for_sampling(args.ckpt, norm=args.norm, device=args.device,
                                                       use_ema=args.weights == "ema")
+        bad = [name for name, value in model.state_dict().items()
+               if value.is_floating_point() and not torch.isfinite(value).all()]
         if config["model"] in TOY_MODELS:  # a diverged toy is sampled: its non-finite values are counted
             sample_toy_checkpoint(model, config, train_args, args)
-        elif nonfinite_weights(model):
-            bad = nonfinite_weights(model)
+        elif bad:
             raise SampleError(f"{args.ckpt} holds non-finite {args.weights} weights ({', '.join(bad[:2])}"
                               f"{' ...' if len(bad) > 2 else ''}: a diverged run); pass an earlier "
                               "checkpoint")
-        elif config["in_channels"] in PIXEL_CHANNELS:
-            sample_pixel_checkpoint(model, config, train_args, args)
-        elif config["in_channels"] == 4:
-            sample_latent_checkpoint(model, config, train_args, args)
+        elif config["in_channels"] in (*PIXEL_CHANNELS, 4):
+            sample_image_checkpoint(model, config, train_args, args, latent=config["in_channels"] == 4)
         else:
             raise SampleError(f"{args.ckpt} has {config['in_channels']} input channels: neither pixels "
                               "(1 or 3) nor the SD VAE's 4 latent channels; pass another checkpoint")

@@ -5,7 +5,8 @@
     python benchmarks/bench_image.py --models MnistDiT-S/4 --threads 1 --repeats 5 --layout-steps 0
     python benchmarks/bench_image.py --out benchmarks/cpu_image_DATE.md   # also write the output there
 
-The step is the trainer's for real images: ditnorm.trainer.plain_train_step on models.build_model, fused
+The step is the trainer's for real images: ditnorm.trainer's diffusion_loss and optimizer_step on
+models.build_model, fused
 AdamW (fast.make_optimizer), class dropout passed as force_drop_ids, a batch of the offline MNIST subset.
 Each round times one 2048^3 fp32 matmul and then one step of every model (A B C ... A B C ...), so a
 change of load from other processes falls on all of them alike; the table has medians over rounds.
@@ -35,7 +36,7 @@ sys.path.insert(0, ROOT)
 
 from diffusion import create_diffusion  # noqa: E402
 from ditnorm.images import load_image_data  # noqa: E402
-from ditnorm.trainer import plain_train_step  # noqa: E402
+from ditnorm.trainer import diffusion_loss, optimizer_step  # noqa: E402
 from fast import make_optimizer  # noqa: E402
 from models import MNIST_MODELS, build_model  # noqa: E402
 
@@ -56,7 +57,13 @@ def training_state(name, seed=0):
                 p.add_(torch.randn_like(p) * 0.02)
     ema = copy.deepcopy(model).requires_grad_(False)
     diffusion = create_diffusion(timestep_respacing="")
-    step = plain_train_step(model, ema, diffusion, make_optimizer(model.parameters(), 1e-4), 0.999, 1)
+    optimizer = make_optimizer(model.parameters(), 1e-4)
+
+    def step(x, t, noise, y, drop):
+        loss = diffusion_loss(model, diffusion, x, t, noise, y, drop)
+        optimizer_step(loss, model, ema, optimizer, 0.999, 1)
+        return loss.detach()
+
     return model, diffusion, step
 
 

@@ -7,7 +7,8 @@
     python benchmarks/bench_train.py --isa native,avx2     # the C kernels built for each, side by side
     python benchmarks/bench_train.py --device cuda         # the same on CUDA (the repository's step is the
                                                            # trainer's plain one there)
-The repository's steps are the trainer's (ditnorm.trainer.make_train_step): with --fast off the plain step,
+The repository's steps are the trainer's (ditnorm.trainer: fast_loss, then optimizer_step): with --fast
+off the plain step,
 with --fast auto fast/'s C step once proven (not gated by its speed here: this script is the timing), its
 kernels built for each --isa. Every step starts from the same weights and sees the same inputs;
 repetitions alternate between them (the order flips every repeat) after a warm-up, and medians are
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from official_style import make_official_step, official_model_from  # noqa: E402, I001
 
 from diffusion import create_diffusion  # noqa: E402
-from ditnorm.trainer import make_train_step  # noqa: E402
+from ditnorm.trainer import diffusion_loss, fast_loss, optimizer_step  # noqa: E402
 from fast import make_optimizer  # noqa: E402
 from fast.kernels import ISA_ENV, ISA_FLAGS, cpu_flags  # noqa: E402
 from models import build_model  # noqa: E402
@@ -100,7 +101,18 @@ def trained_like(name, norm, seed=0):
 def repository_step(model, ema, diffusion, optimizer, ema_decay, world_size=1, fast="auto"):
     """The trainer's step for the toy data, as train_toy.py builds it (--fast auto: fast/'s C loss once
     proven; no batch size, so not timed against the plain one: this script does the timing)."""
-    return make_train_step(fast, model, ema, diffusion, optimizer, ema_decay, world_size, False)
+    loss_fn, _ = fast_loss(fast, model, diffusion, class_dropout=False)
+
+    def step(x_start, t, noise, y):
+        if loss_fn is None:
+            loss = diffusion_loss(model, diffusion, x_start, t, noise, y)
+        else:
+            loss = loss_fn(x_start, t, noise, y)
+        optimizer_step(loss, model, ema, optimizer, ema_decay, world_size)
+        return loss.detach()
+
+    step.path = getattr(loss_fn, "path", "plain")
+    return step
 
 
 def build_steps(model, device, make, isa=None, fast="auto"):

@@ -7,7 +7,8 @@
 The ladder: MnistDiT-XS/4, -S/4, -B/4, -L/4 x (layernorm and none at seeds 0-2, rmsnorm and dyt at seed 0),
 32 runs of the mnist recipe (ditnorm/presets.py RECIPES["mnist"]: batch 64, 10k steps, a checkpoint every
 1k). Each run is what `experiment.py train --preset mnist` trains: the same trainer functions
-(build_training_state, plain_train_step, the same (seed, step) batches and class dropout, trainer.save),
+(build_training_state, diffusion_loss and optimizer_step, the same (seed, step) batches and class dropout,
+trainer.save),
 so its checkpoints are the trainer's. The runs advance one step each in turn, each on its own CUDA stream,
 so that the GPU overlaps the small kernels of one run with the next run's while Python launches them.
 With --preset interventions the ladder is instead the interventions study (res/interventions/prediction.md:
@@ -51,7 +52,7 @@ from ditnorm.data import rank_batches  # noqa: E402
 from ditnorm.images import load_image_data  # noqa: E402
 from ditnorm.presets import runs as preset_runs  # noqa: E402
 from ditnorm.studies import mnist as mnist_report  # noqa: E402
-from ditnorm.trainer import build_training_state, plain_train_step, save  # noqa: E402
+from ditnorm.trainer import build_training_state, diffusion_loss, optimizer_step, save  # noqa: E402
 
 SIZES = {"XS": "MnistDiT-XS/4", "S": "MnistDiT-S/4", "B": "MnistDiT-B/4", "L": "MnistDiT-L/4"}
 NORM_SEEDS = {"layernorm": (0, 1, 2), "none": (0, 1, 2), "rmsnorm": (0,), "dyt": (0,)}
@@ -84,8 +85,6 @@ class Run:
         self.name, self.cfg, self.dir = name, cfg, Path(folder)
         self.model, self.ema, self.averages, self.optimizer = build_training_state(cfg, {}, None, device, 0)
         self.diffusion = create_diffusion(timestep_respacing="", diffusion_steps=cfg["diffusion_steps"])
-        self.step_fn = plain_train_step(self.model, self.ema, self.diffusion, self.optimizer,
-                                        cfg["ema_decay"], 1)
         self.model_config = {"model": cfg["model"], **self.model.config}
         self.images, self.device = images, device
         shape = (self.model.config["in_channels"], self.model.config["input_size"],
@@ -103,7 +102,9 @@ class Run:
         t, noise = next(self.batches)
         x, y, drop = self.images.batch(self.cfg["seed"], step, self.cfg["global_batch_size"], 0, 1,
                                        self.device, self.model.config["class_dropout_prob"])
-        self.losses.append(self.step_fn(x, t, noise, y, drop))
+        loss = diffusion_loss(self.model, self.diffusion, x, t, noise, y, drop)
+        optimizer_step(loss, self.model, self.ema, self.optimizer, self.cfg["ema_decay"], 1)
+        self.losses.append(loss.detach())
         self.averages.update(step)
 
     def save(self, step):

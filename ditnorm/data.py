@@ -1,7 +1,5 @@
-"""What the toy models train on: the data kinds, and each step's timesteps and noise.
-
-Everything a step draws comes from (seed, step, global sample index), never from a per-rank stream, so
-a global batch trains identically on any number of ranks and a resumed run continues exactly.
+"""What the toy models train on, and each step's timesteps and noise: all drawn from (seed, step, global
+sample index), never from a per-rank stream (the trainer's docstring says why).
 """
 
 import hashlib
@@ -21,11 +19,8 @@ def step_seed(seed, step):
 
 
 def rank_batches(seed, steps, global_batch, rank, world_size, num_timesteps, shape, device, chunk=100):
-    """Yield this rank's (t, noise) for each step, sliced from the whole global batch drawn from (seed, step).
-
-    Drawn on the CPU (2048 x 8 floats: cheap) and moved to the device `chunk` steps at a time, the next
-    chunk drawn in a background thread meanwhile (drawn in line, it left a GPU idle after every host sync).
-    """
+    """Yield this rank's (t, noise) for each step, sliced from the whole global batch drawn from (seed, step)
+    on the CPU, `chunk` steps at a time, the next chunk drawn in a background thread (a GPU stays busy)."""
     local = global_batch // world_size
 
     def draw(start):  # (chunk, b) and (chunk, b, C, H, W)
@@ -59,8 +54,17 @@ def constant_images(seed, step, global_batch, rank, world_size, shape, device):
     return c.view(-1, 1, 1, 1).expand(-1, *shape).contiguous()  # (b, C, H, W)
 
 
-def training_images(kind, seed, step, global_batch, rank, world_size, shape, device):
-    """This rank's (b, C, H, W) training images of step `step` for data kind `kind`."""
-    if kind == "constant":
-        return constant_images(seed, step, global_batch, rank, world_size, shape, device)
-    return torch.zeros(global_batch // world_size, *shape, device=device)
+class ToyData:
+    """The toys' training data of a data kind, with images.ImageData's batch(): one class (label 0), no
+    class dropout."""
+
+    def __init__(self, kind, model_config):
+        self.kind, size = kind, model_config["input_size"]
+        self.shape = (model_config["in_channels"], size, size)
+
+    def batch(self, seed, step, global_batch, rank, world_size, device, drop_prob=0.0):
+        """This rank's (x (b, C, H, W), y (b,), None) of training step `step`."""
+        local = global_batch // world_size
+        x = constant_images(seed, step, global_batch, rank, world_size, self.shape, device) \
+            if self.kind == "constant" else torch.zeros(local, *self.shape, device=device)
+        return x, torch.zeros(local, dtype=torch.long, device=device), None

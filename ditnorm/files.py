@@ -1,13 +1,7 @@
-"""Checkpoint files on disk: the error every reader of one raises, reading one safely and writing one
-atomically.
-
-read_checkpoint is torch.load(weights_only=True) with every failure of the parse of a damaged or foreign
-file turned into one CheckpointError line naming it. A .safetensors file is shipped weights
-(ditnorm/pretrained.py writes them): read_checkpoint checks its SHA-256 against the SHA256SUMS of its
-weights folder and returns it as a checkpoint of this repository's format, in float32. save_checkpoint
-writes a temporary file and renames it (records.py), and refuses weights (model, EMA, averages) with a NaN
-or an infinity before it opens a file. stats_checkpoints and record_checkpoints keep a folder of statistics
-to the one training measured.
+"""Checkpoint files on disk: read_checkpoint (torch.load(weights_only=True), or shipped .safetensors
+weights checked against their SHA256SUMS), where any failure of the parse of a damaged or foreign file is
+one CheckpointError line naming it; save_checkpoint (atomic, refusing non-finite weights); and the digests
+that keep a folder of statistics to the one training it measured (stats_checkpoints).
 """
 
 import argparse
@@ -62,10 +56,8 @@ def nonfinite_parts(obj: dict) -> list[str]:
 
 
 def save_checkpoint(obj: dict, path) -> None:
-    """Write obj atomically: a temporary file in the same folder, fsync, then os.replace.
-
-    Refuses (CheckpointError, nothing written) weights that are not finite; removes the temporary files
-    of earlier saves that were killed mid-write."""
+    """Write obj atomically (records.write_atomic); CheckpointError, nothing written, for weights that are
+    not finite."""
     bad = nonfinite_parts(obj)
     if bad:
         raise CheckpointError(f"not saving {path}: its {', '.join(bad)} weights are not finite")
@@ -74,29 +66,17 @@ def save_checkpoint(obj: dict, path) -> None:
 
 def _container_problem(path):
     """Why path cannot be a torch.save file (a folder, empty, neither a zip nor a pickle), or None."""
-    path = Path(path)
-    if path.is_dir():
+    if Path(path).is_dir():
         return "is a folder"
     try:
         with open(path, "rb") as f:
             head = f.read(2)
     except OSError as e:
-        reason = e.strerror or e
-        raise CheckpointError(f"cannot read {path} ({reason}); pass a checkpoint file you can read") from None
-    if not head:
-        return "is empty"
+        raise CheckpointError(f"cannot read {path} ({e.strerror or e}); pass a checkpoint file you can "
+                              "read") from None
     # torch.save writes a zip archive ("PK"); its legacy format is a pickle of protocol 2 or later (0x80).
-    if head != b"PK" and head[0] != 0x80:
-        return "is neither a zip archive nor a pickle"
-    return None
-
-
-def _load_failure(error):
-    """The gist of a torch.load failure, whose messages run to paragraphs of advice."""
-    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
-    line = unpickler.group(1) if unpickler else str(error).strip().split("\n")[0]
-    line = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", line)  # c10's source location
-    return f"{type(error).__name__}: {line.split('. ')[0].strip()}"
+    return "is empty" if not head else None if head == b"PK" or head[0] == 0x80 else \
+        "is neither a zip archive nor a pickle"
 
 
 def read_checkpoint(path) -> dict:
@@ -127,9 +107,12 @@ def read_checkpoint(path) -> dict:
                 f"{path} holds a {refused.group(1)} object, not plain data; re-save it with tensors, "
                 "numbers, strings and dicts only"
             ) from None
-        reason = _load_failure(e)
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({reason}); pass a complete "
-                              "checkpoint written by torch.save") from None
+        # The gist of torch.load's failure (its messages run to paragraphs), without c10's source location.
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        line = unpickler.group(1) if unpickler else str(e).strip().split("\n")[0]
+        line = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", line).split(". ")[0].strip()
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {line}); "
+                              "pass a complete checkpoint written by torch.save") from None
 
 
 # Shipped weights (pretrained.py writes them): <weights>/<run>/checkpoints/<step>.safetensors, the tensors of

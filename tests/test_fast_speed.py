@@ -2,16 +2,16 @@
 the plain code, on the model, batch and thread count used; the times and the choice reach the log and
 config.json; a timing is cached per CPU build, model, batch and threads, and re-timed when one changes."""
 
-import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from builders import randomize
 
 from diffusion import create_diffusion
-from ditnorm.trainer import make_train_step, train_run
-from fast import fused_dit, make_optimizer, sample_toy, speed
+from ditnorm.trainer import fast_loss, train_run
+from fast import fused_dit, sample_toy, speed
 from fast import sampler as fast_sampler
 from models import build_model
 
@@ -38,10 +38,12 @@ class FakeTimes:
 
 
 def toy_step(batch_size, norm="layernorm", model=None):
-    """The trainer's step for a toy with --fast auto, for a local batch of batch_size."""
+    """The trainer's choice of step for a toy with --fast auto, for a local batch of batch_size: its path,
+    why not fast and the timing, as config.json records them."""
     model = model or build_model("ToyDiT-XS/1", norm=norm)
-    return make_train_step("auto", model, copy.deepcopy(model).requires_grad_(False), create_diffusion(""),
-                           make_optimizer(model.parameters(), 1e-3), 0.9, 1, False, batch_size)
+    loss, reason = fast_loss("auto", model, create_diffusion(""), False, batch_size)
+    return SimpleNamespace(path=getattr(loss, "path", "plain"), fast_reason=reason,
+                           fast_timing=getattr(loss, "timing", None))
 
 
 def test_measure_alternates_after_a_warm_up_and_takes_medians():

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from builders import randomize
 
 from diffusion import create_diffusion
-from ditnorm.trainer import make_train_step, plain_train_step, step_with
+from ditnorm.trainer import diffusion_loss, fast_loss, optimizer_step
 from fast import fused_dit, kernels, train_step
 from models import NORM_KINDS, build_model
 
@@ -35,18 +35,29 @@ def lib(request):
     return built
 
 
+def trainer_step(loss_fn, model, optimizer, ema_decay, world_size, ema):
+    """step(x_start, t, noise, y) -> the loss: the trainer's step (its loss, then trainer.optimizer_step)."""
+    ema = copy.deepcopy(model).requires_grad_(False) if ema is None else ema
+
+    def step(*batch):
+        loss = loss_fn(*batch)
+        optimizer_step(loss, model, ema, optimizer, ema_decay, world_size)
+        return loss.detach()
+    return step
+
+
 def fast_step(model, optimizer, diffusion=None, ema_decay=0.9, world_size=1, ema=None):
     """The trainer's step around fast.proven_loss's loss for model (it must prove itself)."""
-    ema = copy.deepcopy(model).requires_grad_(False) if ema is None else ema
     loss, reason = train_step.proven_loss(model, diffusion or create_diffusion(""))
     assert reason is None and loss is not None
-    return step_with(loss, model, ema, optimizer, ema_decay, world_size)
+    return trainer_step(loss, model, optimizer, ema_decay, world_size, ema)
 
 
 def plain_step(model, optimizer, diffusion=None, ema_decay=0.9, world_size=1, ema=None):
     """The trainer's plain step for model."""
-    ema = copy.deepcopy(model).requires_grad_(False) if ema is None else ema
-    return plain_train_step(model, ema, diffusion or create_diffusion(""), optimizer, ema_decay, world_size)
+    diffusion = diffusion or create_diffusion("")
+    return trainer_step(lambda *batch: diffusion_loss(model, diffusion, *batch), model, optimizer, ema_decay,
+                        world_size, ema)
 
 
 def toy_batch(n, seed=0):
@@ -370,8 +381,8 @@ def test_the_toy_takes_the_fast_step():
     model = build_model("ToyDiT/1")
     optimizer = torch.optim.AdamW(model.parameters())
     settings = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-    step = make_train_step("auto", model, copy.deepcopy(model), create_diffusion(""), optimizer, 0.9, 1, 0.0)
-    assert (step.path, step.fast_reason) == ("tiled-cpu", None)
+    loss, reason = fast_loss("auto", model, create_diffusion(""), class_dropout=False)
+    assert (loss.path, reason) == ("tiled-cpu", None)
     # The caller's optimizer is left as the caller made it (no switch to fused=True behind its back).
     assert {k: v for k, v in optimizer.param_groups[0].items() if k != "params"} == settings
 

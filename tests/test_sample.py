@@ -61,8 +61,14 @@ def test_latent_cfg_grid_with_local_vae(files, tmp_path, capsys):
     out = tmp_path / "grid.png"
     sample.main(["--ckpt", str(files["latent"]), "--vae", str(files["vae"]), "--num-samples", "5",
                  "--class-labels", "1", "2", "--num-sampling-steps", "3", "--out", str(out)])
-    # 5 images of 32x32 (4x4 latents, 8x upsampling) in a 3-column grid with 2-pixel padding.
-    assert Image.open(out).size == (3 * 34 + 2, 2 * 34 + 2)
+    # 5 images of 32x32 (4x4 latents, 8x upsampling) in a 3-column grid with 2-pixel padding, as the
+    # official save_image lays them out; the decoded samples beside it.
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * 34 + 2, 3 * 34 + 2, 3) and (grid[:2] == 0).all()
+    saved = np.load(out.with_suffix(".npz"))
+    assert saved["samples"].shape == (5, 3, 32, 32) and saved["labels"].tolist() == [1, 2, 1, 2, 1]
+    first = np.clip((saved["samples"][0] + 1) / 2 * 255 + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    assert np.array_equal(grid[2:34, 2:34], first)
     assert "labels [1, 2, 1, 2, 1]" in capsys.readouterr().out
 
 
@@ -79,14 +85,6 @@ def test_cfg_channels_variants_agree_on_guided_channels():
     torch.testing.assert_close(first3[:, :3], all_channels[:, :3])
     torch.testing.assert_close(first3[:, 3:], plain[:, 3:])  # channel 3 and the variances unguided
     assert not torch.allclose(all_channels[:, 3], plain[:, 3])
-
-
-def test_image_grid_layout():
-    images = np.stack([np.full((2, 3, 3), i, dtype=np.uint8) for i in range(1, 6)])
-    grid = sample.image_grid(images, ncol=2, pad=1, fill=0)
-    assert grid.shape == (3 * 3 + 1, 2 * 4 + 1, 3)
-    assert grid[1, 1, 0] == 1 and grid[1, 5, 0] == 2 and grid[4, 1, 0] == 3 and grid[7, 1, 0] == 5
-    assert grid[7, 5, 0] == 0  # the empty sixth cell stays padding
 
 
 @pytest.mark.parametrize("case, expected", [

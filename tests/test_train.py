@@ -126,8 +126,9 @@ def test_each_trainer_shows_its_own_models_data_and_defaults(capsys):
     options = image_help.split("options:")[1]
     assert "(default: 1000)" in options.split("--ckpt-every")[1].split("--log-every")[0]
     assert "zeros" not in image_help and "CIFAR" not in image_help and "--image-size" in image_help
-    assert "MnistDiT" not in toy_help and "mnist" not in toy_help and "--data-path" not in toy_help
-    assert "(default: 10000,50000)" in toy_help and "--preset {cpu}" in toy_help
+    assert "MnistDiT" not in toy_help and "{mnist,folder}" not in toy_help and "--data-path" not in toy_help
+    assert "(default: 10000,50000)" in toy_help
+    assert all("--recipe {cpu,cpu-short,mnist,paper,tiny}" in text for text in (image_help, toy_help))
     _, args = parse_args([], IMAGE_DEFAULTS, "train.py")
     assert args.preset is None and args.data_path is None  # flags it does not show are never set
 

@@ -12,7 +12,7 @@ import torch
 from builders import tensors_of
 
 from diffusion import create_diffusion
-from ditnorm import data
+from ditnorm import data, layout
 from ditnorm import trainer as train_toy
 from ditnorm.checkpoint import CheckpointError, load_model, read_checkpoint
 from models import build_model
@@ -232,6 +232,21 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
+def test_a_recipe_is_one_of_the_recipe_table_and_preset_its_deprecated_name(tmp_path, monkeypatch, capsys):
+    from ditnorm.recipes import RECIPES
+
+    flags = ["--model", "ToyDiT-XS/1", "--max-steps", "1", "--global-batch-size", "16"]  # flags win
+    assert in_process(monkeypatch, [*flags, "--recipe", "cpu", "--results-dir", str(tmp_path / "r")]) is None
+    assert "--preset" not in capsys.readouterr().err
+    assert in_process(monkeypatch, [*flags, "--preset", "cpu", "--results-dir", str(tmp_path / "p")]) is None
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "train_toy.py: --preset is deprecated (a preset is experiment.py's); use --recipe cpu"]
+    for folder in ("r", "p"):
+        got = read_checkpoint(only_run(tmp_path / folder) / "checkpoints" / "0000001.pt")["train_args"]
+        want = dict(RECIPES["cpu"], max_steps=1, global_batch_size=16)
+        assert {k: got[k] for k in want} == want
+
+
 def test_a_log_interval_beyond_the_run_trains(tmp_path, monkeypatch):
     # The loss buffer was log_every long: --log-every 10**12 asked for 4 TB before the first step.
     assert in_process(monkeypatch, [*SMALL, "--max-steps", "3", "--log-every", str(10**12), "--results-dir",
@@ -264,8 +279,8 @@ def test_run_folders_never_reuse_an_index(tmp_path):
     (tmp_path / "000-ToyDiT-1-none").mkdir()
     (tmp_path / "004-ToyDiT-1-layernorm").mkdir()
     (tmp_path / "notes").mkdir()
-    assert train_toy.new_run_dir(tmp_path, "ToyDiT/1", "none").name == "005-ToyDiT-1-none"
-    assert train_toy.new_run_dir(tmp_path, "ToyDiT-XS/1", "dyt").name == "006-ToyDiT-XS-1-dyt"
+    assert layout.new_run_dir(tmp_path, "ToyDiT/1", "none").name == "005-ToyDiT-1-none"
+    assert layout.new_run_dir(tmp_path, "ToyDiT-XS/1", "dyt").name == "006-ToyDiT-XS-1-dyt"
 
 
 def test_constant_images_are_one_value_per_sample_and_rank_invariant():
