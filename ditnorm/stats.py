@@ -12,6 +12,7 @@
 
 import itertools
 import math
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,30 +40,51 @@ def mann_whitney_u(x, y):
     return float((x > y).sum() + 0.5 * (x == y).sum())
 
 
-def rank_test(x, y):
-    """Exact one-sided Mann-Whitney test that x is stochastically larger than y; a RankTest.
-
-    The null distribution is that of U over all C(n1 + n2, n1) assignments of the pooled values to x, so
-    ties are handled exactly (the permutation distribution given the tied values), with no normal
-    approximation. Valid at any n, in particular 3 against 3 (smallest p: 0.05).
-    """
-    x, y = list(map(float, x)), list(map(float, y))
+def _u_counts(x, y):
+    """(2U of x against y, {2U: number of the C(n1 + n2, n1) splits of the pooled values that give it})."""
     n1, n2 = len(x), len(y)
     if n1 == 0 or n2 == 0:
-        raise ValueError(f"rank_test needs values in both groups, got {n1} and {n2}")
-    splits = math.comb(n1 + n2, n1)
-    if splits > MAX_SPLITS:
-        raise ValueError(f"{splits} splits of {n1} + {n2} values is too many to enumerate; "
+        raise ValueError(f"a rank test needs values in both groups, got {n1} and {n2}")
+    if math.comb(n1 + n2, n1) > MAX_SPLITS:
+        raise ValueError(f"{math.comb(n1 + n2, n1)} splits of {n1} + {n2} values is too many to enumerate; "
                          "use a normal approximation for samples this large")
-    pooled = np.array(x + y)
-    observed = mann_whitney_u(x, y)
-    at_least = 0
+    pooled = np.array([*x, *y], dtype=float)
+    counts = Counter()
     for chosen in itertools.combinations(range(n1 + n2), n1):
         mask = np.zeros(n1 + n2, dtype=bool)
         mask[list(chosen)] = True
-        # a tolerance of far less than 1/2 guards the comparison against round-off in the half-counts
-        at_least += mann_whitney_u(pooled[mask], pooled[~mask]) >= observed - 1e-9
-    return RankTest(u=observed, p=at_least / splits, n1=n1, n2=n2)
+        counts[round(2 * mann_whitney_u(pooled[mask], pooled[~mask]))] += 1  # 2U: ties make halves
+    return round(2 * mann_whitney_u(x, y)), counts
+
+
+def rank_test(x, y):
+    """Exact one-sided Mann-Whitney test that x is stochastically larger than y; a RankTest. The null
+    distribution is U's over all C(n1 + n2, n1) assignments of the pooled values to x (ties exact, no normal
+    approximation); 3 against 3: smallest p 0.05."""
+    return stratified_rank_test([(x, y)])
+
+
+def stratified_rank_test(strata):
+    """Exact one-sided test that x is larger than y within strata [(x, y), ...] (sizes, conditions): the
+    statistic is the sum of the strata's U, its null distribution that of independent relabellings within
+    every stratum, each equally likely (the convolution of the strata's exact U distributions). A RankTest
+    whose u is the summed U and n1, n2 the summed counts; one stratum is rank_test."""
+    observed, total = 0, Counter({0: 1})
+    for x, y in strata:
+        u2, counts = _u_counts(list(map(float, x)), list(map(float, y)))
+        observed += u2
+        merged = Counter()
+        for (a, m), (b, k) in itertools.product(total.items(), counts.items()):
+            merged[a + b] += m * k
+        total = merged
+    at_least = sum(k for value, k in total.items() if value >= observed)
+    return RankTest(u=observed / 2, p=at_least / sum(total.values()), n1=sum(len(x) for x, _ in strata),
+                    n2=sum(len(y) for _, y in strata))
+
+
+def smallest_stratified_p(strata):
+    """The smallest p stratified_rank_test can give on strata of these sizes [(n1, n2), ...]."""
+    return float(np.prod([smallest_p(n1, n2) for n1, n2 in strata]))
 
 
 def smallest_p(n1, n2):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ditnorm.records import grouped, seed_spread
-from ditnorm.stats import rank_test, smallest_p
+from ditnorm.stats import rank_test, smallest_p, smallest_stratified_p, stratified_rank_test
 
 
 def long(rows, statistics, key="statistic"):
@@ -89,6 +89,21 @@ def pairs_cell(x, y):
     return [f"{test.u:g}/{test.n1 * test.n2}, p = {test.p:.2f}"], test.p
 
 
+def strata_cells(strata):
+    """(['u of total', 'p (smallest possible)'], p) of the stratified exact test of x > y over strata
+    [(x, y), ...] (stats.stratified_rank_test; a stratum without values on both sides left out)."""
+    strata = [(x, y) for x, y in ([[v for v in side if v is not None] for side in pair] for pair in strata)
+              if x and y]
+    if not strata:
+        return ["-", "-"], None
+    test, sizes = stratified_rank_test(strata), [(len(x), len(y)) for x, y in strata]
+    return [f"{test.u:g} of {sum(a * b for a, b in sizes)}",
+            f"{test.p:.4f} ({smallest_stratified_p(sizes):.4f})"], test.p
+
+
+STRATA_HEADS = ("pairs {x} > {y}, summed over {strata}", "p, stratified exact one-sided (smallest possible)")
+
+
 #################################################################################
 #                                Declared tables                                #
 #################################################################################
@@ -103,7 +118,8 @@ class Table:
 
     heads: the header of a line key (default its name), names: of a column (default its value); right: the
     line keys whose column is right-aligned; fmt: a format for every cell, or {value of `fmt_key` (a line
-    key or the across key): format}."""
+    key or the across key): format}; p_fmt: of Holm's p. strata: across is (strata key, key) and the test,
+    test_cells([(x, y) per stratum]) (strata_cells), compares (s, test[0]) with (s, test[1]) in each s."""
 
     lines: tuple
     value: str = "value"
@@ -122,6 +138,8 @@ class Table:
     heads: dict = field(default_factory=dict)
     names: dict = field(default_factory=dict)
     right: tuple = ()
+    strata: str | None = None
+    p_fmt: str = ".3f"
 
 
 def _column(row, across):
@@ -153,7 +171,7 @@ def render(table, rows):
     align = ["---:" if k in table.right else "---" for k in table.lines] + ["---"] * len(columns)
     if table.test:
         x, y = (" ".join(map(str, c)) if isinstance(c, tuple) else c for c in table.test)
-        heads += [h.format(x=x, y=y) for h in table.test_heads]
+        heads += [h.format(x=x, y=y, strata=table.strata) for h in table.test_heads]
         align += [table.test_align] * len(table.test_heads)
         if table.holm:
             heads.append("p, Holm over the table's lines")
@@ -164,12 +182,14 @@ def render(table, rows):
         cells = [*map(str, key)] + [cell(values.get(c, []), _format(table, key, c), table.count, table.lone)
                                     for c in columns]
         if table.test:
-            tested, p = table.test_cells(values.get(table.test[0], []), values.get(table.test[1], []))
+            tested, p = (table.test_cells([tuple(values.get((s, side), []) for side in table.test)
+                                           for s in dict.fromkeys(c[0] for c in columns)]) if table.strata
+                         else table.test_cells(*(values.get(side, []) for side in table.test)))
             cells += tested
             ps.append(p)
         body.append(cells)
     if table.test and table.holm:
         for cells, p in zip(body, holm(ps), strict=True):
-            cells.append("-" if p is None else f"{p:.3f}")
+            cells.append("-" if p is None else format(p, table.p_fmt))
     return ["| " + " | ".join(heads) + " |", "|" + "|".join(align) + "|",
             *("| " + " | ".join(cells) + " |" for cells in body)]

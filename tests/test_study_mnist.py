@@ -38,6 +38,25 @@ def test_the_report_gives_seed_spreads_and_exact_tests(tmp_path):
     assert "| MnistDiT-XS-4 | layernorm | 10 | 1.600 [1.500, 1.700] (n=3) | 21.0 [20.0, 22.0] (n=3) |" in text
 
 
+def test_each_size_gets_holm_beside_its_p_and_the_sizes_pool_in_a_stratified_test(tmp_path):
+    for seed in range(3):
+        for size, shift in (("XS", 0.0), ("S", 100.0)):  # S's none above XS's layernorm: only within a size
+            for norm, ratio in (("layernorm", 20.0), ("none", 5.0)):
+                fake_run(tmp_path, norm, seed, nll=2.0 + seed / 10, ratio=ratio + shift + seed,
+                         name=f"MnistDiT-{size}-4-{norm}-seed{seed}")
+    text = mnist.report(tmp_path)
+    ratio_lines = [line for line in text.splitlines() if line.startswith("| largest middle-block")
+                   and "raw" in line]
+    # per size: 9/9, p = 0.05, and Holm over the lines that have a test (NLL, ratio, lead share): x3
+    assert ratio_lines[0].endswith("| 9/9, p = 0.05 | 0.15 |"), ratio_lines[0]
+    assert "**The sizes pooled** (MnistDiT-S-4, MnistDiT-XS-4)" in text
+    assert ratio_lines[2].startswith("| largest middle-block top-1/median, raw | 121.0 [120.0, 122.0] (n=3) "
+                                     "| 106.0 [105.0, 107.0] (n=3) | 21.0 [20.0, 22.0] (n=3) |")
+    assert ratio_lines[2].endswith("| 18 of 18 | 0.0025 (0.0025) | 0.0075 |"), ratio_lines[2]
+    nll_line = [line for line in text.splitlines() if line.startswith("| NLL")][-1]
+    assert "| 9 of 18 |" in nll_line  # equal values: every pair a tie
+
+
 def test_the_ablation_rows_beside_the_probe_rows_do_not_break_the_report(tmp_path):
     # The ablation group stores the index of the block it zeroed as the quantity "block" (no "_").
     for norm in ("layernorm", "none"):
