@@ -22,6 +22,24 @@ def band_plot(ax, groups, colors=None):
     ax.grid(True, which="both", linewidth=0.3)
 
 
+def seed_dots(ax, groups, colors):
+    """Each seed's value a dot, a short line at each side's median: groups {category: {side: [values]}}, the
+    sides of a category side by side in the order and colours of `colors` ({side: colour})."""
+    width, labelled = 0.8 / len(colors), set()
+    for i, by_side in enumerate(groups.values()):
+        for j, (side, color) in enumerate(colors.items()):
+            values = [v for v in by_side.get(side, []) if v is not None]
+            x = i - 0.4 + width * (j + 0.5)
+            if values:
+                ax.scatter([x] * len(values), values, color=color, s=16, zorder=3,
+                           label=None if side in labelled else side)
+                ax.hlines(np.median(values), x - width / 3, x + width / 3, color=color, linewidth=1)
+                labelled.add(side)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.grid(axis="y", linewidth=0.3)
+
+
 def plot_streams_side_by_side(streams, tokens, *, sample=0, title=""):
     """|value| against channel of the residual stream after each block, one column per model in
     `streams` ({label: depth tensors (N, T, D)}), the given tokens of one sample overlaid; each row's

@@ -185,3 +185,19 @@ def test_the_interventions_report_reads_out_each_condition_against_baseline(tmp_
     assert "0.35 [0.35, 0.35] (n=3)" in read and "9/9, p = 0.05" in read  # the difference grew by 0.3
     assert "(EMA) | baseline |" not in readout  # baseline is the reference, not a condition
     assert (tmp_path / "results.md").read_text() == text
+    assert (tmp_path / "intervention.png").stat().st_size > 0 and "](intervention.png)" in text
+
+
+def test_the_interventions_report_and_its_figure_with_one_pair_and_with_none(tmp_path):
+    from ditnorm.presets import runs
+
+    grid = runs("interventions")
+    text = mnist.interventions_report({}, tmp_path, dict(runs=grid))
+    assert "runs measured (seeds): none yet" in text and "intervention.png" not in text
+    assert not (tmp_path / "intervention.png").exists()
+    for name, cfg in grid[:2]:  # the baseline seed-0 pair
+        assert name.endswith("-baseline-seed0")
+        fake_run(tmp_path, cfg["norm"], 0, nll=2.0, ratio=5.0, name=name)
+    text = mnist.interventions_report({}, tmp_path, dict(runs=grid))
+    assert "baseline layernorm: 1, baseline none: 1." in text
+    assert (tmp_path / "intervention.png").stat().st_size > 0 and "](intervention.png)" in text

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ditnorm import layout, records, stats, tables  # noqa: E402
+from ditnorm import figures, layout, records, stats, tables  # noqa: E402
 from ditnorm.mnist_study import STATS_FILE, context, read_rows  # noqa: E402
 from ditnorm.records import savefig_atomic, write_atomic  # noqa: E402
 from models import MNIST_MODELS  # noqa: E402
@@ -343,6 +343,28 @@ INTERVENED = [
 ]
 
 
+# The figure of the interventions: what they aim to remove, and what LayerNorm pays, per condition.
+FIGURE = ("middle-block top-1/median, per-input median (raw)", "NLL, bits/dim, x_0 clipped (EMA)")
+CONDITIONS = ("baseline", "wd0.1", "wd1", "dropout0.3", "cap4")  # the figure's order
+
+
+def intervention_figure(rows, conditions, path):
+    """FIGURE's statistics per condition, layernorm and none side by side, each seed's run a dot."""
+    fig, axes = plt.subplots(1, len(FIGURE), figsize=(10, 3.6))
+    for ax, label in zip(axes, FIGURE, strict=True):
+        groups = {c: {n: [r["value"] for r in rows if (r["statistic"], r["intervention"], r["norm"])
+                          == (label, c, n)] for n in ("layernorm", "none")} for c in conditions}
+        figures.seed_dots(ax, groups, {"layernorm": "tab:orange", "none": "tab:blue"})
+        ax.set_title(label, fontsize=9)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
+    fig.suptitle("MnistDiT-XS/4 at 10k steps under each condition: a dot per seed, a line at the median",
+                 fontsize=9)
+    fig.tight_layout()
+    savefig_atomic(fig, path, dpi=120)
+    plt.close(fig)
+
+
 def interventions_report(preset, record, options):
     """results.md of the interventions preset: per statistic and condition, layernorm against none over seeds
     (Holm over the table's lines), and each condition's seed-paired difference layernorm - none against
@@ -385,6 +407,8 @@ def interventions_report(preset, record, options):
         "The predictions (`prediction.md`) were committed before any run. A cell is the seed median "
         "[min, max] (n seeds); the tests are exact one-sided rank tests over seeds (3 against 3: smallest "
         "p 0.05), with Holm's adjustment over each table's lines beside them.", "",
+        *([f"![{FIGURE[0]} and {FIGURE[1]} per condition, layernorm and none, a dot per seed]"
+           "(intervention.png)", ""] if runs else []),
         "## LayerNorm against no norm under each condition", "", *tables.render(main, rows), "",
         "## The read-out: the seed-paired difference layernorm - none under a condition against baseline's",
         "", "A difference above baseline's means the condition moved LayerNorm up relative to no norm "
@@ -392,5 +416,8 @@ def interventions_report(preset, record, options):
         *(tables.render(interaction, differences) if differences else
           ["No condition has a seed whose layernorm and none runs and baseline pair are all measured yet."]),
         ""])
+    if runs:
+        order = sorted(conditions, key=lambda c: CONDITIONS.index(c) if c in CONDITIONS else len(CONDITIONS))
+        intervention_figure(rows, order, Path(record) / "intervention.png")
     write_atomic(Path(record) / "results.md", text)
     return text
