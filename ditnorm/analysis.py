@@ -139,20 +139,6 @@ def plot_token_embeddings(outputs, tokens, *, sample=0, stats=None, title="", la
 #################################################################################
 
 
-def find_runs(results_dir, norm, model="ToyDiT/1"):
-    """Run folders results_dir/<index>-<model>-<norm> of train_toy.py, oldest first."""
-    pattern = f"*-{model.replace('/', '-')}-{norm}"
-    runs = [p for p in Path(results_dir).glob(pattern) if (p / "checkpoints").is_dir()]
-    return sorted(runs, key=lambda p: (int(p.name.split("-")[0]) if p.name.split("-")[0].isdigit() else -1,
-                                       p.name))
-
-
-def latest_run(results_dir, norm, model="ToyDiT/1"):
-    """The newest run folder for (model, norm), or None."""
-    runs = find_runs(results_dir, norm, model)
-    return runs[-1] if runs else None
-
-
 def checkpoint_at(run_dir, step=None):
     """Path of the run's checkpoint at `step` (default: its last); FileNotFoundError naming what exists."""
     ckpts = run_checkpoints(run_dir)
