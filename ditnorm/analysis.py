@@ -1,12 +1,6 @@
-"""Shared analysis for the notebooks, sample.py and the runner's measurements: token embeddings, toy samples.
-
-Two questions are asked of a trained DiT here:
-- Residual stream: after each block, does any token carry a few channels that are orders of magnitude
-  larger than the rest ("massive activations", Sun et al. 2024)? The hypothesis, by analogy with the
-  droplet artifacts that StyleGAN2 traced to AdaIN's instance normalisation: behind a normalisation, one
-  huge value is a cheap way to scale down all the others, so a network may learn to plant it.
-- Toy samples: the toy data is exactly 0, so every sampled pixel value is its own error.
-"""
+"""Shared analysis for the notebooks, sample.py and the measurements: the residual stream after each block
+and its outliers (massive activations: Sun et al. 2024), finding run pairs, and the toy's samples, whose
+every pixel is its own error (the data is exactly 0)."""
 
 import contextlib
 import json
@@ -28,11 +22,6 @@ from models import TOY_MODELS, DiT_models
 # Sun et al. 2024 call an activation massive when it is over 100 in magnitude and about 1000x the median.
 MASSIVE_MIN_VALUE = 100.0
 MASSIVE_MIN_RATIO = 1000.0
-
-
-#################################################################################
-#                          Residual-stream embeddings                           #
-#################################################################################
 
 
 @contextlib.contextmanager
@@ -132,11 +121,6 @@ def plot_token_embeddings(outputs, tokens, *, sample=0, stats=None, title="", la
     fig.suptitle(title + "\n|value| of the residual stream after each block", fontsize=9)
     fig.tight_layout()
     return fig
-
-
-#################################################################################
-#                                 Toy models                                    #
-#################################################################################
 
 
 def checkpoint_at(run_dir, step=None):

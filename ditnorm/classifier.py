@@ -1,12 +1,5 @@
-"""A small digit classifier trained here, and the Fréchet distance of its features (not Inception FID).
-
-FID proper embeds images with an Inception network trained on ImageNet, which cannot be downloaded here
-and does not know 28x28 digits. So the repository trains its own classifier on the MNIST training split,
-deterministically, and measures samples by:
-- the Fréchet distance between Gaussian fits of its 128-d penultimate features of the samples and of the
-  4,500 training images ("FID" in this repository's tables, always said to be this classifier's);
-- class accuracy: how often the classifier names the class a sample was conditioned on.
-"""
+"""A small digit classifier trained here, and the Fréchet distance of its 128-d features (not Inception FID,
+which cannot be downloaded here and does not know 28x28 digits), with class accuracy."""
 
 import numpy as np
 import torch

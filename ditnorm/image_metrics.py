@@ -1,24 +1,8 @@
-"""What the MNIST study measures of one image DiT, with nothing downloaded.
-
-- nll: the held-out negative log-likelihood bound in bits/dim (diffusion.calc_bpd_loop), conditioned on
-  each image's class; the terms t = 0..10 exact, the rest a stratified estimate that is unbiased.
-- precision: the denoiser itself, not sampled chains: its x_0 prediction at one small t on fresh noisy
-  copies of the held-out images, as fixed quantiles of the error on the background pixels (exactly -1 in
-  the data) and the fraction of pixels that land on a wrong 8-bit level. A sampled chain ends on this
-  prediction at t = 0, so this is the error that decides the last level of every sample.
-- samples: class-conditional ancestral samples (respaced), scored by this repository's digit classifier
-  (ditnorm/classifier.py): the Fréchet distance of its features to the training images', and accuracy.
-- probe: the residual stream after every block on the held-out images at a few timesteps, with the same
-  top-1/median as the toys' (analysis.outlier_stats), plus which channel leads each token and how much of
-  each token's variance (what LayerNorm divides by) its top channels hold.
-- ablation: zero one block's recurring top channels and compare the held-out loss with zeroing as many
-  random channels (ditnorm/ablation.py separates content from renormalisation).
-
-The later instruments (docs/instruments.md): nll_fresh (the bound with fresh timestep and noise draws per
-image, both clip_denoised settings), sample_draws and real_floor (several draws, and what real images of
-the same count score), capture_points and input_outliers (per-input top-1/median, the stream entering
-block 0 and the final layer).
-"""
+"""What the MNIST study measures of one image DiT, nothing downloaded (docs/instruments.md): the held-out NLL
+bound (nll, nll_fresh), the denoiser's x_0 precision on the background (precision), samples scored by the
+digit classifier (samples, sample_draws, real_floor), the residual stream (capture, capture_points,
+stream_stats, input_outliers) and the zeroing of its recurring channels (ablation; ablation.py goes
+further)."""
 
 import math
 

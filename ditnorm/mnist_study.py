@@ -1,13 +1,7 @@
-"""The MNIST study's measure and report phases: per-run statistics in a long CSV, then the tables.
-
-Each run folder's checkpoints are measured into <stats>/<run>/measures.csv, one row per (step, weights,
-quantity) with the count it rests on. Measuring is incremental and survives being killed: a group of
-quantities (nll, probe, precision, samples, ablation) is measured for a (step, weights) only if the file
-lacks it, and the file is rewritten whole (records.write_atomic) after each group.
-
-The groups nll2, samples3, ablation2 and outliers (docs/instruments.md) came later and leave the earlier
-groups and their rows as they were: a run measured before them gets only them, at its last checkpoint.
-"""
+"""The MNIST study's measure phase: each finished run's checkpoints into <stats>/<run>/measures.csv, one row
+per (step, weights, group, quantity) with its count, a group measured only if the file lacks it and the file
+rewritten whole after each (so a kill loses nothing); the later groups (docs/instruments.md) are added at
+the last checkpoint of runs measured before them."""
 
 from pathlib import Path
 

@@ -1,7 +1,5 @@
-"""The files an experiment writes and reads. A write goes to a temporary file in the same folder, then
-os.replace puts it under its name, so that a kill at any moment leaves each file whole. read_rows is the one
-reader of measured rows (runs/<run>/<name>.csv), gather reads a record's; grouped and seed_spread are what
-every table (tables.py) and figure groups and reports."""
+"""The files an experiment writes and reads: every write is atomic (a temporary file, then os.replace);
+read_rows is the one reader of measured rows, gather a record's; grouped and seed_spread group them."""
 
 import csv
 import io
@@ -89,11 +87,6 @@ TEXT = ("data", "measure", "norm", "weights", "tensor", "direction", "group", "q
 
 class RowsError(ValueError):
     """A measured file that cannot be read as rows; the message names it."""
-
-
-#################################################################################
-#                               Reading rows                                    #
-#################################################################################
 
 
 def read_rows(path, columns=(), exact=False, ints=None, text=TEXT):

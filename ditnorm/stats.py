@@ -1,14 +1,6 @@
-"""Statistics that stay valid at a handful of seeds, and the paper study's tests recomputed from res/.
-
-- `rank_test`: the one-sided Mann-Whitney U test with its exact p-value, by enumerating every way of
-  splitting the pooled values into the two groups. With 3 seeds against 3 there are 20 splits, so the
-  smallest possible p is 1/20 = 0.05; no interval over 3 seeds can claim 95% coverage, this test can say
-  how often an ordering at least this complete would arise if the norm made no difference.
-- `fixed_quantiles`: p50, p99, p99.9 of a set of errors. Unlike the maximum, a quantile does not grow with
-  the number of samples it is taken over.
-- `paper_statistics` / `write_statistics`: every test and ratio the README quotes about `res/paper/`,
-  recomputed from the committed files there (errors.csv, weights.csv, perturb.csv, runs/*/pixels.npz).
-"""
+"""Statistics that stay valid at a handful of seeds: the exact one-sided Mann-Whitney test (every split of
+the pooled values enumerated: 3 against 3 gives at best p = 0.05) and its stratified form, fixed quantiles
+(which, unlike a maximum, do not grow with the sample count), and res/paper/statistics.md recomputed."""
 
 import itertools
 import math
@@ -106,10 +98,6 @@ def fixed_quantiles(values, quantiles=QUANTILES):
         return {quantile_name(q): float("nan") for q in quantiles}
     return {quantile_name(q): float(np.quantile(v, q)) for q in quantiles}
 
-
-#################################################################################
-#                   The paper study's tests, from the committed files            #
-#################################################################################
 
 NORMS = ("layernorm", "none")
 

@@ -1,17 +1,6 @@
-"""The report engine under every study: measured rows, one "median [min, max]" formatter, one
-exact rank test with Holm's correction beside it, and tables declared rather than written.
-
-Rows: every measured file is a csv of one run (<record>/runs/<run>/<name>.csv), one row per measurement
-with its keys (norm, seed, step, weights, ...) and its values; records.read_rows reads one (the one
-reader), records.gather a record's, and `long` here turns a row of several statistics (p50, p99, ...) into
-one row per statistic (statistic, value).
-
-A table is a `Table`: which value, which keys make a line (any grid key: data, model, intervention, ...),
-which key makes the columns (norm by default) and which two columns are tested against each other over
-the seeds of a line. `render` writes its markdown: a cell is the seed median [min, max] (n seeds) of each
-seed's value (the median of its rows: one, or several checkpoints), the test is stats.rank_test (exact,
-one-sided) with, when asked, Holm's step-down adjustment over the table's lines in a column of its own.
-"""
+"""The report engine under every study: a `Table` declares its lines (any grid keys), its columns (norm by
+default) and its test; `render` writes it, each cell the seed median [min, max] (n seeds) of each seed's
+value, the test stats.rank_test (or its stratified form) with Holm's adjustment beside it when asked."""
 
 from dataclasses import dataclass, field
 
@@ -25,11 +14,6 @@ def long(rows, statistics, key="statistic"):
     """One row per (row, statistic): the row's other keys, key=statistic and value=its value."""
     return [{**{k: v for k, v in row.items() if k not in statistics}, key: s, "value": row[s]}
             for row in rows for s in statistics]
-
-
-#################################################################################
-#                      The cell: median [min, max] over seeds                   #
-#################################################################################
 
 
 def number(value, fmt):
@@ -48,11 +32,6 @@ def cell(values, fmt=".2e", count=True, lone=False, empty="-"):
         return f"{number(values[0], fmt)}{n}"
     med, low, high = seed_spread(values)
     return f"{number(med, fmt)} [{number(low, fmt)}, {number(high, fmt)}]{n}"
-
-
-#################################################################################
-#                    The test: exact rank test, Holm beside it                  #
-#################################################################################
 
 
 def holm(ps):
@@ -102,11 +81,6 @@ def strata_cells(strata):
 
 
 STRATA_HEADS = ("pairs {x} > {y}, summed over {strata}", "p, stratified exact one-sided (smallest possible)")
-
-
-#################################################################################
-#                                Declared tables                                #
-#################################################################################
 
 
 @dataclass(frozen=True)

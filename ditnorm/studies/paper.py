@@ -1,12 +1,6 @@
-"""The report of the paper preset: the tables, figures and predictions' outcome of the paper-schedule study,
-recomputed from the per-run files under runs/ (whatever runs and checkpoints they hold, n said everywhere).
-
-Writes, beside runs/: errors.csv, weights.csv, rms.csv, direct.csv (every run's rows together), results.md
-(the tables), error_vs_step.png, averages_at_last_step.png, writer_norms.png, and the outcome under
-prediction.md. Where the runs have direct.csv, the direct statistic (studies/direct.py) heads results.md; the
-committed runs were measured before it and have none. The predictions' outcome rests on the sampled error,
-for which they were written.
-"""
+"""The report of the paper preset: tables, figures and the predictions' outcome of the paper-schedule study,
+from whatever per-run files runs/ holds (n said everywhere); the direct statistic heads results.md where
+measured, and the outcome rests on the sampled error it was written for."""
 
 from pathlib import Path
 

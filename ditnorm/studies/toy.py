@@ -1,12 +1,6 @@
-"""The reports of the sample-error presets (the 4-norm study, make reproduce), recomputed from whatever
-runs/<run>/errors.csv, outliers.csv and direct.csv exist under the preset's record folder; n is said
-everywhere.
-
-Where runs have direct.csv, the direct statistic (studies/direct.py) is the report's main table, with exact
-rank tests; the sampled tables follow it. Committed runs measured before it have none, and their reports
-are as they were. In the sampled tables each seed's number is a statistic over all pixel values of its
-samples; a table cell is the median over seeds and [min, max] over seeds (records.seed_spread).
-"""
+"""The reports of the sample-error presets (the 4-norm study, make reproduce) from whatever runs/<run>/
+errors.csv, outliers.csv and direct.csv exist: the direct statistic first where measured, then the sampled
+tables (a cell: the seed median [min, max] of each seed's statistic over its samples)."""
 
 import json
 from pathlib import Path
@@ -113,10 +107,6 @@ SAMPLED_NOTE = ("The tables below are of the sampled error, a statistic of each 
                 "for them.")
 
 
-#################################################################################
-#                        The 4-norm study and its prediction                    #
-#################################################################################
-
 PREDICTION = """\
 Measure: the seed median of the median per-pixel deviation |x - mean(x)| at the last checkpoint.
   P1  constant data is harder for every variant: the measure is larger on constant than on zeros data.
@@ -200,10 +190,6 @@ def study_report(preset, out, options):
         write_outcome(out / "prediction.md", rows)
     print("\n".join(parts))
 
-
-#################################################################################
-#                 make reproduce: the headline against the committed one        #
-#################################################################################
 
 LABELS = {"layernorm": "LayerNorm", "none": "no norm"}
 STATS = ("median", "max")
