@@ -21,13 +21,15 @@ def number(value, fmt):
     return fmt.format(value) if "{" in fmt else format(value, fmt)
 
 
-def cell(values, fmt=".2e", count=True, lone=False, empty="-"):
+def cell(values, fmt=".2e", count=True, lone=False, empty="-", spread=True):
     """'median [min, max] (n=k)' of the finite values (None and nan left out); without the count when not
-    count, 'value (n=1)' for a single one when lone; `empty` for none."""
+    count, the median alone when not spread, 'value (n=1)' for a single one when lone; `empty` for none."""
     values = [v for v in values if v is not None and np.isfinite(v)]
     if not values:
         return empty
     n = f" (n={len(values)})" if count else ""
+    if not spread:
+        return f"{number(float(np.median(values)), fmt)}{n}"
     if lone and len(values) == 1:
         return f"{number(values[0], fmt)}{n}"
     med, low, high = seed_spread(values)
@@ -109,6 +111,7 @@ class Table:
     fmt_key: str = "statistic"
     count: bool = True
     lone: bool = False
+    spread: bool = True
     heads: dict = field(default_factory=dict)
     names: dict = field(default_factory=dict)
     right: tuple = ()
@@ -153,8 +156,8 @@ def render(table, rows):
     body, ps = [], []
     for key, group in grouped(rows, *table.lines).items():
         values = unit_values(group, table)
-        cells = [*map(str, key)] + [cell(values.get(c, []), _format(table, key, c), table.count, table.lone)
-                                    for c in columns]
+        cells = [*map(str, key)] + [cell(values.get(c, []), _format(table, key, c), table.count, table.lone,
+                                         spread=table.spread) for c in columns]
         if table.test:
             tested, p = (table.test_cells([tuple(values.get((s, side), []) for side in table.test)
                                            for s in dict.fromkeys(c[0] for c in columns)]) if table.strata

@@ -37,36 +37,29 @@ DIRECT_WEIGHTS = ("raw", "ema", "ema_0.999", "sphere_0.9999")
 
 
 def unreadable(path, reason):
-    """The one line a measured file that cannot be read ends the report with."""
+    """The one line a measured file that cannot be read ends the report with; reason: a text or an error."""
+    if isinstance(reason, Exception):  # its type and the first line of its message
+        first = str(reason).strip().splitlines()
+        reason = f"{type(reason).__name__}: {first[0]}" if first else type(reason).__name__
     return SystemExit(f"experiment.py: error: cannot read {path} ({reason}); delete it and run "
                       "experiment.py measure --preset paper again to rewrite it")
 
 
-def _gist(error):
-    """An exception's type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-def read_table(path, name):
-    """The rows of one run's <name>.csv, numbers converted; SystemExit naming the file if it is not one."""
-    try:
-        rows = read_rows(path, COLUMNS[name], ints=("seed", "step", "block", "timestep"))
-    except Exception as e:  # foreign data: any failure of its parse is the file's (OSError, csv.Error, ...)
-        raise unreadable(path, _gist(e)) from None
-    for i, row in enumerate(rows, start=2):
-        unknown = [f"{k} {row[k]!r}" for k, known in (("norm", COLOURS), ("weights", WEIGHTS))
-                   if k in row and row[k] not in known]
-        if unknown:
-            unknown = " and ".join(unknown)
-            raise unreadable(path, f"line {i} has {unknown}, which the paper preset does not measure")
-    return rows
-
-
 def gather(res_dir, name):
-    """Every run's rows of runs/<run>/<name>.csv, numbers converted."""
-    paths = measured_files(res_dir, f"{name}.csv")
-    return [row for path in paths for row in read_table(path, name)]
+    """Every run's rows of runs/<run>/<name>.csv, numbers converted; SystemExit naming a file that is none."""
+    rows = []
+    for path in measured_files(res_dir, f"{name}.csv"):
+        try:
+            found = read_rows(path, COLUMNS[name], ints=("seed", "step", "block", "timestep"))
+        except Exception as e:  # foreign data: any failure of its parse is the file's (OSError, csv.Error)
+            raise unreadable(path, e) from None
+        for i, row in enumerate(found, start=2):
+            unknown = " and ".join(f"{k} {row[k]!r}" for k, known in (("norm", COLOURS), ("weights", WEIGHTS))
+                                   if k in row and row[k] not in known)
+            if unknown:
+                raise unreadable(path, f"line {i} has {unknown}, which the paper preset does not measure")
+        rows += found
+    return rows
 
 
 def read_pixels(res_dir):
@@ -77,8 +70,8 @@ def read_pixels(res_dir):
         try:
             with np.load(path) as f:
                 arrays = {k: f[k] for k in f.files}
-        except Exception as e:  # foreign data, as in read_table
-            raise unreadable(path, _gist(e)) from None
+        except Exception as e:  # foreign data, as in gather
+            raise unreadable(path, e) from None
         pixels.setdefault(norm, []).append(arrays)
     return pixels
 
@@ -213,33 +206,25 @@ def writer_table(weight_rows, step):
 
 def rms_table(rms_rows, step):
     """The residual stream's RMS after each block (raw weights, seed median) at `step`, per timestep."""
-    cells = {}
-    for r in rms_rows:
-        if r["weights"] == "raw" and r["step"] == step:
-            cells.setdefault((r["norm"], r["timestep"], r["block"]), []).append(r["rms"])
-    if not cells:
-        return []
-    blocks = sorted({b for _, _, b in cells})
-    lines = ["| norm | t | " + " | ".join(f"block {b}" for b in blocks) + " |",
-             "|---|---|" + "---|" * len(blocks)]
-    for norm in COLOURS:
-        for t in sorted({t for n, t, _ in cells if n == norm}):
-            values = [f"{np.median(cells[norm, t, b]):.3g}" if (norm, t, b) in cells else "-" for b in blocks]
-            lines.append(f"| {norm} | {t} | " + " | ".join(values) + " |")
-    return lines
+    rows = sorted((r for r in rms_rows if r["weights"] == "raw" and r["step"] == step),
+                  key=lambda r: (list(COLOURS).index(r["norm"]), r["timestep"]))
+    blocks = sorted({r["block"] for r in rows})
+    declared = tables.Table(lines=("norm", "timestep"), value="rms", across="block", order=tuple(blocks),
+                            names={b: f"block {b}" for b in blocks}, heads={"timestep": "t"}, test=None,
+                            fmt=".3g", count=False, spread=False)
+    return tables.render(declared, rows) if rows else []
 
 
 def perturb_table(perturbed, errors, step):
-    lines = ["| d | alpha | layernorm | none |", "|---|---|---|---|"]
-    raw = [tables.cell(_raw_of_perturbed(perturbed, errors, n, step), lone=True)
-           for n in COLOURS]
-    lines.append(f"| (raw weights) | 0 | {raw[0]} | {raw[1]} |")
-    for direction in sorted({r["direction"] for r in perturbed}, reverse=True):
-        for alpha in sorted({r["alpha"] for r in perturbed}):
-            cells = [tables.cell(_perturbed(perturbed, n, step, direction, alpha), lone=True)
-                     for n in COLOURS]
-            lines.append(f"| {direction} | {alpha:g} | {cells[0]} | {cells[1]} |")
-    return lines
+    """Median |x| of raw + alpha d at `step`, per direction d and alpha, beside the raw weights'."""
+    seeds = {n: {r["seed"] for r in perturbed if (r["norm"], r["step"]) == (n, step)} for n in COLOURS}
+    rows = [dict(d="(raw weights)", alpha="0", norm=n, seed=s, value=v) for n in COLOURS
+            for s, v in by_seed(errors, n, "raw", step, "median").items() if s in seeds[n]]
+    rows += [dict(r, d=d, alpha=f"{a:g}", value=r["median"])
+             for d in sorted({r["direction"] for r in perturbed}, reverse=True)
+             for a in sorted({r["alpha"] for r in perturbed}) for n in COLOURS for r in perturbed
+             if (r["norm"], r["step"], r["direction"], r["alpha"]) == (n, step, d, a)]
+    return tables.render(tables.Table(lines=("d", "alpha"), order=tuple(COLOURS), test=None, lone=True), rows)
 
 
 def perturb_steps_table(perturbed, errors):
