@@ -2,7 +2,6 @@
 and its outliers (massive activations: Sun et al. 2024), finding run pairs, and the toy's samples, whose
 every pixel is its own error (the data is exactly 0)."""
 
-import contextlib
 import json
 import math
 import textwrap
@@ -24,24 +23,17 @@ MASSIVE_MIN_VALUE = 100.0
 MASSIVE_MIN_RATIO = 1000.0
 
 
-@contextlib.contextmanager
-def block_output_hooks(model):
-    """Yield a list that collects each block's output (N, T, D) during forward passes; hooks removed after."""
+@torch.no_grad()
+def capture_block_outputs(model, x, t, y):
+    """Run one forward pass and return the residual stream after every block: depth tensors (N, T, D)."""
     outputs = []
     handles = [block.register_forward_hook(lambda _m, _inp, out: outputs.append(out.detach().cpu()))
                for block in model.blocks]
     try:
-        yield outputs
+        model(x, t, y)
     finally:
         for handle in handles:
             handle.remove()
-
-
-@torch.no_grad()
-def capture_block_outputs(model, x, t, y):
-    """Run one forward pass and return the residual stream after every block: depth tensors (N, T, D)."""
-    with block_output_hooks(model) as outputs:
-        model(x, t, y)
     assert len(outputs) == len(model.blocks), "each block must run exactly once per forward pass"
     return outputs
 

@@ -157,26 +157,18 @@ def real_floor(features, reference_fit, size, *, draws=10, seed=0):
     return float(np.mean(values)), float(np.std(values, ddof=1))
 
 
-@torch.no_grad()
 def capture(model, diffusion, x, y, fractions=PROBE_FRACTIONS, seed=0):
     """The residual stream after every block over the images x at t = fraction * T for each fraction:
-    depth tensors (len(fractions) * N, T, D), from one seeded noise draw per timestep."""
-    generator = torch.Generator().manual_seed(seed)
-    per_block = None
-    for timestep in (int(f * diffusion.num_timesteps) for f in fractions):
-        t = torch.full((len(x),), timestep, dtype=torch.long)
-        x_t = diffusion.q_sample(x, t, noise=torch.randn(x.shape, generator=generator))
-        outputs = analysis.capture_block_outputs(model, x_t, t, y)
-        per_block = [[h] for h in outputs] if per_block is None else [p + [h] for p, h in
-                                                                       zip(per_block, outputs, strict=True)]
-    return [torch.cat(p) for p in per_block]
+    depth tensors (len(fractions) * N, T, D), from one seeded noise draw per timestep (capture_points')."""
+    points = capture_points(model, diffusion, x, y, fractions, seed)
+    return [points[f"block{b}"] for b in range(len(model.blocks))]
 
 
 @torch.no_grad()
 def capture_points(model, diffusion, x, y, fractions=PROBE_FRACTIONS, seed=0):
-    """capture's residual streams with the two ends added: {"input": the stream entering block 0
-    (x_embedder + pos_embed), "block0".."block{depth-1}": each block's output, "final": the final layer's
-    input}, each (len(fractions) * N, T, D), from the same noise draws as capture."""
+    """The residual stream at every point over the images x at t = fraction * T for each fraction, one seeded
+    noise draw per timestep: {"input": entering block 0, "block<b>": after block b, "final": entering the
+    final layer}, each (len(fractions) * N, T, D)."""
     blocks = [f"block{b}" for b in range(len(model.blocks))]
     seen = {name: [] for name in ["input", *blocks, "final"]}
     hooks = [model.blocks[0].register_forward_pre_hook(lambda _m, args: seen["input"].append(args[0])),

@@ -14,7 +14,7 @@ from ditnorm.analysis import run_checkpoints
 from ditnorm.checkpoint import diffusion_of, load_for_sampling
 from ditnorm.classifier import embed, gaussian_fit, load_classifier, save_classifier, train_classifier
 from ditnorm.images import load_image_data
-from ditnorm.records import RowsError, csv_text, write_atomic
+from ditnorm.records import csv_text, write_atomic
 from ditnorm.records import read_rows as read_measured
 
 FIELDS = ("step", "weights", "group", "quantity", "value", "n")
@@ -35,11 +35,8 @@ CHOOSE_PER_CLASS = 50
 
 
 def read_rows(path):
-    """The rows of a measures.csv (values as floats), [] when there is none (records.read_rows)."""
-    try:
-        return read_measured(path, FIELDS, exact=True, ints=("step", "n"))
-    except RowsError as e:
-        raise ValueError(f"{e}: not a measures.csv of this study; move it away and measure again") from None
+    """The rows of a measures.csv (values as floats), [] when there is none; a RowsError naming a bad file."""
+    return read_measured(path, FIELDS, exact=True, ints=("step", "n"))
 
 
 def write_rows(path, rows):
