@@ -69,10 +69,9 @@ def choose(model, diffusion, train_x, train_y, k=2, seed=0):
 
 @torch.no_grad()
 def ablation_modes(model, diffusion, x, y, block, channels, channel_mean, *, random_draws=8, draws=2, seed=0):
-    """The held-out loss rise of each mode on `channels` and on random_draws sets of as many other
-    channels, paired over the same (image, t, noise): {"base", "n", "random_sets", and per mode
-    "{mode}_top_rise", "{mode}_top_rise_se" (over inputs), "{mode}_random_rise" (mean over the sets),
-    "{mode}_random_rise_sd" (over the sets)}."""
+    """The held-out loss rise of each mode on `channels` and on random_draws sets of as many others, paired
+    over (image, t, noise): {"base", "n", "random_sets", per mode "{mode}_top_rise", "_top_rise_se",
+    "_random_rise" (mean over the sets), "_random_rise_sd"}."""
     def losses():
         return metrics.input_losses(model, diffusion, x, y, draws=draws, seed=seed).double()
 

@@ -43,10 +43,8 @@ def parse_label(label: str) -> tuple[str, float]:
 
 
 def power_gamma(sigma_rel: float) -> float:
-    """The exponent gamma of EDM2's power-function EMA whose relative width is sigma_rel.
-
-    sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)), i.e. the largest real root of
-    gamma^3 + 7 gamma^2 + (16 - 1/sigma_rel^2) gamma + (12 - 1/sigma_rel^2) = 0."""
+    """EDM2's power-EMA exponent gamma of relative width sigma_rel: the largest real root of
+    sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3))."""
     inv = 1.0 / sigma_rel**2
     roots = np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv])
     real = [r.real for r in roots if abs(r.imag) < 1e-9 and r.real > -1]

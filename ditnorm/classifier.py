@@ -78,10 +78,8 @@ def gaussian_fit(features):
 
 
 def frechet_distance(fit_a, fit_b):
-    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) of two Gaussian fits.
-
-    The square root is taken of the symmetric S_a^1/2 S_b S_a^1/2, whose trace equals that of
-    (S_a S_b)^1/2, so that only symmetric eigendecompositions are needed (no complex round-off)."""
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) of two Gaussian fits (the symmetric
+    form, whose trace equals (S_a S_b)^1/2's: no complex round-off)."""
     (mu_a, cov_a), (mu_b, cov_b) = fit_a, fit_b
     w, v = np.linalg.eigh(cov_a)
     root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T

@@ -41,16 +41,10 @@ def nll(model, diffusion, x, y, *, strata=20, seed=0, batch=250):
 @torch.no_grad()
 def nll_fresh(model, diffusion, x, y, *, strata=20, exact=10, spacing="geometric", draws=2, seed=0,
               batch=500):
-    """The held-out bound with fresh draws for every image, under both clip_denoised settings.
-
-    Each image gets `draws` independent estimates, averaged: the prior, the terms t = 0..exact, and one
-    timestep drawn uniformly inside each of `strata` strata of the rest (bound_strata with size=N,
-    geometric widths by default), each term with its own noise. The estimates are independent across
-    images, so nll_se, the standard error over images, includes the timestep and noise sampling as well
-    as which images the held-out set holds. nll_draw_se is the sampling's part alone (from the spread
-    between an image's draws): what separates two models measured on the same images. Both settings come
-    from the same network calls. Returns {"clipped": {"nll_bpd", "nll_se", "nll_draw_se", "n"},
-    "unclipped": {...}}."""
+    """The held-out bound with fresh timestep and noise draws for every image (`draws` estimates each,
+    averaged), under both clip_denoised settings from the same network calls: nll_se over images includes
+    the sampling, nll_draw_se is the sampling's part alone (docs/instruments.md). {"clipped": {"nll_bpd",
+    "nll_se", "nll_draw_se", "n"}, "unclipped": {...}}."""
     generator = torch.Generator().manual_seed(seed)
     estimates = []
     for _ in range(draws):
@@ -81,12 +75,9 @@ def histogram_quantile(counts, q):
 
 @torch.no_grad()
 def precision(model, diffusion, x, y, *, timestep=0, num_inputs=10_000, seed=0, batch=500):
-    """The denoiser's x_0 prediction at `timestep` on num_inputs fresh noisy copies of the images x.
-
-    Returns background p50 / p99.9 of |x0_pred - x0| (fixed quantiles, not a maximum; unclipped, since
-    clipping would zero every error below -1 and hide half of them), the fraction of background and of
-    all pixels that quantise (clipped and rounded, as an image shows them) to another 8-bit level than
-    the data's, and the counts they rest on."""
+    """The denoiser's x_0 prediction at `timestep` on num_inputs fresh noisy copies of the images x: the
+    background's p50 / p99.9 of |x0_pred - x0| (unclipped: clipping would hide the errors below -1) and the
+    share of background and of all pixels on another 8-bit level than the data's, with their counts."""
     generator = torch.Generator().manual_seed(seed)
     counts = np.zeros(len(ERROR_EDGES) - 1, dtype=np.int64)
     wrong_bg = wrong_all = pixels_bg = pixels_all = inputs = 0
@@ -202,10 +193,9 @@ def input_outliers(h):
 
 
 def stream_stats(h):
-    """Statistics of one block's residual stream h (N, T, D): analysis.outlier_stats' top-1, median,
-    top-1/median and massive; the 3 channels with the largest peaks; the channel that leads (holds the
-    largest |value| of) most tokens and the share it leads; and the median share of a token's variance
-    about its mean (what LayerNorm divides by) in its top 1 and top 4 channels."""
+    """One block's stream h (N, T, D): outlier_stats' top-1, median, ratio and massive; the 3 channels of
+    largest peaks; the channel that leads most tokens and its share; the median share of a token's variance
+    (what LayerNorm divides by) in its top 1 and top 4 channels."""
     row = analysis.outlier_stats([h])[0]
     del row["layer"]
     a = h.abs()

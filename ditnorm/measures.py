@@ -169,11 +169,8 @@ def weight_rows(model, raw):
 
 def same_training_by_weights(run_dir, out, checkpoints):
     """Prove that the statistics in `out`, measured before checkpoints.json was kept, are of the training
-    whose checkpoints ({step: path}) are on disk: every step of out/weights.csv whose checkpoint is there
-    must give back its rows exactly (each weights kind's norm of 15 tensors and groups, and their cosines
-    to raw, as written: doubles). A retrained run that took another trajectory, even by one rounding,
-    would not. Returns the steps compared; a CheckpointError at the first value that differs, or when no
-    step can be compared."""
+    whose checkpoints ({step: path}) are on disk: each step of out/weights.csv whose checkpoint is there gives
+    back its rows exactly. Returns the steps compared; a CheckpointError at a difference or with none."""
     recorded = records.grouped(records.read_rows(out / "weights.csv"), "step", "weights")
     steps = sorted({int(step) for step, _ in recorded} & set(checkpoints))
     move = f"move {out} away to measure the checkpoints of {run_dir} into a fresh folder"

@@ -90,12 +90,9 @@ class RowsError(ValueError):
 
 
 def read_rows(path, columns=(), exact=False, ints=None, text=TEXT):
-    """The rows of a csv as dicts; [] when nothing is at path.
-
-    Cells stay strings unless `ints` is given: then a column in `text` stays a string, one in `ints`
-    becomes an int and any other a float. columns: names the header must hold (exactly, in this order,
-    when exact). A missing column, a line with more or fewer cells than the header, or a cell that is no
-    number is a RowsError naming the file (and the line)."""
+    """The rows of a csv as dicts; [] when nothing is at path. With `ints`, a column in `text` stays a
+    string, one in `ints` is an int, any other a float; columns: names the header must hold (exactly, in
+    order, when exact). A missing column, a ragged line or a cell that is no number: a RowsError naming it."""
     path = Path(path)
     if not path.exists():
         return []

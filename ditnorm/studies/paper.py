@@ -83,10 +83,9 @@ def by_seed(rows, norm, weights, step, key):
 
 
 def bootstrap_ratio(res_dir, weights, stat, draws=2000, seed=0):
-    """(ratio, low, high, seeds of layernorm, of none): layernorm / none of the seed median of `stat` (median
-    or max of |x|) at the last step, with the 2.5 and 97.5 percentiles of its bootstrap over seeds and,
-    within each seed, samples. With a handful of seeds that is no 95% interval: a resample can only repeat
-    the seeds there are, so its ends are near the extreme cross-seed ratios. None without data."""
+    """(ratio, low, high, seeds of layernorm, of none): layernorm / none of the seed median of `stat` at the
+    last step, with the 2.5 and 97.5 percentiles of a bootstrap over seeds and samples (no 95% interval at a
+    handful of seeds); None without data."""
     pixels = {norm: [seed[weights] for seed in seeds if weights in seed]  # (N, P) per seed
               for norm, seeds in read_pixels(res_dir).items()}
     if not pixels.get("layernorm") or not pixels.get("none"):
