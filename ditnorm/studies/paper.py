@@ -10,11 +10,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ditnorm import figures, tables  # noqa: E402
+from ditnorm import figures, records, tables  # noqa: E402
 from ditnorm.layout import measured_files  # noqa: E402
 from ditnorm.measures import DIRECT_COLUMNS  # noqa: E402
 from ditnorm.measures import PAPER_WEIGHTS as WEIGHTS  # noqa: E402
-from ditnorm.records import read_rows, savefig_atomic, write_atomic, write_rows  # noqa: E402
+from ditnorm.records import savefig_atomic, write_atomic, write_rows  # noqa: E402
 from ditnorm.studies import direct as direct_statistic  # noqa: E402
 
 # Averages by how far back they reach at 50k steps (the std of their weighting, in steps): EMA d ~ 1/(1-d),
@@ -32,34 +32,24 @@ COLUMNS = {"errors": ("norm", "seed", "step", "weights", "median", "p99", "max",
            "rms": ("norm", "seed", "step", "weights", "timestep", "block", "rms"),
            "perturb": ("norm", "seed", "step", "direction", "alpha", "median", "p99", "max"),
            "direct": DIRECT_COLUMNS}
+INTS = ("seed", "step", "block", "timestep")
 # The weights kinds of the direct statistic's tables (direct.csv holds all of them).
 DIRECT_WEIGHTS = ("raw", "ema", "ema_0.999", "sphere_0.9999")
 
 
 def unreadable(path, reason):
-    """The one line a measured file that cannot be read ends the report with; reason: a text or an error."""
-    if isinstance(reason, Exception):  # its type and the first line of its message
-        first = str(reason).strip().splitlines()
-        reason = f"{type(reason).__name__}: {first[0]}" if first else type(reason).__name__
+    """The one line a measured file that cannot be read ends the report with."""
     return SystemExit(f"experiment.py: error: cannot read {path} ({reason}); delete it and run "
                       "experiment.py measure --preset paper again to rewrite it")
 
 
 def gather(res_dir, name):
-    """Every run's rows of runs/<run>/<name>.csv, numbers converted; SystemExit naming a file that is none."""
-    rows = []
-    for path in measured_files(res_dir, f"{name}.csv"):
-        try:
-            found = read_rows(path, COLUMNS[name], ints=("seed", "step", "block", "timestep"))
-        except Exception as e:  # foreign data: any failure of its parse is the file's (OSError, csv.Error)
-            raise unreadable(path, e) from None
-        for i, row in enumerate(found, start=2):
-            unknown = " and ".join(f"{k} {row[k]!r}" for k, known in (("norm", COLOURS), ("weights", WEIGHTS))
-                                   if k in row and row[k] not in known)
-            if unknown:
-                raise unreadable(path, f"line {i} has {unknown}, which the paper preset does not measure")
-        rows += found
-    return rows
+    """Every run's rows of runs/<run>/<name>.csv, numbers converted; SystemExit naming a bad file."""
+    try:
+        known = {"norm": COLOURS, "weights": WEIGHTS}
+        return records.gather(res_dir, name, columns=COLUMNS[name], ints=INTS, known=known)
+    except records.RowsError as e:
+        raise unreadable(e.path, e.reason) from None
 
 
 def read_pixels(res_dir):
@@ -70,8 +60,8 @@ def read_pixels(res_dir):
         try:
             with np.load(path) as f:
                 arrays = {k: f[k] for k in f.files}
-        except Exception as e:  # foreign data, as in gather
-            raise unreadable(path, e) from None
+        except Exception as e:  # foreign data: any failure of its parse is the file's
+            raise unreadable(path, f"{type(e).__name__}: {e}".splitlines()[0]) from None
         pixels.setdefault(norm, []).append(arrays)
     return pixels
 

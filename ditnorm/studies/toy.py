@@ -25,21 +25,16 @@ INTS = ("seed", "step", "block", "timestep", "nonfinite", "noise_seed", "inputs"
 
 
 def gather(out, name, grid=None):
-    """Every run's rows of runs/<run>/<name>.csv, numbers converted, in the grid's order (data, norm, seed,
-    step) when a grid is given; seeds outside grid["seed"] are left out."""
-    rows = records.gather(out, name, ints=INTS)
+    """Every run's rows of runs/<run>/<name>.csv, numbers converted, of the grid's data, norms and seeds in
+    its order (data, norm, seed, step) when a grid is given."""
+    measures = list(MEASURE_LABELS)
+    known = grid and {"data": grid["data"], "norm": grid["norm"], "measure": measures}
+    rows = records.gather(out, name, ints=INTS, known=known)
     if grid is None:
         return rows
-    rows = [r for r in rows if r["seed"] in grid["seed"]]
-    measures = list(MEASURE_LABELS)
-    known = {"data": grid["data"], "norm": grid["norm"], "measure": measures}
-    for r in rows:
-        foreign = [f"{k} {r[k]!r}" for k, values in known.items() if k in r and r[k] not in values]
-        if foreign:
-            raise records.RowsError(f"{out}/runs/*/{name}.csv: a row has {' and '.join(foreign)}, which this "
-                                    "preset does not measure")
-    return sorted(rows, key=lambda r: (grid["data"].index(r["data"]), grid["norm"].index(r["norm"]),
-                                       r["seed"], r["step"], measures.index(r.get("measure", "abs_x"))))
+    return sorted((r for r in rows if r["seed"] in grid["seed"]),
+                  key=lambda r: (grid["data"].index(r["data"]), grid["norm"].index(r["norm"]), r["seed"],
+                                 r["step"], measures.index(r.get("measure", "abs_x"))))
 
 
 def error_table(rows, with_step):
