@@ -6,7 +6,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ditnorm.analysis import outlier_stats
-from ditnorm.records import seed_spread
+from ditnorm.records import savefig_atomic, seed_spread
+
+
+def save(fig, path, dpi=120):
+    """Lay fig out, write it to path atomically, close it."""
+    fig.tight_layout()
+    savefig_atomic(fig, path, dpi=dpi)
+    plt.close(fig)
 
 
 def band_plot(ax, groups, colors=None):

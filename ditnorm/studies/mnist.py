@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from ditnorm import figures, layout, records, stats, tables  # noqa: E402
 from ditnorm.mnist_study import STATS_FILE, context, read_rows  # noqa: E402
-from ditnorm.records import savefig_atomic, write_atomic  # noqa: E402
+from ditnorm.records import write_atomic  # noqa: E402
 from models import MNIST_MODELS  # noqa: E402
 
 BLOCK = re.compile(r"block(\d+)_")
@@ -258,9 +258,7 @@ def curves_figure(runs, path):
     axes[0].set(xlabel="step", ylabel="held-out NLL bound, bits/dim (raw)")
     axes[1].set(xlabel="step", ylabel="largest middle-block top-1/median (raw)")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    savefig_atomic(fig, path, dpi=120)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def report(stats_root, out_dir=None, title="MNIST study: results", reference=None, grid=None):
@@ -360,9 +358,7 @@ def intervention_figure(rows, conditions, path):
         axes[0].legend(fontsize=8)
     fig.suptitle("MnistDiT-XS/4 at 10k steps under each condition: a dot per seed, a line at the median",
                  fontsize=9)
-    fig.tight_layout()
-    savefig_atomic(fig, path, dpi=120)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def interventions_report(preset, record, options):

@@ -14,7 +14,7 @@ from ditnorm import figures, records, tables  # noqa: E402
 from ditnorm.layout import measured_files  # noqa: E402
 from ditnorm.measures import DIRECT_COLUMNS  # noqa: E402
 from ditnorm.measures import PAPER_WEIGHTS as WEIGHTS  # noqa: E402
-from ditnorm.records import savefig_atomic, write_atomic, write_rows  # noqa: E402
+from ditnorm.records import write_atomic, write_rows  # noqa: E402
 from ditnorm.studies import direct as direct_statistic  # noqa: E402
 
 # Averages by how far back they reach at 50k steps (the std of their weighting, in steps): EMA d ~ 1/(1-d),
@@ -115,9 +115,7 @@ def plot_error_vs_step(rows, path):
         ax.set(title=LABEL[weights], xlabel="training step")
     axes[0].set_ylabel("median |x| (seed median; band: seed min-max)")
     axes[0].legend()
-    fig.tight_layout()
-    savefig_atomic(fig, path, dpi=120)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def plot_averages(rows, step, path):
@@ -138,9 +136,7 @@ def plot_averages(rows, step, path):
            title=f"Weights averaged how, at step {step:,}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    savefig_atomic(fig, path, dpi=120)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def writer_norms(weight_rows, norm, weights, key="l2"):
@@ -172,9 +168,7 @@ def plot_writer_norms(weight_rows, path):
     ax.set_title("seed median; band: min-max over seeds (raw)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    savefig_atomic(fig, path, dpi=120)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def writer_table(weight_rows, step):

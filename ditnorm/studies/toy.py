@@ -83,9 +83,7 @@ def plot_error_vs_step(rows, path, stats=("median", "p99", "max")):
         axes[-1, col].set_xlabel("training step")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("Sample error against training step" + seed_note(rows), fontsize=10)
-    fig.tight_layout()
-    savefig_atomic(fig, path, dpi=120)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def setup_line(preset, rows):
@@ -278,9 +276,7 @@ def plot_headline(rows, path, title):
         ax.set_xlabel("training step")
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9.5)
-    fig.tight_layout()
-    savefig_atomic(fig, path, dpi=130)
-    plt.close(fig)
+    figures.save(fig, path, dpi=130)
 
 
 def reproduce_report(preset, out, options):
