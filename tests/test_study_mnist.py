@@ -201,3 +201,20 @@ def test_the_interventions_report_and_its_figure_with_one_pair_and_with_none(tmp
     text = mnist.interventions_report({}, tmp_path, dict(runs=grid))
     assert "baseline layernorm: 1, baseline none: 1." in text
     assert (tmp_path / "intervention.png").stat().st_size > 0 and "](intervention.png)" in text
+
+
+def test_the_committed_interventions_report_is_what_report_writes_from_its_rows(tmp_path):
+    """res/interventions/: results.md and intervention.png from the committed runs/ alone (no checkpoints)."""
+    import shutil
+
+    import experiment
+    from ditnorm.presets import PRESETS, runs
+
+    committed = layout.ROOT / "res" / "interventions"
+    record = tmp_path / "interventions"
+    shutil.copytree(committed, record)
+    (record / "intervention.png").unlink()
+    experiment.report("interventions", PRESETS["interventions"], runs("interventions"), record,
+                      tmp_path / "results")
+    assert (record / "results.md").read_bytes() == (committed / "results.md").read_bytes()
+    assert (record / "intervention.png").stat().st_size > 0
