@@ -100,10 +100,8 @@ def _group_rows(group, model, diffusion, sampler, ctx, *, per_class, num_inputs)
                      for i, c in enumerate(stats["top_channels"])]
         return rows
     if group == "ablation":
-        streams = metrics.capture(model, diffusion, x, y)
-        middle = range(1, len(streams) - 1) if len(streams) > 2 else range(len(streams))
-        block = max(middle, key=lambda b: metrics.stream_stats(streams[b])["ratio"])
-        out = metrics.ablation(model, diffusion, x, y, block, metrics.recurring_channels(streams[block]))
+        block, channels, _ = ablations.choose(model, diffusion, x, y)  # on the held-out images themselves
+        out = metrics.ablation(model, diffusion, x, y, block, channels)
         return [(k, float(out[k]), len(x)) for k in ("block", "base", "top", "random", "top_rise",
                                                       "random_rise")]
     # The later groups' quantities carry their group's name, so that none shares a name (or a report's
