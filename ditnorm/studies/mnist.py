@@ -347,15 +347,25 @@ CONDITIONS = ("baseline", "wd0.1", "wd1", "dropout0.3", "cap4")  # the figure's 
 
 
 def intervention_figure(rows, conditions, path):
-    """FIGURE's statistics per condition, layernorm and none side by side, each seed's run a dot."""
-    fig, axes = plt.subplots(1, len(FIGURE), figsize=(10, 3.6))
-    for ax, label in zip(axes, FIGURE, strict=True):
-        groups = {c: {n: [r["value"] for r in rows if (r["statistic"], r["intervention"], r["norm"])
-                          == (label, c, n)] for n in ("layernorm", "none")} for c in conditions}
-        figures.seed_dots(ax, groups, {"layernorm": "tab:orange", "none": "tab:blue"})
+    """FIGURE's statistics per condition, layernorm and none side by side, each seed's run a dot, and the
+    seed-paired difference layernorm - none of the last."""
+    fig, axes = plt.subplots(1, len(FIGURE) + 1, figsize=(15, 3.6))
+    colors, paired = {"layernorm": "tab:orange", "none": "tab:blue"}, "layernorm - none, same seed"
+    for ax, label in zip(axes, FIGURE, strict=False):
+        values = {(r["intervention"], r["norm"], r["seed"]): r["value"] for r in rows
+                  if r["statistic"] == label and r["value"] is not None}
+        groups = {c: {n: [v for (c_, n_, _), v in values.items() if (c_, n_) == (c, n)] for n in colors}
+                  for c in conditions}
+        figures.seed_dots(ax, groups, colors)
         ax.set_title(label, fontsize=9)
-    if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=8)
+    diffs = {c: {paired: [v - values[c, "none", s] for (c_, n, s), v in values.items()
+                          if (c_, n) == (c, "layernorm") and (c, "none", s) in values]} for c in conditions}
+    figures.seed_dots(axes[-1], diffs, {paired: "tab:gray"})
+    axes[-1].axhline(0, color="0.5", linewidth=0.6)
+    axes[-1].set_title(f"{FIGURE[-1]}: {paired}", fontsize=9)
+    for ax in axes[::2]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle("MnistDiT-XS/4 at 10k steps under each condition: a dot per seed, a line at the median",
                  fontsize=9)
     figures.save(fig, path)
@@ -403,8 +413,8 @@ def interventions_report(preset, record, options):
         "The predictions (`prediction.md`) were committed before any run. A cell is the seed median "
         "[min, max] (n seeds); the tests are exact one-sided rank tests over seeds (3 against 3: smallest "
         "p 0.05), with Holm's adjustment over each table's lines beside them.", "",
-        *([f"![{FIGURE[0]} and {FIGURE[1]} per condition, layernorm and none, a dot per seed]"
-           "(intervention.png)", ""] if runs else []),
+        *([f"![{FIGURE[0]} and {FIGURE[1]} per condition, layernorm and none, a dot per seed; right: the "
+           "seed-paired difference of the NLL](intervention.png)", ""] if runs else []),
         "## LayerNorm against no norm under each condition", "", *tables.render(main, rows), "",
         "## The read-out: the seed-paired difference layernorm - none under a condition against baseline's",
         "", "A difference above baseline's means the condition moved LayerNorm up relative to no norm "
