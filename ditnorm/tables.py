@@ -3,10 +3,11 @@ default) and its test; `render` writes it, each cell the seed median [min, max] 
 value, the test stats.rank_test (or its stratified form) with Holm's adjustment beside it when asked."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from ditnorm.records import grouped, seed_spread
+from ditnorm.records import grouped, seed_spread, write_atomic
 from ditnorm.stats import rank_test, smallest_p, smallest_stratified_p, stratified_rank_test
 
 
@@ -170,3 +171,11 @@ def render(table, rows):
             cells.append("-" if p is None else format(p, table.p_fmt))
     return ["| " + " | ".join(heads) + " |", "|" + "|".join(align) + "|",
             *("| " + " | ".join(cells) + " |" for cells in body)]
+
+
+def write_outcome(path, lines, head=""):
+    """Replace what follows '## Outcome' in a prediction file with lines (the predictions above it stay as
+    written); a missing file is written as head and the outcome."""
+    if Path(path).is_file():
+        head = Path(path).read_text().split("## Outcome", 1)[0]
+    write_atomic(path, head + "## Outcome\n\n" + "\n".join(lines) + "\n")

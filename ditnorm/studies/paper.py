@@ -2,7 +2,6 @@
 from whatever per-run files runs/ holds (n said everywhere); the direct statistic heads results.md where
 measured, and the outcome rests on the sampled error it was written for."""
 
-from pathlib import Path
 
 import matplotlib
 
@@ -299,7 +298,7 @@ def report(preset, res, options):
     lines += ["", "The predictions (prediction.md) against these numbers:", "", *verdicts]
     write_atomic(res / "results.md", "\n".join(lines) + "\n")
     if (res / "prediction.md").is_file():
-        append_outcome(res / "prediction.md", verdicts)
+        tables.write_outcome(res / "prediction.md", verdicts)
     print("\n".join(lines))
 
 
@@ -372,10 +371,3 @@ def outcome(errors, weight_rows, last):
     n = {k: len(v) for k, v in seeds.items()}
     note = " (preliminary: fewer than 3 seeds per norm)" if min(n.values()) < 3 else ""
     return [f"At step {last:,}, seeds: layernorm {n['layernorm']}, none {n['none']}{note}.", "", *lines]
-
-
-def append_outcome(path, lines):
-    """Replace what follows '## Outcome' in the prediction file; the predictions above stay as written."""
-    text = Path(path).read_text()
-    head = text.split("## Outcome", 1)[0]
-    write_atomic(path, head + "## Outcome\n\n" + "\n".join(lines) + "\n")

@@ -3,7 +3,6 @@ errors.csv, outliers.csv and direct.csv exist: the direct statistic first where 
 tables (a cell: the seed median [min, max] of each seed's statistic over its samples)."""
 
 import json
-from pathlib import Path
 
 import matplotlib
 
@@ -142,14 +141,13 @@ def prediction_outcome(rows):
 
 
 def write_outcome(path, rows):
-    """Replace the outcome below the prediction (written first if there is no prediction file yet)."""
+    """The outcome below the prediction (written first if there is no prediction file yet)."""
     verdict = {True: "held", False: "did not hold", None: "not testable with these variants"}
-    lines = [f"- {name} {verdict[held]}: {detail}" for name, held, detail in prediction_outcome(rows)]
-    head = (Path(path).read_text().split("## Outcome")[0] if Path(path).is_file()
-            else f"# Prediction for the constant-data experiment\n\nWritten before the runs started.\n\n```\n"
-            f"{PREDICTION}\n```\n\n")
-    write_atomic(path, head + "## Outcome\n\nAt the last checkpoint, from study_errors.csv:\n\n"
-                 + "\n".join(lines) + "\n")
+    tables.write_outcome(path, ["At the last checkpoint, from study_errors.csv:", "",
+                                *(f"- {name} {verdict[held]}: {detail}"
+                                  for name, held, detail in prediction_outcome(rows))],
+                         f"# Prediction for the constant-data experiment\n\nWritten before the runs "
+                         f"started.\n\n```\n{PREDICTION}\n```\n\n")
 
 
 def study_report(preset, out, options):
