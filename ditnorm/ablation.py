@@ -1,22 +1,7 @@
 """Channel ablations of one block's output that separate what the channels carry from what their size does
-to the norms downstream.
-
-Zeroing a LayerNorm model's large channels also shrinks each token's variance, so every later norm
-scales every other channel up: the loss rise mixes the channels' content with that renormalisation. Three
-ways to remove channels S from block b's output, each measured by the held-out loss at fixed (t, noise):
-
-- zero: S set to 0 (image_metrics.ablation's way);
-- mean: S set to its mean over the tokens, images and probe timesteps of the training images, a
-  constant that carries no information about the input;
-- stats: S set to 0, but every norm downstream (the later blocks' norm1 and norm2, the final layer's norm)
-  normalises with the statistics of its input with the removed values put back: each token's mean and
-  variance as the norms see them are kept (exactly at the next norm), and only the content is gone. For
-  norms without statistics (none, DyT) it is zeroing.
-
-zero - stats is then the part of the rise that is renormalisation. Each is measured on the chosen
-channels and on count-matched random ones (drawn from the other channels, several draws); the block and
-the channels are chosen on training images and the losses measured on held-out ones.
-"""
+to the norms downstream (docs/instruments.md): zero them, put their training mean in their place, or zero
+them while every later norm keeps the statistics of its input as it was ("stats"); each against
+count-matched random channels, chosen on training images and measured on held-out ones."""
 
 import contextlib
 
@@ -84,10 +69,9 @@ def choose(model, diffusion, train_x, train_y, k=2, seed=0):
 
 @torch.no_grad()
 def ablation_modes(model, diffusion, x, y, block, channels, channel_mean, *, random_draws=8, draws=2, seed=0):
-    """The held-out loss rise of each mode on `channels` and on random_draws sets of as many other
-    channels, paired over the same (image, t, noise): {"base", "n", "random_sets", and per mode
-    "{mode}_top_rise", "{mode}_top_rise_se" (over inputs), "{mode}_random_rise" (mean over the sets),
-    "{mode}_random_rise_sd" (over the sets)}."""
+    """The held-out loss rise of each mode on `channels` and on random_draws sets of as many others, paired
+    over (image, t, noise): {"base", "n", "random_sets", per mode "{mode}_top_rise", "_top_rise_se",
+    "_random_rise" (mean over the sets), "_random_rise_sd"}."""
     def losses():
         return metrics.input_losses(model, diffusion, x, y, draws=draws, seed=seed).double()
 

@@ -1,14 +1,7 @@
-"""Shared analysis for the notebooks, sample.py and the runner's measurements: token embeddings, toy samples.
+"""Shared analysis for the notebooks, sample.py and the measurements: the residual stream after each block
+and its outliers (massive activations: Sun et al. 2024), finding run pairs, and the toy's samples, whose
+every pixel is its own error (the data is exactly 0)."""
 
-Two questions are asked of a trained DiT here:
-- Residual stream: after each block, does any token carry a few channels that are orders of magnitude
-  larger than the rest ("massive activations", Sun et al. 2024)? The hypothesis, by analogy with the
-  droplet artifacts that StyleGAN2 traced to AdaIN's instance normalisation: behind a normalisation, one
-  huge value is a cheap way to scale down all the others, so a network may learn to plant it.
-- Toy samples: the toy data is exactly 0, so every sampled pixel value is its own error.
-"""
-
-import contextlib
 import json
 import math
 import textwrap
@@ -30,39 +23,24 @@ MASSIVE_MIN_VALUE = 100.0
 MASSIVE_MIN_RATIO = 1000.0
 
 
-#################################################################################
-#                          Residual-stream embeddings                           #
-#################################################################################
-
-
-@contextlib.contextmanager
-def block_output_hooks(model):
-    """Yield a list that collects each block's output (N, T, D) during forward passes; hooks removed after."""
+@torch.no_grad()
+def capture_block_outputs(model, x, t, y):
+    """Run one forward pass and return the residual stream after every block: depth tensors (N, T, D)."""
     outputs = []
     handles = [block.register_forward_hook(lambda _m, _inp, out: outputs.append(out.detach().cpu()))
                for block in model.blocks]
     try:
-        yield outputs
+        model(x, t, y)
     finally:
         for handle in handles:
             handle.remove()
-
-
-@torch.no_grad()
-def capture_block_outputs(model, x, t, y):
-    """Run one forward pass and return the residual stream after every block: depth tensors (N, T, D)."""
-    with block_output_hooks(model) as outputs:
-        model(x, t, y)
     assert len(outputs) == len(model.blocks), "each block must run exactly once per forward pass"
     return outputs
 
 
 def noised_inputs(config, timestep, class_label, batch_size=1, *, generator=None, device="cpu"):
-    """Random data noised to `timestep` with q_sample: (x_t, t, y) for a model with this config.
-
-    The data is N(0, 1) latents for a latent DiT (not VAE-encoded images) and the true data, exactly 0,
-    for a toy model.
-    """
+    """(x_t, t, y) for a model with this config: its data (N(0, 1) latents for a latent DiT, exactly 0 for a
+    toy) noised to `timestep` with q_sample."""
     if not 0 <= class_label < config["num_classes"]:
         raise ValueError(f"class {class_label} out of range: {config['model']} has classes "
                          f"0..{config['num_classes'] - 1}")
@@ -134,25 +112,6 @@ def plot_token_embeddings(outputs, tokens, *, sample=0, stats=None, title="", la
     return fig
 
 
-#################################################################################
-#                                 Toy models                                    #
-#################################################################################
-
-
-def find_runs(results_dir, norm, model="ToyDiT/1"):
-    """Run folders results_dir/<index>-<model>-<norm> of train_toy.py, oldest first."""
-    pattern = f"*-{model.replace('/', '-')}-{norm}"
-    runs = [p for p in Path(results_dir).glob(pattern) if (p / "checkpoints").is_dir()]
-    return sorted(runs, key=lambda p: (int(p.name.split("-")[0]) if p.name.split("-")[0].isdigit() else -1,
-                                       p.name))
-
-
-def latest_run(results_dir, norm, model="ToyDiT/1"):
-    """The newest run folder for (model, norm), or None."""
-    runs = find_runs(results_dir, norm, model)
-    return runs[-1] if runs else None
-
-
 def checkpoint_at(run_dir, step=None):
     """Path of the run's checkpoint at `step` (default: its last); FileNotFoundError naming what exists."""
     ckpts = run_checkpoints(run_dir)
@@ -184,10 +143,8 @@ def run_setup(run_dir):
 
 
 def _is_run_of(folder, norm, model):
-    """Whether folder is a run of `norm` and `model` (None: any toy model): by its config.json (the trainer
-    writes one), else by its name, train_toy.py's <index>-<model>-<norm> or a preset's, whose parts hold
-    the norm (<data>-<norm>-seed<k>, <model>-<norm>-seed<k>; a shipped weights folder's are the same), and
-    for a toy model no other registry model."""
+    """Whether folder is a run of `norm` and `model` (None: any toy model): by its config.json, else by its
+    name (<index>-<model>-<norm>, <data>-<norm>-seed<k>, <model>-<norm>-seed<k>)."""
     try:
         config = json.loads((folder / "config.json").read_text())["model_config"]
         right_model = config["model"] == model if model else config["model"] in TOY_MODELS
@@ -210,14 +167,9 @@ def all_runs(results_dir, norm, model=None):
 
 
 def find_run_pair(results_dir="results", layernorm_run="", none_run="", model=None, shipped=""):
-    """(layernorm run, none run) trained with the same configuration but the norm; ValueError otherwise.
-
-    A run that is not given is the newest one under results_dir whose configuration matches the other run
-    (for two missing runs: the newest LayerNorm run); FileNotFoundError when there is none of a norm. Two
-    runs that differ in anything but the norm (seed, length, batch, ...) are not a comparison of the norm:
-    ValueError naming both and the settings that differ. shipped: a weights folder (pretrained.py) searched
-    instead when neither run is given and results_dir holds no run of a norm.
-    """
+    """(layernorm run, none run) trained alike but for the norm: a run not given is the newest under
+    results_dir that matches the other (FileNotFoundError if a norm has none; then `shipped`, a weights
+    folder, when neither is given); ValueError naming the settings two runs differ in."""
     given = {"layernorm": layernorm_run, "none": none_run}
     for norm, run in given.items():
         if run and not run_checkpoints(run):
@@ -267,12 +219,9 @@ def step_label(step):
 @torch.no_grad()
 def fixed_noise_samples(model, train_args, num_samples, *, sampling_steps=None, seed=0, device="cpu",
                         fast="auto", progress=False, log=None):
-    """(num_samples, C, H, W) float64 numpy samples of a model from the fixed noise set `seed`.
-
-    The diffusion is the checkpoint's own (train_args: its saved ones; {} for DiT's 1000 steps), respaced to
-    sampling_steps (None: all its steps). The generator is reset to `seed` on every call, so every model
-    starts from the same noise and meets the same per-step noise; a CPU generator serves every device, so
-    the noise set is the same on a GPU too."""
+    """(num_samples, C, H, W) float64 numpy samples of a model from the fixed noise set `seed` (a CPU
+    generator reset on every call: every model and device meets the same noise), by the checkpoint's own
+    diffusion (train_args) respaced to sampling_steps."""
     diffusion = diffusion_of(train_args, sampling_steps)
     generator = torch.Generator().manual_seed(seed)
     samples = sample_toy(model, diffusion, num_samples, generator=generator, device=device, fast=fast,
@@ -292,10 +241,7 @@ def sample_checkpoint(path, num_samples=100, *, seed=0, device="cpu", num_sampli
 
 
 def error_stats(samples):
-    """mean, median, 99th percentile and max of |x| over all values (toy data is 0, so |x| is the error).
-
-    A diverged model can produce inf/nan: those are counted in `nonfinite` and left out of the statistics.
-    """
+    """mean, median, p99 and max of the finite |x| (the toy's error), and how many were inf or nan."""
     a = np.abs(np.asarray(samples, dtype=np.float64)).ravel()
     finite = a[np.isfinite(a)]
     if finite.size == 0:
@@ -316,14 +262,9 @@ def denoiser_x0(model, diffusion, x_t, t, class_label=0):
 
 def denoiser_x0_errors(model, diffusion, *, timesteps=(0, 1, 5, 10), num_inputs=100_000, seed=0, data="zeros",
                        batch=8192, device="cpu"):
-    """{t: (num_inputs * C*H*W,) float64 errors of the denoiser's x_0 prediction} on fresh inputs.
-
-    Each input is a toy image x_0 noised to t with q_sample; x_0 and the noise come from a generator
-    seeded with `seed`, the same draws at every t. The error of a pixel is |x0_pred| on zero data and
-    |x0_pred - mean of its image's x0_pred| on constant data (train_toy.py --data constant), the
-    definitions of pixel_errors for sampled images. Unlike a sampled chain, whose final value is this
-    prediction at t = 0 on the chain's own last input, the inputs here are exact draws of q(x_t | x_0).
-    """
+    """{t: (num_inputs * C*H*W,) float64 errors of the denoiser's x_0 prediction} on exact draws of
+    q(x_t | x_0) (the same at every t, from `seed`): pixel_errors' |x0_pred| on zero data, its deviation from
+    its image's mean on constant data."""
     if data not in ("zeros", "constant"):
         raise ValueError(f"data must be 'zeros' or 'constant', got {data!r}")
     config = model.config
@@ -355,11 +296,8 @@ def denoiser_x0_error(model, diffusion, *, quantiles=(0.5, 0.99, 0.999), **kwarg
 
 
 def pixel_errors(samples):
-    """(N, C, H, W) samples -> {"abs_x": |x|, "dev_const": |x - mean of its sample|}, each (N, C*H*W).
-
-    abs_x is the error on constant-zero data. On constant data (train_toy.py --data constant) a sample has
-    no true constant to compare with; dev_const, its distance from the nearest constant image, is the
-    error there."""
+    """(N, C, H, W) samples -> {"abs_x": |x|, the error on zero data, "dev_const": |x - mean of its sample|,
+    the distance from the nearest constant image, the error on constant data}, each (N, C*H*W)."""
     x = np.asarray(samples, dtype=np.float64).reshape(len(samples), -1)  # (N, P)
     return {"abs_x": np.abs(x), "dev_const": np.abs(x - x.mean(axis=1, keepdims=True))}
 
@@ -394,12 +332,8 @@ def pixel_pairs(samples):
 
 
 def plot_toy_scatter(samples_by_label, title=""):
-    """Side-by-side scatter of channel 0 against channel 1, every panel on the same symmetric-log axes.
-
-    Errors of the two models differ by orders of magnitude and have both signs: a linear axis shows one
-    model as a dot at 0, log|x| hides the sign. symlog is linear inside +-linthresh and logarithmic outside;
-    linthresh is a decade below the smallest panel median |x|, so nearly every point sits on the log part.
-    """
+    """Side-by-side scatter of channel 0 against channel 1 on shared symmetric-log axes (the models' errors
+    differ by decades and have both signs), linear a decade below the smallest panel median |x|."""
     all_pairs = {label: pixel_pairs(s) for label, s in samples_by_label.items()}
     pairs = {label: p[np.isfinite(p).all(axis=1)] for label, p in all_pairs.items()}  # inf/nan: not drawable
     drawn = [np.abs(p) for p in pairs.values() if len(p)]

@@ -1,25 +1,7 @@
-"""Averages of the training weights, kept beside the raw weights and the DiT EMA at no extra training cost.
-
-The DiT recipe samples from an EMA of the weights (decay 0.9999). In the toy study LayerNorm's EMA was far
-worse than its own raw weights, and one candidate reason is the one Karras et al. give for normalised
-networks (EDM2, "Analyzing and Improving the Training Dynamics of Diffusion Models", 2024): weights that
-feed a normalisation are scale-invariant, their norms drift during training, and an average of weights
-with drifting norms is not the average function. So every run records several averages at once, and one
-that averages on the hypersphere:
-
-- `ema_<decay>`: the classic EMA, avg <- decay * avg + (1 - decay) * w, starting from the initial weights
-  (as DiT's EMA does; the 0.9999 one is the checkpoint's own "ema" entry).
-- `power_<sigma_rel>`: EDM2's power-function EMA, avg_t <- beta_t avg_{t-1} + (1 - beta_t) w_t with
-  beta_t = (1 - 1/t)^(gamma + 1); its width relative to the run length, sigma_rel, is the same at every step.
-- `sphere_<decay>`: an EMA of each tensor's direction w / |w|, rescaled at read-out to the norm of that
-  tensor's current raw weights: the average taken along the hypersphere, with today's scale.
-
-Checkpoints keep each average as {"kind", "value", "tensors": {param name: tensor}}; `read_out` turns one
-into a state dict the model loads.
-
-Every training step (the trainer's plain one and fast/'s) takes its averages from here: the DiT EMA
-(`update_ema`) and the gradient mean over ranks (`all_reduce_mean`).
-"""
+"""Averages of the training weights beside the raw weights and DiT's EMA, at no extra training cost: the
+classic EMA (`ema_<decay>`), EDM2's power-function EMA (`power_<sigma_rel>`, Karras et al. 2024) and an EMA
+of each tensor's direction rescaled to the raw norm (`sphere_<decay>`), since averaging scale-invariant
+weights whose norms drift is not averaging the function. update_ema and all_reduce_mean serve every step."""
 
 import math
 
@@ -61,10 +43,8 @@ def parse_label(label: str) -> tuple[str, float]:
 
 
 def power_gamma(sigma_rel: float) -> float:
-    """The exponent gamma of EDM2's power-function EMA whose relative width is sigma_rel.
-
-    sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)), i.e. the largest real root of
-    gamma^3 + 7 gamma^2 + (16 - 1/sigma_rel^2) gamma + (12 - 1/sigma_rel^2) = 0."""
+    """EDM2's power-EMA exponent gamma of relative width sigma_rel: the largest real root of
+    sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3))."""
     inv = 1.0 / sigma_rel**2
     roots = np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv])
     real = [r.real for r in roots if abs(r.imag) < 1e-9 and r.real > -1]

@@ -1,12 +1,5 @@
-"""A small digit classifier trained here, and the Fréchet distance of its features (not Inception FID).
-
-FID proper embeds images with an Inception network trained on ImageNet, which cannot be downloaded here
-and does not know 28x28 digits. So the repository trains its own classifier on the MNIST training split,
-deterministically, and measures samples by:
-- the Fréchet distance between Gaussian fits of its 128-d penultimate features of the samples and of the
-  4,500 training images ("FID" in this repository's tables, always said to be this classifier's);
-- class accuracy: how often the classifier names the class a sample was conditioned on.
-"""
+"""A small digit classifier trained here, and the Fréchet distance of its 128-d features (not Inception FID,
+which cannot be downloaded here and does not know 28x28 digits), with class accuracy."""
 
 import numpy as np
 import torch
@@ -85,10 +78,8 @@ def gaussian_fit(features):
 
 
 def frechet_distance(fit_a, fit_b):
-    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) of two Gaussian fits.
-
-    The square root is taken of the symmetric S_a^1/2 S_b S_a^1/2, whose trace equals that of
-    (S_a S_b)^1/2, so that only symmetric eigendecompositions are needed (no complex round-off)."""
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) of two Gaussian fits (the symmetric
+    form, whose trace equals (S_a S_b)^1/2's: no complex round-off)."""
     (mu_a, cov_a), (mu_b, cov_b) = fit_a, fit_b
     w, v = np.linalg.eigh(cov_a)
     root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T

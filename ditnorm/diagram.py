@@ -1,11 +1,5 @@
-"""A diagram of one DiT block with adaLN-Zero, the norms that the study switches drawn in orange.
-
-The report of the reproduce preset draws it (res/reproduce/dit_block.png). The boxes follow
-models.DiTBlock.forward: for each half (attention, then MLP) the token is normalised, shifted and
-scaled by the adaLN vectors of the timestep and class, transformed, gated and added back to the
-residual stream. The final layer has the
-third switched norm (norm_final).
-"""
+"""A diagram of one DiT block with adaLN-Zero (models.DiTBlock.forward), the norms the study switches in
+orange: res/reproduce/dit_block.png."""
 
 import matplotlib
 

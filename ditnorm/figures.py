@@ -6,7 +6,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ditnorm.analysis import outlier_stats
-from ditnorm.records import seed_spread
+from ditnorm.records import savefig_atomic, seed_spread
+
+
+def save(fig, path, dpi=120):
+    """Lay fig out, write it to path atomically, close it."""
+    fig.tight_layout()
+    savefig_atomic(fig, path, dpi=dpi)
+    plt.close(fig)
 
 
 def band_plot(ax, groups, colors=None):
@@ -20,6 +27,24 @@ def band_plot(ax, groups, colors=None):
         ax.fill_between(xs, low, high, color=color, alpha=0.2, linewidth=0)
     ax.set_yscale("log")
     ax.grid(True, which="both", linewidth=0.3)
+
+
+def seed_dots(ax, groups, colors):
+    """Each seed's value a dot, a short line at each side's median: groups {category: {side: [values]}}, the
+    sides of a category side by side in the order and colours of `colors` ({side: colour})."""
+    width, labelled = 0.8 / len(colors), set()
+    for i, by_side in enumerate(groups.values()):
+        for j, (side, color) in enumerate(colors.items()):
+            values = [v for v in by_side.get(side, []) if v is not None]
+            x = i - 0.4 + width * (j + 0.5)
+            if values:
+                ax.scatter([x] * len(values), values, color=color, s=16, zorder=3,
+                           label=None if side in labelled else side)
+                ax.hlines(np.median(values), x - width / 3, x + width / 3, color=color, linewidth=1)
+                labelled.add(side)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.grid(axis="y", linewidth=0.3)
 
 
 def plot_streams_side_by_side(streams, tokens, *, sample=0, title=""):

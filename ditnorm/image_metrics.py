@@ -1,24 +1,8 @@
-"""What the MNIST study measures of one image DiT, with nothing downloaded.
-
-- nll: the held-out negative log-likelihood bound in bits/dim (diffusion.calc_bpd_loop), conditioned on
-  each image's class; the terms t = 0..10 exact, the rest a stratified estimate that is unbiased.
-- precision: the denoiser itself, not sampled chains: its x_0 prediction at one small t on fresh noisy
-  copies of the held-out images, as fixed quantiles of the error on the background pixels (exactly -1 in
-  the data) and the fraction of pixels that land on a wrong 8-bit level. A sampled chain ends on this
-  prediction at t = 0, so this is the error that decides the last level of every sample.
-- samples: class-conditional ancestral samples (respaced), scored by this repository's digit classifier
-  (ditnorm/classifier.py): the Fréchet distance of its features to the training images', and accuracy.
-- probe: the residual stream after every block on the held-out images at a few timesteps, with the same
-  top-1/median as the toys' (analysis.outlier_stats), plus which channel leads each token and how much of
-  each token's variance (what LayerNorm divides by) its top channels hold.
-- ablation: zero one block's recurring top channels and compare the held-out loss with zeroing as many
-  random channels (ditnorm/ablation.py separates content from renormalisation).
-
-The later instruments (docs/instruments.md): nll_fresh (the bound with fresh timestep and noise draws per
-image, both clip_denoised settings), sample_draws and real_floor (several draws, and what real images of
-the same count score), capture_points and input_outliers (per-input top-1/median, the stream entering
-block 0 and the final layer).
-"""
+"""What the MNIST study measures of one image DiT, nothing downloaded (docs/instruments.md): the held-out NLL
+bound (nll, nll_fresh), the denoiser's x_0 precision on the background (precision), samples scored by the
+digit classifier (samples, sample_draws, real_floor), the residual stream (capture, capture_points,
+stream_stats, input_outliers) and the zeroing of its recurring channels (ablation; ablation.py goes
+further)."""
 
 import math
 
@@ -57,18 +41,11 @@ def nll(model, diffusion, x, y, *, strata=20, seed=0, batch=250):
 @torch.no_grad()
 def nll_fresh(model, diffusion, x, y, *, strata=20, exact=10, spacing="geometric", draws=2, seed=0,
               batch=500):
-    """The held-out bound with fresh draws for every image, under both clip_denoised settings.
-
-    Each image gets `draws` independent estimates, averaged: the prior, the terms t = 0..exact, and one
-    timestep drawn uniformly inside each of `strata` strata of the rest (bound_strata with size=N,
-    geometric widths by default), each term with its own noise. The estimates are independent across
-    images, so nll_se, the standard error over images, includes the timestep and noise sampling as well
-    as which images the held-out set holds. nll_draw_se is the sampling's part alone (from the spread
-    between an image's draws): what separates two models measured on the same images. Both settings come
-    from the same network calls. The draws depend on the images' count and seed only, so two models measured
-    on the same images get the same timesteps and noise, and their per-image difference pairs. Returns
-    {"clipped": {"nll_bpd", "nll_se", "nll_draw_se", "n", "images"}, "unclipped": {...}}, "images" each
-    image's estimate (a float64 numpy array)."""
+    """The held-out bound with fresh timestep and noise draws for every image (`draws` estimates each,
+    averaged), under both clip_denoised settings from the same network calls: nll_se over images includes
+    the sampling, nll_draw_se is the sampling's part alone (docs/instruments.md). The draws depend on the
+    images' count and the seed only, so two models' per-image estimates pair. {"clipped": {"nll_bpd",
+    "nll_se", "nll_draw_se", "n", "images" (each image's estimate)}, "unclipped": {...}}."""
     generator = torch.Generator().manual_seed(seed)
     estimates = []
     for _ in range(draws):
@@ -99,12 +76,9 @@ def histogram_quantile(counts, q):
 
 @torch.no_grad()
 def precision(model, diffusion, x, y, *, timestep=0, num_inputs=10_000, seed=0, batch=500):
-    """The denoiser's x_0 prediction at `timestep` on num_inputs fresh noisy copies of the images x.
-
-    Returns background p50 / p99.9 of |x0_pred - x0| (fixed quantiles, not a maximum; unclipped, since
-    clipping would zero every error below -1 and hide half of them), the fraction of background and of
-    all pixels that quantise (clipped and rounded, as an image shows them) to another 8-bit level than
-    the data's, and the counts they rest on."""
+    """The denoiser's x_0 prediction at `timestep` on num_inputs fresh noisy copies of the images x: the
+    background's p50 / p99.9 of |x0_pred - x0| (unclipped: clipping would hide the errors below -1) and the
+    share of background and of all pixels on another 8-bit level than the data's, with their counts."""
     generator = torch.Generator().manual_seed(seed)
     counts = np.zeros(len(ERROR_EDGES) - 1, dtype=np.int64)
     wrong_bg = wrong_all = pixels_bg = pixels_all = inputs = 0
@@ -175,26 +149,18 @@ def real_floor(features, reference_fit, size, *, draws=10, seed=0):
     return float(np.mean(values)), float(np.std(values, ddof=1))
 
 
-@torch.no_grad()
 def capture(model, diffusion, x, y, fractions=PROBE_FRACTIONS, seed=0):
     """The residual stream after every block over the images x at t = fraction * T for each fraction:
-    depth tensors (len(fractions) * N, T, D), from one seeded noise draw per timestep."""
-    generator = torch.Generator().manual_seed(seed)
-    per_block = None
-    for timestep in (int(f * diffusion.num_timesteps) for f in fractions):
-        t = torch.full((len(x),), timestep, dtype=torch.long)
-        x_t = diffusion.q_sample(x, t, noise=torch.randn(x.shape, generator=generator))
-        outputs = analysis.capture_block_outputs(model, x_t, t, y)
-        per_block = [[h] for h in outputs] if per_block is None else [p + [h] for p, h in
-                                                                       zip(per_block, outputs, strict=True)]
-    return [torch.cat(p) for p in per_block]
+    depth tensors (len(fractions) * N, T, D), from one seeded noise draw per timestep (capture_points')."""
+    points = capture_points(model, diffusion, x, y, fractions, seed)
+    return [points[f"block{b}"] for b in range(len(model.blocks))]
 
 
 @torch.no_grad()
 def capture_points(model, diffusion, x, y, fractions=PROBE_FRACTIONS, seed=0):
-    """capture's residual streams with the two ends added: {"input": the stream entering block 0
-    (x_embedder + pos_embed), "block0".."block{depth-1}": each block's output, "final": the final layer's
-    input}, each (len(fractions) * N, T, D), from the same noise draws as capture."""
+    """The residual stream at every point over the images x at t = fraction * T for each fraction, one seeded
+    noise draw per timestep: {"input": entering block 0, "block<b>": after block b, "final": entering the
+    final layer}, each (len(fractions) * N, T, D)."""
     blocks = [f"block{b}" for b in range(len(model.blocks))]
     seen = {name: [] for name in ["input", *blocks, "final"]}
     hooks = [model.blocks[0].register_forward_pre_hook(lambda _m, args: seen["input"].append(args[0])),
@@ -228,10 +194,9 @@ def input_outliers(h):
 
 
 def stream_stats(h):
-    """Statistics of one block's residual stream h (N, T, D): analysis.outlier_stats' top-1, median,
-    top-1/median and massive; the 3 channels with the largest peaks; the channel that leads (holds the
-    largest |value| of) most tokens and the share it leads; and the median share of a token's variance
-    about its mean (what LayerNorm divides by) in its top 1 and top 4 channels."""
+    """One block's stream h (N, T, D): outlier_stats' top-1, median, ratio and massive; the 3 channels of
+    largest peaks; the channel that leads most tokens and its share; the median share of a token's variance
+    (what LayerNorm divides by) in its top 1 and top 4 channels."""
     row = analysis.outlier_stats([h])[0]
     del row["layer"]
     a = h.abs()

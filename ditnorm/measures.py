@@ -1,25 +1,9 @@
-"""What the runner measures of each checkpoint of a run: a preset names one of these functions.
-
-Each takes (preset, run, out, options) and measures, for every checkpoint of the run folder run["dir"]
-not yet in the run's files under `out`, what its preset asks; it returns the steps it measured. A
-checkpoint's rows go into the files together, each file rewritten whole and atomically (records.py), so a
-run killed between two checkpoints, or between two files, is finished by the next call and never measured
-twice. Each checkpoint file is read once for all its weights kinds.
-
-- sample_errors: every checkpoint's weights kinds sample one fixed noise set; |x| (the error on zero data)
-  and |x - mean(x)| (the error on constant data) per sample pixel, summarised per seed (errors.csv); at
-  the last step, the residual stream's outlier ratio per block (outliers.csv); the direct statistic
-  (direct.csv, below).
-- paper_statistics: the paper-schedule study's errors of the raw weights, the EMA and five other averages,
-  each averages' writer norms and cosines to raw (weights.csv), the residual stream's RMS (rms.csv), the
-  last step's pixels (pixels.npz), and the perturbations toward an average at chosen steps (perturb.csv);
-  the direct statistic (direct.csv).
-
-The direct statistic, when the preset's measure_args hold `direct`: the denoiser's x_0 error
-(analysis.denoiser_x0_errors) at a few small timesteps of the checkpoint's own diffusion, on fresh inputs
-from a noise set of its own per run seed, as fixed quantiles (p50, p99, p99.9). A sampled chain's final
-value is that prediction at t = 0 on the chain's own last input, so the sampled error measures the same
-denoiser on only num_samples inputs, and its maximum grows with their number; the quantiles do not.
+"""What the runner measures of each checkpoint of a run: a preset names one of these functions, which takes
+(preset, run, out, options), measures every checkpoint of run["dir"] not yet in its files under `out` and
+returns the steps measured. A checkpoint's rows are written together, each file whole and atomically, so a
+killed run is finished by the next call and never measured twice. sample_errors: the 4-norm study and make
+reproduce (errors.csv, outliers.csv); paper_statistics: the paper schedule (errors, weights, rms, perturb
+csv, pixels.npz); both the direct statistic (direct.csv: docs/results-notes.md) when measure_args hold it.
 """
 
 import copy
@@ -58,10 +42,6 @@ def _wanted(run, steps):
     return {s: p for s, p in run_checkpoints(run["dir"]).items() if s > 0 and (steps is None or s in steps)}
 
 
-#################################################################################
-#                 The direct statistic: the denoiser's x0 error                 #
-#################################################################################
-
 DIRECT_COLUMNS = ("data", "measure", "norm", "seed", "step", "weights", "timestep", "noise_seed", "inputs",
                   "p50", "p99", "p99.9", "nonfinite")
 
@@ -96,11 +76,6 @@ def direct_rows(model, train_args, key, direct, device="cpu"):
     return [{k: r[k] for k in DIRECT_COLUMNS} for r in rows]
 
 
-#################################################################################
-#                   Sample errors (the 4-norm study, make reproduce)            #
-#################################################################################
-
-
 def error_rows(samples, key):
     """The rows of one checkpoint's samples: one per error measure that applies to the run's data."""
     means = samples.reshape(len(samples), -1).mean(axis=1)  # (N,) the sampled constants c
@@ -109,14 +84,8 @@ def error_rows(samples, key):
         if key["data"] == "constant" and measure == "abs_x":
             continue  # |x| is no error when the data is not 0
         stats = error_stats(errors)
-        rows.append(
-            dict(
-                key,
-                measure=measure,
-                **stats,
-                ks_c=ks_uniform(means, *CONSTANT_RANGE) if key["data"] == "constant" else np.nan,
-            )
-        )
+        rows.append(dict(key, measure=measure, **stats,
+                         ks_c=ks_uniform(means, *CONSTANT_RANGE) if key["data"] == "constant" else np.nan))
     return rows
 
 
@@ -137,31 +106,17 @@ def sample_errors(preset, run, out, options):
         for weights, model in models.items():
             key = dict(data=cfg["data"], norm=cfg["norm"], seed=cfg["seed"], step=step, weights=weights)
             if step not in done["errors"]:
-                samples = fixed_noise_samples(
-                    model,
-                    train_args,
-                    m["num_samples"],
-                    sampling_steps=m["sampling_steps"],
-                    seed=m["sample_seed"],
-                    device=options["device"],
-                    fast=options["fast"],
-                    log=print,
-                )
+                samples = fixed_noise_samples(model, train_args, m["num_samples"], seed=m["sample_seed"],
+                                              sampling_steps=m["sampling_steps"], device=options["device"],
+                                              fast=options["fast"], log=print)
                 tables["errors"] += [{k: r[k] for k in ERROR_COLUMNS} for r in error_rows(samples, key)]
             if outliers:  # inputs x0 = 0 noised to one timestep, which is also a constant image (c = 0)
                 generator = torch.Generator().manual_seed(m["sample_seed"])
-                x, t, y = noised_inputs(
-                    config,
-                    m["outlier_timestep"],
-                    0,
-                    batch_size=64,
-                    generator=generator,
-                    device=options["device"],
-                )
-                tables["outliers"] += [
-                    dict(key, timestep=m["outlier_timestep"], block=r["layer"], ratio=r["ratio"])
-                    for r in outlier_stats(capture_block_outputs(model, x, t, y))
-                ]
+                x, t, y = noised_inputs(config, m["outlier_timestep"], 0, batch_size=64, generator=generator,
+                                        device=options["device"])
+                tables["outliers"] += [dict(key, timestep=m["outlier_timestep"], block=r["layer"],
+                                            ratio=r["ratio"])
+                                       for r in outlier_stats(capture_block_outputs(model, x, t, y))]
             if direct:
                 tables["direct"] += direct_rows(model, train_args, key, m["direct"], options["device"])
         for name, path_ in files.items():
@@ -170,25 +125,9 @@ def sample_errors(preset, run, out, options):
     return measured
 
 
-ERROR_COLUMNS = (
-    "data",
-    "measure",
-    "norm",
-    "seed",
-    "step",
-    "weights",
-    "mean",
-    "median",
-    "p99",
-    "max",
-    "nonfinite",
-    "ks_c",
-)
+ERROR_COLUMNS = ("data", "measure", "norm", "seed", "step", "weights", "mean", "median", "p99", "max",
+                 "nonfinite", "ks_c")
 
-
-#################################################################################
-#                          The paper-schedule study                             #
-#################################################################################
 
 PAPER_WEIGHTS = ("raw", "ema", *DEFAULT_AVERAGES)
 RMS_TIMESTEPS = (10, 100, 500, 900)
@@ -217,11 +156,8 @@ def weight_rows(model, raw):
 
     def groups(m):
         w = writers(m)
-        return {
-            **{k: [v] for k, v in w.items()},
-            "writers": list(w.values()),
-            "all": [p for p in m.parameters() if p.requires_grad],
-        }
+        return {**{k: [v] for k, v in w.items()}, "writers": list(w.values()),
+                "all": [p for p in m.parameters() if p.requires_grad]}
 
     rows, theirs = [], groups(raw)
     for name, tensors in groups(model).items():
@@ -233,11 +169,8 @@ def weight_rows(model, raw):
 
 def same_training_by_weights(run_dir, out, checkpoints):
     """Prove that the statistics in `out`, measured before checkpoints.json was kept, are of the training
-    whose checkpoints ({step: path}) are on disk: every step of out/weights.csv whose checkpoint is there
-    must give back its rows exactly (each weights kind's norm of 15 tensors and groups, and their cosines
-    to raw, as written: doubles). A retrained run that took another trajectory, even by one rounding,
-    would not. Returns the steps compared; a CheckpointError at the first value that differs, or when no
-    step can be compared."""
+    whose checkpoints ({step: path}) are on disk: each step of out/weights.csv whose checkpoint is there gives
+    back its rows exactly. Returns the steps compared; a CheckpointError at a difference or with none."""
     recorded = records.grouped(records.read_rows(out / "weights.csv"), "step", "weights")
     steps = sorted({int(step) for step, _ in recorded} & set(checkpoints))
     move = f"move {out} away to measure the checkpoints of {run_dir} into a fresh folder"
@@ -252,10 +185,9 @@ def same_training_by_weights(run_dir, out, checkpoints):
             for row in recorded[(str(step), kind)]:
                 got = mine.get(row["tensor"], {})
                 if any(str(got.get(col)) != row[col] for col in ("l2", "cosine_to_raw")):
-                    raise CheckpointError(
-                        f"{out} was measured from another training of this run: at step {step} the "
-                        f"checkpoint on disk does not give its weights.csv ({kind}, {row['tensor']}); {move}"
-                    )
+                    raise CheckpointError(f"{out} was measured from another training of this run: at step "
+                                          f"{step} the checkpoint on disk does not give its weights.csv "
+                                          f"({kind}, {row['tensor']}); {move}")
     return steps
 
 
@@ -288,9 +220,8 @@ def perturbed_rows(raw, toward, sample, key):
                 for name, p in model.named_parameters():
                     p.add_(steps[name][direction], alpha=alpha)
             stats = error_stats(sample(model))
-            rows.append(
-                dict(key, direction=direction, alpha=alpha, **{k: stats[k] for k in ("median", "p99", "max")})
-            )
+            rows.append(dict(key, direction=direction, alpha=alpha,
+                             **{k: stats[k] for k in ("median", "p99", "max")}))
     return rows
 
 
@@ -304,12 +235,9 @@ def paper_statistics(preset, run, out, options):
     direct_at = direct_steps(cfg, m["direct"]) if m.get("direct") else set()
     measured = []
     for step, path in _wanted(run, options["steps"]).items():
-        todo = {
-            "errors": step not in done["errors"],
-            "perturb": step in perturb_at - done["perturb"],
-            "stats": step not in done["weights"] or step not in done["rms"],
-            "direct": step in direct_at - done["direct"],
-        }
+        todo = {"errors": step not in done["errors"], "perturb": step in perturb_at - done["perturb"],
+                "stats": step not in done["weights"] or step not in done["rms"],
+                "direct": step in direct_at - done["direct"]}
         if not any(todo.values()):
             continue
         every_kind = todo["errors"] or todo["stats"] or todo["direct"]
@@ -320,16 +248,8 @@ def paper_statistics(preset, run, out, options):
         key = dict(norm=cfg["norm"], seed=cfg["seed"], step=step)
 
         def sample(model, train_args=train_args):
-            return fixed_noise_samples(
-                model,
-                train_args,
-                m["num_samples"],
-                sampling_steps=m["sampling_steps"],
-                seed=0,
-                device=options["device"],
-                fast=options["fast"],
-                log=print,
-            )
+            return fixed_noise_samples(model, train_args, m["num_samples"], seed=0, device=options["device"],
+                                       sampling_steps=m["sampling_steps"], fast=options["fast"], log=print)
 
         pixels = {}
         for weights in kinds if every_kind else ():
@@ -338,19 +258,16 @@ def paper_statistics(preset, run, out, options):
                 samples = sample(model)
                 pixels[weights] = np.abs(samples).reshape(len(samples), -1).astype(np.float32)  # (N, C H W)
                 e = error_stats(samples)
-                tables["errors"].append(
-                    dict(key, weights=weights, **{k: e[k] for k in ("median", "p99", "max", "mean")})
-                )
+                tables["errors"].append(dict(key, weights=weights,
+                                             **{k: e[k] for k in ("median", "p99", "max", "mean")}))
             if todo["direct"] and weights in m["direct"].get("weights", kinds):  # before the CPU move below
                 where = dict(key, data=cfg["data"], weights=weights)
                 tables["direct"] += direct_rows(model, train_args, where, m["direct"], options["device"])
             if todo["stats"]:
-                tables["weights"] += [
-                    dict(key, weights=weights, **r) for r in weight_rows(model.cpu(), models["raw"].cpu())
-                ]
-                tables["rms"] += [
-                    dict(key, weights=weights, **r) for r in rms_rows(model.cpu(), config, m["rms_batch"])
-                ]
+                tables["weights"] += [dict(key, weights=weights, **r)
+                                      for r in weight_rows(model.cpu(), models["raw"].cpu())]
+                tables["rms"] += [dict(key, weights=weights, **r)
+                                  for r in rms_rows(model.cpu(), config, m["rms_batch"])]
 
         if todo["perturb"]:
             tables["perturb"] += perturbed_rows(models["raw"], models[PERTURB_TOWARD], sample, key)

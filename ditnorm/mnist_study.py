@@ -1,13 +1,7 @@
-"""The MNIST study's measure and report phases: per-run statistics in a long CSV, then the tables.
-
-Each run folder's checkpoints are measured into <stats>/<run>/measures.csv, one row per (step, weights,
-quantity) with the count it rests on. Measuring is incremental and survives being killed: a group of
-quantities (nll, probe, precision, samples, ablation) is measured for a (step, weights) only if the file
-lacks it, and the file is rewritten whole (records.write_atomic) after each group.
-
-The groups nll2, samples3, ablation2 and outliers (docs/instruments.md) came later and leave the earlier
-groups and their rows as they were: a run measured before them gets only them, at its last checkpoint.
-"""
+"""The MNIST study's measure phase: each finished run's checkpoints into <stats>/<run>/measures.csv, one row
+per (step, weights, group, quantity) with its count, a group measured only if the file lacks it and the file
+rewritten whole after each (so a kill loses nothing); the later groups (docs/instruments.md) are added at
+the last checkpoint of runs measured before them."""
 
 from pathlib import Path
 
@@ -20,7 +14,7 @@ from ditnorm.analysis import run_checkpoints
 from ditnorm.checkpoint import diffusion_of, load_for_sampling
 from ditnorm.classifier import embed, gaussian_fit, load_classifier, save_classifier, train_classifier
 from ditnorm.images import load_image_data
-from ditnorm.records import RowsError, csv_text, write_atomic
+from ditnorm.records import csv_text, write_atomic
 from ditnorm.records import read_rows as read_measured
 
 FIELDS = ("step", "weights", "group", "quantity", "value", "n")
@@ -41,11 +35,8 @@ CHOOSE_PER_CLASS = 50
 
 
 def read_rows(path):
-    """The rows of a measures.csv (values as floats), [] when there is none (records.read_rows)."""
-    try:
-        return read_measured(path, FIELDS, exact=True, ints=("step", "n"))
-    except RowsError as e:
-        raise ValueError(f"{e}: not a measures.csv of this study; move it away and measure again") from None
+    """The rows of a measures.csv (values as floats), [] when there is none; a RowsError naming a bad file."""
+    return read_measured(path, FIELDS, exact=True, ints=("step", "n"))
 
 
 def write_rows(path, rows):
@@ -109,10 +100,8 @@ def _group_rows(group, model, diffusion, sampler, ctx, *, per_class, num_inputs)
                      for i, c in enumerate(stats["top_channels"])]
         return rows
     if group == "ablation":
-        streams = metrics.capture(model, diffusion, x, y)
-        middle = range(1, len(streams) - 1) if len(streams) > 2 else range(len(streams))
-        block = max(middle, key=lambda b: metrics.stream_stats(streams[b])["ratio"])
-        out = metrics.ablation(model, diffusion, x, y, block, metrics.recurring_channels(streams[block]))
+        block, channels, _ = ablations.choose(model, diffusion, x, y)  # on the held-out images themselves
+        out = metrics.ablation(model, diffusion, x, y, block, channels)
         return [(k, float(out[k]), len(x)) for k in ("block", "base", "top", "random", "top_rise",
                                                       "random_rise")]
     # The later groups' quantities carry their group's name, so that none shares a name (or a report's

@@ -18,10 +18,8 @@ def shown(path):
 
 
 def execute_notebook(path, parameters=None, executed_path=None, progress=False):
-    """Run a notebook top to bottom in the repo root with papermill, its parameters cell overridden.
-
-    The executed copy (outputs included, also when a cell fails) goes to executed_path. Raises
-    NotebookError with the failing cell's error on one line."""
+    """Run a notebook top to bottom in the repo root with papermill, its parameters cell overridden, the
+    executed copy to executed_path; NotebookError with the failing cell's error on one line."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 

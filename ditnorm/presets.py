@@ -13,31 +13,18 @@ from ditnorm.recipes import RECIPES
 from ditnorm.studies import mnist, paper, toy
 from models import NORM_KINDS
 
-# The interventions of the "When does LayerNorm hurt?" study (res/interventions/prediction.md), a grid axis:
-# each names the training keys it changes from its preset's recipe. At lr 1e-3 over 10k steps AdamW's decay
-# shrinks the weights by exp(-lr * decay * steps): exp(-1) at 0.1 (ordinary), exp(-10) at 1.0 (aggressive).
-# A cap of 4 (models.cap_to_rms) lets no value exceed 4x its token's RMS: a Gaussian token of 64 channels
-# passes untouched 99.86% of the time (10^5 draws), while 1, 2 or 3 channels above the rest (sigma) are held
-# to 4.6, 5.6 or 7.8 sigma (4 sqrt((D - k) / (D - 16 k))), far below the ~20 sigma behind LayerNorm's
-# committed top-1/median of 30-39 (the median |value| being ~0.67 sigma). 4 or more equal channels (D / 16)
-# escape any such cap: the measurements say whether the network takes that way round.
-INTERVENTIONS = {
-    "baseline": {},
-    "wd0.1": {"weight_decay": 0.1},
-    "wd1": {"weight_decay": 1.0},
-    "dropout0.3": {"dropout": 0.3},
-    "cap4": {"cap": 4.0},
-}
+# The interventions (res/interventions/prediction.md says why these levels), a grid axis: each names the
+# training keys it changes from its preset's recipe. AdamW's decay shrinks the weights by exp(-lr decay
+# steps): exp(-1) at 0.1, exp(-10) at 1.0; cap4 holds every value to 4x its token's RMS (models.cap_to_rms).
+INTERVENTIONS = {"baseline": {}, "wd0.1": {"weight_decay": 0.1}, "wd1": {"weight_decay": 1.0},
+                 "dropout0.3": {"dropout": 0.3}, "cap4": {"cap": 4.0}}
 
-# The direct statistic (measures.direct_rows): the denoiser's x_0 error at t = 0, 1 and 10 on 10^5 fresh
-# inputs per checkpoint and weights kind, from the noise set noise_seed + the run's seed; at every checkpoint
-# (last=None) or at the recipe's last `last`, of the weights kinds in `weights` (all when absent); its cost on
-# a CPU: docs/results-notes.md.
+# The direct statistic (measures.direct_rows) on 10^5 fresh inputs from the noise set noise_seed + the run's
+# seed, at every checkpoint (last=None) or the recipe's last `last` (its CPU cost: docs/results-notes.md).
 DIRECT = dict(timesteps=(0, 1, 10), num_inputs=100_000, noise_seed=1000, last=None)
 
-SAMPLE_ERRORS = dict(
-    weights=("ema",), num_samples=1000, sampling_steps=100, sample_seed=0, outlier_timestep=100, direct=DIRECT
-)
+SAMPLE_ERRORS = dict(weights=("ema",), num_samples=1000, sampling_steps=100, sample_seed=0,
+                     outlier_timestep=100, direct=DIRECT)
 
 PRESETS = {
     # The 4-norm CPU study on two data sets (zero images, and constant images c ~ U[-1, 1]): does LayerNorm's

@@ -1,12 +1,6 @@
-"""The residual-stream probe for diffusers transformers: DiT, PixArt, SD3 (both streams), Flux (double and
-single-stream blocks), with the statistics of the DiT probe in analysis.py plus where the top values sit.
-The command line is probe.py at the top of the repository.
-
-Inputs are N(0, 1) latents (not encoded images) noised to each timestep: DDPM's q_sample for DiT and PixArt,
-the flow-matching x_t = (1 - sigma) x_0 + sigma eps with sigma = t / 1000 for SD3 and Flux. No text encoder is
-run: the text embeddings are zeros or N(0, 1) noise of the right shape, and every table and figure says which.
-A diffusers DiT is probed as the official DiT function (hub.use_official_dit_function).
-"""
+"""The residual-stream probe of diffusers transformers (DiT, PixArt, SD3, Flux; probe.py runs it): N(0, 1)
+latents noised to each timestep (DDPM for DiT and PixArt, flow matching for SD3 and Flux), text embeddings
+a zero or random stand-in that every table names, the statistics of analysis.outlier_stats per block."""
 
 from pathlib import Path
 
@@ -70,11 +64,6 @@ def load_transformer(path_or_id, *, device="cpu", dtype=torch.float32, download=
     if name == "DiTTransformer2DModel":
         use_official_dit_function(model)
     return model.to(device).eval()
-
-
-#################################################################################
-#                                   Inputs                                      #
-#################################################################################
 
 
 def probe_inputs(model, timestep, *, batch_size=1, class_label=0, text="zeros", text_length=77,
@@ -151,11 +140,6 @@ def _to_model(inputs, model):
         cast = v.is_floating_point() and key not in ("timestep", "guidance")
         return v.to(model.device, model.dtype if cast else v.dtype)
     return {k: move(v, k) for k, v in inputs.items()}
-
-
-#################################################################################
-#                             Capture and statistics                            #
-#################################################################################
 
 
 @torch.no_grad()

@@ -1,7 +1,5 @@
-"""The files an experiment writes and reads. A write goes to a temporary file in the same folder, then
-os.replace puts it under its name, so that a kill at any moment leaves each file whole. read_rows is the one
-reader of measured rows (runs/<run>/<name>.csv), gather reads a record's; grouped and seed_spread are what
-every table (tables.py) and figure groups and reports."""
+"""The files an experiment writes and reads: every write is atomic (a temporary file, then os.replace);
+read_rows is the one reader of measured rows, gather a record's; grouped and seed_spread group them."""
 
 import csv
 import io
@@ -88,46 +86,50 @@ TEXT = ("data", "measure", "norm", "weights", "tensor", "direction", "group", "q
 
 
 class RowsError(ValueError):
-    """A measured file that cannot be read as rows; the message names it."""
+    """A measured file that cannot be read as rows: `path` and `reason` (the message names both)."""
+
+    def __init__(self, path, reason, sep=": "):
+        super().__init__(f"{path}{sep}{reason}")
+        self.path, self.reason = path, reason
 
 
-#################################################################################
-#                               Reading rows                                    #
-#################################################################################
-
-
-def read_rows(path, columns=(), exact=False, ints=None, text=TEXT):
-    """The rows of a csv as dicts; [] when nothing is at path.
-
-    Cells stay strings unless `ints` is given: then a column in `text` stays a string, one in `ints`
-    becomes an int and any other a float. columns: names the header must hold (exactly, in this order,
-    when exact). A missing column, a line with more or fewer cells than the header, or a cell that is no
-    number is a RowsError naming the file (and the line)."""
+def read_rows(path, columns=(), exact=False, ints=None, text=TEXT, known=None):
+    """The rows of a csv as dicts; [] when nothing is at path. With `ints`, a column in `text` stays a
+    string, one in `ints` is an int, any other a float; columns: names the header must hold (exactly, in
+    order, when exact); known: {column: the values it may hold}. A file that is no such csv (unreadable, a
+    missing column, a ragged line, a cell that is no number, an unknown value) is a RowsError naming it."""
     path = Path(path)
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = tuple(reader.fieldnames or ())
-        if not header:
-            raise RowsError(f"{path} is empty (not even a header)")
-        if exact and header != tuple(columns):
-            raise RowsError(f"{path} has the columns {list(header)}, not {list(columns)}")
-        lacking = [c for c in columns if c not in header]
-        if lacking:
-            raise RowsError(f"{path} has no {', '.join(lacking[:3])} column")
-        rows = list(reader)
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = tuple(reader.fieldnames or ())
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:  # foreign bytes, a folder in the file's place
+        first = [type(e).__name__, *str(e).strip().splitlines()][:2]
+        raise RowsError(path, f"cannot be read ({': '.join(first)})", " ") from None
+    if not header:
+        raise RowsError(path, "is empty (not even a header)", " ")
+    if exact and header != tuple(columns):
+        raise RowsError(path, f"has the columns {list(header)}, not {list(columns)}", " ")
+    lacking = [c for c in columns if c not in header]
+    if lacking:
+        raise RowsError(path, f"has no {', '.join(lacking[:3])} column", " ")
     for i, row in enumerate(rows, start=2):
         if None in row or None in row.values():
-            more = "more" if None in row else "fewer"
-            raise RowsError(f"{path}: line {i} has {more} cells than the header")
+            raise RowsError(path, f"line {i} has {'more' if None in row else 'fewer'} cells than the header")
+        foreign = " and ".join(f"{k} {row[k]!r}" for k, allowed in (known or {}).items()
+                               if k in row and row[k] not in allowed)
+        if foreign:
+            raise RowsError(path, f"line {i} has {foreign}, which this preset does not measure")
     if ints is None:
         return rows
     try:
         return [{k: v if k in text else int(v) if k in ints else float(v) for k, v in row.items()}
                 for row in rows]
     except ValueError as e:
-        raise RowsError(f"{path}: {e}") from None
+        raise RowsError(path, e) from None
 
 
 def gather(record, name, **kwargs):

@@ -1,17 +1,10 @@
-"""Statistics that stay valid at a handful of seeds, and the paper study's tests recomputed from res/.
-
-- `rank_test`: the one-sided Mann-Whitney U test with its exact p-value, by enumerating every way of
-  splitting the pooled values into the two groups. With 3 seeds against 3 there are 20 splits, so the
-  smallest possible p is 1/20 = 0.05; no interval over 3 seeds can claim 95% coverage, this test can say
-  how often an ordering at least this complete would arise if the norm made no difference.
-- `fixed_quantiles`: p50, p99, p99.9 of a set of errors. Unlike the maximum, a quantile does not grow with
-  the number of samples it is taken over.
-- `paper_statistics` / `write_statistics`: every test and ratio the README quotes about `res/paper/`,
-  recomputed from the committed files there (errors.csv, weights.csv, perturb.csv, runs/*/pixels.npz).
-"""
+"""Statistics that stay valid at a handful of seeds: the exact one-sided Mann-Whitney test (every split of
+the pooled values enumerated: 3 against 3 gives at best p = 0.05) and its stratified form, fixed quantiles
+(which, unlike a maximum, do not grow with the sample count), and res/paper/statistics.md recomputed."""
 
 import itertools
 import math
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,30 +32,51 @@ def mann_whitney_u(x, y):
     return float((x > y).sum() + 0.5 * (x == y).sum())
 
 
-def rank_test(x, y):
-    """Exact one-sided Mann-Whitney test that x is stochastically larger than y; a RankTest.
-
-    The null distribution is that of U over all C(n1 + n2, n1) assignments of the pooled values to x, so
-    ties are handled exactly (the permutation distribution given the tied values), with no normal
-    approximation. Valid at any n, in particular 3 against 3 (smallest p: 0.05).
-    """
-    x, y = list(map(float, x)), list(map(float, y))
+def _u_counts(x, y):
+    """(2U of x against y, {2U: number of the C(n1 + n2, n1) splits of the pooled values that give it})."""
     n1, n2 = len(x), len(y)
     if n1 == 0 or n2 == 0:
-        raise ValueError(f"rank_test needs values in both groups, got {n1} and {n2}")
-    splits = math.comb(n1 + n2, n1)
-    if splits > MAX_SPLITS:
-        raise ValueError(f"{splits} splits of {n1} + {n2} values is too many to enumerate; "
+        raise ValueError(f"a rank test needs values in both groups, got {n1} and {n2}")
+    if math.comb(n1 + n2, n1) > MAX_SPLITS:
+        raise ValueError(f"{math.comb(n1 + n2, n1)} splits of {n1} + {n2} values is too many to enumerate; "
                          "use a normal approximation for samples this large")
-    pooled = np.array(x + y)
-    observed = mann_whitney_u(x, y)
-    at_least = 0
+    pooled = np.array([*x, *y], dtype=float)
+    counts = Counter()
     for chosen in itertools.combinations(range(n1 + n2), n1):
         mask = np.zeros(n1 + n2, dtype=bool)
         mask[list(chosen)] = True
-        # a tolerance of far less than 1/2 guards the comparison against round-off in the half-counts
-        at_least += mann_whitney_u(pooled[mask], pooled[~mask]) >= observed - 1e-9
-    return RankTest(u=observed, p=at_least / splits, n1=n1, n2=n2)
+        counts[round(2 * mann_whitney_u(pooled[mask], pooled[~mask]))] += 1  # 2U: ties make halves
+    return round(2 * mann_whitney_u(x, y)), counts
+
+
+def rank_test(x, y):
+    """Exact one-sided Mann-Whitney test that x is stochastically larger than y; a RankTest. The null
+    distribution is U's over all C(n1 + n2, n1) assignments of the pooled values to x (ties exact, no normal
+    approximation); 3 against 3: smallest p 0.05."""
+    return stratified_rank_test([(x, y)])
+
+
+def stratified_rank_test(strata):
+    """Exact one-sided test that x is larger than y within strata [(x, y), ...] (sizes, conditions): the
+    statistic is the sum of the strata's U, its null distribution that of independent relabellings within
+    every stratum, each equally likely (the convolution of the strata's exact U distributions). A RankTest
+    whose u is the summed U and n1, n2 the summed counts; one stratum is rank_test."""
+    observed, total = 0, Counter({0: 1})
+    for x, y in strata:
+        u2, counts = _u_counts(list(map(float, x)), list(map(float, y)))
+        observed += u2
+        merged = Counter()
+        for (a, m), (b, k) in itertools.product(total.items(), counts.items()):
+            merged[a + b] += m * k
+        total = merged
+    at_least = sum(k for value, k in total.items() if value >= observed)
+    return RankTest(u=observed / 2, p=at_least / sum(total.values()), n1=sum(len(x) for x, _ in strata),
+                    n2=sum(len(y) for _, y in strata))
+
+
+def smallest_stratified_p(strata):
+    """The smallest p stratified_rank_test can give on strata of these sizes [(n1, n2), ...]."""
+    return float(np.prod([smallest_p(n1, n2) for n1, n2 in strata]))
 
 
 def smallest_p(n1, n2):
@@ -85,11 +99,10 @@ def fixed_quantiles(values, quantiles=QUANTILES):
     return {quantile_name(q): float(np.quantile(v, q)) for q in quantiles}
 
 
-#################################################################################
-#                   The paper study's tests, from the committed files            #
-#################################################################################
-
 NORMS = ("layernorm", "none")
+STATISTICS = {"median": np.median, "p90": lambda a: np.quantile(a, 0.9),
+              "p99": lambda a: np.quantile(a, 0.99), "max": np.max}
+NUMBERS = {"seed": int, "step": int, "l2": float, "cosine_to_raw": float, "median": float, "alpha": float}
 
 
 def _pixels(res_dir, weights):
@@ -103,8 +116,8 @@ def _pixels(res_dir, weights):
     return out
 
 
-def _fmt(values):
-    return ", ".join(f"{v:.2e}" for v in values)
+def _per_seed(pixels, fn):
+    return {norm: [fn(pixels[norm][s]) for s in sorted(pixels[norm])] for norm in NORMS}
 
 
 def _ratio(values):
@@ -112,122 +125,21 @@ def _ratio(values):
     return float(np.median(values["layernorm"]) / np.median(values["none"]))
 
 
-def _per_seed(pixels, fn):
-    return {norm: [fn(pixels[norm][s]) for s in sorted(pixels[norm])] for norm in NORMS}
+def _pct_range(values, digits=1):
+    """'+a% to +b% (median +c%)' of fractions."""
+    if not values:
+        return "-"
+    lo, hi, mid = (100 * f(values) for f in (min, max, np.median))
+    return f"{lo:+.{digits}f}% to {hi:+.{digits}f}% (median {mid:+.{digits}f}%)"
 
 
-def rank_test_rows(res_dir, weights_kinds=("raw", "ema", "ema_0.999", "sphere_0.9999")):
-    """Per weights kind and statistic of |x| at the last step: the seeds' values, the seed-median ratio
-    and the exact one-sided rank test of LayerNorm > none (list of dicts)."""
-    stats = {"median": np.median, "p90": lambda a: np.quantile(a, 0.9), "p99": lambda a: np.quantile(a, 0.99),
-             "max": np.max}
-    rows = []
-    for weights in weights_kinds:
-        pixels = _pixels(res_dir, weights)
-        if not all(pixels.get(n) for n in NORMS):
-            continue
-        for name, fn in stats.items():
-            values = _per_seed(pixels, fn)
-            test = rank_test(values["layernorm"], values["none"])
-            rows.append(dict(weights=weights, stat=name, layernorm=values["layernorm"], none=values["none"],
-                             ratio=_ratio(values), u=test.u, p=test.p, n1=test.n1, n2=test.n2))
-    return rows
+def _rows(res_dir, name):
+    """The rows of res_dir/<name>.csv, NUMBERS' columns converted."""
+    rows = read_rows(Path(res_dir) / f"{name}.csv")
+    return [{k: NUMBERS.get(k, str)(v) for k, v in r.items()} for r in rows]
 
 
-def max_ratio_by_count(res_dir, weights="raw", counts=(10, 100, 1000)):
-    """{count: layernorm / none of the seed median of the max |x| over the first `count` samples of the
-    shared noise set}: how the ratio of maxima depends on the number of samples it is taken over."""
-    pixels = _pixels(res_dir, weights)
-    return {n: _ratio(_per_seed(pixels, lambda a, n=n: a[:n].max())) for n in counts}
-
-
-def worst_samples(res_dir, weights_kinds=("raw", "ema")):
-    """{(norm, weights): [index of the sample holding the largest |x|, per seed]}."""
-    out = {}
-    for weights in weights_kinds:
-        for norm, seeds in _pixels(res_dir, weights).items():
-            out[(norm, weights)] = [int(seeds[s].max(axis=1).argmax()) for s in sorted(seeds)]
-    return out
-
-
-def gate_changes(res_dir, first=10_000, last=50_000):
-    """Per norm: the raw gate rows' norm change first -> last, and EMA 0.9999 / raw - 1 at last, each
-    per (seed, block) as a list; the pooled writers' change beside them."""
-    rows = read_rows(Path(res_dir) / "weights.csv")
-    l2 = {(r["norm"], int(r["seed"]), int(r["step"]), r["weights"], r["tensor"]): float(r["l2"])
-          for r in rows}
-    out = {}
-    for norm in NORMS:
-        seeds = sorted({k[1] for k in l2 if k[0] == norm})
-        gates = sorted({k[4] for k in l2 if k[0] == norm and k[4].endswith(".gates")})
-        growth, ema_lag, writers = [], [], []
-        for s in seeds:
-            for g in gates:
-                if (norm, s, first, "raw", g) in l2 and (norm, s, last, "raw", g) in l2:
-                    growth.append(l2[norm, s, last, "raw", g] / l2[norm, s, first, "raw", g] - 1)
-                if (norm, s, last, "ema", g) in l2:
-                    ema_lag.append(l2[norm, s, last, "ema", g] / l2[norm, s, last, "raw", g] - 1)
-            if (norm, s, first, "raw", "writers") in l2:
-                writers.append(l2[norm, s, last, "raw", "writers"] / l2[norm, s, first, "raw", "writers"] - 1)
-        out[norm] = dict(gate_growth=growth, gate_ema_vs_raw=ema_lag, writers_growth=writers,
-                         seeds_growth=[s for s in seeds if (norm, s, first, "raw", "writers") in l2],
-                         seeds_ema=seeds)
-    return out
-
-
-def average_against_raw(res_dir, step=50_000, weights="ema_0.999"):
-    """Per norm: the `weights` average's pooled writers against the raw ones at `step` (norm / raw - 1 and
-    cosine, per seed), and the lowest cosine of any single tensor with its name."""
-    rows = read_rows(Path(res_dir) / "weights.csv")
-    l2 = {(r["norm"], r["seed"], r["weights"], r["tensor"]): float(r["l2"]) for r in rows
-          if int(r["step"]) == step}
-    out = {}
-    for norm in NORMS:
-        mine = [r for r in rows if r["norm"] == norm and int(r["step"]) == step and r["weights"] == weights]
-        pooled = [r for r in mine if r["tensor"] == "writers"]
-        lowest = min(mine, key=lambda r: float(r["cosine_to_raw"]))
-        change = [float(r["l2"]) / l2[norm, r["seed"], "raw", "writers"] - 1 for r in pooled]
-        out[norm] = dict(cosine=[float(r["cosine_to_raw"]) for r in pooled], norm_change=change,
-                         lowest=(float(lowest["cosine_to_raw"]), lowest["tensor"]))
-    return out
-
-
-def average_over_raw(res_dir, step=50_000):
-    """{norm: {weights: seed median of the median |x| / that of the raw weights}} at `step`."""
-    rows = [r for r in read_rows(Path(res_dir) / "errors.csv") if int(r["step"]) == step]
-    out = {}
-    for norm in NORMS:
-        medians = {}
-        for r in rows:
-            if r["norm"] == norm:
-                medians.setdefault(r["weights"], []).append(float(r["median"]))
-        raw = np.median(medians.pop("raw"))
-        out[norm] = {w: float(np.median(v) / raw) for w, v in medians.items()}
-    return out
-
-
-def raw_median_ratio_by_step(res_dir, seed=1):
-    """{step: layernorm / none of the raw median |x|} for one seed, at every step both measured."""
-    rows = read_rows(Path(res_dir) / "errors.csv")
-    medians = {(r["norm"], int(r["step"])): float(r["median"]) for r in rows
-               if r["weights"] == "raw" and int(r["seed"]) == seed}
-    steps = sorted({s for n, s in medians if n == "layernorm"} & {s for n, s in medians if n == "none"})
-    return {s: medians["layernorm", s] / medians["none", s] for s in steps}
-
-
-def perturb_ratios(res_dir, direction, alpha):
-    """{norm: [(seed, step, perturbed median / raw median)]} of perturb.csv against errors.csv."""
-    errors = {(r["norm"], int(r["seed"]), int(r["step"])): float(r["median"])
-              for r in read_rows(Path(res_dir) / "errors.csv") if r["weights"] == "raw"}
-    out = {norm: [] for norm in NORMS}
-    for r in read_rows(Path(res_dir) / "perturb.csv"):
-        if r["direction"] == direction and float(r["alpha"]) == alpha:
-            key = (r["norm"], int(r["seed"]), int(r["step"]))
-            out[r["norm"]].append((key[1], key[2], float(r["median"]) / errors[key]))
-    return out
-
-
-def paper_statistics(res_dir="res/paper"):
+def paper_statistics(res_dir="res/paper", first=10_000, last=50_000):
     """Markdown: the exact rank tests, quantile ratios, max-by-sample-count, worst samples, gate norms and
     perturbation ratios of the paper study, from the committed files under res_dir."""
     res_dir = Path(res_dir)
@@ -241,41 +153,67 @@ def paper_statistics(res_dir="res/paper"):
              "pooled seeds enumerated; with 3 against 3 the smallest possible p is 0.05).", "",
              "| weights | statistic | LayerNorm seeds | no-norm seeds | ratio | U | p | n |",
              "|---|---|---|---|---:|---:|---:|---|"]
-    for r in rank_test_rows(res_dir):
-        lines.append(f"| {r['weights']} | {r['stat']} | {_fmt(r['layernorm'])} | {_fmt(r['none'])} "
-                     f"| {r['ratio']:.2f} | {r['u']:g} of {r['n1'] * r['n2']} | {r['p']:.3f} "
-                     f"| {r['n1']} vs {r['n2']} |")
+    for weights in ("raw", "ema", "ema_0.999", "sphere_0.9999"):
+        pixels = _pixels(res_dir, weights)
+        for name, fn in STATISTICS.items() if all(pixels.get(n) for n in NORMS) else ():
+            v = _per_seed(pixels, fn)
+            t = rank_test(v["layernorm"], v["none"])
+            seeds = " | ".join(", ".join(f"{x:.2e}" for x in v[n]) for n in NORMS)
+            lines.append(f"| {weights} | {name} | {seeds} | {_ratio(v):.2f} | {t.u:g} of {t.n1 * t.n2} "
+                         f"| {t.p:.3f} | {t.n1} vs {t.n2} |")
     lines += ["", "## The ratio of maxima depends on how many samples it is taken over", "",
               "LayerNorm / none of the seed median of max |x| over the first N samples of the shared noise "
               "set, at 50k:", "", "| weights | N = 10 | N = 100 | N = 1000 |", "|---|---:|---:|---:|"]
     for weights in ("raw", "ema"):
-        by_count = max_ratio_by_count(res_dir, weights)
-        lines.append(f"| {weights} | " + " | ".join(f"{v:.2f}" for v in by_count.values()) + " |")
+        pixels = _pixels(res_dir, weights)
+        ratios = [_ratio(_per_seed(pixels, lambda a, n=n: a[:n].max())) for n in (10, 100, 1000)]
+        lines.append(f"| {weights} | " + " | ".join(f"{v:.2f}" for v in ratios) + " |")
     lines += ["", "Index of the sample holding the largest |x|, per seed (0-based, same noise set for all):",
               ""]
-    for (norm, weights), idx in worst_samples(res_dir).items():
-        lines.append(f"- {norm}, {weights}: {idx}")
+    for weights in ("raw", "ema"):
+        lines += [f"- {norm}, {weights}: {[int(seeds[s].max(axis=1).argmax()) for s in sorted(seeds)]}"
+                  for norm, seeds in _pixels(res_dir, weights).items()]
     lines += ["", "## Weight norms per tensor (raw weights unless said)", ""]
-    for norm, g in gate_changes(res_dir).items():
-        lines.append(f"- {norm}: gate rows' norm, 10k -> 50k: {_pct_range(g['gate_growth'])} "
-                     f"({len(g['gate_growth'])} = seeds {g['seeds_growth']} x blocks); pooled writers: "
-                     f"{_pct_range(g['writers_growth'])}; EMA 0.9999 / raw - 1 of the gate rows at 50k: "
-                     f"{_pct_range(g['gate_ema_vs_raw'])} (seeds {g['seeds_ema']} x blocks)")
-    for norm, a in average_against_raw(res_dir).items():
-        lines.append(f"- {norm}, EMA 0.999 against raw at 50k: pooled writers' norm "
-                     f"{_pct_range(a['norm_change'], 2)}, cosine {min(a['cosine']):.4f} to "
-                     f"{max(a['cosine']):.4f} "
-                     f"(n={len(a['cosine'])}); lowest cosine of a single tensor {a['lowest'][0]:.4f} "
-                     f"({a['lowest'][1]})")
+    weight_rows = _rows(res_dir, "weights")
+    l2 = {(r["norm"], r["seed"], r["step"], r["weights"], r["tensor"]): r["l2"] for r in weight_rows}
+    for norm in NORMS:
+        seeds = sorted({k[1] for k in l2 if k[0] == norm})
+        gates = sorted({k[4] for k in l2 if k[0] == norm and k[4].endswith(".gates")})
+        growth = [l2[norm, s, last, "raw", g] / l2[norm, s, first, "raw", g] - 1 for s in seeds for g in gates
+                  if (norm, s, first, "raw", g) in l2 and (norm, s, last, "raw", g) in l2]
+        lag = [l2[norm, s, last, "ema", g] / l2[norm, s, last, "raw", g] - 1 for s in seeds for g in gates
+               if (norm, s, last, "ema", g) in l2]
+        grown = [s for s in seeds if (norm, s, first, "raw", "writers") in l2]
+        writers = [l2[norm, s, last, "raw", "writers"] / l2[norm, s, first, "raw", "writers"] - 1
+                   for s in grown]
+        lines.append(f"- {norm}: gate rows' norm, 10k -> 50k: {_pct_range(growth)} ({len(growth)} = seeds "
+                     f"{grown} x blocks); pooled writers: {_pct_range(writers)}; EMA 0.9999 / raw - 1 of the "
+                     f"gate rows at 50k: {_pct_range(lag)} (seeds {seeds} x blocks)")
+    for norm in NORMS:
+        mine = [r for r in weight_rows if (r["norm"], r["step"], r["weights"]) == (norm, last, "ema_0.999")]
+        pooled = [r for r in mine if r["tensor"] == "writers"]
+        lowest = min(mine, key=lambda r: r["cosine_to_raw"])
+        change = [r["l2"] / l2[norm, r["seed"], last, "raw", "writers"] - 1 for r in pooled]
+        cosine = [r["cosine_to_raw"] for r in pooled]
+        lines.append(f"- {norm}, EMA 0.999 against raw at 50k: pooled writers' norm {_pct_range(change, 2)}, "
+                     f"cosine {min(cosine):.4f} to {max(cosine):.4f} (n={len(cosine)}); lowest cosine of a "
+                     f"single tensor {lowest['cosine_to_raw']:.4f} ({lowest['tensor']})")
     lines += ["", "## Each average against its own raw weights at 50k: seed median of the median |x|, "
               "average / raw", ""]
-    for norm, by_weights in average_over_raw(res_dir).items():
-        lines.append(f"- {norm}: " + ", ".join(f"{w} {v:.1f}x" for w, v in by_weights.items()))
-    by_step = raw_median_ratio_by_step(res_dir)
+    errors = _rows(res_dir, "errors")
+    for norm in NORMS:
+        medians = {}
+        for r in errors:
+            if (r["norm"], r["step"]) == (norm, last):
+                medians.setdefault(r["weights"], []).append(r["median"])
+        raw = np.median(medians.pop("raw"))
+        lines.append(f"- {norm}: " + ", ".join(f"{w} {np.median(v) / raw:.1f}x" for w, v in medians.items()))
+    medians = {(r["norm"], r["step"]): r["median"] for r in errors if (r["weights"], r["seed"]) == ("raw", 1)}
+    steps = sorted({s for n, s in medians if n == "layernorm"} & {s for n, s in medians if n == "none"})
     lines += ["", "## Seed 1, raw weights: LayerNorm / none of the median |x| at every checkpoint", "",
-              "| step | " + " | ".join(f"{s // 1000}k" for s in by_step) + " |",
-              "|---|" + "---:|" * len(by_step),
-              "| ratio | " + " | ".join(f"{v:.2f}" for v in by_step.values()) + " |"]
+              "| step | " + " | ".join(f"{s // 1000}k" for s in steps) + " |", "|---|" + "---:|" * len(steps),
+              "| ratio | " + " | ".join(f"{medians['layernorm', s] / medians['none', s]:.2f}" for s in steps)
+              + " |"]
     pilot = Path(res_dir) / "pilot" / "raw" / "study_errors.csv"
     if pilot.exists():
         medians = {r["norm"]: float(r["median"]) for r in read_rows(pilot)
@@ -283,20 +221,16 @@ def paper_statistics(res_dir="res/paper"):
         lines += ["", "The one-seed pilot (`pilot/raw/study_errors.csv`), raw weights at 50k: "
                   f"LayerNorm / none of the median |x| {medians['layernorm'] / medians['none']:.2f}"]
     lines += ["", "## Perturbations: perturbed / raw median |x| (seed, step)", ""]
+    raw = {(r["norm"], r["seed"], r["step"]): r["median"] for r in errors if r["weights"] == "raw"}
+    perturbed = _rows(res_dir, "perturb")
     for direction, alpha in (("toward ema_0.999", 0.25), ("random", 0.25), ("random", 1.0)):
-        for norm, items in perturb_ratios(res_dir, direction, alpha).items():
-            values = [v for _, _, v in items]
+        for norm in NORMS:
+            items = [(r["seed"], r["step"], r["median"] / raw[norm, r["seed"], r["step"]]) for r in perturbed
+                     if (r["norm"], r["direction"], r["alpha"]) == (norm, direction, alpha)]
             shown = ", ".join(f"{v:.2f} ({s}, {step // 1000}k)" for s, step, v in items)
-            lines.append(f"- {direction}, alpha {alpha:g}, {norm}: max {max(values):.2f}; {shown}")
+            lines.append(f"- {direction}, alpha {alpha:g}, {norm}: max {max(v for *_, v in items):.2f}; "
+                         f"{shown}")
     return "\n".join(lines) + "\n"
-
-
-def _pct_range(values, digits=1):
-    """'+a% to +b% (median +c%)' of fractions."""
-    if not values:
-        return "-"
-    lo, hi, mid = (100 * f(values) for f in (min, max, np.median))
-    return f"{lo:+.{digits}f}% to {hi:+.{digits}f}% (median {mid:+.{digits}f}%)"
 
 
 def write_statistics(res_dir="res/paper", name="statistics.md"):

@@ -1,24 +1,14 @@
-"""The report engine under every study: measured rows, one "median [min, max]" formatter, one
-exact rank test with Holm's correction beside it, and tables declared rather than written.
-
-Rows: every measured file is a csv of one run (<record>/runs/<run>/<name>.csv), one row per measurement
-with its keys (norm, seed, step, weights, ...) and its values; records.read_rows reads one (the one
-reader), records.gather a record's, and `long` here turns a row of several statistics (p50, p99, ...) into
-one row per statistic (statistic, value).
-
-A table is a `Table`: which value, which keys make a line (any grid key: data, model, intervention, ...),
-which key makes the columns (norm by default) and which two columns are tested against each other over
-the seeds of a line. `render` writes its markdown: a cell is the seed median [min, max] (n seeds) of each
-seed's value (the median of its rows: one, or several checkpoints), the test is stats.rank_test (exact,
-one-sided) with, when asked, Holm's step-down adjustment over the table's lines in a column of its own.
-"""
+"""The report engine under every study: a `Table` declares its lines (any grid keys), its columns (norm by
+default) and its test; `render` writes it, each cell the seed median [min, max] (n seeds) of each seed's
+value, the test stats.rank_test (or its stratified form) with Holm's adjustment beside it when asked."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from ditnorm.records import grouped, seed_spread
-from ditnorm.stats import rank_test, smallest_p
+from ditnorm.records import grouped, seed_spread, write_atomic
+from ditnorm.stats import rank_test, smallest_p, smallest_stratified_p, stratified_rank_test
 
 
 def long(rows, statistics, key="statistic"):
@@ -27,32 +17,24 @@ def long(rows, statistics, key="statistic"):
             for row in rows for s in statistics]
 
 
-#################################################################################
-#                      The cell: median [min, max] over seeds                   #
-#################################################################################
-
-
 def number(value, fmt):
     """value in fmt: a format spec ('.2e') or a format string ('{:.3f}')."""
     return fmt.format(value) if "{" in fmt else format(value, fmt)
 
 
-def cell(values, fmt=".2e", count=True, lone=False, empty="-"):
+def cell(values, fmt=".2e", count=True, lone=False, empty="-", spread=True):
     """'median [min, max] (n=k)' of the finite values (None and nan left out); without the count when not
-    count, 'value (n=1)' for a single one when lone; `empty` for none."""
+    count, the median alone when not spread, 'value (n=1)' for a single one when lone; `empty` for none."""
     values = [v for v in values if v is not None and np.isfinite(v)]
     if not values:
         return empty
     n = f" (n={len(values)})" if count else ""
+    if not spread:
+        return f"{number(float(np.median(values)), fmt)}{n}"
     if lone and len(values) == 1:
         return f"{number(values[0], fmt)}{n}"
     med, low, high = seed_spread(values)
     return f"{number(med, fmt)} [{number(low, fmt)}, {number(high, fmt)}]{n}"
-
-
-#################################################################################
-#                    The test: exact rank test, Holm beside it                  #
-#################################################################################
 
 
 def holm(ps):
@@ -89,9 +71,19 @@ def pairs_cell(x, y):
     return [f"{test.u:g}/{test.n1 * test.n2}, p = {test.p:.2f}"], test.p
 
 
-#################################################################################
-#                                Declared tables                                #
-#################################################################################
+def strata_cells(strata):
+    """(['u of total', 'p (smallest possible)'], p) of the stratified exact test of x > y over strata
+    [(x, y), ...] (stats.stratified_rank_test; a stratum without values on both sides left out)."""
+    strata = [(x, y) for x, y in ([[v for v in side if v is not None] for side in pair] for pair in strata)
+              if x and y]
+    if not strata:
+        return ["-", "-"], None
+    test, sizes = stratified_rank_test(strata), [(len(x), len(y)) for x, y in strata]
+    return [f"{test.u:g} of {sum(a * b for a, b in sizes)}",
+            f"{test.p:.4f} ({smallest_stratified_p(sizes):.4f})"], test.p
+
+
+STRATA_HEADS = ("pairs {x} > {y}, summed over {strata}", "p, stratified exact one-sided (smallest possible)")
 
 
 @dataclass(frozen=True)
@@ -103,7 +95,8 @@ class Table:
 
     heads: the header of a line key (default its name), names: of a column (default its value); right: the
     line keys whose column is right-aligned; fmt: a format for every cell, or {value of `fmt_key` (a line
-    key or the across key): format}."""
+    key or the across key): format}; p_fmt: of Holm's p. strata: across is (strata key, key) and the test,
+    test_cells([(x, y) per stratum]) (strata_cells), compares (s, test[0]) with (s, test[1]) in each s."""
 
     lines: tuple
     value: str = "value"
@@ -119,9 +112,12 @@ class Table:
     fmt_key: str = "statistic"
     count: bool = True
     lone: bool = False
+    spread: bool = True
     heads: dict = field(default_factory=dict)
     names: dict = field(default_factory=dict)
     right: tuple = ()
+    strata: str | None = None
+    p_fmt: str = ".3f"
 
 
 def _column(row, across):
@@ -153,7 +149,7 @@ def render(table, rows):
     align = ["---:" if k in table.right else "---" for k in table.lines] + ["---"] * len(columns)
     if table.test:
         x, y = (" ".join(map(str, c)) if isinstance(c, tuple) else c for c in table.test)
-        heads += [h.format(x=x, y=y) for h in table.test_heads]
+        heads += [h.format(x=x, y=y, strata=table.strata) for h in table.test_heads]
         align += [table.test_align] * len(table.test_heads)
         if table.holm:
             heads.append("p, Holm over the table's lines")
@@ -161,15 +157,25 @@ def render(table, rows):
     body, ps = [], []
     for key, group in grouped(rows, *table.lines).items():
         values = unit_values(group, table)
-        cells = [*map(str, key)] + [cell(values.get(c, []), _format(table, key, c), table.count, table.lone)
-                                    for c in columns]
+        cells = [*map(str, key)] + [cell(values.get(c, []), _format(table, key, c), table.count, table.lone,
+                                         spread=table.spread) for c in columns]
         if table.test:
-            tested, p = table.test_cells(values.get(table.test[0], []), values.get(table.test[1], []))
+            tested, p = (table.test_cells([tuple(values.get((s, side), []) for side in table.test)
+                                           for s in dict.fromkeys(c[0] for c in columns)]) if table.strata
+                         else table.test_cells(*(values.get(side, []) for side in table.test)))
             cells += tested
             ps.append(p)
         body.append(cells)
     if table.test and table.holm:
         for cells, p in zip(body, holm(ps), strict=True):
-            cells.append("-" if p is None else f"{p:.3f}")
+            cells.append("-" if p is None else format(p, table.p_fmt))
     return ["| " + " | ".join(heads) + " |", "|" + "|".join(align) + "|",
             *("| " + " | ".join(cells) + " |" for cells in body)]
+
+
+def write_outcome(path, lines, head=""):
+    """Replace what follows '## Outcome' in a prediction file with lines (the predictions above it stay as
+    written); a missing file is written as head and the outcome."""
+    if Path(path).is_file():
+        head = Path(path).read_text().split("## Outcome", 1)[0]
+    write_atomic(path, head + "## Outcome\n\n" + "\n".join(lines) + "\n")

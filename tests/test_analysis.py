@@ -92,10 +92,6 @@ def test_token_plot_has_a_panel_per_layer_and_token():
 
 def test_runs_checkpoints_and_sampling(tmp_path):
     runs = make_toy_runs(tmp_path)
-    (tmp_path / "001-ToyDiT-XS-1-layernorm" / "checkpoints").mkdir(parents=True)
-    assert analysis.latest_run(tmp_path, "layernorm", "ToyDiT-XS/1").name == "001-ToyDiT-XS-1-layernorm"
-    assert analysis.latest_run(tmp_path, "none", "ToyDiT-XS/1") == runs["none"]
-    assert analysis.latest_run(tmp_path, "none") is None  # no ToyDiT/1 run
     assert list(analysis.run_checkpoints(runs["none"])) == [10, 20]
     assert analysis.checkpoint_at(runs["none"]).name == "0000020.pt"
     with pytest.raises(FileNotFoundError, match=r"\[10, 20\]"):

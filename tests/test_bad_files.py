@@ -273,7 +273,7 @@ ERRORS_CSV = ("data,measure,norm,seed,step,weights,mean,median,p99,max,nonfinite
     (ERRORS_CSV.replace("88.1", "eighty"), "{path}: could not convert string to float: 'eighty'"),
     ("", "{path} is empty (not even a header)"),
     (ERRORS_CSV.replace("layernorm,0,20", "batchnorm,0,20"),
-     "{record}/runs/*/errors.csv: a row has norm 'batchnorm', which this preset does not measure"),
+     "{path}: line 3 has norm 'batchnorm', which this preset does not measure"),
 ])
 def test_a_damaged_errors_csv_ends_the_report_in_one_line(tmp_path, capsys, content, reason):
     import experiment

@@ -9,7 +9,13 @@ import pytest
 import scipy.stats
 
 from ditnorm.records import read_rows, write_rows
-from ditnorm.stats import fixed_quantiles, paper_statistics, rank_test
+from ditnorm.stats import (
+    fixed_quantiles,
+    paper_statistics,
+    rank_test,
+    smallest_stratified_p,
+    stratified_rank_test,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,6 +65,40 @@ def test_agrees_with_scipy_exact_without_ties(n1, n2):
 def test_empty_group_raises():
     with pytest.raises(ValueError, match="both groups"):
         rank_test([], [1.0])
+
+
+def test_the_stratified_test_is_exact_on_a_case_checked_by_hand():
+    # stratum 1: 2 against 1, U = 2 (both above); its 3 splits give U = 2, 1, 0. stratum 2: 1 against 1,
+    # U = 1; its 2 splits give 1, 0. The sum is 3 only when both are at their top: p = 1/3 * 1/2.
+    test = stratified_rank_test([([3.0, 2.0], [1.0]), ([5.0], [4.0])])
+    assert (test.u, test.n1, test.n2) == (3.0, 3, 2)
+    assert test.p == pytest.approx(1 / 6, abs=1e-15)
+    assert smallest_stratified_p([(2, 1), (1, 1)]) == pytest.approx(1 / 6)
+    # two sizes at 3 against 3, complete separation in both: 1/400, the smallest the design allows
+    top = stratified_rank_test([([4, 5, 6], [1, 2, 3]), ([14, 15, 16], [11, 12, 13])])
+    assert (top.u, top.p) == (18.0, pytest.approx(1 / 400))
+    assert smallest_stratified_p([(3, 3)] * 2) == pytest.approx(1 / 400)
+    # within strata only: the second stratum's none values lie above the first's layernorm ones, which a test
+    # pooling the strata would count against layernorm; stratified, each stratum is separated
+    assert stratified_rank_test([([1, 2, 3], [0, 0.5, 0.7]), ([11, 12, 13], [10, 10.5, 10.7])]).p == \
+        pytest.approx(1 / 400)
+
+
+def test_the_stratified_p_is_the_share_of_within_stratum_relabellings_and_one_stratum_is_rank_test():
+    strata = [([2.0, 3.0], [1.0, 2.0]), ([0.5, 0.1, 0.9], [0.2, 0.5])]  # ties inside the first and second
+    observed = stratified_rank_test(strata)
+
+    def splits(x, y):  # every relabelling of one stratum: U of each
+        pooled, n = [*x, *y], len(x)
+        for chosen in itertools.combinations(range(len(pooled)), n):
+            a = [pooled[i] for i in chosen]
+            b = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+            yield sum((u > v) + 0.5 * (u == v) for u in a for v in b)
+
+    sums = [u1 + u2 for u1, u2 in itertools.product(splits(*strata[0]), splits(*strata[1]))]
+    assert observed.u == 3.5 + 3.5
+    assert observed.p == pytest.approx(np.mean([s >= observed.u for s in sums]), abs=1e-15)
+    assert stratified_rank_test(strata[:1]) == rank_test(*strata[0])
 
 
 def test_fixed_quantiles_names_and_values():

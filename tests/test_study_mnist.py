@@ -39,6 +39,25 @@ def test_the_report_gives_seed_spreads_and_exact_tests(tmp_path):
     assert "| MnistDiT-XS-4 | layernorm | 10 | 1.600 [1.500, 1.700] (n=3) | 21.0 [20.0, 22.0] (n=3) |" in text
 
 
+def test_each_size_gets_holm_beside_its_p_and_the_sizes_pool_in_a_stratified_test(tmp_path):
+    for seed in range(3):
+        for size, shift in (("XS", 0.0), ("S", 100.0)):  # S's none above XS's layernorm: only within a size
+            for norm, ratio in (("layernorm", 20.0), ("none", 5.0)):
+                fake_run(tmp_path, norm, seed, nll=2.0 + seed / 10, ratio=ratio + shift + seed,
+                         name=f"MnistDiT-{size}-4-{norm}-seed{seed}")
+    text = mnist.report(tmp_path)
+    ratio_lines = [line for line in text.splitlines() if line.startswith("| largest middle-block")
+                   and "raw" in line]
+    # per size: 9/9, p = 0.05, and Holm over the lines that have a test (NLL, ratio, lead share): x3
+    assert ratio_lines[0].endswith("| 9/9, p = 0.05 | 0.15 |"), ratio_lines[0]
+    assert "**The sizes pooled** (MnistDiT-S-4, MnistDiT-XS-4)" in text
+    assert ratio_lines[2].startswith("| largest middle-block top-1/median, raw | 121.0 [120.0, 122.0] (n=3) "
+                                     "| 106.0 [105.0, 107.0] (n=3) | 21.0 [20.0, 22.0] (n=3) |")
+    assert ratio_lines[2].endswith("| 18 of 18 | 0.0025 (0.0025) | 0.0075 |"), ratio_lines[2]
+    nll_line = [line for line in text.splitlines() if line.startswith("| NLL")][-1]
+    assert "| 9 of 18 |" in nll_line  # equal values: every pair a tie
+
+
 def test_the_ablation_rows_beside_the_probe_rows_do_not_break_the_report(tmp_path):
     # The ablation group stores the index of the block it zeroed as the quantity "block" (no "_").
     for norm in ("layernorm", "none"):
@@ -199,3 +218,36 @@ def test_the_nll_difference_is_paired_over_the_images_so_their_spread_cancels(tm
     text = mnist.interventions_report({}, tmp_path, dict(runs=grid))
     part = text.split("## The NLL difference of each seed pair")[1]
     assert "| wd1 | 0 | +0.3" in part and "| baseline | 1 | +0.0" in part
+    assert (tmp_path / "intervention.png").stat().st_size > 0 and "](intervention.png)" in text
+
+
+def test_the_interventions_report_and_its_figure_with_one_pair_and_with_none(tmp_path):
+    from ditnorm.presets import runs
+
+    grid = runs("interventions")
+    text = mnist.interventions_report({}, tmp_path, dict(runs=grid))
+    assert "runs measured (seeds): none yet" in text and "intervention.png" not in text
+    assert not (tmp_path / "intervention.png").exists()
+    for name, cfg in grid[:2]:  # the baseline seed-0 pair
+        assert name.endswith("-baseline-seed0")
+        fake_run(tmp_path, cfg["norm"], 0, nll=2.0, ratio=5.0, name=name)
+    text = mnist.interventions_report({}, tmp_path, dict(runs=grid))
+    assert "baseline layernorm: 1, baseline none: 1." in text
+    assert (tmp_path / "intervention.png").stat().st_size > 0 and "](intervention.png)" in text
+
+
+def test_the_committed_interventions_report_is_what_report_writes_from_its_rows(tmp_path):
+    """res/interventions/: results.md and intervention.png from the committed runs/ alone (no checkpoints)."""
+    import shutil
+
+    import experiment
+    from ditnorm.presets import PRESETS, runs
+
+    committed = layout.ROOT / "res" / "interventions"
+    record = tmp_path / "interventions"
+    shutil.copytree(committed, record)
+    (record / "intervention.png").unlink()
+    experiment.report("interventions", PRESETS["interventions"], runs("interventions"), record,
+                      tmp_path / "results")
+    assert (record / "results.md").read_bytes() == (committed / "results.md").read_bytes()
+    assert (record / "intervention.png").stat().st_size > 0

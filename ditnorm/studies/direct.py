@@ -1,13 +1,6 @@
-"""The tables of the direct statistic (measures.direct_rows, runs/<run>/direct.csv) for every toy report.
-
-A seed's value is a fixed quantile (p50, p99, p99.9) of the denoiser's x_0 error over all pixels of its
-10^5 fresh inputs at one timestep. A cell is the median over seeds [min, max] (n seeds). The main table takes
-each seed's median over the last few checkpoints it was measured at (at a constant learning rate single
-checkpoints swing by large factors: docs/results-notes.md); the second the last checkpoint alone. The test
-is stats.rank_test: the exact one-sided Mann-Whitney test of "LayerNorm's error is larger than no norm's",
-over seeds; with n1 against n2 seeds its smallest possible p is 1 / C(n1 + n2, n1) (0.05 at 3 against 3,
-1/6 at 2 against 2).
-"""
+"""The tables of the direct statistic (measures.direct_rows: fixed quantiles of the denoiser's x_0 error on
+10^5 fresh inputs) for every toy report: the main table takes each seed's median over its last checkpoints
+(single checkpoints swing), then the last checkpoint alone, then every checkpoint at t = 0."""
 
 
 from ditnorm import tables

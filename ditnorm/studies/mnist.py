@@ -10,9 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ditnorm import layout, records, stats, tables  # noqa: E402
+from ditnorm import figures, layout, records, stats, tables  # noqa: E402
 from ditnorm.mnist_study import STATS_FILE, context, read_rows  # noqa: E402
-from ditnorm.records import savefig_atomic, write_atomic  # noqa: E402
+from ditnorm.records import write_atomic  # noqa: E402
 from models import MNIST_MODELS  # noqa: E402
 
 BLOCK = re.compile(r"block(\d+)_")
@@ -85,20 +85,33 @@ def _said(label, better):
 
 
 def final_table(runs):
-    """Markdown: every FINAL statistic per model and norm at each run's last step, with the rank test."""
+    """Markdown: every FINAL statistic per model and norm at each run's last step, with the rank test and
+    Holm's adjustment over the table's lines; then, where two or more sizes have layernorm and none, the
+    test stratified over the sizes (tables.strata_cells)."""
+    rows = [dict(statistic=_said(label, better), model=r["model"], norm=r["norm"], seed=r["seed"],
+                 value=value(r, last_step(r), weights, quantity))
+            for label, weights, quantity, _, better in FINAL for r in runs]
+    formats = {_said(label, better): fmt for label, _, _, fmt, better in FINAL}
+    models = sorted({r["model"] for r in runs})
     lines = []
-    for model in sorted({r["model"] for r in runs}):
-        group = [r for r in runs if r["model"] == model]
-        norms = tuple(n for n in NORMS if any(r["norm"] == n for r in group))
-        rows = [dict(statistic=_said(label, better), norm=r["norm"], seed=r["seed"],
-                     value=value(r, last_step(r), weights, quantity))
-                for label, weights, quantity, _, better in FINAL for r in group]
-        formats = {_said(label, better): fmt for label, _, _, fmt, better in FINAL}
-        declared = tables.Table(lines=("statistic",), order=norms, fmt=formats, lone=True,
-                                test_cells=tables.pairs_cell, test_align="---",
+    for model in models:
+        norms = tuple(n for n in NORMS if any(r["norm"] == n and r["model"] == model for r in runs))
+        declared = tables.Table(lines=("statistic",), order=norms, fmt=formats, lone=True, holm=True,
+                                p_fmt=".2f", test_cells=tables.pairs_cell, test_align="---",
                                 test_heads=("layernorm > none: pairs (a tie counts 1/2), exact one-sided p",))
         lines += [f"**{model}** (last checkpoint of each run; seed median [min, max], n seeds)", "",
-                  *tables.render(declared, rows), ""]
+                  *tables.render(declared, [r for r in rows if r["model"] == model]), ""]
+    pooled = [m for m in models if {"layernorm", "none"} <= {r["norm"] for r in runs if r["model"] == m}]
+    if len(pooled) > 1:
+        declared = tables.Table(lines=("statistic",), across=("model", "norm"), strata="model",
+                                order=tuple((m, n) for m in pooled for n in ("layernorm", "none")),
+                                fmt=formats, lone=True, holm=True, p_fmt=".4f",
+                                test_cells=tables.strata_cells, test_heads=tables.STRATA_HEADS)
+        lines += [f"**The sizes pooled** ({', '.join(pooled)}): the pairs with layernorm above none summed "
+                  "over the sizes, and the exact one-sided p of that sum over every relabelling of the seeds "
+                  "within each size (a stratified permutation test; 3 against 3 at two sizes: smallest p "
+                  "1/400), with Holm's adjustment over the table's lines beside it.", "",
+                  *tables.render(declared, [r for r in rows if r["model"] in pooled]), ""]
     return "\n".join(lines)
 
 
@@ -245,9 +258,7 @@ def curves_figure(runs, path):
     axes[0].set(xlabel="step", ylabel="held-out NLL bound, bits/dim (raw)")
     axes[1].set(xlabel="step", ylabel="largest middle-block top-1/median (raw)")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    savefig_atomic(fig, path, dpi=120)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def report(stats_root, out_dir=None, title="MNIST study: results", reference=None, grid=None):
@@ -330,6 +341,36 @@ INTERVENED = [
 ]
 
 
+# The figure of the interventions: what they aim to remove, and what LayerNorm pays, per condition.
+FIGURE = ("middle-block top-1/median, per-input median (raw)", "NLL, bits/dim, x_0 clipped (EMA)")
+CONDITIONS = ("baseline", "wd0.1", "wd1", "dropout0.3", "cap4")  # the figure's order
+
+
+def intervention_figure(rows, conditions, path):
+    """FIGURE's statistics per condition, layernorm and none side by side, each seed's run a dot, and the
+    seed-paired difference layernorm - none of the last."""
+    fig, axes = plt.subplots(1, len(FIGURE) + 1, figsize=(15, 3.6))
+    colors, paired = {"layernorm": "tab:orange", "none": "tab:blue"}, "layernorm - none, same seed"
+    for ax, label in zip(axes, FIGURE, strict=False):
+        values = {(r["intervention"], r["norm"], r["seed"]): r["value"] for r in rows
+                  if r["statistic"] == label and r["value"] is not None}
+        groups = {c: {n: [v for (c_, n_, _), v in values.items() if (c_, n_) == (c, n)] for n in colors}
+                  for c in conditions}
+        figures.seed_dots(ax, groups, colors)
+        ax.set_title(label, fontsize=9)
+    diffs = {c: {paired: [v - values[c, "none", s] for (c_, n, s), v in values.items()
+                          if (c_, n) == (c, "layernorm") and (c, "none", s) in values]} for c in conditions}
+    figures.seed_dots(axes[-1], diffs, {paired: "tab:gray"})
+    axes[-1].axhline(0, color="0.5", linewidth=0.6)
+    axes[-1].set_title(f"{FIGURE[-1]}: {paired}", fontsize=9)
+    for ax in axes[::2]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle("MnistDiT-XS/4 at 10k steps under each condition: a dot per seed, a line at the median",
+                 fontsize=9)
+    figures.save(fig, path)
+
+
 def interventions_report(preset, record, options):
     """results.md of the interventions preset: per statistic and condition, layernorm against none over seeds
     (Holm over the table's lines), and each condition's seed-paired difference layernorm - none against
@@ -372,6 +413,8 @@ def interventions_report(preset, record, options):
         "The predictions (`prediction.md`) were committed before any run. A cell is the seed median "
         "[min, max] (n seeds); the tests are exact one-sided rank tests over seeds (3 against 3: smallest "
         "p 0.05), with Holm's adjustment over each table's lines beside them.", "",
+        *([f"![{FIGURE[0]} and {FIGURE[1]} per condition, layernorm and none, a dot per seed; right: the "
+           "seed-paired difference of the NLL](intervention.png)", ""] if runs else []),
         "## LayerNorm against no norm under each condition", "", *tables.render(main, rows), "",
         "## The read-out: the seed-paired difference layernorm - none under a condition against baseline's",
         "", "A difference above baseline's means the condition moved LayerNorm up relative to no norm "
@@ -384,6 +427,9 @@ def interventions_report(preset, record, options):
         "images' own spread, most of each model's standard error, cancels. These standard errors say "
         "whether two trained models differ on these images; whether the norms differ is the seeds' test "
         "above.", "", *paired_nll_lines(paired_nll(runs), conditions), ""])
+    if runs:
+        order = sorted(conditions, key=lambda c: CONDITIONS.index(c) if c in CONDITIONS else len(CONDITIONS))
+        intervention_figure(rows, order, Path(record) / "intervention.png")
     write_atomic(Path(record) / "results.md", text)
     return text
 

@@ -1,14 +1,7 @@
-"""The report of the paper preset: the tables, figures and predictions' outcome of the paper-schedule study,
-recomputed from the per-run files under runs/ (whatever runs and checkpoints they hold, n said everywhere).
+"""The report of the paper preset: tables, figures and the predictions' outcome of the paper-schedule study,
+from whatever per-run files runs/ holds (n said everywhere); the direct statistic heads results.md where
+measured, and the outcome rests on the sampled error it was written for."""
 
-Writes, beside runs/: errors.csv, weights.csv, rms.csv, direct.csv (every run's rows together), results.md
-(the tables), error_vs_step.png, averages_at_last_step.png, writer_norms.png, and the outcome under
-prediction.md. Where the runs have direct.csv, the direct statistic (studies/direct.py) heads results.md; the
-committed runs were measured before it and have none. The predictions' outcome rests on the sampled error,
-for which they were written.
-"""
-
-from pathlib import Path
 
 import matplotlib
 
@@ -16,11 +9,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ditnorm import figures, tables  # noqa: E402
+from ditnorm import figures, records, tables  # noqa: E402
 from ditnorm.layout import measured_files  # noqa: E402
 from ditnorm.measures import DIRECT_COLUMNS  # noqa: E402
 from ditnorm.measures import PAPER_WEIGHTS as WEIGHTS  # noqa: E402
-from ditnorm.records import read_rows, savefig_atomic, write_atomic, write_rows  # noqa: E402
+from ditnorm.records import write_atomic, write_rows  # noqa: E402
 from ditnorm.studies import direct as direct_statistic  # noqa: E402
 
 # Averages by how far back they reach at 50k steps (the std of their weighting, in steps): EMA d ~ 1/(1-d),
@@ -38,6 +31,7 @@ COLUMNS = {"errors": ("norm", "seed", "step", "weights", "median", "p99", "max",
            "rms": ("norm", "seed", "step", "weights", "timestep", "block", "rms"),
            "perturb": ("norm", "seed", "step", "direction", "alpha", "median", "p99", "max"),
            "direct": DIRECT_COLUMNS}
+INTS = ("seed", "step", "block", "timestep")
 # The weights kinds of the direct statistic's tables (direct.csv holds all of them).
 DIRECT_WEIGHTS = ("raw", "ema", "ema_0.999", "sphere_0.9999")
 
@@ -48,31 +42,13 @@ def unreadable(path, reason):
                       "experiment.py measure --preset paper again to rewrite it")
 
 
-def _gist(error):
-    """An exception's type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-def read_table(path, name):
-    """The rows of one run's <name>.csv, numbers converted; SystemExit naming the file if it is not one."""
-    try:
-        rows = read_rows(path, COLUMNS[name], ints=("seed", "step", "block", "timestep"))
-    except Exception as e:  # foreign data: any failure of its parse is the file's (OSError, csv.Error, ...)
-        raise unreadable(path, _gist(e)) from None
-    for i, row in enumerate(rows, start=2):
-        unknown = [f"{k} {row[k]!r}" for k, known in (("norm", COLOURS), ("weights", WEIGHTS))
-                   if k in row and row[k] not in known]
-        if unknown:
-            unknown = " and ".join(unknown)
-            raise unreadable(path, f"line {i} has {unknown}, which the paper preset does not measure")
-    return rows
-
-
 def gather(res_dir, name):
-    """Every run's rows of runs/<run>/<name>.csv, numbers converted."""
-    paths = measured_files(res_dir, f"{name}.csv")
-    return [row for path in paths for row in read_table(path, name)]
+    """Every run's rows of runs/<run>/<name>.csv, numbers converted; SystemExit naming a bad file."""
+    try:
+        known = {"norm": COLOURS, "weights": WEIGHTS}
+        return records.gather(res_dir, name, columns=COLUMNS[name], ints=INTS, known=known)
+    except records.RowsError as e:
+        raise unreadable(e.path, e.reason) from None
 
 
 def read_pixels(res_dir):
@@ -83,8 +59,8 @@ def read_pixels(res_dir):
         try:
             with np.load(path) as f:
                 arrays = {k: f[k] for k in f.files}
-        except Exception as e:  # foreign data, as in read_table
-            raise unreadable(path, _gist(e)) from None
+        except Exception as e:  # foreign data: any failure of its parse is the file's
+            raise unreadable(path, f"{type(e).__name__}: {e}".splitlines()[0]) from None
         pixels.setdefault(norm, []).append(arrays)
     return pixels
 
@@ -96,10 +72,9 @@ def by_seed(rows, norm, weights, step, key):
 
 
 def bootstrap_ratio(res_dir, weights, stat, draws=2000, seed=0):
-    """(ratio, low, high, seeds of layernorm, of none): layernorm / none of the seed median of `stat` (median
-    or max of |x|) at the last step, with the 2.5 and 97.5 percentiles of its bootstrap over seeds and,
-    within each seed, samples. With a handful of seeds that is no 95% interval: a resample can only repeat
-    the seeds there are, so its ends are near the extreme cross-seed ratios. None without data."""
+    """(ratio, low, high, seeds of layernorm, of none): layernorm / none of the seed median of `stat` at the
+    last step, with the 2.5 and 97.5 percentiles of a bootstrap over seeds and samples (no 95% interval at a
+    handful of seeds); None without data."""
     pixels = {norm: [seed[weights] for seed in seeds if weights in seed]  # (N, P) per seed
               for norm, seeds in read_pixels(res_dir).items()}
     if not pixels.get("layernorm") or not pixels.get("none"):
@@ -139,9 +114,7 @@ def plot_error_vs_step(rows, path):
         ax.set(title=LABEL[weights], xlabel="training step")
     axes[0].set_ylabel("median |x| (seed median; band: seed min-max)")
     axes[0].legend()
-    fig.tight_layout()
-    savefig_atomic(fig, path, dpi=120)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def plot_averages(rows, step, path):
@@ -162,9 +135,7 @@ def plot_averages(rows, step, path):
            title=f"Weights averaged how, at step {step:,}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    savefig_atomic(fig, path, dpi=120)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def writer_norms(weight_rows, norm, weights, key="l2"):
@@ -196,9 +167,7 @@ def plot_writer_norms(weight_rows, path):
     ax.set_title("seed median; band: min-max over seeds (raw)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    savefig_atomic(fig, path, dpi=120)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def writer_table(weight_rows, step):
@@ -219,33 +188,25 @@ def writer_table(weight_rows, step):
 
 def rms_table(rms_rows, step):
     """The residual stream's RMS after each block (raw weights, seed median) at `step`, per timestep."""
-    cells = {}
-    for r in rms_rows:
-        if r["weights"] == "raw" and r["step"] == step:
-            cells.setdefault((r["norm"], r["timestep"], r["block"]), []).append(r["rms"])
-    if not cells:
-        return []
-    blocks = sorted({b for _, _, b in cells})
-    lines = ["| norm | t | " + " | ".join(f"block {b}" for b in blocks) + " |",
-             "|---|---|" + "---|" * len(blocks)]
-    for norm in COLOURS:
-        for t in sorted({t for n, t, _ in cells if n == norm}):
-            values = [f"{np.median(cells[norm, t, b]):.3g}" if (norm, t, b) in cells else "-" for b in blocks]
-            lines.append(f"| {norm} | {t} | " + " | ".join(values) + " |")
-    return lines
+    rows = sorted((r for r in rms_rows if r["weights"] == "raw" and r["step"] == step),
+                  key=lambda r: (list(COLOURS).index(r["norm"]), r["timestep"]))
+    blocks = sorted({r["block"] for r in rows})
+    declared = tables.Table(lines=("norm", "timestep"), value="rms", across="block", order=tuple(blocks),
+                            names={b: f"block {b}" for b in blocks}, heads={"timestep": "t"}, test=None,
+                            fmt=".3g", count=False, spread=False)
+    return tables.render(declared, rows) if rows else []
 
 
 def perturb_table(perturbed, errors, step):
-    lines = ["| d | alpha | layernorm | none |", "|---|---|---|---|"]
-    raw = [tables.cell(_raw_of_perturbed(perturbed, errors, n, step), lone=True)
-           for n in COLOURS]
-    lines.append(f"| (raw weights) | 0 | {raw[0]} | {raw[1]} |")
-    for direction in sorted({r["direction"] for r in perturbed}, reverse=True):
-        for alpha in sorted({r["alpha"] for r in perturbed}):
-            cells = [tables.cell(_perturbed(perturbed, n, step, direction, alpha), lone=True)
-                     for n in COLOURS]
-            lines.append(f"| {direction} | {alpha:g} | {cells[0]} | {cells[1]} |")
-    return lines
+    """Median |x| of raw + alpha d at `step`, per direction d and alpha, beside the raw weights'."""
+    seeds = {n: {r["seed"] for r in perturbed if (r["norm"], r["step"]) == (n, step)} for n in COLOURS}
+    rows = [dict(d="(raw weights)", alpha="0", norm=n, seed=s, value=v) for n in COLOURS
+            for s, v in by_seed(errors, n, "raw", step, "median").items() if s in seeds[n]]
+    rows += [dict(r, d=d, alpha=f"{a:g}", value=r["median"])
+             for d in sorted({r["direction"] for r in perturbed}, reverse=True)
+             for a in sorted({r["alpha"] for r in perturbed}) for n in COLOURS for r in perturbed
+             if (r["norm"], r["step"], r["direction"], r["alpha"]) == (n, step, d, a)]
+    return tables.render(tables.Table(lines=("d", "alpha"), order=tuple(COLOURS), test=None, lone=True), rows)
 
 
 def perturb_steps_table(perturbed, errors):
@@ -337,7 +298,7 @@ def report(preset, res, options):
     lines += ["", "The predictions (prediction.md) against these numbers:", "", *verdicts]
     write_atomic(res / "results.md", "\n".join(lines) + "\n")
     if (res / "prediction.md").is_file():
-        append_outcome(res / "prediction.md", verdicts)
+        tables.write_outcome(res / "prediction.md", verdicts)
     print("\n".join(lines))
 
 
@@ -410,10 +371,3 @@ def outcome(errors, weight_rows, last):
     n = {k: len(v) for k, v in seeds.items()}
     note = " (preliminary: fewer than 3 seeds per norm)" if min(n.values()) < 3 else ""
     return [f"At step {last:,}, seeds: layernorm {n['layernorm']}, none {n['none']}{note}.", "", *lines]
-
-
-def append_outcome(path, lines):
-    """Replace what follows '## Outcome' in the prediction file; the predictions above stay as written."""
-    text = Path(path).read_text()
-    head = text.split("## Outcome", 1)[0]
-    write_atomic(path, head + "## Outcome\n\n" + "\n".join(lines) + "\n")

@@ -1,15 +1,8 @@
-"""The reports of the sample-error presets (the 4-norm study, make reproduce), recomputed from whatever
-runs/<run>/errors.csv, outliers.csv and direct.csv exist under the preset's record folder; n is said
-everywhere.
-
-Where runs have direct.csv, the direct statistic (studies/direct.py) is the report's main table, with exact
-rank tests; the sampled tables follow it. Committed runs measured before it have none, and their reports
-are as they were. In the sampled tables each seed's number is a statistic over all pixel values of its
-samples; a table cell is the median over seeds and [min, max] over seeds (records.seed_spread).
-"""
+"""The reports of the sample-error presets (the 4-norm study, make reproduce) from whatever runs/<run>/
+errors.csv, outliers.csv and direct.csv exist: the direct statistic first where measured, then the sampled
+tables (a cell: the seed median [min, max] of each seed's statistic over its samples)."""
 
 import json
-from pathlib import Path
 
 import matplotlib
 
@@ -31,21 +24,16 @@ INTS = ("seed", "step", "block", "timestep", "nonfinite", "noise_seed", "inputs"
 
 
 def gather(out, name, grid=None):
-    """Every run's rows of runs/<run>/<name>.csv, numbers converted, in the grid's order (data, norm, seed,
-    step) when a grid is given; seeds outside grid["seed"] are left out."""
-    rows = records.gather(out, name, ints=INTS)
+    """Every run's rows of runs/<run>/<name>.csv, numbers converted, of the grid's data, norms and seeds in
+    its order (data, norm, seed, step) when a grid is given."""
+    measures = list(MEASURE_LABELS)
+    known = grid and {"data": grid["data"], "norm": grid["norm"], "measure": measures}
+    rows = records.gather(out, name, ints=INTS, known=known)
     if grid is None:
         return rows
-    rows = [r for r in rows if r["seed"] in grid["seed"]]
-    measures = list(MEASURE_LABELS)
-    known = {"data": grid["data"], "norm": grid["norm"], "measure": measures}
-    for r in rows:
-        foreign = [f"{k} {r[k]!r}" for k, values in known.items() if k in r and r[k] not in values]
-        if foreign:
-            raise records.RowsError(f"{out}/runs/*/{name}.csv: a row has {' and '.join(foreign)}, which this "
-                                    "preset does not measure")
-    return sorted(rows, key=lambda r: (grid["data"].index(r["data"]), grid["norm"].index(r["norm"]),
-                                       r["seed"], r["step"], measures.index(r.get("measure", "abs_x"))))
+    return sorted((r for r in rows if r["seed"] in grid["seed"]),
+                  key=lambda r: (grid["data"].index(r["data"]), grid["norm"].index(r["norm"]), r["seed"],
+                                 r["step"], measures.index(r.get("measure", "abs_x"))))
 
 
 def error_table(rows, with_step):
@@ -94,9 +82,7 @@ def plot_error_vs_step(rows, path, stats=("median", "p99", "max")):
         axes[-1, col].set_xlabel("training step")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("Sample error against training step" + seed_note(rows), fontsize=10)
-    fig.tight_layout()
-    savefig_atomic(fig, path, dpi=120)
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def setup_line(preset, rows):
@@ -112,10 +98,6 @@ SAMPLED_NOTE = ("The tables below are of the sampled error, a statistic of each 
                 "one noise set; the prediction's outcome (prediction.md) rests on them, as it was written "
                 "for them.")
 
-
-#################################################################################
-#                        The 4-norm study and its prediction                    #
-#################################################################################
 
 PREDICTION = """\
 Measure: the seed median of the median per-pixel deviation |x - mean(x)| at the last checkpoint.
@@ -159,14 +141,13 @@ def prediction_outcome(rows):
 
 
 def write_outcome(path, rows):
-    """Replace the outcome below the prediction (written first if there is no prediction file yet)."""
+    """The outcome below the prediction (written first if there is no prediction file yet)."""
     verdict = {True: "held", False: "did not hold", None: "not testable with these variants"}
-    lines = [f"- {name} {verdict[held]}: {detail}" for name, held, detail in prediction_outcome(rows)]
-    head = (Path(path).read_text().split("## Outcome")[0] if Path(path).is_file()
-            else f"# Prediction for the constant-data experiment\n\nWritten before the runs started.\n\n```\n"
-            f"{PREDICTION}\n```\n\n")
-    write_atomic(path, head + "## Outcome\n\nAt the last checkpoint, from study_errors.csv:\n\n"
-                 + "\n".join(lines) + "\n")
+    tables.write_outcome(path, ["At the last checkpoint, from study_errors.csv:", "",
+                                *(f"- {name} {verdict[held]}: {detail}"
+                                  for name, held, detail in prediction_outcome(rows))],
+                         f"# Prediction for the constant-data experiment\n\nWritten before the runs "
+                         f"started.\n\n```\n{PREDICTION}\n```\n\n")
 
 
 def study_report(preset, out, options):
@@ -200,10 +181,6 @@ def study_report(preset, out, options):
         write_outcome(out / "prediction.md", rows)
     print("\n".join(parts))
 
-
-#################################################################################
-#                 make reproduce: the headline against the committed one        #
-#################################################################################
 
 LABELS = {"layernorm": "LayerNorm", "none": "no norm"}
 STATS = ("median", "max")
@@ -297,9 +274,7 @@ def plot_headline(rows, path, title):
         ax.set_xlabel("training step")
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9.5)
-    fig.tight_layout()
-    savefig_atomic(fig, path, dpi=130)
-    plt.close(fig)
+    figures.save(fig, path, dpi=130)
 
 
 def reproduce_report(preset, out, options):
