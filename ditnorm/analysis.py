@@ -13,7 +13,7 @@ import torch
 
 from diffusion import create_diffusion
 from ditnorm.checkpoint import FORMAT, CheckpointError, diffusion_of, load_for_sampling, read_checkpoint
-from ditnorm.layout import run_checkpoints
+from ditnorm.layout import checkpoint_at, run_checkpoints  # noqa: F401 (analysis.checkpoint_at, as before)
 from ditnorm.stats import fixed_quantiles
 from fast import sample_toy
 from models import TOY_MODELS, DiT_models
@@ -110,17 +110,6 @@ def plot_token_embeddings(outputs, tokens, *, sample=0, stats=None, title="", la
     fig.suptitle(title + "\n|value| of the residual stream after each block", fontsize=9)
     fig.tight_layout()
     return fig
-
-
-def checkpoint_at(run_dir, step=None):
-    """Path of the run's checkpoint at `step` (default: its last); FileNotFoundError naming what exists."""
-    ckpts = run_checkpoints(run_dir)
-    if step is None and ckpts:
-        return ckpts[max(ckpts)]
-    if step not in ckpts:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint at step {step} (it has {sorted(ckpts)}); "
-                                "pass steps that the run saved")
-    return ckpts[step]
 
 
 # train_args that say how a run was saved or logged, not what it trained: runs may differ in these and pair.
