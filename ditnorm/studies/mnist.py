@@ -444,14 +444,12 @@ def paired_nll(runs):
     images = {}
     for r in runs:
         step = last_step(r)
-        found = {q: v for q, v in ((x["quantity"], x["value"]) for x in r["rows"]
-                                   if x["step"] == step and x["weights"] == "ema")
-                 if q.startswith("nll2_clipped_image")}
-        if found:
-            key = (r["intervention"], r["seed"])
-            images.setdefault(key, {})[r["norm"]] = (
-                np.array([found[f"nll2_clipped_image{i}"] for i in range(len(found))]),
-                value(r, step, "ema", "nll2_clipped_nll_se"))
+        table = {x["quantity"]: x["value"] for x in r["rows"] if x["step"] == step and x["weights"] == "ema"}
+        count = sum(q.startswith("nll2_clipped_image") for q in table)
+        if count:
+            images.setdefault((r["intervention"], r["seed"]), {})[r["norm"]] = (
+                np.array([table[f"nll2_clipped_image{i}"] for i in range(count)]),
+                table.get("nll2_clipped_nll_se"))
     out, diffs = [], {}
     for key, pair in images.items():
         if {"layernorm", "none"} <= set(pair) and len(pair["layernorm"][0]) == len(pair["none"][0]):
