@@ -188,9 +188,12 @@ def sincos_2d(embed_dim, grid_size):
 
 def official_model_from(model):
     """An OfficialDiT with the same configuration and weights as a (layernorm) models.DiT."""
-    cfg = {k: v for k, v in model.config.items() if k != "norm"}
-    if model.config.get("norm", "layernorm") != "layernorm":
-        raise ValueError("the official-style baseline exists only for norm='layernorm'")
+    # the study's switches (norm, and the interventions dropout and cap) are not the official model's
+    switches = {"norm": "layernorm", "dropout": 0.0, "cap": 0.0}
+    changed = {k: model.config[k] for k, off in switches.items() if model.config.get(k, off) != off}
+    if changed:
+        raise ValueError(f"the official-style baseline exists only for the official model, not {changed}")
+    cfg = {k: v for k, v in model.config.items() if k not in switches}
     official = OfficialDiT(**cfg)
     official.load_state_dict(model.state_dict(), strict=True)
     return official.to(next(model.parameters()).device)

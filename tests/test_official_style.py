@@ -1,0 +1,37 @@
+"""benchmarks/official_style.py: the benchmarks' baseline is the official model with the same weights, and
+refuses a model the study changed (another norm, dropout, a cap), whose weights it could not run."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import DiT_models
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "official_style.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("official_style", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_baseline_computes_what_the_model_computes():
+    torch.manual_seed(0)
+    model = DiT_models["ToyDiT-XS/1"]().eval()
+    for p in model.parameters():  # off the adaLN-Zero start, so that every block contributes
+        torch.nn.init.normal_(p, std=0.1)
+    official = load_script().official_model_from(model).eval()
+    x, t, y = torch.randn(5, 2, 2, 2), torch.randint(0, 1000, (5,)), torch.zeros(5, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(official(x, t, y), model(x, t, y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", [dict(norm="none"), dict(dropout=0.1), dict(cap=4.0)])
+def test_a_model_the_study_changed_is_refused(change):
+    with pytest.raises(ValueError, match="only for the official model"):
+        load_script().official_model_from(DiT_models["ToyDiT-XS/1"](**change))
