@@ -26,7 +26,8 @@ define preset
 	$(PY) experiment.py report --preset $(1) $(ARGS)
 endef
 
-# 3 seeds x {LayerNorm, no norm} at the CPU recipe (about 27 min on 2 cores: train 8, measure 16, report 2)
+# 3 seeds x {LayerNorm, no norm} at the CPU recipe (27-29 min on 2 cores: train 8, measure 16-19, report 1-2;
+# AVX-512 Intel Xeon and AVX2 AMD EPYC, docs/performance.md)
 reproduce: $(VENV)/.installed
 	$(call preset,reproduce)
 
