@@ -9,15 +9,18 @@ Run folders go to results/<preset>/<run>/ (checkpoints, log.txt, config.json). M
 <record>/runs/<run>/ and the report to <record>/, where <record> is results/<preset>/res/ by default and the
 committed res/<preset>/ with --refresh-res (nothing else writes res/). Every phase can be killed at any
 moment and run again: training resumes from a run's last checkpoint, a measured checkpoint is not measured
-again, and every file is replaced whole (written to a temporary file, then renamed). A run's statistics
-folder records the checkpoints it was measured from (checkpoints.json); measuring a retrained run into a
-folder of an earlier training is refused, not mixed; the paper preset's statistics measured before that
-record was kept are adopted where the checkpoints on disk give back their weights.csv exactly.
+again, and every file is replaced whole (written to a temporary file, then renamed); workers end with the
+runner. A run's statistics folder records the checkpoints it was measured from (checkpoints.json); measuring
+a retrained run into a folder of an earlier training is refused, not mixed, and a run whose record holds
+its last step is not trained again (with --refresh-res: the committed runs, where the checkpoints are
+gone); the paper preset's statistics measured before that record was kept are adopted where the
+checkpoints on disk give back their weights.csv exactly.
 """
 
 import datetime
 import os
 import platform
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ditnorm import layout, provenance
-from ditnorm.files import CheckpointError, record_checkpoints, stats_checkpoints
+from ditnorm.files import CheckpointError, record_checkpoints, recorded_checkpoints, stats_checkpoints
 from ditnorm.layout import run_checkpoints
 from ditnorm.options import (
     Parser,
@@ -109,12 +112,24 @@ def hardware():
             f"torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}"]
 
 
+def end_with(parent):
+    """Make this worker process end when `parent` does (Linux), so that killing experiment.py leaves no
+    orphan training on in a run folder that the next command would train too."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before the line above
+        os._exit(1)
+
+
 def side_by_side(fn, jobs, tasks):
     """fn(*task) for every task, `jobs` processes at a time (in this process for one job)."""
     if jobs == 1 or len(tasks) <= 1:
         return [fn(*task) for task in tasks]
     # spawn, not fork: a forked torch process can deadlock in its thread pool.
-    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=get_context("spawn"), initializer=end_with,
+                             initargs=(os.getpid(),)) as pool:
         return list(pool.map(fn, *zip(*tasks, strict=True)))
 
 
@@ -135,9 +150,18 @@ def main(argv=None):
         preset = dict(preset, grid=listed if isinstance(preset["grid"], list) else listed[0])
     runs_dir, record = layout.record_of(args.preset, args.results_dir, args.refresh_res)
     if args.phase == "train":
-        tasks = [(cfg, runs_dir / name, args.device, args.fast) for name, cfg in grid
-                 if cfg["max_steps"] not in run_checkpoints(runs_dir / name)]
-        results = side_by_side(train_one, args.jobs, tasks)
+        unfinished = [(name, cfg) for name, cfg in grid
+                      if cfg["max_steps"] not in run_checkpoints(runs_dir / name)]
+        try:  # a run whose record holds its last step is done: another training could not join that record
+            done = [name for name, cfg in unfinished
+                    if cfg["max_steps"] in recorded_checkpoints(layout.measured(record, name))]
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
+        tasks = [(cfg, runs_dir / name, args.device, args.fast)
+                 for name, cfg in unfinished if name not in done]
+        results = side_by_side(train_one, args.jobs, tasks) + [
+            f"{name}: not trained; {layout.measured(record, name)} holds its finished training's statistics"
+            for name in done]
     elif args.phase == "measure":
         options = dict(device=args.device, fast=args.fast, steps=args.steps)
         tasks = [(args.preset, name, cfg, runs_dir / name, layout.measured(record, name), options)

@@ -197,6 +197,18 @@ def file_digest(path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def recorded_checkpoints(stats_dir) -> dict:
+    """{step: digest} of the checkpoints stats_dir/checkpoints.json says were measured into stats_dir ({}
+    without that file); a CheckpointError where it is damaged."""
+    path = Path(stats_dir) / FINGERPRINTS
+    if not path.is_file():
+        return {}
+    try:
+        return {int(k): v for k, v in json.loads(path.read_text()).items()}
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{path} is damaged; move {stats_dir} away and measure again") from None
+
+
 def stats_checkpoints(stats_dir, checkpoints: dict, adopt=None) -> dict:
     """The digests stats_dir/checkpoints.json should hold once these checkpoints ({step: path}) are measured
     into stats_dir: its recorded ones and these. Writes nothing (record them with record_checkpoints).
@@ -206,14 +218,8 @@ def stats_checkpoints(stats_dir, checkpoints: dict, adopt=None) -> dict:
     CheckpointError where it cannot); and for a recorded step whose checkpoint now differs (a retrained
     run). A step recorded but no longer on disk is kept: it says which training was measured."""
     stats_dir = Path(stats_dir)
-    path = stats_dir / FINGERPRINTS
-    if path.is_file():
-        try:
-            recorded = {int(k): v for k, v in json.loads(path.read_text()).items()}
-        except (ValueError, AttributeError):
-            raise CheckpointError(f"{path} is damaged; move {stats_dir} away and measure again") from None
-    else:
-        recorded = {}
+    recorded = recorded_checkpoints(stats_dir)
+    if not (stats_dir / FINGERPRINTS).is_file():
         if stats_dir.is_dir() and any(p.is_file() for p in stats_dir.iterdir()):
             if adopt is None:
                 raise CheckpointError(f"{stats_dir} holds statistics of checkpoints it did not record "

@@ -290,7 +290,7 @@ def test_bad_flags_are_one_line(flags, message, capsys):
     assert message in err and "\n" not in err
 
 
-def test_tiny_preset_end_to_end(tmp_path):
+def test_tiny_preset_end_to_end(tmp_path, capsys):
     pytest.importorskip("ditnorm.trainer")
     flags = ["--preset", "tiny", "--seeds", "0", "--results-dir", str(tmp_path)]
     for phase in ("train", "measure", "report"):
@@ -336,6 +336,13 @@ def test_tiny_preset_end_to_end(tmp_path):
     )
     assert results.index("The direct statistic") < results.index("Headline")
     assert len(rows(res / "direct.csv")) == 2 * 2 * 2 * 3  # runs x steps x weights x timesteps
+    # A run whose checkpoints are gone but whose record holds its last step is not trained again: another
+    # training of it could not be measured into that record.
+    shutil.rmtree(tmp_path / "tiny" / "zeros-none-seed0")
+    capsys.readouterr()
+    experiment.main(["train", *flags])
+    assert not (tmp_path / "tiny" / "zeros-none-seed0").exists()
+    assert "zeros-none-seed0: not trained;" in capsys.readouterr().out
 
 
 def test_paper_statistics_of_every_weights_kind_incrementally(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from ditnorm.checkpoint import read_checkpoint
@@ -124,3 +125,44 @@ def test_killed_phases_leave_consistent_files_and_finish_as_uninterrupted(tmp_pa
             ours = read_checkpoint(killed_dir / "tiny" / run / "checkpoints" / step)
             theirs = read_checkpoint(reference / "tiny" / run / "checkpoints" / step)
             assert all(ours["model"][k].equal(v) for k, v in theirs["model"].items()), (run, step)
+
+
+def children(pid):
+    """The live processes whose parent is pid, with their command lines."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if entry.name.isdigit() and int(ppid) == pid and state != "Z":
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def alive(pid):
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_killing_the_runner_ends_its_side_by_side_workers(tmp_path):
+    proc = subprocess.Popen([*command("train", tmp_path), "--jobs", "2"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline, workers = time.monotonic() + 60, []
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            workers = [pid for pid, cmd in children(proc.pid).items() if "spawn_main" in cmd]
+            time.sleep(0.05)
+        assert len(workers) == 2, "the runner did not start two workers"
+        time.sleep(1.0)  # let them reach their work (or stay in start-up: both must end)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers), "a worker trains on after the runner was killed"
