@@ -77,6 +77,12 @@ def last_step(run):
     return max((r["step"] for r in run["rows"]), default=None)
 
 
+def by_model_norm(runs):
+    """[(model, norm, its runs)] by model name, then in NORMS' order; none without runs."""
+    return [(m, n, group) for m in sorted({r["model"] for r in runs}) for n in NORMS
+            if (group := [r for r in runs if (r["model"], r["norm"]) == (m, n)])]
+
+
 CURVES = {"nll_bpd": "NLL, bits/dim", "middle_ratio": "largest middle-block top-1/median"}
 
 
@@ -120,21 +126,17 @@ def block_table(runs, weights="raw"):
     variance share at the last step."""
     lines = [f"| model | norm | block | top-1/median | top-1 | tokens led by one channel | variance in top "
              f"channel | massive ({weights}) |", "|---|---|---:|---:|---:|---:|---:|---|"]
-    for model in sorted({r["model"] for r in runs}):
-        for norm in NORMS:
-            group = [r for r in runs if r["model"] == model and r["norm"] == norm]
-            if not group:
-                continue
-            depth = len({q for r in group for q in (x["quantity"] for x in r["rows"]) if q.endswith("_ratio")
-                         and q.startswith("block")})
-            for b in range(depth):
-                by_stat = {k: [value(r, last_step(r), weights, f"block{b}_{k}") for r in group]
-                           for k in ("ratio", "top1", "lead_share", "var_top1", "massive")}
-                med = {k: np.median([v for v in vs if v is not None]) if any(v is not None for v in vs)
-                       else float("nan") for k, vs in by_stat.items()}
-                lines.append(f"| {model} | {norm} | {b} | {med['ratio']:.1f} | {med['top1']:.3g} "
-                             f"| {med['lead_share']:.2f} | {med['var_top1']:.2f} "
-                             f"| {'yes' if med['massive'] > 0 else 'no'} (n={len(group)}) |")
+    for model, norm, group in by_model_norm(runs):
+        depth = len({q for r in group for q in (x["quantity"] for x in r["rows"]) if q.endswith("_ratio")
+                     and q.startswith("block")})
+        for b in range(depth):
+            by_stat = {k: [value(r, last_step(r), weights, f"block{b}_{k}") for r in group]
+                       for k in ("ratio", "top1", "lead_share", "var_top1", "massive")}
+            med = {k: np.median([v for v in vs if v is not None]) if any(v is not None for v in vs)
+                   else float("nan") for k, vs in by_stat.items()}
+            lines.append(f"| {model} | {norm} | {b} | {med['ratio']:.1f} | {med['top1']:.3g} "
+                         f"| {med['lead_share']:.2f} | {med['var_top1']:.2f} "
+                         f"| {'yes' if med['massive'] > 0 else 'no'} (n={len(group)}) |")
     return "\n".join(lines)
 
 
@@ -189,7 +191,8 @@ def prediction_outcome(runs):
                for q in {x["quantity"] for x in r["rows"] if BLOCK.match(x["quantity"])
                          and x["quantity"].endswith("_massive")}
                if (value(r, last_step(r), weights, q) or 0) > 0]
-    largest = max(_all(runs, "middle_ratio"), default=float("nan"))
+    largest = max((v for r in runs for w in ("raw", "ema")
+                   if (v := value(r, last_step(r), w, "middle_ratio")) is not None), default=float("nan"))
     lines.append(f"- **P2** no massive activation (top-1 > 100 and >= 1000x the median) in any block: "
                  f"{'fails: ' + str(massive) if massive else 'holds'} ({len(runs)} runs, raw and EMA, last "
                  f"checkpoint; largest middle-block top-1/median {largest:.1f}).")
@@ -218,22 +221,15 @@ def prediction_outcome(runs):
     return "\n".join(lines + [""])
 
 
-def _all(runs, quantity):
-    return [v for r in runs for w in ("raw", "ema") if (v := value(r, last_step(r), w, quantity)) is not None]
-
-
 def training_table(runs):
     """Markdown: per model and norm, the seed median [min, max] of the held-out NLL and of the largest
     middle-block top-1/median (raw weights) at every checkpoint measured in all its runs."""
     rows = []
-    for model in sorted({r["model"] for r in runs}):
-        for norm in NORMS:
-            group = [r for r in runs if (r["model"], r["norm"]) == (model, norm)]
-            measured = [{x["step"] for x in r["rows"] if x["weights"] == "raw"} for r in group]
-            rows += [dict(model=model, norm=norm, step=step, seed=r["seed"], statistic=q,
-                          value=value(r, step, "raw", q))
-                     for step in sorted(set.intersection(*measured) if measured else set())
-                     for r in group for q in CURVES]
+    for model, norm, group in by_model_norm(runs):
+        measured = set.intersection(*({x["step"] for x in r["rows"] if x["weights"] == "raw"} for r in group))
+        rows += [dict(model=model, norm=norm, step=step, seed=r["seed"], statistic=q,
+                      value=value(r, step, "raw", q))
+                 for step in sorted(measured) for r in group for q in CURVES]
     declared = tables.Table(lines=("model", "norm", "step"), across="statistic", order=tuple(CURVES),
                             names=CURVES, test=None, fmt={"nll_bpd": "{:.3f}", "middle_ratio": "{:.1f}"},
                             lone=True, right=("step",))
@@ -266,9 +262,7 @@ def report(stats_root, out_dir=None, title="MNIST study: results", reference=Non
     reference: yardsticks(), said in the header if given; grid: as load_runs'."""
     out_dir = Path(out_dir or stats_root)
     runs = load_runs(stats_root, grid)
-    counts = ", ".join(f"{m} {n}: {sum(r['model'] == m and r['norm'] == n for r in runs)}"
-                       for m in sorted({r["model"] for r in runs}) for n in NORMS
-                       if any(r["model"] == m and r["norm"] == n for r in runs))
+    counts = ", ".join(f"{m} {n}: {len(group)}" for m, n, group in by_model_norm(runs))
     text = "\n".join([
         f"# {title}", "",
         f"Runs measured (seeds): {counts or 'none yet'}. Exact one-sided Mann-Whitney tests between "
@@ -394,12 +388,10 @@ def interventions_report(preset, record, options):
                 paired.setdefault((r["intervention"], r["seed"]), {})[r["norm"]] = r["value"]
         d = {key: v["layernorm"] - v["none"] for key, v in paired.items() if len(v) == 2}
         for (condition, seed), diff in d.items():
-            if condition == "baseline":
-                continue
-            differences.append(dict(statistic=label, intervention=condition, side="under it", seed=seed,
-                                    value=diff))
-            differences += [dict(statistic=label, intervention=condition, side="baseline", seed=s, value=v)
-                            for (c, s), v in d.items() if c == "baseline" and s == seed]
+            if condition != "baseline":  # its seed's difference, then baseline's of the same seed
+                differences += [dict(statistic=label, intervention=condition, side=side, seed=seed, value=v)
+                                for side, v in (("under it", diff), ("baseline", d.get(("baseline", seed))))
+                                if v is not None]
     interaction = tables.Table(lines=("statistic", "intervention"), across="side",
                                order=("under it", "baseline"), test=("under it", "baseline"), fmt=".3g",
                                lone=True, holm=True, test_cells=tables.pairs_cell, test_align="---",

@@ -180,8 +180,9 @@ def writer_table(weight_rows, step):
         cells = []
         for norm in COLOURS:
             lag, n = _writer_ratio(weight_rows, norm, weights, step, "raw", step)
-            cos = writer_norms(weight_rows, norm, weights, "cosine_to_raw").get(step, {}).values()
-            cells += ["-" if not n else f"{lag:+.2%} (n={n})", _plain(list(cos))]
+            cos = list(writer_norms(weight_rows, norm, weights, "cosine_to_raw").get(step, {}).values())
+            cells += ["-" if not n else f"{lag:+.2%} (n={n})",
+                      f"{np.median(cos):.4f} (n={len(cos)})" if cos else "-"]
         lines.append(f"| {LABEL[weights]} | " + " | ".join(cells) + " |")
     return lines
 
@@ -217,24 +218,15 @@ def perturb_steps_table(perturbed, errors):
     for step in sorted({r["step"] for r in perturbed}):
         cells = []
         for norm in COLOURS:
+            mine = [r for r in perturbed if (r["norm"], r["step"]) == (norm, step)]
+            seeds = {r["seed"] for r in mine}  # the raw weights' column: of the seeds perturbed here
             for _, direction, alpha in columns:
-                values = (_raw_of_perturbed(perturbed, errors, norm, step) if direction is None
-                          else _perturbed(perturbed, norm, step, direction, alpha))
+                values = ([v for s, v in by_seed(errors, norm, "raw", step, "median").items() if s in seeds]
+                          if direction is None else
+                          [r["median"] for r in mine if (r["direction"], r["alpha"]) == (direction, alpha)])
                 cells.append(f"{np.median(values):.2e} ({len(values)})" if values else "-")
         lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
     return lines
-
-
-def _perturbed(perturbed, norm, step, direction, alpha):
-    """The median errors of one perturbation, a value per seed."""
-    return [r["median"] for r in perturbed if r["norm"] == norm and r["step"] == step
-            and r["direction"] == direction and r["alpha"] == alpha]
-
-
-def _raw_of_perturbed(perturbed, errors, norm, step):
-    """The raw weights' median errors at `step` of the seeds that were perturbed there."""
-    seeds = {r["seed"] for r in perturbed if r["norm"] == norm and r["step"] == step}
-    return [v for s, v in by_seed(errors, norm, "raw", step, "median").items() if s in seeds]
 
 
 def _count(ns):
@@ -246,13 +238,10 @@ def _values(values):
     return "[" + ", ".join(f"{v:.2e}" for v in sorted(values)) + "]"
 
 
-def _plain(values):
-    return "-" if not values else f"{np.median(values):.4f} (n={len(values)})"
-
-
 def report(preset, res, options):
     # Every measured file is read before anything is written: a bad one leaves the report as it was.
-    errors, weights, rms, perturbed, direct = (_seeds(gather(res, name), options)
+    seeds = {cfg["seed"] for _, cfg in options["runs"]}  # the seeds asked for (all of the grid's by default)
+    errors, weights, rms, perturbed, direct = ([r for r in gather(res, name) if r["seed"] in seeds]
                                                for name in ("errors", "weights", "rms", "perturb", "direct"))
     read_pixels(res)
     if not errors:
@@ -300,12 +289,6 @@ def report(preset, res, options):
     if (res / "prediction.md").is_file():
         tables.write_outcome(res / "prediction.md", verdicts)
     print("\n".join(lines))
-
-
-def _seeds(rows, options):
-    """The rows of the seeds asked for (all of the grid's by default)."""
-    seeds = {cfg["seed"] for _, cfg in options["runs"]}
-    return [r for r in rows if r["seed"] in seeds]
 
 
 def _median(rows, norm, weights, step, key="median"):

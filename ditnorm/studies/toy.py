@@ -53,17 +53,11 @@ def error_table(rows, with_step):
 
 
 def outlier_table(outliers):
-    """Markdown table of the per-block top-1 / median ratio, median [min, max] over seeds."""
+    """Markdown lines of the per-block top-1 / median ratio, median [min, max] over seeds."""
     blocks = sorted({o["block"] for o in outliers})
     declared = tables.Table(lines=("data", "norm"), value="ratio", across="block", order=tuple(blocks),
                             names={b: f"block {b}" for b in blocks}, test=None, fmt=".3g", count=False)
-    return "\n".join(tables.render(declared, outliers))
-
-
-def seed_note(rows):
-    """What a figure's lines and bands are: a band only where there is more than one seed."""
-    seeds = len({r["seed"] for r in rows})
-    return " (one seed)" if seeds == 1 else f" (line: median over {seeds} seeds; band: min-max over seeds)"
+    return tables.render(declared, outliers)
 
 
 def plot_error_vs_step(rows, path, stats=("median", "p99", "max")):
@@ -81,7 +75,9 @@ def plot_error_vs_step(rows, path, stats=("median", "p99", "max")):
             axes[row, col].set_title(title, fontsize=9)
         axes[-1, col].set_xlabel("training step")
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle("Sample error against training step" + seed_note(rows), fontsize=10)
+    seeds = len({r["seed"] for r in rows})  # a band only where there is more than one seed
+    fig.suptitle("Sample error against training step" + (" (one seed)" if seeds == 1 else f" (line: median "
+                 f"over {seeds} seeds; band: min-max over seeds)"), fontsize=10)
     figures.save(fig, path)
 
 
@@ -150,15 +146,20 @@ def write_outcome(path, rows):
                          f"started.\n\n```\n{PREDICTION}\n```\n\n")
 
 
-def study_report(preset, out, options):
-    rows = gather(out, "errors", preset["grid"])
+def measured(preset, out, *others):
+    """The errors, direct and `others` rows of a record, read before errors.csv and direct.csv are written
+    beside the report; SystemExit without errors."""
+    rows, direct, *more = (gather(out, name, preset["grid"]) for name in ("errors", "direct", *others))
     if not rows:
         raise SystemExit(f"error: no measurements under {out / 'runs'}; run experiment.py measure first")
-    outliers = gather(out, "outliers", preset["grid"])
-    direct = gather(out, "direct", preset["grid"])
-    last = max(r["step"] for r in rows)
     write_rows(out / "errors.csv", rows)
     write_rows(out / "direct.csv", direct)
+    return rows, direct, *more
+
+
+def study_report(preset, out, options):
+    rows, direct, outliers = measured(preset, out, "outliers")
+    last = max(r["step"] for r in rows)
     parts = [
         "# The 4-norm study: sample error by normalisation, seed and data", "",
         f"Made by `python experiment.py report --preset {options['preset']}` from {out.name}/runs/.", "",
@@ -174,7 +175,7 @@ def study_report(preset, out, options):
     if outliers:
         parts += ["## Outlier ratio of the final models (top-1 / median abs value of the residual stream "
                   f"after each block, on 64 noised inputs of x0 = 0 at t = {outliers[0]['timestep']})", "",
-                  outlier_table(outliers), ""]
+                  *outlier_table(outliers), ""]
     write_atomic(out / "errors.md", "\n".join(parts))
     plot_error_vs_step(rows, out / "error_vs_step.png")
     if set(DATA_KINDS) <= {r["data"] for r in rows}:
@@ -188,15 +189,6 @@ STATS = ("median", "max")
 
 def _cell(values):
     return tables.cell(values, ".1e", count=False)  # the headline's cell, as headline.md has always had it
-
-
-def relation(ln, none):
-    """How the LayerNorm seeds lie against the no-norm seeds."""
-    if min(ln) > max(none):
-        return "every LayerNorm seed higher"
-    if max(ln) < min(none):
-        return "every LayerNorm seed lower"
-    return "seed ranges overlap"
 
 
 def headline_of(preset, rows, machine):
@@ -230,8 +222,10 @@ def headline_markdown(headline):
         for stat in STATS:
             ln, none = (headline["values"][weights][f"{n} {stat}"] for n in LABELS)
             ratio = seed_spread(ln)[0] / seed_spread(none)[0]
+            relation = ("every LayerNorm seed higher" if min(ln) > max(none) else
+                        "every LayerNorm seed lower" if max(ln) < min(none) else "seed ranges overlap")
             lines.append(f"| {weights.upper() if weights == 'ema' else weights} | {stat} abs x | {_cell(ln)} "
-                         f"| {_cell(none)} | {ratio:.2g}x | {relation(ln, none)} |")
+                         f"| {_cell(none)} | {ratio:.2g}x | {relation} |")
     return "\n".join([*lines, "", f"Machine: {headline['machine']}."]) + "\n"
 
 
@@ -280,12 +274,7 @@ def plot_headline(rows, path, title):
 def reproduce_report(preset, out, options):
     """headline.md/.json/.png against the committed headline, errors.md, the block diagram, and both
     notebooks on seed 0 when its run folders are there; results.md collects them."""
-    rows = gather(out, "errors", preset["grid"])
-    if not rows:
-        raise SystemExit(f"error: no measurements under {out / 'runs'}; run experiment.py measure first")
-    write_rows(out / "errors.csv", rows)
-    direct = gather(out, "direct", preset["grid"])
-    write_rows(out / "direct.csv", direct)
+    rows, direct = measured(preset, out)
     direct_part = direct_statistic.section(direct, preset["grid"]["norm"])
     ema, raw = ([r for r in rows if r["weights"] == w] for w in ("ema", "raw"))
     last = max(r["step"] for r in rows)
@@ -297,10 +286,9 @@ def reproduce_report(preset, out, options):
     write_atomic(out / "errors.md", "\n".join(errors))
     headline = headline_of(preset, rows, options["hardware"])
     reference = options["reference"]
-    reference = json.loads(reference.read_text()) if reference.is_file() else None
-    comparison = compare(headline, reference)
-    seeds = headline["setup"]["seeds"]
+    comparison = compare(headline, json.loads(reference.read_text()) if reference.is_file() else None)
     setup = headline["setup"]
+    seeds = setup["seeds"]
     plot_headline(rows, out / "headline.png", f"{setup['model']}, zero data, batch "
                   f"{setup['global_batch_size']}, {setup['num_samples']} samples per point\n"
                   + (f"line: median over {seeds} seeds; band: min-max over seeds" if seeds > 1
