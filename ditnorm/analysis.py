@@ -233,12 +233,9 @@ def error_stats(samples):
     """mean, median, p99 and max of the finite |x| (the toy's error), and how many were inf or nan."""
     a = np.abs(np.asarray(samples, dtype=np.float64)).ravel()
     finite = a[np.isfinite(a)]
-    if finite.size == 0:
-        return dict(mean=float("nan"), median=float("nan"), p99=float("nan"), max=float("nan"),
-                    nonfinite=int(a.size))
-    return dict(mean=float(finite.mean()), median=float(np.median(finite)),
-                p99=float(np.percentile(finite, 99)), max=float(finite.max()),
-                nonfinite=int(a.size - finite.size))
+    stats = dict(mean=np.mean, median=np.median, p99=lambda v: np.percentile(v, 99), max=np.max)
+    return {**{k: float(f(finite)) if finite.size else float("nan") for k, f in stats.items()},
+            "nonfinite": int(a.size - finite.size)}
 
 
 @torch.no_grad()

@@ -26,7 +26,8 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 # What the loader maps, checked against config.json; any other value would compute another function.
 DIT_ARCHITECTURE = dict(norm_type="ada_norm_zero", activation_fn="gelu-approximate", attention_bias=True,
                         norm_elementwise_affine=False)
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name", which no checkpoint file name ends like:
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 # Key names: ours -> diffusers'. Each entry is a module whose weight (and bias) are renamed.
 TOP_LEVEL = {"x_embedder.proj": "pos_embed.proj", "final_layer.adaLN_modulation.1": "proj_out_1",
@@ -37,12 +38,6 @@ PER_BLOCK = {"adaLN_modulation.1": "norm1.linear", "attn.proj": "attn1.to_out.0"
 EMBEDDER = {"t_embedder.mlp.0": "norm1.emb.timestep_embedder.linear_1",
             "t_embedder.mlp.2": "norm1.emb.timestep_embedder.linear_2",
             "y_embedder.embedding_table": "norm1.emb.class_embedder.embedding_table"}
-
-
-def looks_like_hub_id(name) -> bool:
-    """Whether `name` reads as a Hugging Face hub id "org/name" (and not as a checkpoint file)."""
-    name = str(name)
-    return bool(HUB_ID.match(name)) and not name.endswith((".pt", ".pth", ".bin", ".ckpt", ".safetensors"))
 
 
 def _snapshot_download(repo_id, allow_patterns):
@@ -84,7 +79,7 @@ def diffusers_folder(path_or_id, download=True) -> Path | None:
     path = Path(path_or_id)
     if path.is_dir():
         return model_folder(path)
-    if path.exists() or not looks_like_hub_id(path_or_id):
+    if path.exists() or not HUB_ID.match(str(path_or_id)) or str(path_or_id).endswith(CHECKPOINT_SUFFIXES):
         return None
     if not download:
         raise CheckpointError(f"{path_or_id} is not a local path; allow the download to fetch it from the "
@@ -306,13 +301,11 @@ def export_diffusers(model, out_dir, *, name=None, source="the model", overwrite
                 "0: see docs/diffusers.md")
         (tmp / STUDY_CONFIG).write_text(json.dumps({"format": FORMAT, "config": config, "note": note},
                                                    indent=2) + "\n")
-        if out_dir.exists():  # overwrite: move the old folder aside first, delete it once the new one is in
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+        if out_dir.exists():  # overwrite: the old folder moves aside first, and goes once the new one is in
             os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

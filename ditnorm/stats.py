@@ -85,24 +85,16 @@ def smallest_p(n1, n2):
     return 1 / math.comb(n1 + n2, n1)
 
 
-def quantile_name(q):
-    """0.5 -> 'p50', 0.999 -> 'p99.9'."""
-    return f"p{round(100 * q, 6):g}"
-
-
 def fixed_quantiles(values, quantiles=QUANTILES):
-    """{'p50': ..., 'p99': ..., 'p99.9': ...} of the finite values (numpy's linear interpolation)."""
+    """{'p50': ..., 'p99': ..., 'p99.9': ...} of the finite values (linear interpolation; nan if none)."""
     v = np.asarray(values, dtype=np.float64).ravel()
     v = v[np.isfinite(v)]
-    if v.size == 0:
-        return {quantile_name(q): float("nan") for q in quantiles}
-    return {quantile_name(q): float(np.quantile(v, q)) for q in quantiles}
+    return {f"p{round(100 * q, 6):g}": float(np.quantile(v, q) if v.size else np.nan) for q in quantiles}
 
 
 NORMS = ("layernorm", "none")
 STATISTICS = {"median": np.median, "p90": lambda a: np.quantile(a, 0.9),
               "p99": lambda a: np.quantile(a, 0.99), "max": np.max}
-NUMBERS = {"seed": int, "step": int, "l2": float, "cosine_to_raw": float, "median": float, "alpha": float}
 
 
 def _pixels(res_dir, weights):
@@ -134,9 +126,8 @@ def _pct_range(values, digits=1):
 
 
 def _rows(res_dir, name):
-    """The rows of res_dir/<name>.csv, NUMBERS' columns converted."""
-    rows = read_rows(Path(res_dir) / f"{name}.csv")
-    return [{k: NUMBERS.get(k, str)(v) for k, v in r.items()} for r in rows]
+    """The rows of res_dir/<name>.csv, numbers converted."""
+    return read_rows(Path(res_dir) / f"{name}.csv", ints=("seed", "step"))
 
 
 def paper_statistics(res_dir="res/paper", first=10_000, last=50_000):
