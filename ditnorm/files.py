@@ -119,7 +119,7 @@ def read_checkpoint(path) -> dict:
 # each weights kind under "<kind>.<name>" ("ema", and "model" for the raw ones), the rest of a checkpoint in
 # the metadata as JSON; <weights>/SHA256SUMS, as sha256sum writes it, holds each file's digest.
 SUMS = "SHA256SUMS"
-SHIPPED_KINDS = ("ema", "model")
+SHIPPED_KINDS = {"ema": "ema", "raw": "model"}  # weights kind -> its tensors' prefix (a checkpoint's key)
 SHIPPED_METADATA = ("config", "train_args", "step", "provenance")  # JSON text each; "format" plain
 
 
@@ -137,6 +137,12 @@ def shipped_sums(path):
                 raise CheckpointError(f"{sums} is damaged; restore it (git checkout) or write the weights "
                                       "again with export.py weights") from None
     return None, {}
+
+
+def safetensors_header(data: bytes) -> dict:
+    """The JSON header of a safetensors file's bytes: {tensor: {dtype, shape, ...}, "__metadata__": {...}}."""
+    (size,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + size])
 
 
 def read_shipped(path) -> dict:
@@ -158,8 +164,7 @@ def read_shipped(path) -> dict:
             raise CheckpointError(f"{path} does not match its SHA-256 in {sums} (damaged or replaced); "
                                   "restore it (git checkout) or write it again with export.py weights")
     try:
-        (size,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + size])
+        header = safetensors_header(data)
         tensors = load_safetensors(data)
     except Exception as e:  # a damaged file: any failure of its parse is the file's
         raise CheckpointError(f"cannot read {path} as safetensors weights ({first_line(e)}); restore it "
@@ -174,7 +179,7 @@ def read_shipped(path) -> dict:
     except ValueError:
         raise CheckpointError(f"{path} holds damaged metadata; write it again with export.py "
                               "weights") from None
-    for kind in SHIPPED_KINDS:
+    for kind in SHIPPED_KINDS.values():
         part = {name[len(kind) + 1:]: t.float() if t.is_floating_point() else t
                 for name, t in tensors.items() if name.startswith(kind + ".")}
         if part:

@@ -6,7 +6,6 @@ train_args, step and provenance in the metadata), with a SHA256SUMS every read c
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 
 import torch
@@ -15,17 +14,19 @@ from ditnorm import layout
 from ditnorm.checkpoint import load_model
 from ditnorm.files import (
     FORMAT,
+    SHIPPED_KINDS,
     SHIPPED_SUFFIX,
     SUMS,
     CheckpointError,
     file_digest,
     read_checkpoint,
+    safetensors_header,
     shipped_sums,
 )
 from ditnorm.records import write_atomic
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
-KINDS = {"ema": "ema", "raw": "model"}  # weights kind -> its tensors' prefix (a checkpoint's key)
+KINDS = SHIPPED_KINDS  # weights kind -> its tensors' prefix (a checkpoint's key)
 
 
 def training_command(run_dir) -> str | None:
@@ -96,13 +97,6 @@ def write_sums(weights_dir, digests):
     write_atomic(sums, "".join(f"{digest}  {name}\n" for name, digest in sorted(known.items())))
 
 
-def header(path) -> dict:
-    """The JSON header of a safetensors file: {tensor: {dtype, shape, ...}, "__metadata__": {...}}."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(size))
-
-
 def readme_text(weights_dir) -> str:
     """weights_dir/README.md's text: a row per file of SHA256SUMS (its bytes, kinds, dtype, digest and
     provenance)."""
@@ -110,7 +104,7 @@ def readme_text(weights_dir) -> str:
     _, digests = shipped_sums(weights_dir / SUMS)
     rows = []
     for name, digest in sorted(digests.items()):
-        meta = header(weights_dir / name)
+        meta = safetensors_header((weights_dir / name).read_bytes())
         tensors = {k: v for k, v in meta.items() if k != "__metadata__"}
         kinds = [kind for kind, prefix in KINDS.items() if any(k.startswith(prefix + ".") for k in tensors)]
         dtypes = sorted({v["dtype"] for v in tensors.values()})
