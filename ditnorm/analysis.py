@@ -24,18 +24,27 @@ MASSIVE_MIN_RATIO = 1000.0
 
 
 @torch.no_grad()
+def capture_points(model, forward):
+    """The residual stream at every point of the passes forward() makes through model, each concatenated
+    over them: {"input": entering block 0, "block<b>": after block b, "final": entering the final layer}."""
+    blocks = [f"block{b}" for b in range(len(model.blocks))]
+    seen = {name: [] for name in ["input", *blocks, "final"]}
+    hooks = [model.blocks[0].register_forward_pre_hook(lambda _m, args: seen["input"].append(args[0])),
+             model.final_layer.register_forward_pre_hook(lambda _m, args: seen["final"].append(args[0]))]
+    hooks += [block.register_forward_hook(lambda _m, _a, out, name=name: seen[name].append(out))
+              for name, block in zip(blocks, model.blocks, strict=True)]
+    try:
+        forward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: torch.cat(parts).detach().cpu() for name, parts in seen.items()}
+
+
 def capture_block_outputs(model, x, t, y):
     """Run one forward pass and return the residual stream after every block: depth tensors (N, T, D)."""
-    outputs = []
-    handles = [block.register_forward_hook(lambda _m, _inp, out: outputs.append(out.detach().cpu()))
-               for block in model.blocks]
-    try:
-        model(x, t, y)
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert len(outputs) == len(model.blocks), "each block must run exactly once per forward pass"
-    return outputs
+    points = capture_points(model, lambda: model(x, t, y))
+    return [points[f"block{b}"] for b in range(len(model.blocks))]
 
 
 def noised_inputs(config, timestep, class_label, batch_size=1, *, generator=None, device="cpu"):

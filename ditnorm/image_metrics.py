@@ -156,26 +156,17 @@ def capture(model, diffusion, x, y, fractions=PROBE_FRACTIONS, seed=0):
     return [points[f"block{b}"] for b in range(len(model.blocks))]
 
 
-@torch.no_grad()
 def capture_points(model, diffusion, x, y, fractions=PROBE_FRACTIONS, seed=0):
-    """The residual stream at every point over the images x at t = fraction * T for each fraction, one seeded
-    noise draw per timestep: {"input": entering block 0, "block<b>": after block b, "final": entering the
-    final layer}, each (len(fractions) * N, T, D)."""
-    blocks = [f"block{b}" for b in range(len(model.blocks))]
-    seen = {name: [] for name in ["input", *blocks, "final"]}
-    hooks = [model.blocks[0].register_forward_pre_hook(lambda _m, args: seen["input"].append(args[0])),
-             model.final_layer.register_forward_pre_hook(lambda _m, args: seen["final"].append(args[0]))]
-    hooks += [block.register_forward_hook(lambda _m, _a, out, name=name: seen[name].append(out))
-              for name, block in zip(blocks, model.blocks, strict=True)]
+    """analysis.capture_points over the images x at t = fraction * T for each fraction, one seeded noise draw
+    per timestep: {"input", "block<b>", "final"}, each (len(fractions) * N, T, D)."""
     generator = torch.Generator().manual_seed(seed)
-    try:
+
+    def forward():
         for timestep in (int(f * diffusion.num_timesteps) for f in fractions):
             t = torch.full((len(x),), timestep, dtype=torch.long)
             model(diffusion.q_sample(x, t, noise=torch.randn(x.shape, generator=generator)), t, y)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {name: torch.cat(parts).detach().cpu() for name, parts in seen.items()}
+
+    return analysis.capture_points(model, forward)
 
 
 def input_outliers(h):
