@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ditnorm.layout import SHIPPED_SUFFIX
-from ditnorm.records import write_atomic
+from ditnorm.records import first_line, write_atomic
 
 FORMAT = "dit-norm-study/1"
 DIT_KWARGS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
@@ -32,12 +32,6 @@ class CheckpointError(Exception):
 
 class DownloadError(CheckpointError):
     """An official checkpoint could not be downloaded (a failure, not a bad request)."""
-
-
-def first_line(error):
-    """The first line of an exception's message (PyTorch's are often many lines long)."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def nonfinite_parts(obj: dict) -> list[str]:

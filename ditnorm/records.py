@@ -13,6 +13,12 @@ import numpy as np
 from ditnorm import layout
 
 
+def first_line(error):
+    """'<type>: <first line of its message>' of an exception (PyTorch's messages run to paragraphs)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def _umask():
     """The process's umask (os has no getter: set it and put it back)."""
     mask = os.umask(0o022)
@@ -107,8 +113,7 @@ def read_rows(path, columns=(), exact=False, ints=None, text=TEXT, known=None):
             header = tuple(reader.fieldnames or ())
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as e:  # foreign bytes, a folder in the file's place
-        first = [type(e).__name__, *str(e).strip().splitlines()][:2]
-        raise RowsError(path, f"cannot be read ({': '.join(first)})", " ") from None
+        raise RowsError(path, f"cannot be read ({first_line(e)})", " ") from None
     if not header:
         raise RowsError(path, "is empty (not even a header)", " ")
     if exact and header != tuple(columns):

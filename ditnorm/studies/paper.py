@@ -60,7 +60,7 @@ def read_pixels(res_dir):
             with np.load(path) as f:
                 arrays = {k: f[k] for k in f.files}
         except Exception as e:  # foreign data: any failure of its parse is the file's
-            raise unreadable(path, f"{type(e).__name__}: {e}".splitlines()[0]) from None
+            raise unreadable(path, records.first_line(e)) from None
         pixels.setdefault(norm, []).append(arrays)
     return pixels
 
