@@ -315,9 +315,7 @@ def preset_report(preset, record, options):
     return text
 
 
-#################################################################################
-#          The interventions study (res/interventions/prediction.md)           #
-#################################################################################
+# The interventions study (res/interventions/prediction.md).
 
 # (label, weights, quantity; derived ones: see value), format: the instruments of issue 36
 INTERVENED = [
