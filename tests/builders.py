@@ -1,5 +1,7 @@
-"""Small checkpoints and a tiny VAE that tests build for themselves (shared by several test files)."""
+"""Small checkpoints and a tiny VAE that tests build for themselves, and the benchmarks' scripts loaded as
+modules (shared by several test files)."""
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -127,3 +129,12 @@ def tensors_of(path):
     for label, average in ckpt.get("averages", {}).items():
         out.update({f"averages.{label}.{k}": v for k, v in average["tensors"].items()})
     return out
+
+
+def load_benchmark(name):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,24 +1,19 @@
 """benchmarks/gpu_mnist.py --tiny: the GPU command's whole pipeline (train side by side, measure, report) on
 a CPU, and its runs are the trainer's."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from builders import load_benchmark
 
 from ditnorm.analysis import run_checkpoints
 from ditnorm.mnist_study import read_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_mnist.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_mnist", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_mnist")
 
 
 def test_the_ladder_is_the_mnist_preset_at_four_sizes():

@@ -1,23 +1,18 @@
 """benchmarks/official_style.py: the benchmarks' baseline is the official model with the same weights, and
 refuses a model the study changed (another norm, dropout, a cap), whose weights it could not run."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from builders import load_benchmark
 
 from models import DiT_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "official_style.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("official_style", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("official_style")
 
 
 def test_the_baseline_computes_what_the_model_computes():
