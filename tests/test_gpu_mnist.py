@@ -1,7 +1,6 @@
 """benchmarks/gpu_mnist.py --tiny: the GPU command's whole pipeline (train side by side, measure, report) on
 a CPU, and its runs are the trainer's."""
 
-
 import pytest
 import torch
 from builders import load_benchmark

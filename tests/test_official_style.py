@@ -1,7 +1,6 @@
 """benchmarks/official_style.py: the benchmarks' baseline is the official model with the same weights, and
 refuses a model the study changed (another norm, dropout, a cap), whose weights it could not run."""
 
-
 import pytest
 import torch
 from builders import load_benchmark
