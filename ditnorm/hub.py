@@ -301,11 +301,13 @@ def export_diffusers(model, out_dir, *, name=None, source="the model", overwrite
                 "0: see docs/diffusers.md")
         (tmp / STUDY_CONFIG).write_text(json.dumps({"format": FORMAT, "config": config, "note": note},
                                                    indent=2) + "\n")
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+        old = None
         if out_dir.exists():  # overwrite: the old folder moves aside first, and goes once the new one is in
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
             os.replace(out_dir, old / out_dir.name)
         os.replace(tmp, out_dir)
-        shutil.rmtree(old)
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
