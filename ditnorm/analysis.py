@@ -44,7 +44,9 @@ def capture_points(model, forward):
 def capture_block_outputs(model, x, t, y):
     """Run one forward pass and return the residual stream after every block: depth tensors (N, T, D)."""
     points = capture_points(model, lambda: model(x, t, y))
-    return [points[f"block{b}"] for b in range(len(model.blocks))]
+    outputs = [points[f"block{b}"] for b in range(len(model.blocks))]
+    assert all(len(o) == len(x) for o in outputs), "each block must run exactly once per forward pass"
+    return outputs
 
 
 def noised_inputs(config, timestep, class_label, batch_size=1, *, generator=None, device="cpu"):
