@@ -127,25 +127,31 @@ def test_killed_phases_leave_consistent_files_and_finish_as_uninterrupted(tmp_pa
             assert all(ours["model"][k].equal(v) for k, v in theirs["model"].items()), (run, step)
 
 
+def state_and_parent(pid):
+    """(state letter, parent pid) of a process from /proc/<pid>/stat; None once it is gone."""
+    try:
+        state, ppid = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except OSError:
+        return None
+    return state, int(ppid)
+
+
 def children(pid):
     """The live processes whose parent is pid, with their command lines."""
     found = {}
     for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-            if entry.name.isdigit() and int(ppid) == pid and state != "Z":
+        info = state_and_parent(entry.name) if entry.name.isdigit() else None
+        if info is not None and info[0] != "Z" and info[1] == pid:
+            try:
                 found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ValueError):
-            continue
+            except OSError:  # it ended meanwhile
+                continue
     return found
 
 
 def alive(pid):
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    info = state_and_parent(pid)
+    return info is not None and info[0] != "Z"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")

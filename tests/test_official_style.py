@@ -3,23 +3,17 @@ refuses a model the study changed (another norm, dropout, a cap), whose weights 
 
 import pytest
 import torch
-from builders import load_benchmark
+from builders import load_benchmark, randomize
 
 from models import DiT_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def load_script():
-    return load_benchmark("official_style")
+OFFICIAL = load_benchmark("official_style")
 
 
 def test_the_baseline_computes_what_the_model_computes():
-    torch.manual_seed(0)
-    model = DiT_models["ToyDiT-XS/1"]().eval()
-    for p in model.parameters():  # off the adaLN-Zero start, so that every block contributes
-        torch.nn.init.normal_(p, std=0.1)
-    official = load_script().official_model_from(model).eval()
+    model = randomize(DiT_models["ToyDiT-XS/1"]()).eval()  # off adaLN-Zero: every block contributes
+    official = OFFICIAL.official_model_from(model).eval()
     x, t, y = torch.randn(5, 2, 2, 2), torch.randint(0, 1000, (5,)), torch.zeros(5, dtype=torch.long)
     with torch.no_grad():
         torch.testing.assert_close(official(x, t, y), model(x, t, y), rtol=1e-5, atol=1e-6)
@@ -28,4 +22,4 @@ def test_the_baseline_computes_what_the_model_computes():
 @pytest.mark.parametrize("change", [dict(norm="none"), dict(dropout=0.1), dict(cap=4.0)])
 def test_a_model_the_study_changed_is_refused(change):
     with pytest.raises(ValueError, match="only for the official model"):
-        load_script().official_model_from(DiT_models["ToyDiT-XS/1"](**change))
+        OFFICIAL.official_model_from(DiT_models["ToyDiT-XS/1"](**change))
